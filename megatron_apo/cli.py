@@ -1,0 +1,86 @@
+"""`megatron-apo` command line: parses arguments and calls into the package; no logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+NOT_BUILT = {
+    "train": "RL training (`megatron-apo train --config FILE key=value ...`) is not built yet: see the trainer issue.",
+    "eval": "pass@k evaluation (`megatron-apo eval`) is not built yet: see the rewards/eval issue.",
+    "convert": "HF <-> Megatron conversion (`megatron-apo convert`) is not built yet: see the conversion issue.",
+    "plan": "the parallelism planner (`megatron-apo plan`) is not built yet: see the scale-out issue.",
+    "demo": "the end-to-end APO vs GRPO demo is not built yet: see the trainer issue. `megatron-apo smoke` runs a TP=2 training.",
+}
+
+
+def _add_smoke(sub) -> None:
+    p = sub.add_parser("smoke", help="TP/PP language-model smoke training of the tiny model on local processes")
+    p.add_argument("--tp", type=int, default=2, help="tensor parallel size (default 2)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size (default 1)")
+    p.add_argument("--dp", type=int, default=1, help="data parallel size (default 1)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--model", default="tiny", help="model_configs/<name>.yaml or a path")
+    p.set_defaults(func=_run_smoke)
+
+
+def _run_smoke(args) -> int:
+    from megatron_apo.models import load_model_config
+    from megatron_apo.parallel import run_distributed
+    from megatron_apo.trainer.smoke import smoke_train
+
+    load_model_config(args.model).validate(args.tp, args.pp)  # fail fast, before any process starts
+    world = args.tp * args.pp * args.dp
+    losses = run_distributed(smoke_train, world, tp=args.tp, pp=args.pp, steps=args.steps, model=args.model,
+                             timeout=60 + 10 * args.steps)[0]
+    k = max(1, len(losses) // 5)
+    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    print(f"smoke: TP={args.tp} PP={args.pp} DP={args.dp}: loss {first:.3f} -> {last:.3f} "
+          f"({'falling' if last < first else 'NOT falling'})")
+    return 0 if last < first else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megatron-apo",
+        description="Anchored Policy Optimization (APO) and RLVR baselines on Megatron-Core.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, helptext in [
+        ("train", "RL training (APO, GRPO, KL, CaSP) with torchrun/srun"),
+        ("eval", "pass@k evaluation of a checkpoint with the rollout fleet"),
+        ("convert", "checkpoint conversion Hugging Face <-> Megatron, any TP/PP"),
+        ("plan", "recommend TP/PP/DP and trainer/fleet GPU split for a model and cluster"),
+        ("demo", "the embedded CPU demo: APO vs GRPO on a toy task, pass@k table and plot"),
+    ]:
+        p = sub.add_parser(name, help=helptext + (" [not built yet]" if name in NOT_BUILT else ""))
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_not_built(name))
+    _add_smoke(sub)
+    return parser
+
+
+def _not_built(name: str):
+    def run(_args) -> int:
+        print(f"megatron-apo {name}: {NOT_BUILT[name]}", file=sys.stderr)
+        return 2
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        # Config and input errors are one line naming the key/path; no traceback.
+        print(f"megatron-apo {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Typed run configuration: dataclasses, YAML files and dotted `key=value` overrides (OmegaConf).
+
+Loss keys use the official APO repository's names (loss_mode=apo_ratio, apo_push_coeff, ...), so an
+APO/verl config's `actor` section can be pasted into `algorithm:`. Errors name the file and key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message is one line that names the key and the fix."""
+
+
+@dataclass
+class AlgorithmConfig:
+    """Loss and advantage settings (shared/APO_MATH.md). Defaults are the APO paper's."""
+
+    loss_mode: str = "apo_ratio"  # vanilla | apo_ratio | casp
+    loss_agg_mode: str = "token-mean"
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.2
+    clip_ratio_c: float = 3.0
+    entropy_coeff: float = 0.0
+    apo_push_coeff: float = 1.05
+    apo_pull_coeff: float = 0.1
+    apo_topk: int = 8
+    apo_exclude_sampled: bool = True
+    apo_pull_form: str = "ratio_clip"  # ratio_clip | ratio | log
+    apo_pull_weight: str = "abs_adv"  # abs_adv | indicator
+    use_kl_loss: bool = False
+    use_kl_loss_on_wrong: bool = False
+    kl_loss_coef: float = 0.001
+    kl_loss_type: str = "low_var_kl"  # kl (k1) | abs | mse (k2) | low_var_kl (k3)
+    casp_topn: int = 4
+    casp_alpha: float = 0.5
+    casp_top1_gamma: float = 0.5
+    norm_adv_by_std: bool = True
+    adv_calibration: str = "none"  # none | inverse_success
+    calib_alpha: float = 1.0
+    adv_calibration_memory: bool = False
+    calib_memory_gamma: float = 0.5
+    logprob_chunk_size: int = 4096  # tokens per chunk in the vocab-parallel ops (bounds peak memory)
+
+
+@dataclass
+class ModelSection:
+    config: str = "tiny"  # model_configs/<name>.yaml or a path
+    hf_path: Optional[str] = None  # HF folder to import weights from (None = random init)
+    params_dtype: str = "float32"  # float32 | bfloat16 | float16
+
+
+@dataclass
+class ParallelSection:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    seed: int = 1234
+    out_dir: str = "runs/default"
+    # Sections owned by later subsystems (data, rollout, trainer, checkpoint) are free-form until they land.
+    data: dict = field(default_factory=dict)
+    rollout: dict = field(default_factory=dict)
+    trainer: dict = field(default_factory=dict)
+    checkpoint: dict = field(default_factory=dict)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), schema: type = RunConfig) -> Any:
+    """Schema defaults <- YAML file <- dotted overrides; returns a `schema` instance.
+
+    Raises ConfigError with a one-line message for a missing file, an unknown key or a bad value.
+    """
+    base = OmegaConf.structured(schema)
+    layers = [base]
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            layers.append(OmegaConf.load(p))
+        except Exception as e:  # noqa: BLE001 - YAML parse errors
+            raise ConfigError(f"{p}: not valid YAML ({_first_line(e)})") from None
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like key=value (e.g. algorithm.apo_topk=16)")
+    try:
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        return OmegaConf.to_object(merged)
+    except ConfigKeyError as e:
+        key = getattr(e, "full_key", None) or _first_line(e)
+        raise ConfigError(f"{path or 'overrides'}: unknown config key {key!r}{_known_hint(schema, key)}") from None
+    except ValidationError as e:
+        raise ConfigError(f"{path or 'overrides'}: bad value for {getattr(e, 'full_key', '?')!r}: {_first_line(e)}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path or 'overrides'}: {_first_line(e)}") from None
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _known_hint(schema: type, key: str) -> str:
+    """Lists the valid keys of the section the unknown key was looked up in."""
+    parts = str(key).split(".")
+    cls = schema
+    for part in parts[:-1]:
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        f = fields.get(part)
+        if f is None or not dataclasses.is_dataclass(f.default_factory() if f.default_factory is not dataclasses.MISSING else None):
+            return ""
+        cls = type(f.default_factory())
+    if not dataclasses.is_dataclass(cls):
+        return ""
+    return f"; valid keys here: {', '.join(f.name for f in dataclasses.fields(cls))}"

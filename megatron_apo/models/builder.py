@@ -1,0 +1,127 @@
+"""Builds a megatron.core GPTModel (Qwen2 / Llama shaped) from a ModelConfig for the current TP/PP rank."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megatron_apo.models.config import ModelConfig
+from megatron_apo.parallel import cpu_compat
+
+
+def transformer_config(
+    cfg: ModelConfig,
+    params_dtype: torch.dtype = torch.float32,
+    tensor_parallel_size: int | None = None,
+    pipeline_parallel_size: int | None = None,
+    init_method_std: float = 0.02,
+    perform_initialization: bool = True,
+    recompute: bool = False,
+    sequence_parallel: bool = False,
+):
+    from megatron.core import parallel_state
+    from megatron.core.transformer import TransformerConfig
+
+    if tensor_parallel_size is None:
+        tensor_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
+    if pipeline_parallel_size is None:
+        pipeline_parallel_size = parallel_state.get_pipeline_model_parallel_world_size()
+    cfg.validate(tensor_parallel_size, pipeline_parallel_size)
+    kwargs = dict(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_epsilon,
+        gated_linear_unit=True,  # SwiGLU
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=cfg.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=init_method_std,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        tensor_model_parallel_size=tensor_parallel_size,
+        pipeline_model_parallel_size=pipeline_parallel_size,
+        sequence_parallel=sequence_parallel and tensor_parallel_size > 1,
+        perform_initialization=perform_initialization,
+        pipeline_dtype=params_dtype,
+        attention_softmax_in_fp32=True,
+        recompute_granularity="full" if recompute else None,
+        recompute_method="uniform" if recompute else None,
+        recompute_num_layers=1 if recompute else None,
+    )
+    kwargs.update(cpu_compat.transformer_config_overrides())
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(cfg: ModelConfig):
+    """Transformer Engine spec when TE imports (GPU image), megatron-core's local spec otherwise."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if torch.cuda.is_available():
+        try:
+            import transformer_engine  # noqa: F401
+
+            return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        except ImportError:
+            pass
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_gpt_model(
+    cfg: ModelConfig,
+    params_dtype: torch.dtype = torch.float32,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    vp_stage: int | None = None,
+    **config_kwargs,
+):
+    """The GPTModel chunk for this rank's pipeline stage (pre/post_process from Megatron's parallel state)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    tcfg = transformer_config(cfg, params_dtype=params_dtype, **config_kwargs)
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    rs = cfg.rope_scaling
+    model = GPTModel(
+        config=tcfg,
+        transformer_layer_spec=layer_spec(cfg),
+        vocab_size=cfg.padded_vocab_size(tcfg.tensor_model_parallel_size),
+        max_sequence_length=cfg.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,  # logits stay vocab-sharded; the ops in megatron_apo.ops work on shards
+        share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.rope_theta),
+        rope_scaling=rs is not None,
+        rope_scaling_factor=rs.factor if rs is not None else 8.0,
+        vp_stage=vp_stage,
+    )
+    if rs is not None and hasattr(model, "rotary_pos_emb"):
+        # GPTModel forwards only the factor; apply the remaining Llama-3.1 knobs explicitly.
+        rope = model.rotary_pos_emb
+        dim = cfg.head_dim
+        dev = rope.inv_freq.device
+        base = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=dev) / dim))
+        rope.inv_freq = rope._apply_scaling(
+            base,
+            factor=rs.factor,
+            low_freq_factor=rs.low_freq_factor,
+            high_freq_factor=rs.high_freq_factor,
+            original_max_position_embeddings=rs.original_max_position_embeddings,
+        )
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,104 @@
+"""Where each local Megatron parameter sits in the full (TP=1, PP=1) model.
+
+The HF mapping, checkpoint conversion and weight sync all start from this: a local parameter's
+*global* name (pipeline layer offset applied) and its tensor-parallel split dimension.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+_LAYER_RE = re.compile(r"^(.*?decoder\.layers\.)(\d+)(\..*)$")
+
+
+@dataclass
+class LocalParam:
+    global_name: str  # name in the unsharded TP=1/PP=1 model, e.g. "decoder.layers.17.mlp.linear_fc1.weight"
+    tensor: torch.nn.Parameter
+    partition_dim: int | None  # TP split dimension, None if replicated across TP ranks
+    gated: bool = False  # SwiGLU fc1: each TP shard is [gate_r; up_r], not a contiguous slice of [gate; up]
+
+    def full_shape(self, tp_size: int) -> tuple[int, ...]:
+        shape = list(self.tensor.shape)
+        if self.partition_dim is not None:
+            shape[self.partition_dim] *= tp_size
+        return tuple(shape)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Strips DDP / Float16Module wrappers."""
+    while hasattr(model, "module") and not hasattr(model, "decoder") and not hasattr(model, "embedding"):
+        model = model.module
+    return model
+
+
+def layer_offset(model: torch.nn.Module, vp_stage: int | None = None) -> int:
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    return get_transformer_layer_offset(unwrap(model).config, vp_stage=vp_stage)
+
+
+def global_param_name(local_name: str, offset: int) -> str:
+    m = _LAYER_RE.match(local_name)
+    if not m:
+        return local_name
+    return f"{m.group(1)}{int(m.group(2)) + offset}{m.group(3)}"
+
+
+def iter_local_params(model: torch.nn.Module, vp_stage: int | None = None) -> Iterator[LocalParam]:
+    """Every parameter of this rank's model chunk with its global name and TP split dim."""
+    inner = unwrap(model)
+    offset = layer_offset(inner, vp_stage)
+    for name, p in inner.named_parameters():
+        split = getattr(p, "partition_dim", -1) if getattr(p, "tensor_model_parallel", False) else None
+        gname = global_param_name(name, offset)
+        gated = bool(inner.config.gated_linear_unit) and is_fc1(gname)
+        yield LocalParam(gname, p, split if split is not None and split >= 0 else None, gated)
+
+
+def is_fc1(global_name: str) -> bool:
+    return ".mlp.linear_fc1." in global_name
+
+
+def tp_gather(tensor: torch.Tensor, partition_dim: int | None, group=None, gated: bool = False) -> torch.Tensor:
+    """Concatenates a TP-sharded tensor along its split dim (identity when replicated or TP=1).
+
+    `gated`: the shards are SwiGLU [gate_r; up_r] halves; the result is [gate; up] like at TP=1.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if partition_dim is None:
+        return tensor
+    group = group or parallel_state.get_tensor_model_parallel_group()
+    world = dist.get_world_size(group)
+    if world == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return merge_tp_shards(parts, partition_dim, gated)
+
+
+def merge_tp_shards(parts: list[torch.Tensor], partition_dim: int | None, gated: bool = False) -> torch.Tensor:
+    """The full tensor from all TP shards in rank order (the inverse of tp_slice)."""
+    if partition_dim is None or len(parts) == 1:
+        return parts[0]
+    if gated:
+        halves = [p.chunk(2, dim=partition_dim) for p in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=partition_dim)
+    return torch.cat(parts, dim=partition_dim)
+
+
+def tp_slice(full: torch.Tensor, partition_dim: int | None, tp_rank: int, tp_size: int, gated: bool = False) -> torch.Tensor:
+    """This TP rank's slice of a full tensor (the inverse of tp_gather)."""
+    if partition_dim is None or tp_size == 1:
+        return full
+    if gated:
+        gate, up = full.chunk(2, dim=partition_dim)
+        return torch.cat([gate.chunk(tp_size, dim=partition_dim)[tp_rank], up.chunk(tp_size, dim=partition_dim)[tp_rank]],
+                         dim=partition_dim)
+    return full.chunk(tp_size, dim=partition_dim)[tp_rank]

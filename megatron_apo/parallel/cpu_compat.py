@@ -1,0 +1,155 @@
+"""Every workaround megatron-core needs to run without CUDA, in one place.
+
+`apply()` is a no-op when CUDA is available, so GPU runs execute megatron-core untouched.
+Nothing else in megatron-apo may special-case the CPU for Megatron's sake: add the shim here,
+with a one-line reason, instead.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_APPLIED = False
+
+# Megatron-core flags whose fused kernels exist only on CUDA; TransformerConfig must disable them.
+CPU_TRANSFORMER_CONFIG_OVERRIDES = dict(
+    use_cpu_initialization=True,  # weights are created on the host, never moved to a GPU
+    gradient_accumulation_fusion=False,  # fused wgrad accumulation is an apex/CUDA kernel
+    bias_activation_fusion=False,  # jit-fused bias+GeLU/SwiGLU targets CUDA
+    masked_softmax_fusion=False,  # fused softmax is a CUDA extension
+    persist_layer_norm=False,  # apex persistent LayerNorm is CUDA-only
+    apply_rope_fusion=False,  # fused RoPE is a CUDA kernel
+    bias_dropout_fusion=False,  # jit-fused bias-dropout-add targets CUDA
+)
+
+
+def quiet_missing_cuda_extension_warnings() -> None:
+    """Reason: without CUDA, megatron warns at every import that Apex/TE are absent; that is expected here."""
+    if not cuda_available():
+        warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed.*")
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def transformer_config_overrides() -> dict:
+    """TransformerConfig keyword overrides needed on this machine (empty with CUDA)."""
+    return {} if cuda_available() else dict(CPU_TRANSFORMER_CONFIG_OVERRIDES)
+
+
+def _is_cuda_device(device) -> bool:
+    if device is None:
+        return False
+    if isinstance(device, int):
+        return True  # a bare int is a CUDA ordinal in torch's factory functions
+    return torch.device(device).type == "cuda"
+
+
+class _CudaFactoryToCPU(TorchFunctionMode):
+    """Maps `device="cuda"` / `device=<int>` in tensor factories and `.to()`/`.cuda()` to the CPU.
+
+    Reason: megatron's pipeline schedules and p2p code create tensors with a hard-coded CUDA device,
+    and its optimizers check `tensor.type()` against CUDA type names.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = dict(kwargs, device="cpu")
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron's optimizers dispatch on param.type() strings naming CUDA tensors.
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
+        if func is torch.Tensor.to and args and len(args) > 1 and _is_cuda_device_like(args[1]):
+            args = (args[0], "cpu") + tuple(args[2:])
+        return func(*args, **kwargs)
+
+
+def _is_cuda_device_like(x) -> bool:
+    if isinstance(x, (str, torch.device)):
+        return _is_cuda_device(x)
+    return False
+
+
+_MODE: _CudaFactoryToCPU | None = None
+
+
+def apply() -> None:
+    """Install the CPU shims (idempotent; does nothing when CUDA is available)."""
+    global _APPLIED, _MODE
+    if _APPLIED or cuda_available():
+        return
+    # megatron asks torch.cuda for the "current device" to place buffers; on CPU that is the host.
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    # megatron synchronizes streams around timers and p2p; there are no streams on CPU.
+    torch.cuda.synchronize = lambda *a, **k: None
+    # megatron seeds the CUDA generator; the host generator is the one that matters on CPU.
+    torch.cuda.manual_seed = lambda *a, **k: None
+    torch.cuda.manual_seed_all = lambda *a, **k: None
+    # hard-coded device="cuda" tensor factories in the pipeline schedules go to the host instead.
+    _MODE = _CudaFactoryToCPU()
+    _MODE.__enter__()
+    _patch_grad_clipping()
+    _APPLIED = True
+
+
+def rng_tracker_kwargs() -> dict:
+    """Arguments for megatron's `model_parallel_cuda_manual_seed` on this machine.
+
+    Reason: the default tracker snapshots CUDA RNG states; the inference tracker does not.
+    """
+    return {} if cuda_available() else {"inference_rng_tracker": True}
+
+
+def _patch_grad_clipping() -> None:
+    """Reason: megatron's grad-norm helpers assert CUDA tensors and use a CUDA multi-tensor kernel."""
+    from megatron.core.optimizer import clip_grads
+
+    def get_grad_norm_fp32(grads_for_norm, norm_type=2, data_parallel_group=None, **_):
+        if isinstance(grads_for_norm, torch.Tensor):
+            grads_for_norm = [grads_for_norm]
+        norm_type = float(norm_type)
+        if norm_type == float("inf"):
+            total = max((g.abs().max().float() for g in grads_for_norm), default=torch.tensor(0.0))
+            total = torch.as_tensor(total, dtype=torch.float32)
+            if data_parallel_group is not None:
+                torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.MAX, group=data_parallel_group)
+            return total.item()
+        total = torch.zeros((), dtype=torch.float32)
+        for g in grads_for_norm:
+            total += torch.linalg.vector_norm(g.float(), norm_type) ** norm_type
+        if data_parallel_group is not None:
+            torch.distributed.all_reduce(total, group=data_parallel_group)
+        return total.item() ** (1.0 / norm_type)
+
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        grads = []
+        for p in parameters:
+            g = getattr(p, "decoupled_grad", None) if use_decoupled_grad else p.grad
+            if g is not None:
+                grads.append(g)
+        coeff = max_norm / (total_norm + 1.0e-6)
+        if coeff < 1.0:
+            for g in grads:
+                g.mul_(coeff)
+
+    clip_grads.get_grad_norm_fp32 = get_grad_norm_fp32
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    # optimizer modules import these names directly; rebind where they were imported.
+    import sys
+
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("megatron.core.optimizer") and mod is not None:
+            if getattr(mod, "get_grad_norm_fp32", None) is not None:
+                mod.get_grad_norm_fp32 = get_grad_norm_fp32
+            if getattr(mod, "clip_grad_by_total_norm_fp32", None) is not None:
+                mod.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+

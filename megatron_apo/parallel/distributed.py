@@ -1,0 +1,114 @@
+"""Distributed initialisation: torch.distributed (nccl with CUDA, gloo without), Megatron parallel state, seeds."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_apo.parallel import cpu_compat
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+
+    def validate(self, world_size: int) -> None:
+        mp = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+        if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
+            raise ValueError("parallel: tensor_model_parallel_size and pipeline_model_parallel_size must be >= 1")
+        if world_size % mp:
+            raise ValueError(
+                f"parallel: world size {world_size} is not divisible by TP*PP = {mp}; "
+                f"launch a multiple of {mp} processes or change the parallel sizes"
+            )
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(
+    parallel: ParallelConfig | None = None,
+    seed: int = 1234,
+    backend: str | None = None,
+    timeout_minutes: int = 10,
+) -> None:
+    """Initialise torch.distributed from the torchrun/srun environment and Megatron's parallel state.
+
+    Reads RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (torchrun) or SLURM_PROCID/SLURM_NTASKS (srun).
+    Without any of them, starts a single-process group so TP=PP=1 code runs unchanged.
+    """
+    from megatron.core import parallel_state
+
+    parallel = parallel or ParallelConfig()
+    _env_from_slurm()
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(find_free_port())
+    cpu_compat.apply()
+    backend = backend or default_backend()
+    if not dist.is_initialized():
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    world = dist.get_world_size()
+    parallel.validate(world)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+            pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        )
+    set_seed(seed)
+
+
+def set_seed(seed: int) -> None:
+    """Seeds python, numpy, torch, and Megatron's model-parallel RNG tracker.
+
+    The data-parallel stream gets `seed` on every rank (so TP ranks initialise identical replicas);
+    Megatron derives the tensor-parallel stream from it.
+    """
+    from megatron.core import tensor_parallel
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, **cpu_compat.rng_tracker_kwargs())
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def find_free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env_from_slurm() -> None:
+    """srun sets SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; map them to torch's names if torchrun did not."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")

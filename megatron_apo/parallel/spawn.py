@@ -1,0 +1,106 @@
+"""Run a function on N local processes that form one torch.distributed group (gloo on CPU).
+
+Used by the tests for every distributed check, by the benchmarks, and by the CPU demo. Each child
+gets RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT like torchrun would set; a failing child's traceback is
+re-raised in the parent, and a hang ends at `timeout` with the ranks that did not finish named.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import time
+import traceback
+from typing import Any, Callable
+
+from megatron_apo.parallel.distributed import find_free_port
+
+
+class DistributedError(RuntimeError):
+    pass
+
+
+def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict, q, threads: int) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        result = fn(*args, **kwargs)
+        q.put((rank, True, result))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent
+        q.put((rank, False, traceback.format_exc()))
+    finally:
+        try:
+            from megatron_apo.parallel.distributed import destroy_distributed
+
+            destroy_distributed()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 300.0,
+    threads_per_process: int | None = None,
+    **kwargs: Any,
+) -> list[Any]:
+    """Calls `fn(*args, **kwargs)` on `world_size` spawned processes; returns the results by rank.
+
+    `fn` must be importable (module level). It calls `init_distributed(...)` itself with the layout it needs.
+    """
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = find_free_port()
+    threads = threads_per_process or max(1, (os.cpu_count() or 1) // world_size)
+    procs = [
+        ctx.Process(target=_child, args=(r, world_size, port, fn, args, kwargs, q, threads), daemon=False)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    failures: dict[int, str] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) + len(failures) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = sorted(set(range(world_size)) - set(results) - set(failures))
+                raise DistributedError(
+                    f"{getattr(fn, '__name__', fn)}: ranks {missing} did not finish within {timeout:.0f}s"
+                    + _format_failures(failures)
+                )
+            try:
+                rank, ok, payload = q.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results and r not in failures]
+                if dead:
+                    time.sleep(0.5)  # a message may still be in flight
+                    if q.empty():
+                        for r in dead:
+                            failures[r] = f"process exited with code {procs[r].exitcode} without a result"
+                continue
+            (results if ok else failures)[rank] = payload
+            if failures:
+                break  # the others are probably stuck in a collective with the failed rank
+    finally:
+        for p in procs:
+            p.join(timeout=5 if not failures else 0.5)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if failures:
+        raise DistributedError(f"{getattr(fn, '__name__', fn)} failed" + _format_failures(failures))
+    return [results[r] for r in range(world_size)]
+
+
+def _format_failures(failures: dict[int, str]) -> str:
+    return "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items()))

@@ -1,0 +1,1 @@
+"""The RL trainer: reference model, the APO/GRPO step on Megatron-Core, checkpointing, metrics."""

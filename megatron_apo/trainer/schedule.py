@@ -1,0 +1,80 @@
+"""A thin, explicit wrapper over megatron-core's forward-backward schedules (no pipelining / 1F1B / interleaved)."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+
+def model_forward(model, batch: dict) -> torch.Tensor:
+    """Runs a GPTModel chunk on a micro-batch dict (tokens, position_ids): hidden states or vocab-sharded logits."""
+    return model(batch["tokens"], batch["position_ids"], attention_mask=None)
+
+
+def forward_backward(
+    model_chunks: Sequence[torch.nn.Module],
+    micro_batches: Sequence[dict],
+    loss_fn: Callable[[dict, torch.Tensor], tuple[torch.Tensor, dict]],
+    seq_length: int,
+    micro_batch_size: int,
+    forward_only: bool = False,
+) -> list[dict]:
+    """Runs every micro-batch through Megatron's schedule for the current PP layout.
+
+    `loss_fn(batch, logits) -> (scalar_loss, metrics)` runs on the last pipeline stage only; the
+    schedule divides each micro-batch loss by the number of micro-batches (so gradients are the
+    mean over micro-batches). Returns the per-micro-batch metric dicts on the last stage, [] elsewhere.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    batches = list(micro_batches)
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output = model_forward(model, batch)
+        return output, partial(_loss_wrapper, loss_fn, batch)
+
+    n_chunks = len(model_chunks)
+    iterators: Any = iter(batches) if n_chunks == 1 else [iter(batches) for _ in range(n_chunks)]
+    fb = get_forward_backward_func()
+    return fb(
+        forward_step_func=forward_step,
+        data_iterator=iterators,
+        model=list(model_chunks) if n_chunks > 1 else model_chunks[0],
+        num_microbatches=len(batches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+def _loss_wrapper(loss_fn, batch, output_tensor):
+    loss, metrics = loss_fn(batch, output_tensor)
+    # Megatron divides the returned loss by num_microbatches in place: report a detached clone.
+    metrics = {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in metrics.items()}
+    return loss, metrics
+
+
+def lm_batches(tokens: torch.Tensor, micro_batch_size: int) -> Iterable[dict]:
+    """Next-token-prediction micro-batches from a [N, S+1] token tensor."""
+    n, s1 = tokens.shape
+    pos = torch.arange(s1 - 1).unsqueeze(0)
+    for i in range(0, n, micro_batch_size):
+        chunk = tokens[i : i + micro_batch_size]
+        yield {
+            "tokens": chunk[:, :-1].contiguous(),
+            "labels": chunk[:, 1:].contiguous(),
+            "position_ids": pos.expand(chunk.shape[0], -1).contiguous(),
+        }
+
+
+def lm_loss(batch: dict, logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Mean next-token cross-entropy on vocab-sharded logits [b, s, V/TP]."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    # vocab_parallel_cross_entropy overwrites its input: give it a copy (keeps autograd intact).
+    losses = vocab_parallel_cross_entropy(logits.float().clone(), batch["labels"])
+    loss = losses.mean()
+    return loss, {"lm_loss": loss}
