@@ -37,6 +37,7 @@ from megatron_apo.models.hf_mapping import (
 from megatron_apo.models.megatron_checkpoint import (
     MODEL_SUBDIR,
     DistCheckpointReader,
+    load_megatron_model,
     read_checkpoint_metadata,
     resolve_checkpoint,
     save_model,
@@ -150,21 +151,18 @@ def inspect_hf(hf_dir: str | Path, tp: int = 1, pp: int = 1) -> tuple[HFCheckpoi
 def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
                            dtype: str | torch.dtype | None = None, progress: bool = True,
                            timeout: float = 24 * 3600) -> ConversionReport:
-    """HF folder -> Megatron checkpoint folder (`model/` dist checkpoint + megatron_apo.json) for TP x PP."""
+    """HF folder -> Megatron checkpoint folder (`model/` dist checkpoint + megatron_apo.json) for TP x PP.
+
+    Spawns TP*PP local processes (gloo on CPU); inside an already initialised job call `save_hf_as_megatron`.
+    """
     from megatron_apo.parallel import run_distributed
 
     start = time.time()
-    hf, cfg = inspect_hf(hf_dir, tp, pp)
+    hf, _ = inspect_hf(hf_dir, tp, pp)
     target = parse_dtype(dtype) or hf.dtype()
     with atomic_output_dir(out) as tmp:
         results = run_distributed(_hf_to_megatron_rank, tp * pp, str(hf_dir), str(tmp), tp, pp, str(target),
                                   progress, timeout=timeout)
-        gen = Path(hf_dir) / "generation_config.json"
-        write_checkpoint_metadata(
-            tmp, cfg, source_hf=str(Path(hf_dir).resolve()), dtype=str(target).replace("torch.", ""),
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-            hf_generation_config=json.loads(gen.read_text()) if gen.is_file() else None,
-        )
         with contextlib.suppress(FileNotFoundError):
             (tmp / TOKENIZER_SUBDIR).mkdir()
             copy_tokenizer_files(hf_dir, tmp / TOKENIZER_SUBDIR)
@@ -180,17 +178,26 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, tp: int = 1, pp:
 
 
 def _hf_to_megatron_rank(hf_dir: str, tmp_out: str, tp: int, pp: int, dtype_name: str, progress: bool) -> dict:
-    """One rank: build this TP/PP shard, fill it from the HF tensors, write the dist checkpoint together."""
+    from megatron_apo.parallel import ParallelConfig, init_distributed
+
+    init_distributed(ParallelConfig(tp, pp))
+    return save_hf_as_megatron(hf_dir, tmp_out, dtype=dtype_name, progress=progress)
+
+
+def save_hf_as_megatron(hf_dir: str | Path, out: str | Path, dtype: str | torch.dtype | None = None,
+                        progress: bool = False) -> dict:
+    """Collective over the current TP x PP job: each rank builds its model shard, fills it tensor by tensor
+    from the HF safetensors, and the ranks write one dist checkpoint into `<out>/model/`; rank 0 writes
+    megatron_apo.json. Returns this rank's counts, downcast max |delta| and peak RSS."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from megatron_apo.models.builder import build_gpt_model
     from megatron_apo.models.sharding import iter_local_params, tp_slice
-    from megatron_apo.parallel import ParallelConfig, init_distributed
 
-    init_distributed(ParallelConfig(tp, pp))
+    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     hf, cfg = inspect_hf(hf_dir, tp, pp)
-    dtype = parse_dtype(dtype_name)
+    dtype = parse_dtype(dtype) or hf.dtype()
     model = build_gpt_model(cfg, params_dtype=dtype, perform_initialization=False)
     tp_rank = ps.get_tensor_model_parallel_rank()
     padded = cfg.padded_vocab_size(tp)
@@ -207,7 +214,14 @@ def _hf_to_megatron_rank(hf_dir: str, tmp_out: str, tp: int, pp: int, dtype_name
             del full, shard
             nbytes += lp.tensor.numel() * lp.tensor.element_size()
             bar.advance(lp.tensor.numel() * lp.tensor.element_size())
-    save_model(model, tmp_out)
+    save_model(model, out)
+    if dist.get_rank() == 0:
+        gen = Path(hf_dir) / "generation_config.json"
+        write_checkpoint_metadata(
+            out, cfg, source_hf=str(Path(hf_dir).resolve()), dtype=str(dtype).replace("torch.", ""),
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+            hf_generation_config=json.loads(gen.read_text()) if gen.is_file() else None,
+        )
     dist.barrier()
     # TP ranks > 0 hold replicas of the norms, and a tied last stage a copy of the embedding: count bytes once.
     return {"num_tensors": len(params) if tp_rank == 0 else 0, "bytes": nbytes if tp_rank == 0 else 0,
