@@ -135,3 +135,13 @@ def convert_then_run(tp: int, pp: int, jobs: list[tuple[str, str, str]], reload:
         vocab = _json.loads((Path(ckpt) / "megatron_apo.json").read_text())["model_config"]["vocab_size"]
         out[name] = megatron_logits_from_checkpoint(ckpt, tp, pp, sample_tokens(vocab))
     return out
+
+
+def save_tiny_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A word-level tokenizer over the words w0..w{vocab-1} (token id = word number), saved HF-style."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="w1", eos_token="w2", unk_token="w0").save_pretrained(folder)

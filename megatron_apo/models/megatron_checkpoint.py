@@ -214,7 +214,14 @@ class DistCheckpointReader:
             else:
                 state[key] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
                 offsets[key] = (0,) * len(md.size)
-        dcp.load(state, storage_reader=self._reader, planner=_SlicePlanner(offsets), no_dist=True)
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            dcp.load(state, storage_reader=self._reader, planner=_SlicePlanner(offsets), no_dist=True)
+        except CheckpointException as e:  # a BaseException in torch: turn it into a one-line input error
+            cause = [ln for ln in str(e).strip().splitlines() if ln.strip()][-1].strip()
+            raise ValueError(f"{self.folder}: cannot read {global_names[0]}"
+                             f"{' and others' if len(global_names) > 1 else ''} (storage damaged? {cause})") from None
         out = {}
         for name in global_names:
             m = re.match(r"^decoder\.layers\.(\d+)\.(.+)$", name)
