@@ -30,7 +30,6 @@ from megatron_apo.models.hf_mapping import (
     OUTPUT_LAYER,
     VOCAB_PADDED,
     hf_sources,
-    pad_vocab,
     hf_config_from_model_config,
     hf_shapes,
     hf_to_megatron,
@@ -78,7 +77,20 @@ class ConversionReport:
         return s
 
 
+def reset_peak_rss() -> None:
+    """Restarts the kernel's peak-RSS counter (Linux). Reason: a spawned process's ru_maxrss starts at its
+    parent's RSS at fork time, which would hide the conversion's own peak."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
 def peak_rss_bytes() -> int:
+    """Peak RSS since the last reset_peak_rss (VmHWM), else since the process started."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
@@ -207,6 +219,7 @@ def save_hf_as_megatron(hf_dir: str | Path, out: str | Path, dtype: str | torch.
     from megatron_apo.models.builder import build_gpt_model
     from megatron_apo.models.sharding import iter_local_params, tp_slice
 
+    reset_peak_rss()
     start_rss = current_rss_bytes()
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     hf, cfg = inspect_hf(hf_dir, tp, pp)
@@ -222,9 +235,17 @@ def save_hf_as_megatron(hf_dir: str | Path, out: str | Path, dtype: str | torch.
         for lp in params:
             if lp.global_name in VOCAB_PADDED and lp.partition_dim == 0:
                 # Read only this rank's vocabulary rows (the largest tensors), then pad.
-                rows = lp.tensor.shape[0]
-                block = hf.get_rows(hf_sources(cfg, lp.global_name)[0], tp_rank * rows, (tp_rank + 1) * rows)
-                shard = full = pad_vocab(block, rows)
+                rows, src = lp.tensor.shape[0], hf_sources(cfg, lp.global_name)[0]
+                first, last = tp_rank * rows, min((tp_rank + 1) * rows, cfg.vocab_size)
+                with torch.no_grad():
+                    lp.tensor[max(0, last - first):].zero_()  # padding rows
+                    if hf.tensors[src].dtype == dtype:  # straight into the parameter: no second copy
+                        hf.get_rows(src, first, last, out=lp.tensor.data[: max(0, last - first)])
+                    else:
+                        lp.tensor[: max(0, last - first)].copy_(_cast(hf.get_rows(src, first, last), dtype, deltas))
+                nbytes += lp.tensor.numel() * lp.tensor.element_size()
+                bar.advance(lp.tensor.numel() * lp.tensor.element_size())
+                continue
             else:
                 full = hf_to_megatron(cfg, lp.global_name, hf.get, padded_vocab_size=padded)
                 shard = tp_slice(full, lp.partition_dim, tp_rank, tp, lp.gated)
@@ -254,6 +275,7 @@ def convert_megatron_to_hf(ckpt: str | Path, out: str | Path, tokenizer: str | P
                            dtype: str | torch.dtype | None = None, max_shard_size: str | int = "5GB",
                            progress: bool = True) -> ConversionReport:
     """Megatron checkpoint (any TP/PP; a checkpoint folder or a training dir of iter_*) -> HF folder."""
+    reset_peak_rss()
     start, start_rss = time.time(), current_rss_bytes()
     folder = resolve_checkpoint(ckpt)
     cfg, meta = read_checkpoint_metadata(folder)
@@ -277,10 +299,10 @@ def convert_megatron_to_hf(ckpt: str | Path, out: str | Path, tokenizer: str | P
                         # The largest tensors: stream them one stored TP shard of rows at a time.
                         if not (name == OUTPUT_LAYER and cfg.tie_word_embeddings):  # else HF has no lm_head
                             hf_name = hf_sources(cfg, name)[0]
-                            for start, stop in reader.row_blocks(name):
-                                if start < cfg.vocab_size:
-                                    block = reader.load_rows(name, start, min(stop, cfg.vocab_size))
-                                    writer.write_rows(hf_name, start, _cast(block, target, deltas))
+                            for row0, row1 in reader.row_blocks(name):
+                                if row0 < cfg.vocab_size:
+                                    block = reader.load_rows(name, row0, min(row1, cfg.vocab_size))
+                                    writer.write_rows(hf_name, row0, _cast(block, target, deltas))
                                     del block
                         bar.advance(reader.tensor_bytes(name))
                     names = [n for n in names if n not in VOCAB_PADDED]

@@ -168,13 +168,18 @@ class HFCheckpoint:
             raise ValueError(f"{self.folder / info.file}: tensor {name} is truncated")
         return out
 
-    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of a tensor, reading only their bytes (vocab tensors are the largest)."""
+    def get_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) of a tensor, reading only their bytes (vocab tensors are the largest); into `out`
+        (contiguous, same dtype, rows clipped to the tensor) when given, so no second copy exists."""
         info = self.tensors.get(name)
         if info is None:
             raise ValueError(f"{self.folder}: tensor {name} not found")
         stop = min(stop, info.shape[0])
-        out = torch.empty((max(0, stop - start), *info.shape[1:]), dtype=info.dtype)
+        shape = (max(0, stop - start), *info.shape[1:])
+        if out is None:
+            out = torch.empty(shape, dtype=info.dtype)
+        elif tuple(out.shape) != shape or out.dtype != info.dtype or not out.is_contiguous():
+            raise ValueError(f"{name}: cannot read rows {start}:{stop} into a {tuple(out.shape)} {out.dtype} tensor")
         if out.numel() == 0:
             return out
         if info.file not in self._handles:
