@@ -12,7 +12,7 @@ import torch
 
 from megatron_apo.ops.vocab_parallel import vocab_parallel_logprobs, vocab_parallel_topk
 from megatron_apo.parallel import run_distributed
-from vocab_parallel_bodies import ops_body, run_ops_case
+from vocab_parallel_bodies import ops_body, ops_body_explicit_group, run_ops_case
 
 PADDED_VOCAB = 48  # divisible by 1, 2, 4: shard widths 48, 24, 12
 TOL = 1e-5
@@ -136,7 +136,10 @@ def test_tp1_without_process_group_equals_dense(name):
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tp_ranks_equal_dense(tp):
     names = list(CASES)
-    results = run_distributed(ops_body, tp, tp, [CASES[n] for n in names], timeout=240)
+    if tp == 2:  # group=None: Megatron's TP group after init_distributed
+        results = run_distributed(ops_body, tp, tp, [CASES[n] for n in names], timeout=240)
+    else:  # an explicit group= and no Megatron state
+        results = run_distributed(ops_body_explicit_group, tp, [CASES[n] for n in names], timeout=240)
     assert [r["rank"] for r in results] == list(range(tp))
     for i, name in enumerate(names):
         check_against_dense(name, CASES[name], [r["results"][i] for r in results])

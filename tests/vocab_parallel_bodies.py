@@ -35,7 +35,7 @@ def _leaf(shard: torch.Tensor, dtype: torch.dtype, strided: bool):
     return base, base[:, 1:-1], lambda g: g[:, 1:-1]
 
 
-def run_ops_case(case: dict, rank: int, tp: int) -> dict:
+def run_ops_case(case: dict, rank: int, tp: int, group=None) -> dict:
     """All four ops on one case; per op its values and the gradient of sum(weights * values) w.r.t. the shard."""
     from megatron_apo.ops.vocab_parallel import (
         vocab_parallel_entropy,
@@ -46,7 +46,7 @@ def run_ops_case(case: dict, rank: int, tp: int) -> dict:
 
     shard = local_shard(case["logits"], rank, tp)
     dtype, strided = case.get("dtype", torch.float32), case.get("strided", False)
-    kw = dict(vocab_size=case["vocab_size"], chunk_size=case.get("chunk_size"), mask=case.get("mask"))
+    kw = dict(group=group, vocab_size=case["vocab_size"], chunk_size=case.get("chunk_size"), mask=case.get("mask"))
     out = {}
 
     def run(name, fn, weights):
@@ -92,3 +92,16 @@ def loss_body(tp: int, cases: list[dict]) -> dict:
     init_distributed(ParallelConfig(tp, 1))
     rank, _ = tp_rank_and_size()
     return {"rank": rank, "results": [run_loss_case(c, rank, tp) for c in cases]}
+
+
+def ops_body_explicit_group(cases: list[dict]) -> dict:
+    """The ops with an explicit process group (the whole world as the TP group) and no Megatron state:
+    covers `group=` and keeps the 4-process test light (no megatron-core import in the ranks)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        rank, tp = dist.get_rank(), dist.get_world_size()
+        return {"rank": rank, "results": [run_ops_case(c, rank, tp, group=dist.group.WORLD) for c in cases]}
+    finally:
+        dist.destroy_process_group()
