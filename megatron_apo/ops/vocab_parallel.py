@@ -34,7 +34,8 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_CHUNK_SIZE = 4096  # tokens per exchange (bounds the small per-token buffers; compute runs in tiles)
-_TILE_ELEMS = 1 << 20  # fp32 elements per compute tile (4 MB): temporaries stay in cache
+_TILE_ELEMS = 1 << 20  # CPU: fp32 elements per compute tile (4 MB), so temporaries stay in cache
+_TILE_ELEMS_GPU = 1 << 26  # GPU: 256 MB tiles; the point there is few kernel launches, not cache
 _PAD_INDEX = 2**62  # index of the filler candidates of a rank with fewer than k valid ids (sorts last)
 
 
@@ -125,11 +126,11 @@ class _Rows:
             e = min(s + self.chunk, self.count)
             yield slice(s, e) if self.ids is None else self.ids[s:e]
 
-    @staticmethod
-    def tiles(sel, width: int):
+    def tiles(self, sel, width: int):
         """Splits one chunk's selection into (rows within the chunk, rows of the tensor) tiles of about
         _TILE_ELEMS elements, so the elementwise passes over a tile run in cache, not DRAM."""
-        step = max(1, _TILE_ELEMS // max(1, width))
+        elems = _TILE_ELEMS if self.logits.device.type == "cpu" else _TILE_ELEMS_GPU
+        step = max(1, elems // max(1, width))
         n = sel.stop - sel.start if isinstance(sel, slice) else sel.numel()
         for a in range(0, n, step):
             b = min(a + step, n)
