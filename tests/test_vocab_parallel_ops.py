@@ -175,3 +175,20 @@ def test_bad_arguments_raise_value_error_naming_them():
         vocab_parallel_logprobs(x, torch.full((2, 3), 12), vocab_size=12)
     with pytest.raises(ValueError, match="chunk_size"):
         vocab_parallel_logprobs(x, torch.zeros(2, 3, dtype=torch.long), chunk_size=0)
+
+
+def test_fused_stats_equal_the_separate_ops():
+    from megatron_apo.ops.vocab_parallel import (
+        vocab_parallel_entropy,
+        vocab_parallel_gather_logprobs,
+        vocab_parallel_logprob_stats,
+    )
+
+    case = CASES["fp32_ties_padded_k_ge_shard"]
+    x, v = case["logits"], case["vocab_size"]
+    st = vocab_parallel_logprob_stats(x, case["gather_idx"], topk=case["k"], vocab_size=v)
+    idx, lp = vocab_parallel_topk(x, case["k"], vocab_size=v)
+    assert torch.equal(st.topk_indices, idx) and torch.equal(st.topk_logprobs, lp)
+    assert torch.equal(st.logprobs, vocab_parallel_gather_logprobs(x, case["gather_idx"], vocab_size=v))
+    assert torch.allclose(st.entropy, vocab_parallel_entropy(x, vocab_size=v), rtol=0, atol=1e-6)
+    assert torch.equal(st.top1_logprob, lp[..., 0])

@@ -145,7 +145,7 @@ class _Rows:
 
 
 def _fp32_valid(chunk: torch.Tensor, sh: _Shard) -> torch.Tensor:
-    """This chunk's non-padded columns in fp32 (a copy for bf16/fp16; may be a view of the caller's fp32
+    """This tile's non-padded columns in fp32 (a copy for bf16/fp16; may be a view of the caller's fp32
     logits, so callers below never write into it)."""
     return chunk[:, : sh.valid].float()
 
