@@ -8,7 +8,6 @@ import sys
 NOT_BUILT = {
     "train": "RL training (`megatron-apo train --config FILE key=value ...`) is not built yet: see the trainer issue.",
     "eval": "pass@k evaluation (`megatron-apo eval`) is not built yet: see the rewards/eval issue.",
-    "convert": "HF <-> Megatron conversion (`megatron-apo convert`) is not built yet: see the conversion issue.",
     "plan": "the parallelism planner (`megatron-apo plan`) is not built yet: see the scale-out issue.",
     "demo": "the end-to-end APO vs GRPO demo is not built yet: see the trainer issue. `megatron-apo smoke` runs a TP=2 training.",
 }
@@ -40,6 +39,41 @@ def _run_smoke(args) -> int:
     return 0 if last < first else 1
 
 
+def add_convert_arguments(p: argparse.ArgumentParser) -> None:
+    """`convert hf-to-megatron ...` / `convert megatron-to-hf ...` (shared with tools/convert_checkpoint.py)."""
+    sub = p.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+    a = sub.add_parser("hf-to-megatron", help="HF folder -> Megatron dist checkpoint for a TP/PP layout")
+    a.add_argument("--hf", required=True, help="HF model folder (config.json + safetensors)")
+    a.add_argument("--out", required=True, help="output checkpoint folder (model/ + megatron_apo.json)")
+    a.add_argument("--tp", type=int, default=1, help="tensor parallel size (default 1)")
+    a.add_argument("--pp", type=int, default=1, help="pipeline parallel size (default 1); TP*PP local processes")
+    a.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the source dtype)")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+    a.set_defaults(func=_run_convert)
+    b = sub.add_parser("megatron-to-hf", help="Megatron checkpoint (any TP/PP) -> HF folder")
+    b.add_argument("--megatron", required=True,
+                   help="checkpoint folder (model/ + megatron_apo.json) or a training dir of iter_* folders")
+    b.add_argument("--out", required=True, help="output HF folder")
+    b.add_argument("--tokenizer", default=None, help="folder whose tokenizer files are copied into the output")
+    b.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint dtype)")
+    b.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_run_convert)
+
+
+def _run_convert(args) -> int:
+    from megatron_apo.models.convert import convert_hf_to_megatron, convert_megatron_to_hf
+
+    if args.direction == "hf-to-megatron":
+        report = convert_hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
+                                        progress=not args.quiet)
+    else:
+        report = convert_megatron_to_hf(args.megatron, args.out, tokenizer=args.tokenizer, dtype=args.dtype,
+                                        max_shard_size=args.max_shard_size, progress=not args.quiet)
+    print(report.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-apo",
@@ -49,13 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in [
         ("train", "RL training (APO, GRPO, KL, CaSP) with torchrun/srun"),
         ("eval", "pass@k evaluation of a checkpoint with the rollout fleet"),
-        ("convert", "checkpoint conversion Hugging Face <-> Megatron, any TP/PP"),
         ("plan", "recommend TP/PP/DP and trainer/fleet GPU split for a model and cluster"),
         ("demo", "the embedded CPU demo: APO vs GRPO on a toy task, pass@k table and plot"),
     ]:
         p = sub.add_parser(name, help=helptext + (" [not built yet]" if name in NOT_BUILT else ""))
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=_not_built(name))
+    add_convert_arguments(sub.add_parser("convert", help="checkpoint conversion Hugging Face <-> Megatron, any TP/PP"))
     _add_smoke(sub)
     return parser
 
