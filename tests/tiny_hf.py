@@ -8,11 +8,11 @@ SPECIALS = ["<pad>", "</s>", "<unk>"]
 CHARS = list("0123456789+ =ksum:")
 
 
-def build_char_tokenizer(out_dir: Path, chat_template: str | None = None):
+def build_char_tokenizer(out_dir: Path, chat_template: str | None = None, extra_chars: str = ""):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(SPECIALS + CHARS)}
+    vocab = {t: i for i, t in enumerate(SPECIALS + CHARS + [c for c in dict.fromkeys(extra_chars) if c not in CHARS])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()

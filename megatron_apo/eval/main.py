@@ -32,9 +32,7 @@ def _is_megatron_checkpoint(path: Path) -> bool:
     return (path / "latest_checkpointed_iteration.txt").is_file() or any(path.glob("iter_*"))
 
 
-def _build_engine(model: Path):
-    from megatron_apo.eval.hf_engine import HFEngine
-
+def _check_model_folder(model: Path) -> None:
     if not model.is_dir():
         raise FileNotFoundError(f"model folder not found: {model}")
     if _is_megatron_checkpoint(model):
@@ -43,7 +41,6 @@ def _build_engine(model: Path):
                              "built yet: export it to a Hugging Face folder first and pass that folder to --model")
         raise ValueError(f"{model} is a Megatron checkpoint: export it with `megatron-apo convert` and pass the "
                          "Hugging Face folder to --model")
-    return HFEngine.from_pretrained(model)
 
 
 def run_eval(job: EvalJob) -> dict[str, dict]:
@@ -61,11 +58,14 @@ def run_eval(job: EvalJob) -> dict[str, dict]:
     if job.model is not None:
         if job.data is None:
             raise ValueError("eval: --data FILE.parquet is required with --model")
+        from megatron_apo.eval.hf_engine import HFEngine
+
+        _check_model_folder(Path(job.model))  # before anything slow: the cheap checks first
         tokenizer = load_tokenizer(job.tokenizer or job.model, job.template)
         dataset = PromptDataset.from_parquet(job.data, tokenizer, job.max_prompt_length,
                                              on_invalid="skip" if job.skip_invalid else "error")
         prompts = dataset.items[: job.limit] if job.limit else dataset.items
-        engine = _build_engine(Path(job.model))
+        engine = HFEngine.from_pretrained(Path(job.model))
         label = job.label or Path(job.model).name
         meta = {"model": str(job.model), "data": str(job.data), "template": tokenizer.template,
                 "data_report": {"rows": dataset.report.total_rows, "invalid": len(dataset.report.invalid_rows),

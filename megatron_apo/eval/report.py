@@ -60,7 +60,7 @@ def plot_pass_at_k(runs: Mapping[str, dict], path: str | Path, title: str | None
         ax.set_xticks(all_ks)
         ax.set_xticklabels([str(k) for k in all_ks])
         ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("k (samples)")
+        ax.set_xlabel("k (samples drawn, log scale)")
         ax.set_ylabel("pass@k")
         n_prompts = max((res["overall"]["num_prompts"] if ds is None else
                          res.get("per_data_source", {}).get(ds, {}).get("num_prompts", 0)) for res in runs.values())
