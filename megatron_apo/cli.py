@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 NOT_BUILT = {
     "train": "RL training (`megatron-apo train --config FILE key=value ...`) is not built yet: see the trainer issue.",
-    "eval": "pass@k evaluation (`megatron-apo eval`) is not built yet: see the rewards/eval issue.",
     "demo": "the end-to-end APO vs GRPO demo is not built yet: see the trainer issue. `megatron-apo smoke` runs a TP=2 training.",
 }
 
@@ -71,6 +71,8 @@ def _run_convert(args) -> int:
                                         max_shard_size=args.max_shard_size, progress=not args.quiet)
     print(report.summary())
     return 0
+
+
 def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="recommend TP/PP/DP and trainer/fleet GPU split for a model and cluster")
     p.add_argument("--model", required=True, help="model_configs/<name>.yaml or a path (e.g. qwen2.5-32b)")
@@ -107,6 +109,46 @@ def _run_plan(args) -> int:
     return 0 if result.recommended and result.fleet else 1
 
 
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="pass@k evaluation of a checkpoint over a verl parquet (JSON + plot)")
+    p.add_argument("--model", type=Path, help="Hugging Face model folder")
+    p.add_argument("--data", type=Path, help="verl-schema parquet (prompt, reward_model, data_source, extra_info)")
+    p.add_argument("--out", type=Path, required=True, help="output folder for pass_at_k.json and pass_at_k.png")
+    p.add_argument("--n", type=int, default=16, help="samples per prompt (pass@k for k = 1, 2, 4, ... <= n)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", help="name of this run in the JSON and the plot (default: the model folder name)")
+    p.add_argument("--overlay", type=Path, nargs="+", default=[], help="earlier pass_at_k.json files to plot too")
+    p.add_argument("--tokenizer", type=Path, help="HF folder or sentencepiece .model (default: --model)")
+    p.add_argument("--template", choices=["auto", "chat", "plain"], default="auto",
+                   help="prompt template: the tokenizer's chat template, or the message text verbatim")
+    p.add_argument("--max-prompt-length", type=int, help="drop prompts longer than this many tokens")
+    p.add_argument("--skip-invalid", action="store_true", help="skip invalid rows instead of failing")
+    p.add_argument("--limit", type=int, help="evaluate only the first N prompts")
+    p.add_argument("--reward-fn", help="verl-style reward function 'file.py:fn' instead of the data_source registry")
+    p.add_argument("--reward-workers", type=int, default=2, help="reward processes (0: in this process)")
+    p.add_argument("--reward-timeout", type=float, default=5.0, help="per-sample reward time limit, seconds")
+    p.add_argument("--prompts-per-call", type=int, default=8, help="prompts per engine.generate call")
+    p.add_argument("--correct-threshold", type=float, default=1.0, help="reward >= this counts as correct")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from megatron_apo.eval.main import EvalJob, run_eval
+    from megatron_apo.eval.runner import EvalConfig
+
+    config = EvalConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                        seed=args.seed, prompts_per_call=args.prompts_per_call,
+                        correct_threshold=args.correct_threshold)
+    run_eval(EvalJob(out=args.out, model=args.model, data=args.data, tokenizer=args.tokenizer, template=args.template,
+                     label=args.label, overlay=args.overlay, max_prompt_length=args.max_prompt_length,
+                     skip_invalid=args.skip_invalid, limit=args.limit, reward_fn=args.reward_fn,
+                     reward_workers=args.reward_workers, reward_timeout_s=args.reward_timeout, config=config))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-apo",
@@ -115,7 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, helptext in [
         ("train", "RL training (APO, GRPO, KL, CaSP) with torchrun/srun"),
-        ("eval", "pass@k evaluation of a checkpoint with the rollout fleet"),
         ("demo", "the embedded CPU demo: APO vs GRPO on a toy task, pass@k table and plot"),
     ]:
         p = sub.add_parser(name, help=helptext + (" [not built yet]" if name in NOT_BUILT else ""))
@@ -124,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_arguments(sub.add_parser("convert", help="checkpoint conversion Hugging Face <-> Megatron, any TP/PP"))
     _add_smoke(sub)
     _add_plan(sub)
+    _add_eval(sub)
     return parser
 
 
