@@ -148,8 +148,8 @@ def _run_eval(args) -> int:
     run_eval(EvalJob(out=args.out, model=args.model, data=args.data, tokenizer=args.tokenizer, template=args.template,
                      label=args.label, overlay=args.overlay, max_prompt_length=args.max_prompt_length,
                      skip_invalid=args.skip_invalid, limit=args.limit, reward_fn=args.reward_fn,
-                     reward_workers=args.reward_workers, reward_timeout_s=args.reward_timeout, engines=args.engines, ray_address=args.ray_address,
-                     config=config))
+                     reward_workers=args.reward_workers, reward_timeout_s=args.reward_timeout,
+                     engines=args.engines, ray_address=args.ray_address, config=config))
     return 0
 
 

@@ -6,11 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import torch
 
 from megatron_apo.data import PromptDataset, PromptRow, load_tokenizer, write_toy_parquet, write_verl_parquet
 from megatron_apo.eval import EvalConfig, evaluate, load_results, pass_at_k, plot_pass_at_k
-from megatron_apo.rollout import RolloutEngine, Sample, SamplingParams
+from megatron_apo.rollout import RolloutEngine, Sample
 from tests.tiny_hf import build_char_tokenizer, build_tiny_model_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,6 +88,22 @@ def _cli(*args, check=True):
     return proc
 
 
+def _cli_in_process(*args) -> str:
+    """The CLI entry point in this process (saves a torch import per call); returns what it printed."""
+    import contextlib
+    import io
+
+    from megatron_apo.cli import main
+
+    threads, buf = torch.get_num_threads(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            assert main(["eval", *map(str, args)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the CPU engine pins this process to one thread
+    return buf.getvalue()
+
+
 def test_cli_eval_writes_json_and_png_and_overlays(model_dir, tmp_path):
     # k=1 prompts with one new token: a random model is right ~1/21 of the time, so pass@k rises with k.
     data = write_toy_parquet(tmp_path / "toy.parquet", 6, seed=0, k_values=(1,), min_solutions=1)
@@ -109,8 +128,9 @@ def test_cli_eval_writes_json_and_png_and_overlays(model_dir, tmp_path):
     reward.write_text("def any_digit(data_source, solution_str, ground_truth, extra_info=None):\n"
                       "    return float(any(c.isdigit() for c in solution_str))\n")
     out2 = tmp_path / "run2"
-    _cli("--model", model_dir, "--data", data, "--n", 8, "--max-new-tokens", 2, "--out", out2, "--label", "any-digit",
-         "--reward-fn", f"{reward}:any_digit", "--reward-workers", 0, "--overlay", out1 / "pass_at_k.json")
+    _cli_in_process("--model", model_dir, "--data", data, "--n", 8, "--max-new-tokens", 2, "--out", out2,
+                    "--label", "any-digit", "--reward-fn", f"{reward}:any_digit", "--reward-workers", 0,
+                    "--overlay", out1 / "pass_at_k.json")
     res2 = load_results(out2 / "pass_at_k.json")
     assert res2["overall"]["pass@1"] > res["overall"]["pass@1"]
     w2, _ = png_size(out2 / "pass_at_k.png")
@@ -118,25 +138,34 @@ def test_cli_eval_writes_json_and_png_and_overlays(model_dir, tmp_path):
 
     # Overlay only: no model, just plot earlier results together.
     out3 = tmp_path / "overlay"
-    proc = _cli("--overlay", out1 / "pass_at_k.json", out2 / "pass_at_k.json", "--out", out3)
-    assert "reference" in proc.stdout and "any-digit" in proc.stdout
+    stdout = _cli_in_process("--overlay", out1 / "pass_at_k.json", out2 / "pass_at_k.json", "--out", out3)
+    assert "reference" in stdout and "any-digit" in stdout
     assert (out3 / "pass_at_k.png").stat().st_size > 10_000 and not (out3 / "pass_at_k.json").exists()
 
 
-def test_cli_eval_errors_are_one_line(model_dir, tmp_path):
-    proc = _cli("--model", tmp_path / "nope", "--data", tmp_path / "x.parquet", "--out", tmp_path, check=False)
-    assert proc.returncode == 2 and "error:" in proc.stderr and "Traceback" not in proc.stderr
-    bad = write_verl_parquet([{"data_source": "toy_digit_sum", "prompt": [{"role": "user", "content": "k=1 sum=1 :"}],
-                               "reward_model": {"ground_truth": "1", "style": "rule"}, "extra_info": {"k": 1}}],
-                             tmp_path / "ok.parquet")
-    junk = tmp_path / "not_a_model"
-    (junk / "iter_x").mkdir(parents=True)
-    proc = _cli("--model", junk / "iter_x", "--data", bad, "--out", tmp_path / "o", check=False)
-    assert proc.returncode == 2 and "neither a Hugging Face folder" in proc.stderr and "Traceback" not in proc.stderr
-    proc = _cli("--model", model_dir, "--data", tmp_path / "missing.parquet", "--out", tmp_path / "o", check=False)
-    assert proc.returncode == 2 and "dataset file not found" in proc.stderr and "Traceback" not in proc.stderr
-    proc = _cli("--out", tmp_path / "o", check=False)
-    assert proc.returncode == 2 and "--overlay" in proc.stderr
+def test_cli_eval_errors_are_one_line(model_dir, tmp_path, capsys):
+    from megatron_apo.cli import main
+
+    def run(*args):  # the CLI's own entry point, in process (the subprocess path is covered above)
+        code = main(["eval", *map(str, args)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "error:" in err, err
+        return err
+
+    ok = write_verl_parquet([{"data_source": "toy_digit_sum", "prompt": [{"role": "user", "content": "k=1 sum=1 :"}],
+                              "reward_model": {"ground_truth": "1", "style": "rule"}, "extra_info": {"k": 1}}],
+                            tmp_path / "ok.parquet")
+    assert "model folder not found" in run("--model", tmp_path / "nope", "--data", ok, "--out", tmp_path / "o")
+    (tmp_path / "iter_x").mkdir()
+    assert "neither a Hugging Face folder" in run("--model", tmp_path / "iter_x", "--data", ok, "--out", tmp_path / "o")
+    assert "dataset file not found" in run("--model", model_dir, "--data", tmp_path / "x.parquet", "--out", tmp_path)
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist([{"data_source": "toy_digit_sum", "prompt": [{"role": "user", "content": "x"}],
+                                          "reward_model": {"ground_truth": None, "style": "rule"}}]), bad)
+    err = run("--model", model_dir, "--data", bad, "--out", tmp_path / "o")
+    assert "row 0: reward_model.ground_truth: null" in err and "--skip-invalid" in err
+    assert "--overlay" in run("--out", tmp_path / "o")
+    assert "not a megatron-apo pass@k results file" in run("--overlay", ok, "--out", tmp_path / "o")
 
 
 def test_plot_overlays_runs_with_a_panel_per_data_source(tmp_path):
