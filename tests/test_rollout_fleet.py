@@ -115,3 +115,30 @@ def test_engine_killed_during_generate_loses_and_duplicates_nothing(ray_cluster,
             assert (got - reference_logits(weights, PROBE)).abs().max() <= 1e-6
     finally:
         f.shutdown()
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_megatron_trainer_syncs_to_two_engines(fleet, tp, pp):
+    """TP=2 (and PP=2) gloo trainer -> 2 CPUEngine actors: after an optimizer step and a sync, logits match."""
+    from megatron_apo.parallel import run_distributed
+    from tests.rollout_helpers import trainer_sync_body
+
+    v = 10 * tp + 20 * pp  # versions unused by the other tests of this shared fleet
+    endpoint = fleet.sync_endpoint("gloo", timeout_s=120, fresh=True)  # a new trainer process: a new group
+    refs = [fleet.begin_weight_sync(v), fleet.begin_weight_sync(v + 1)]  # queued: one per trainer sync
+    out = run_distributed(trainer_sync_body, tp * pp, endpoint, tp, pp, PROBE, v, timeout=300)
+    stats = out[0]["stats"]
+    assert all(r["stats"] == [None, None] for r in out[1:])  # only global rank 0 talks to the fleet
+    from megatron_apo.models import load_model_config
+    from megatron_apo.models.hf_mapping import hf_param_names
+
+    assert stats[0].num_buckets > 1 and stats[0].num_tensors == len(hf_param_names(load_model_config("tiny")))
+    fleet.finish_weight_sync(refs[0], expected_checksum=stats[0].checksum)
+    fleet.finish_weight_sync(refs[1], expected_checksum=stats[1].checksum)
+    assert stats[0].checksum != stats[1].checksum
+    assert fleet.engine_versions() == [v + 1, v + 1] and fleet.weights_version() == v + 1
+    before, after = [next(r["logits"][i] for r in out if r["logits"][i] is not None) for i in (0, 1)]
+    assert (after - before).abs().max() > 1e-3  # the optimizer step changed the model
+    for got in fleet.logits(PROBE):
+        assert got.shape == after.shape
+        assert (got - after).abs().max() <= 1e-5

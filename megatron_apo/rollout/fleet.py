@@ -216,13 +216,15 @@ class RolloutFleet:
 
         return ray.get([a.logits.remote(token_ids) for a in self._actors])
 
-    def sync_endpoint(self, backend: str = "gloo", host: str | None = None, timeout_s: float = 300.0) -> SyncEndpoint:
-        """The sync group's endpoint; opens a new group when there is none (or the fleet changed).
+    def sync_endpoint(self, backend: str = "gloo", host: str | None = None, timeout_s: float = 300.0,
+                      fresh: bool = False) -> SyncEndpoint:
+        """The sync group's endpoint; opens a new group when there is none, the fleet changed, or `fresh`
+        (a new trainer process, e.g. after a trainer restart: the old group died with its rank 0).
 
         The engines start joining at once (asynchronously); the trainer's rank 0 joins as sync rank 0
         with `open_sync_group(endpoint, 0)`, which completes the rendezvous.
         """
-        if self._endpoint is not None and self._endpoint.backend == backend:
+        if self._endpoint is not None and self._endpoint.backend == backend and not fresh:
             return self._endpoint
         world = 1 + self.num_engines * self.spec.sync_ranks_per_engine
         ep = SyncEndpoint.new(world, backend, host, timeout_s)
