@@ -16,6 +16,7 @@ import torch
 
 from megatron_apo.rollout.engine import RolloutEngine, Sample, SamplingParams
 from megatron_apo.rollout.sampling import request_seed, sample_tokens
+from megatron_apo.rollout.sync_group import measure_broadcast_bandwidth
 from megatron_apo.rollout.weight_sync import EngineSyncState, SyncEndpoint, open_sync_group, receive_weights
 
 
@@ -99,9 +100,13 @@ class CPUEngine(RolloutEngine):
 
     def receive_weights(self, version: int) -> dict:
         """Receives one sync over the group; verifies every bucket's checksum before loading it."""
-        result = receive_weights(self._sync.group, self.load_hf_tensors, expected_version=version)
+        result = receive_weights(self._sync.group, self.load_hf_tensors, expected_version=version, ring=self._sync.ring)
         self._sync.apply(result, self._expected_names())
         return result.as_dict()
+
+    def sync_group_bandwidth(self, nbytes: int) -> float:
+        """Joins a plain broadcast of `nbytes` on the sync group (link diagnostics; the benchmark's baseline)."""
+        return measure_broadcast_bandwidth(self._sync.group, nbytes)
 
     # ---- inference --------------------------------------------------------------------------------------
 
