@@ -58,6 +58,22 @@ class CPUEngine(RolloutEngine):
         if named_tensors is not None:
             self.update_weights(version, named_tensors)
 
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> "CPUEngine":
+        """From an HF folder (config.json + safetensors, e.g. written by `megatron-apo convert`), local files only."""
+        import json
+        import os
+
+        from transformers import AutoModelForCausalLM
+
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path}: not a Hugging Face model folder (no config.json)")
+        with open(os.path.join(path, "config.json")) as f:
+            hf_config = json.load(f)
+        src = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=kwargs.get("dtype", torch.float32))
+        kwargs.setdefault("version", 0)
+        return cls(hf_config, named_tensors=list(src.named_parameters()), **kwargs)
+
     # ---- weights ----------------------------------------------------------------------------------------
 
     def weights_version(self) -> int:
