@@ -35,7 +35,7 @@ def job_env(**extra: str) -> dict[str, str]:
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(PYTHON=sys.executable, RAY_CMD=str(Path(bindir) / "ray"), CONTAINER_IMAGE="")
+    env.update(PYTHON=sys.executable, RAY_CMD=str(Path(bindir) / "ray"), CONTAINER_IMAGE="", APO_ROOT=str(REPO))
     env.update(extra)
     return env
 

@@ -72,10 +72,21 @@ def test_two_nodes_trainer_ranks_and_ray_fleet(tmp_path):
     assert len(runs) == 1
     r = runs[0]
     assert (r["world_size"], r["rank_sum"], r["tp"], r["pp"]) == (2, 1.0, 2, 1)
-    assert r["ray_nodes"] == ["apo_rollout_node", "apo_trainer_node"]
+    assert r["ray_nodes"] == ["apo_rollout_node:gpu=0", "apo_trainer_node:gpu=0"]
     assert (tmp_path / "ckpt" / "latest").read_text() == "4"
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("iter_*")) == ["iter_0000002", "iter_0000004"]
     assert "2 nodes alive" in job_log(tmp_path, job)
+
+
+def test_one_node_fleet_colocated_on_the_trainer_node(tmp_path):
+    """ROLLOUT_NODES=0 + COLOCATED_FLEET_GPUS: one Ray node on the trainer node offering only those GPUs."""
+    job = submit_train(tmp_path, 1, 0, f"{PROBE} trainer.total_steps=2", SAVE_INTERVAL="2",
+                       COLOCATED_FLEET_GPUS="1")
+    wait_gone(job, 150)
+    assert allocation_states(job) == ["COMPLETED"], job_log(tmp_path, job)
+    r = json.loads((tmp_path / "ckpt" / "probe_runs.jsonl").read_text())
+    # CUDA_VISIBLE_DEVICES=1 for the raylet: Ray offers exactly one GPU (declared; this host has none)
+    assert r["world_size"] == 2 and r["ray_nodes"] == ["apo_rollout_node+apo_trainer_node:gpu=1"]
 
 
 def test_usr1_checkpoints_requeues_and_resumes(tmp_path):
