@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 NOT_BUILT = {
     "train": "RL training (`megatron-apo train --config FILE key=value ...`) is not built yet: see the trainer issue.",
-    "eval": "pass@k evaluation (`megatron-apo eval`) is not built yet: see the rewards/eval issue.",
-    "plan": "the parallelism planner (`megatron-apo plan`) is not built yet: see the scale-out issue.",
     "demo": "the end-to-end APO vs GRPO demo is not built yet: see the trainer issue. `megatron-apo smoke` runs a TP=2 training.",
 }
 
@@ -74,6 +73,86 @@ def _run_convert(args) -> int:
     return 0
 
 
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="recommend TP/PP/DP and trainer/fleet GPU split for a model and cluster")
+    p.add_argument("--model", required=True, help="model_configs/<name>.yaml or a path (e.g. qwen2.5-32b)")
+    p.add_argument("--gpus", type=int, required=True, help="total GPUs (trainer + fleet)")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-name", default="H100")
+    p.add_argument("--seq-length", type=int, default=4096, help="prompt + response tokens (default 4096)")
+    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--num-micro-batches", type=int, default=8)
+    p.add_argument("--recompute", choices=["none", "full"], default="none")
+    p.add_argument("--no-reference", action="store_true", help="no frozen reference model (e.g. plain GRPO)")
+    p.add_argument("--reference-offload", action="store_true", help="reference weights live on the host")
+    p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--fleet-gpus", type=int, default=None, help="GPUs for the vLLM fleet (default: a third)")
+    p.add_argument("--fleet-fraction", type=float, default=1 / 3)
+    p.add_argument("--all", action="store_true", help="show every layout tried, not only the plausible ones")
+    p.set_defaults(func=_run_plan)
+
+
+def _run_plan(args) -> int:
+    from megatron_apo.launch.planner import Cluster, Workload, format_plan, plan
+    from megatron_apo.models import load_model_config
+
+    cfg = load_model_config(args.model)
+    cluster = Cluster(num_gpus=args.gpus, gpu_memory_gib=args.gpu_memory, gpus_per_node=args.gpus_per_node,
+                      gpu_name=args.gpu_name)
+    workload = Workload(seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+                        num_micro_batches=args.num_micro_batches, recompute=args.recompute,
+                        reference_model=not args.no_reference, reference_offload=args.reference_offload,
+                        vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization)
+    result = plan(cfg, cluster, workload, fleet_fraction=args.fleet_fraction, fleet_gpus=args.fleet_gpus)
+    print(format_plan(result, show_all=args.all))
+    return 0 if result.recommended and result.fleet else 1
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="pass@k evaluation of a checkpoint over a verl parquet (JSON + plot)")
+    p.add_argument("--model", type=Path, help="Hugging Face folder or Megatron checkpoint (exported to HF first)")
+    p.add_argument("--data", type=Path, help="verl-schema parquet (prompt, reward_model, data_source, extra_info)")
+    p.add_argument("--out", type=Path, required=True, help="output folder for pass_at_k.json and pass_at_k.png")
+    p.add_argument("--n", type=int, default=16, help="samples per prompt (pass@k for k = 1, 2, 4, ... <= n)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", help="name of this run in the JSON and the plot (default: the model folder name)")
+    p.add_argument("--overlay", type=Path, nargs="+", default=[], help="earlier pass_at_k.json files to plot too")
+    p.add_argument("--tokenizer", type=Path, help="HF folder or sentencepiece .model (default: --model)")
+    p.add_argument("--template", choices=["auto", "chat", "plain"], default="auto",
+                   help="prompt template: the tokenizer's chat template, or the message text verbatim")
+    p.add_argument("--max-prompt-length", type=int, help="drop prompts longer than this many tokens")
+    p.add_argument("--skip-invalid", action="store_true", help="skip invalid rows instead of failing")
+    p.add_argument("--limit", type=int, help="evaluate only the first N prompts")
+    p.add_argument("--reward-fn", help="verl-style reward function 'file.py:fn' instead of the data_source registry")
+    p.add_argument("--reward-workers", type=int, default=2, help="reward processes (0: in this process)")
+    p.add_argument("--reward-timeout", type=float, default=5.0, help="per-sample reward time limit, seconds")
+    p.add_argument("--engines", type=int, default=0,
+                   help="rollout engines: 0 = one CPU engine in this process, N = a Ray fleet of N engines")
+    p.add_argument("--ray-address", help="existing Ray cluster for --engines N (default: start a local one)")
+    p.add_argument("--prompts-per-call", type=int, default=8, help="prompts per engine.generate call")
+    p.add_argument("--correct-threshold", type=float, default=1.0, help="reward >= this counts as correct")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from megatron_apo.eval.main import EvalJob, run_eval
+    from megatron_apo.eval.runner import EvalConfig
+
+    config = EvalConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                        seed=args.seed, prompts_per_call=args.prompts_per_call,
+                        correct_threshold=args.correct_threshold)
+    run_eval(EvalJob(out=args.out, model=args.model, data=args.data, tokenizer=args.tokenizer, template=args.template,
+                     label=args.label, overlay=args.overlay, max_prompt_length=args.max_prompt_length,
+                     skip_invalid=args.skip_invalid, limit=args.limit, reward_fn=args.reward_fn,
+                     reward_workers=args.reward_workers, reward_timeout_s=args.reward_timeout,
+                     engines=args.engines, ray_address=args.ray_address, config=config))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-apo",
@@ -82,8 +161,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, helptext in [
         ("train", "RL training (APO, GRPO, KL, CaSP) with torchrun/srun"),
-        ("eval", "pass@k evaluation of a checkpoint with the rollout fleet"),
-        ("plan", "recommend TP/PP/DP and trainer/fleet GPU split for a model and cluster"),
         ("demo", "the embedded CPU demo: APO vs GRPO on a toy task, pass@k table and plot"),
     ]:
         p = sub.add_parser(name, help=helptext + (" [not built yet]" if name in NOT_BUILT else ""))
@@ -91,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_not_built(name))
     add_convert_arguments(sub.add_parser("convert", help="checkpoint conversion Hugging Face <-> Megatron, any TP/PP"))
     _add_smoke(sub)
+    _add_plan(sub)
+    _add_eval(sub)
     return parser
 
 
