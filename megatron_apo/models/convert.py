@@ -39,7 +39,7 @@ from megatron_apo.models.hf_mapping import (
 from megatron_apo.models.megatron_checkpoint import (
     MODEL_SUBDIR,
     DistCheckpointReader,
-    load_megatron_model,
+    load_megatron_model,  # noqa: F401  (re-exported: load a converted checkpoint at any TP/PP)
     read_checkpoint_metadata,
     resolve_checkpoint,
     save_model,

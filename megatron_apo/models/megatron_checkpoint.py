@@ -207,8 +207,6 @@ class DistCheckpointReader:
 
     def load_rows(self, global_name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of a non-layer tensor (e.g. one stored TP shard of the embedding)."""
-        import torch.distributed.checkpoint as dcp
-
         md = self.meta[global_name]
         key = self.prefix + global_name
         state = {key: torch.empty((stop - start, *md.size[1:]), dtype=md.properties.dtype)}
@@ -228,8 +226,6 @@ class DistCheckpointReader:
 
     def load(self, global_names: list[str]) -> dict[str, torch.Tensor]:
         """Reads the named full tensors (a layer's names read only that layer's slice of the storage)."""
-        import torch.distributed.checkpoint as dcp
-
         state, offsets = {}, {}
         for name in global_names:
             m = re.match(r"^decoder\.layers\.(\d+)\.(.+)$", name)
