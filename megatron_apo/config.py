@@ -43,10 +43,14 @@ class AlgorithmConfig:
     casp_alpha: float = 0.5
     casp_top1_gamma: float = 0.5
     norm_adv_by_std: bool = True
+    adv_std_scope: str = "group"  # group (GRPO) | batch (centre per group, divide by the batch std)
     adv_calibration: str = "none"  # none | inverse_success
     calib_alpha: float = 1.0
     adv_calibration_memory: bool = False
     calib_memory_gamma: float = 0.5
+    calib_memory_ngram: int = 3  # word n-grams of the reasoning in a memory signature
+    calib_memory_similarity: float = 0.5  # Jaccard of n-gram sets at or above which two answers are one mode
+    calib_memory_max_per_prompt: int = 64  # newest correct answers kept per prompt
     logprob_chunk_size: int = 4096  # tokens per chunk in the vocab-parallel ops (bounds peak memory)
 
 
