@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 NOT_BUILT = {
     "train": "RL training (`megatron-apo train --config FILE key=value ...`) is not built yet: see the trainer issue.",
-    "eval": "pass@k evaluation (`megatron-apo eval`) is not built yet: see the rewards/eval issue.",
-    "convert": "HF <-> Megatron conversion (`megatron-apo convert`) is not built yet: see the conversion issue.",
-    "plan": "the parallelism planner (`megatron-apo plan`) is not built yet: see the scale-out issue.",
     "demo": "the end-to-end APO vs GRPO demo is not built yet: see the trainer issue. `megatron-apo smoke` runs a TP=2 training.",
 }
 
@@ -40,6 +38,117 @@ def _run_smoke(args) -> int:
     return 0 if last < first else 1
 
 
+def add_convert_arguments(p: argparse.ArgumentParser) -> None:
+    """`convert hf-to-megatron ...` / `convert megatron-to-hf ...` (shared with tools/convert_checkpoint.py)."""
+    sub = p.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+    a = sub.add_parser("hf-to-megatron", help="HF folder -> Megatron dist checkpoint for a TP/PP layout")
+    a.add_argument("--hf", required=True, help="HF model folder (config.json + safetensors)")
+    a.add_argument("--out", required=True, help="output checkpoint folder (model/ + megatron_apo.json)")
+    a.add_argument("--tp", type=int, default=1, help="tensor parallel size (default 1)")
+    a.add_argument("--pp", type=int, default=1, help="pipeline parallel size (default 1); TP*PP local processes")
+    a.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the source dtype)")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+    a.set_defaults(func=_run_convert)
+    b = sub.add_parser("megatron-to-hf", help="Megatron checkpoint (any TP/PP) -> HF folder")
+    b.add_argument("--megatron", required=True,
+                   help="checkpoint folder (model/ + megatron_apo.json) or a training dir of iter_* folders")
+    b.add_argument("--out", required=True, help="output HF folder")
+    b.add_argument("--tokenizer", default=None, help="folder whose tokenizer files are copied into the output")
+    b.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint dtype)")
+    b.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_run_convert)
+
+
+def _run_convert(args) -> int:
+    from megatron_apo.models.convert import convert_hf_to_megatron, convert_megatron_to_hf
+
+    if args.direction == "hf-to-megatron":
+        report = convert_hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
+                                        progress=not args.quiet)
+    else:
+        report = convert_megatron_to_hf(args.megatron, args.out, tokenizer=args.tokenizer, dtype=args.dtype,
+                                        max_shard_size=args.max_shard_size, progress=not args.quiet)
+    print(report.summary())
+    return 0
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="recommend TP/PP/DP and trainer/fleet GPU split for a model and cluster")
+    p.add_argument("--model", required=True, help="model_configs/<name>.yaml or a path (e.g. qwen2.5-32b)")
+    p.add_argument("--gpus", type=int, required=True, help="total GPUs (trainer + fleet)")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-name", default="H100")
+    p.add_argument("--seq-length", type=int, default=4096, help="prompt + response tokens (default 4096)")
+    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--num-micro-batches", type=int, default=8)
+    p.add_argument("--recompute", choices=["none", "full"], default="none")
+    p.add_argument("--no-reference", action="store_true", help="no frozen reference model (e.g. plain GRPO)")
+    p.add_argument("--reference-offload", action="store_true", help="reference weights live on the host")
+    p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--fleet-gpus", type=int, default=None, help="GPUs for the vLLM fleet (default: a third)")
+    p.add_argument("--fleet-fraction", type=float, default=1 / 3)
+    p.add_argument("--all", action="store_true", help="show every layout tried, not only the plausible ones")
+    p.set_defaults(func=_run_plan)
+
+
+def _run_plan(args) -> int:
+    from megatron_apo.launch.planner import Cluster, Workload, format_plan, plan
+    from megatron_apo.models import load_model_config
+
+    cfg = load_model_config(args.model)
+    cluster = Cluster(num_gpus=args.gpus, gpu_memory_gib=args.gpu_memory, gpus_per_node=args.gpus_per_node,
+                      gpu_name=args.gpu_name)
+    workload = Workload(seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+                        num_micro_batches=args.num_micro_batches, recompute=args.recompute,
+                        reference_model=not args.no_reference, reference_offload=args.reference_offload,
+                        vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization)
+    result = plan(cfg, cluster, workload, fleet_fraction=args.fleet_fraction, fleet_gpus=args.fleet_gpus)
+    print(format_plan(result, show_all=args.all))
+    return 0 if result.recommended and result.fleet else 1
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="pass@k evaluation of a checkpoint over a verl parquet (JSON + plot)")
+    p.add_argument("--model", type=Path, help="Hugging Face model folder")
+    p.add_argument("--data", type=Path, help="verl-schema parquet (prompt, reward_model, data_source, extra_info)")
+    p.add_argument("--out", type=Path, required=True, help="output folder for pass_at_k.json and pass_at_k.png")
+    p.add_argument("--n", type=int, default=16, help="samples per prompt (pass@k for k = 1, 2, 4, ... <= n)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", help="name of this run in the JSON and the plot (default: the model folder name)")
+    p.add_argument("--overlay", type=Path, nargs="+", default=[], help="earlier pass_at_k.json files to plot too")
+    p.add_argument("--tokenizer", type=Path, help="HF folder or sentencepiece .model (default: --model)")
+    p.add_argument("--template", choices=["auto", "chat", "plain"], default="auto",
+                   help="prompt template: the tokenizer's chat template, or the message text verbatim")
+    p.add_argument("--max-prompt-length", type=int, help="drop prompts longer than this many tokens")
+    p.add_argument("--skip-invalid", action="store_true", help="skip invalid rows instead of failing")
+    p.add_argument("--limit", type=int, help="evaluate only the first N prompts")
+    p.add_argument("--reward-fn", help="verl-style reward function 'file.py:fn' instead of the data_source registry")
+    p.add_argument("--reward-workers", type=int, default=2, help="reward processes (0: in this process)")
+    p.add_argument("--reward-timeout", type=float, default=5.0, help="per-sample reward time limit, seconds")
+    p.add_argument("--prompts-per-call", type=int, default=8, help="prompts per engine.generate call")
+    p.add_argument("--correct-threshold", type=float, default=1.0, help="reward >= this counts as correct")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from megatron_apo.eval.main import EvalJob, run_eval
+    from megatron_apo.eval.runner import EvalConfig
+
+    config = EvalConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                        seed=args.seed, prompts_per_call=args.prompts_per_call,
+                        correct_threshold=args.correct_threshold)
+    run_eval(EvalJob(out=args.out, model=args.model, data=args.data, tokenizer=args.tokenizer, template=args.template,
+                     label=args.label, overlay=args.overlay, max_prompt_length=args.max_prompt_length,
+                     skip_invalid=args.skip_invalid, limit=args.limit, reward_fn=args.reward_fn,
+                     reward_workers=args.reward_workers, reward_timeout_s=args.reward_timeout, config=config))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-apo",
@@ -48,15 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, helptext in [
         ("train", "RL training (APO, GRPO, KL, CaSP) with torchrun/srun"),
-        ("eval", "pass@k evaluation of a checkpoint with the rollout fleet"),
-        ("convert", "checkpoint conversion Hugging Face <-> Megatron, any TP/PP"),
-        ("plan", "recommend TP/PP/DP and trainer/fleet GPU split for a model and cluster"),
         ("demo", "the embedded CPU demo: APO vs GRPO on a toy task, pass@k table and plot"),
     ]:
         p = sub.add_parser(name, help=helptext + (" [not built yet]" if name in NOT_BUILT else ""))
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=_not_built(name))
+    add_convert_arguments(sub.add_parser("convert", help="checkpoint conversion Hugging Face <-> Megatron, any TP/PP"))
     _add_smoke(sub)
+    _add_plan(sub)
+    _add_eval(sub)
     return parser
 
 

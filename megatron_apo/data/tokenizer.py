@@ -109,6 +109,18 @@ def load_tokenizer(path: str | Path, template: str = "auto") -> Tokenizer:
         if (path / "tokenizer.model").is_file():
             return load_tokenizer(path / "tokenizer.model", template)
         raise FileNotFoundError(f"{path}: no tokenizer files ({', '.join(hf_files)} or tokenizer.model)")
-    from transformers import AutoTokenizer
+    return HFTokenizer(_load_hf_tokenizer(path), template)
 
-    return HFTokenizer(AutoTokenizer.from_pretrained(str(path), local_files_only=True), template)
+
+def _load_hf_tokenizer(path: Path):
+    import json
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config_file = path / "tokenizer_config.json"
+    cls = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+    if cls in ("TokenizersBackend", "PreTrainedTokenizerFast") and (path / "tokenizer.json").is_file():
+        # A generic tokenizer.json (e.g. one we trained): load it as written. AutoTokenizer would pick the
+        # class of the model's config.json (transformers 5), which rebuilds its own pre-tokenizer over ours.
+        return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
