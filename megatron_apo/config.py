@@ -108,6 +108,8 @@ class TrainerSection:
     weight_decay: float = 0.0
     clip_grad: float = 1.0
     ref_cpu_offload: bool = False  # keep the reference model's weights on the host between uses (GPU)
+    eval_n: int = 0  # >0: pass@k eval with this many samples per prompt on data.val_files, at start and end
+    eval_max_prompts: int = 64
     tensorboard: bool = True
     wandb_project: Optional[str] = None
     progress: bool = True

@@ -130,7 +130,7 @@ def save_checkpoint(
     _barrier()
     model_sd = _model_sharded_state_dict(model_chunks)
     dist_checkpointing.save(model_sd, str(tmp / "model"))
-    if optimizer is not None:
+    if optimizer is not None and _has_state(optimizer):  # no update yet (e.g. every step skipped): nothing to save
         optim_sd = optimizer.sharded_state_dict(_model_sharded_state_dict(model_chunks), metadata=OPTIM_SHARDING)
         dist_checkpointing.save({"optimizer": optim_sd}, str(tmp / "optim"))
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
@@ -149,6 +149,10 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def _has_state(optimizer) -> bool:
+    return any(bool(sub.optimizer.state) for sub in getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
 def _write_latest(ckpt_dir: Path, name: str) -> None:
@@ -186,7 +190,7 @@ def load_checkpoint(path: str | Path, model_chunks: list, optimizer=None) -> tup
 
     it = resolve_checkpoint(path)
     meta = load_model_weights(it, model_chunks)
-    if optimizer is not None and (it / "optim").is_dir():
+    if optimizer is not None and (it / "optim" / "metadata.json").is_file():
         # A fresh Adam has no per-param state (no "step") yet; megatron needs it allocated before a load.
         for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
             if hasattr(sub, "_init_optimizer_states_with_dummy_values") and not sub.optimizer.state:

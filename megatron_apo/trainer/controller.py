@@ -44,6 +44,7 @@ class Controller:
         self.memory = AnswerMemory.from_config(cfg.algorithm) if cfg.algorithm.adv_calibration_memory else None
         self.fleet = self._start_fleet()
         self._sync_group = None
+        self._val = None
 
     # ---- fleet ------------------------------------------------------------------------------------------
 
@@ -109,6 +110,28 @@ class Controller:
             "fleet/weights_version": float(self.fleet.weights_version()),
         }
         return Rollout(batch, metrics)
+
+    def evaluate(self, step: int, label: str) -> dict | None:
+        """pass@k of the weights the fleet serves now, on data.val_files; writes <out_dir>/eval/step_XXXXXXX.json."""
+        from pathlib import Path
+
+        from megatron_apo.eval.report import write_results
+        from megatron_apo.eval.runner import EvalConfig, evaluate
+
+        if not self.cfg.data.val_files or self.cfg.trainer.eval_n <= 0:
+            return None
+        if self._val is None:
+            self._val = PromptDataset.from_parquet(self.cfg.data.val_files[0], self.tokenizer,
+                                                   self.cfg.data.max_prompt_length, on_invalid=self.cfg.data.on_invalid)
+        prompts = [self._val[i] for i in range(min(len(self._val), self.cfg.trainer.eval_max_prompts))]
+        r = self.cfg.rollout
+        ecfg = EvalConfig(n=self.cfg.trainer.eval_n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                          max_new_tokens=self.cfg.data.max_response_length, seed=self.cfg.seed,
+                          prompts_per_call=max(1, 256 // self.cfg.trainer.eval_n))
+        res = evaluate(self.fleet, self.tokenizer, prompts, ecfg, reward_pool=self.rewards, label=label,
+                       meta={"step": step, "loss_mode": self.cfg.algorithm.loss_mode}, progress=False)
+        write_results(res, Path(self.cfg.out_dir) / "eval" / f"step_{step:07d}.json")
+        return res
 
     def state_dict(self) -> dict:
         return {"sampler": self.sampler.state_dict(), "memory": self.memory.state_dict() if self.memory else None}

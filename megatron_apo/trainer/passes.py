@@ -70,8 +70,8 @@ def old_policy_pass(settings: PassSettings):
         if "ref_topk_indices" in batch:
             batch["old_anchor_logprobs"] = vocab_parallel_gather_logprobs(rl, batch["ref_topk_indices"], **kw).detach()
         if settings.algorithm.loss_mode == "casp":
-            idx, _ = vocab_parallel_topk(rl, settings.algorithm.casp_topn, **kw)
-            batch["old_topk_indices"] = idx
+            idx, lp = vocab_parallel_topk(rl, settings.algorithm.casp_topn, **kw)
+            batch["old_topk_indices"], batch["old_topk_logprobs"] = idx, lp.detach()
         m = batch["response_mask"]
         mismatch = ((batch["old_logprobs"] - batch["rollout_logprobs"]).abs() * m).sum() / m.sum().clamp(min=1)
         return rl.sum() * 0.0, {"rollout/logprob_abs_diff": mismatch.detach()}
@@ -93,6 +93,8 @@ def train_pass(settings: PassSettings):
             ref_topk_indices=batch.get("ref_topk_indices"),
             old_anchor_logprobs=batch.get("old_anchor_logprobs"),
             old_topk_indices=batch.get("old_topk_indices"),
+            old_topk_logprobs=batch.get("old_topk_logprobs"),
+            vocab_size=settings.vocab_size,
         )
         metrics = {k: (v.detach() if torch.is_tensor(v) else torch.tensor(float(v))) for k, v in metrics.items()}
         metrics["loss"] = loss.detach()

@@ -20,49 +20,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_apo.algorithms.settings import validate_algorithm_config
 from megatron_apo.config import RunConfig
 from megatron_apo.models import build_gpt_model, load_model_config
-from megatron_apo.models.config import ModelConfig
 from megatron_apo.parallel import ParallelConfig, init_distributed
 from megatron_apo.trainer.batch import RLBatch
 from megatron_apo.trainer.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
 from megatron_apo.trainer.optim import OptimConfig, build_optimizer, wrap_ddp, zero_grads
 from megatron_apo.trainer.passes import PassSettings, old_policy_pass, reference_pass, train_pass
 from megatron_apo.trainer.schedule import forward_backward
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def validate_run_config(cfg: RunConfig, world_size: int | None = None) -> ModelConfig:
-    """Everything checkable before a process group starts; raises ValueError/FileNotFoundError (one line)."""
-    model_cfg = load_model_config(cfg.model.config)
-    p = cfg.parallel
-    model_cfg.validate(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, source=f"model {model_cfg.name}")
-    if world_size is not None:
-        ParallelConfig(p.tensor_model_parallel_size, p.pipeline_model_parallel_size).validate(world_size)
-    validate_algorithm_config(cfg.algorithm)
-    if cfg.model.params_dtype not in DTYPES:
-        raise ValueError(f"model.params_dtype={cfg.model.params_dtype!r} is unknown; use one of {sorted(DTYPES)}")
-    if not cfg.data.train_files:
-        raise ValueError("data.train_files is empty: give at least one verl-schema parquet file")
-    for f in cfg.data.train_files:
-        if not Path(f).is_file():
-            raise FileNotFoundError(f"data.train_files: {f} does not exist")
-    if cfg.data.tokenizer is None or not Path(cfg.data.tokenizer).exists():
-        raise FileNotFoundError(f"data.tokenizer: {cfg.data.tokenizer!r} does not exist (an HF folder or a sentencepiece .model)")
-    t = cfg.trainer
-    for key in ("total_steps", "ppo_epochs", "micro_batch_size"):
-        if getattr(t, key) < 1:
-            raise ValueError(f"trainer.{key} must be >= 1, got {getattr(t, key)}")
-    if cfg.data.train_batch_size < 1 or cfg.rollout.n < 1:
-        raise ValueError("data.train_batch_size and rollout.n must be >= 1")
-    if t.lr_decay_style not in ("constant", "linear", "cosine"):
-        raise ValueError(f"trainer.lr_decay_style={t.lr_decay_style!r}; use constant, linear or cosine")
-    if cfg.checkpoint.load is not None and not Path(cfg.checkpoint.load).exists():
-        raise FileNotFoundError(f"checkpoint.load: {cfg.checkpoint.load} does not exist")
-    return model_cfg
-
+from megatron_apo.trainer.validation import DTYPE_NAMES, validate_run_config
 
 def lr_at(step: int, t) -> float:
     """Warmup then constant/linear/cosine decay to min_lr over total_steps; a pure function of the step."""
@@ -133,7 +99,7 @@ def train(cfg: RunConfig) -> list[dict]:
     init_distributed(ParallelConfig(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                     p.virtual_pipeline_model_parallel_size), seed=cfg.seed)
     rank = dist.get_rank()
-    dtype = DTYPES[cfg.model.params_dtype]
+    dtype = getattr(torch, DTYPE_NAMES[cfg.model.params_dtype])
     t = cfg.trainer
 
     policy = [wrap_ddp(build_gpt_model(model_cfg, params_dtype=dtype), use_distributed_optimizer=True)]
@@ -186,6 +152,8 @@ def train(cfg: RunConfig) -> list[dict]:
 
         logger = MetricsLogger(cfg.out_dir, t.total_steps, start_step, tensorboard=t.tensorboard,
                                wandb_project=t.wandb_project, progress=t.progress)
+    if rank == 0 and start_step == 0:
+        controller.evaluate(0, "initial")
     stop = _StopFlag()
     history: list[dict] = []
     step = start_step
@@ -246,6 +214,8 @@ def train(cfg: RunConfig) -> list[dict]:
                 if rank == 0:
                     print(f"train: stop signal received; checkpointed step {step} in {ckpt_dir}", flush=True)
                 break
+        if rank == 0 and step == t.total_steps:
+            controller.evaluate(step, cfg.algorithm.loss_mode)
     finally:
         if logger is not None:
             logger.close()
