@@ -107,7 +107,7 @@ def _run_plan(args) -> int:
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="pass@k evaluation of a checkpoint over a verl parquet (JSON + plot)")
-    p.add_argument("--model", type=Path, help="Hugging Face model folder")
+    p.add_argument("--model", type=Path, help="Hugging Face folder or Megatron checkpoint (exported to HF first)")
     p.add_argument("--data", type=Path, help="verl-schema parquet (prompt, reward_model, data_source, extra_info)")
     p.add_argument("--out", type=Path, required=True, help="output folder for pass_at_k.json and pass_at_k.png")
     p.add_argument("--n", type=int, default=16, help="samples per prompt (pass@k for k = 1, 2, 4, ... <= n)")
@@ -126,6 +126,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--reward-fn", help="verl-style reward function 'file.py:fn' instead of the data_source registry")
     p.add_argument("--reward-workers", type=int, default=2, help="reward processes (0: in this process)")
     p.add_argument("--reward-timeout", type=float, default=5.0, help="per-sample reward time limit, seconds")
+    p.add_argument("--engines", type=int, default=0,
+                   help="rollout engines: 0 = one CPU engine in this process, N = a Ray fleet of N engines")
+    p.add_argument("--ray-address", help="existing Ray cluster for --engines N (default: start a local one)")
     p.add_argument("--prompts-per-call", type=int, default=8, help="prompts per engine.generate call")
     p.add_argument("--correct-threshold", type=float, default=1.0, help="reward >= this counts as correct")
     p.set_defaults(func=_run_eval)
@@ -141,7 +144,8 @@ def _run_eval(args) -> int:
     run_eval(EvalJob(out=args.out, model=args.model, data=args.data, tokenizer=args.tokenizer, template=args.template,
                      label=args.label, overlay=args.overlay, max_prompt_length=args.max_prompt_length,
                      skip_invalid=args.skip_invalid, limit=args.limit, reward_fn=args.reward_fn,
-                     reward_workers=args.reward_workers, reward_timeout_s=args.reward_timeout, config=config))
+                     reward_workers=args.reward_workers, reward_timeout_s=args.reward_timeout,
+                     engines=args.engines, ray_address=args.ray_address, config=config))
     return 0
 
 

@@ -6,15 +6,12 @@ import os
 
 import torch
 
+from megatron_apo.models import load_model_config
+from megatron_apo.models.hf_mapping import hf_config_from_model_config
 from megatron_apo.rollout.cpu_engine import CPUEngine, build_hf_model
 
-# A tiny Qwen2 (GQA, QKV bias, untied head), the same shape as model_configs/tiny.yaml.
-TINY_HF_CONFIG = dict(
-    model_type="qwen2", vocab_size=250, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0,
-    rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False,
-)
-
+# The tiny Qwen2 (GQA, QKV bias, untied head) of model_configs/tiny.yaml, as an HF config.json dict.
+TINY_HF_CONFIG = hf_config_from_model_config(load_model_config("tiny"))
 
 def random_hf_state(seed: int, hf_config: dict = TINY_HF_CONFIG) -> list[tuple[str, torch.Tensor]]:
     """Random HF-named weights (norm weights around 1) from a seeded HF model."""
@@ -52,3 +49,51 @@ class CrashingCPUEngine(CPUEngine):
         os.close(fd)
         super().generate(prompt_token_ids[:1], params, request_ids=None if request_ids is None else request_ids[:1])
         os._exit(1)
+
+
+def _probe_logits(chunks, cfg, probe: list[list[int]]):
+    """Full-vocab fp32 logits of the trainer on `probe` through Megatron's schedule (any TP/PP); None off the last stage."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_apo.models.sharding import tp_gather
+    from megatron_apo.trainer.schedule import forward_backward
+
+    tokens = torch.tensor(probe)
+    batch = {"tokens": tokens, "position_ids": torch.arange(tokens.shape[1]).expand_as(tokens).contiguous()}
+
+    def capture(_batch, logits):
+        full = tp_gather(logits.detach().float(), partition_dim=logits.dim() - 1, group=ps.get_tensor_model_parallel_group())
+        return logits.sum() * 0, {"logits": full[..., : cfg.vocab_size]}
+
+    with torch.no_grad():
+        out = forward_backward(chunks, [batch], capture, seq_length=tokens.shape[1],
+                               micro_batch_size=tokens.shape[0], forward_only=True)
+    return out[0]["logits"] if out else None
+
+
+def trainer_sync_body(endpoint, tp: int, pp: int, probe: list[list[int]], first_version: int,
+                      bucket_bytes: int = 96 << 10, model: str = "tiny") -> dict:
+    """A Megatron trainer (TP x PP, gloo): sync v, one optimizer step, sync v+1; probe logits after each sync."""
+    import torch.distributed as dist
+
+    from megatron_apo.models import build_gpt_model, load_model_config
+    from megatron_apo.parallel import ParallelConfig, init_distributed
+    from megatron_apo.rollout.weight_sync import TrainerWeightSender, open_sync_group
+    from megatron_apo.trainer.optim import OptimConfig, build_optimizer, wrap_ddp, zero_grads
+    from megatron_apo.trainer.schedule import forward_backward, lm_batches, lm_loss
+
+    init_distributed(ParallelConfig(tp, pp), seed=17)
+    cfg = load_model_config(model)
+    chunks = [wrap_ddp(build_gpt_model(cfg), use_distributed_optimizer=False)]
+    opt = build_optimizer(chunks, OptimConfig(lr=1e-2, use_distributed_optimizer=False))
+    sender = TrainerWeightSender(chunks, cfg, bucket_bytes=bucket_bytes)
+    group = open_sync_group(endpoint, 0) if dist.get_rank() == 0 else None
+    stats = [sender.sync(group, first_version)]
+    logits = [_probe_logits(chunks, cfg, probe)]
+    tokens = torch.randint(0, cfg.vocab_size, (4, 17), generator=torch.Generator().manual_seed(3))
+    zero_grads(chunks, opt)
+    forward_backward(chunks, list(lm_batches(tokens, 2)), lm_loss, seq_length=16, micro_batch_size=2)
+    opt.step()
+    stats.append(sender.sync(group, first_version + 1))
+    logits.append(_probe_logits(chunks, cfg, probe))
+    return {"stats": stats, "logits": logits}

@@ -137,3 +137,15 @@ def test_update_weights_serves_the_new_weights():
         eng.generate(PROMPTS, SamplingParams())  # ... and the engine stops serving until a full one
     eng.update_weights(10, new)
     assert eng.weights_version() == 10 and eng.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2))
+
+
+def test_from_pretrained_folder(tmp_path):
+    from tests.rollout_helpers import TINY_HF_CONFIG as cfg
+
+    src = CPUEngine(cfg, random_hf_state(4), version=0)
+    src.model.save_pretrained(tmp_path)
+    eng = CPUEngine.from_pretrained(str(tmp_path))
+    assert eng.weights_version() == 0
+    assert (eng.logits([[1, 2, 3]]) - src.logits([[1, 2, 3]])).abs().max() == 0
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        CPUEngine.from_pretrained(str(tmp_path / "missing"))

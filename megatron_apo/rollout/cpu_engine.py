@@ -16,6 +16,7 @@ import torch
 
 from megatron_apo.rollout.engine import RolloutEngine, Sample, SamplingParams
 from megatron_apo.rollout.sampling import request_seed, sample_tokens
+from megatron_apo.rollout.sync_group import measure_broadcast_bandwidth
 from megatron_apo.rollout.weight_sync import EngineSyncState, SyncEndpoint, open_sync_group, receive_weights
 
 
@@ -56,6 +57,22 @@ class CPUEngine(RolloutEngine):
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         if named_tensors is not None:
             self.update_weights(version, named_tensors)
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> "CPUEngine":
+        """From an HF folder (config.json + safetensors, e.g. written by `megatron-apo convert`), local files only."""
+        import json
+        import os
+
+        from transformers import AutoModelForCausalLM
+
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path}: not a Hugging Face model folder (no config.json)")
+        with open(os.path.join(path, "config.json")) as f:
+            hf_config = json.load(f)
+        src = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=kwargs.get("dtype", torch.float32))
+        kwargs.setdefault("version", 0)
+        return cls(hf_config, named_tensors=list(src.named_parameters()), **kwargs)
 
     # ---- weights ----------------------------------------------------------------------------------------
 
@@ -99,9 +116,13 @@ class CPUEngine(RolloutEngine):
 
     def receive_weights(self, version: int) -> dict:
         """Receives one sync over the group; verifies every bucket's checksum before loading it."""
-        result = receive_weights(self._sync.group, self.load_hf_tensors, expected_version=version)
+        result = receive_weights(self._sync.group, self.load_hf_tensors, expected_version=version, ring=self._sync.ring)
         self._sync.apply(result, self._expected_names())
         return result.as_dict()
+
+    def sync_group_bandwidth(self, nbytes: int) -> float:
+        """Joins a plain broadcast of `nbytes` on the sync group (link diagnostics; the benchmark's baseline)."""
+        return measure_broadcast_bandwidth(self._sync.group, nbytes)
 
     # ---- inference --------------------------------------------------------------------------------------
 

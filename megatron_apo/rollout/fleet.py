@@ -40,6 +40,8 @@ class EngineSpec:
     num_gpus: float = 0.0
     sync_ranks_per_engine: int = 1  # processes per engine in the sync group (vLLM: its TP workers)
     env_vars: dict = field(default_factory=dict)
+    placement_bundles: list[dict] | None = None  # one placement group per engine (vLLM TP>1: a GPU bundle per rank)
+    restore_from_peer: bool = True  # a restarted engine copies a live engine's weights (CPU); else waits for a sync
 
     def resolve_cls(self):
         if isinstance(self.engine_cls, str):
@@ -81,20 +83,33 @@ class RolloutFleet:
         self.max_restarts = max_restarts
         self.restarts = 0
         self._version = spec.kwargs.get("version", -1) if spec.kwargs.get("named_tensors") is not None else -1
-        self._actors = [self._new_actor() for _ in range(num_engines)]
+        self._pgs: dict = {}
+        self._actors = [self._new_actor(i) for i in range(num_engines)]
         self._incarnation = [0] * num_engines
+        self._stale = [False] * num_engines  # restarted but not yet at the fleet's weights: gets no work
         self._endpoint: SyncEndpoint | None = None
         self._join_refs: list = []
         self.wait_ready()
 
     # ---- actors -----------------------------------------------------------------------------------------
 
-    def _new_actor(self):
+    def _new_actor(self, slot: int):
         import ray
 
         opts = dict(num_cpus=self.spec.num_cpus, num_gpus=self.spec.num_gpus, max_concurrency=1)
         if self.spec.env_vars:
             opts["runtime_env"] = {"env_vars": dict(self.spec.env_vars)}
+        if self.spec.placement_bundles:
+            from ray.util.placement_group import placement_group, remove_placement_group
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            if self._pgs.get(slot) is not None:
+                remove_placement_group(self._pgs[slot])
+            pg = placement_group(self.spec.placement_bundles, strategy="PACK")
+            ray.get(pg.ready())
+            self._pgs[slot] = pg
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=pg, placement_group_capture_child_tasks=True, placement_group_bundle_index=0)
         return ray.remote(self.spec.resolve_cls()).options(**opts).remote(**self.spec.kwargs)
 
     def wait_ready(self) -> None:
@@ -116,15 +131,17 @@ class RolloutFleet:
             ray.kill(self._actors[slot], no_restart=True)
         except Exception:  # noqa: BLE001 - it is already dead
             pass
-        new = self._new_actor()
-        if self._version >= 0:
-            source = self._live_actor(exclude=slot)
-            if source is None:
-                raise FleetError("rollout fleet: an engine died and no live engine holds the current weights; "
-                                 "run a weight sync to bring the fleet back")
+        new = self._new_actor(slot)
+        source = self._live_actor(exclude=slot) if self._version >= 0 else None
+        if self._version >= 0 and source is None:
+            raise FleetError("rollout fleet: an engine died and no live engine holds the current weights; "
+                             "run a weight sync to bring the fleet back")
+        if self._version >= 0 and self.spec.restore_from_peer:
             ray.get(new.update_weights.remote(self._version, source.export_weights.remote()))
         else:
             ray.get(new.weights_version.remote())
+            # vLLM: weights are sharded and fused inside the engine; it serves again after the next sync
+            self._stale[slot] = self._version >= 0
         self._actors[slot] = new
         self._incarnation[slot] += 1
         self._endpoint = None  # the sync group's membership changed: the next sync opens a new group
@@ -156,6 +173,8 @@ class RolloutFleet:
         inflight: dict = {}
 
         def submit(ci: int, slot: int) -> None:
+            if self._stale[slot]:
+                slot = next(i for i in range(self.num_engines) if not self._stale[i])
             a, b = chunks[ci]
             ref = self._actors[slot].generate.remote(prompts[a:b], params, request_ids=list(range(a, b)))
             inflight[ref] = (ci, slot, self._incarnation[slot])
@@ -218,13 +237,15 @@ class RolloutFleet:
 
         return ray.get([a.logits.remote(token_ids) for a in self._actors])
 
-    def sync_endpoint(self, backend: str = "gloo", host: str | None = None, timeout_s: float = 300.0) -> SyncEndpoint:
-        """The sync group's endpoint; opens a new group when there is none (or the fleet changed).
+    def sync_endpoint(self, backend: str = "gloo", host: str | None = None, timeout_s: float = 300.0,
+                      fresh: bool = False) -> SyncEndpoint:
+        """The sync group's endpoint; opens a new group when there is none, the fleet changed, or `fresh`
+        (a new trainer process, e.g. after a trainer restart: the old group died with its rank 0).
 
         The engines start joining at once (asynchronously); the trainer's rank 0 joins as sync rank 0
         with `open_sync_group(endpoint, 0)`, which completes the rendezvous.
         """
-        if self._endpoint is not None and self._endpoint.backend == backend:
+        if self._endpoint is not None and self._endpoint.backend == backend and not fresh:
             return self._endpoint
         world = 1 + self.num_engines * self.spec.sync_ranks_per_engine
         ep = SyncEndpoint.new(world, backend, host, timeout_s)
@@ -257,6 +278,7 @@ class RolloutFleet:
         if errors:
             raise WeightSyncError("weight sync rejected: " + "; ".join(errors))
         self._version = results[0]["version"]
+        self._stale = [False] * self.num_engines
         return results
 
     def shutdown(self) -> None:
@@ -268,3 +290,9 @@ class RolloutFleet:
             except Exception:  # noqa: BLE001
                 pass
         self._actors = []
+        if self._pgs:
+            from ray.util.placement_group import remove_placement_group
+
+            for pg in self._pgs.values():
+                remove_placement_group(pg)
+            self._pgs = {}

@@ -58,12 +58,17 @@ class GlooSyncGroup:
                                     timeout=timeout, wait_for_workers=False)
         self._pg = dist.ProcessGroupGloo(dist.PrefixStore("weight_sync", self._store), rank, endpoint.world_size, timeout)
 
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+    def broadcast(self, tensor: torch.Tensor, src: int = 0, async_op: bool = False):
+        """With `async_op`, returns a handle whose `wait()` completes it (gloo runs it on its own threads)."""
         import torch.distributed as dist
 
         opts = dist.BroadcastOptions()
         opts.rootRank, opts.rootTensor = src, 0
-        self._pg.broadcast([tensor], opts).wait()
+        work = self._pg.broadcast([tensor], opts)
+        if async_op:
+            return work
+        work.wait()
+        return None
 
     def broadcast_object(self, obj=None, src: int = 0):
         if self.rank == src:
@@ -96,8 +101,11 @@ class NcclSyncGroup:
                                                 store_timeout=int(endpoint.timeout_s))
         self._comm = PyNcclCommunicator(self._pg, device=self.device)
 
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
-        self._comm.broadcast(tensor, src=src, stream=torch.cuda.current_stream())
+    def broadcast(self, tensor: torch.Tensor, src: int = 0, async_op: bool = False):
+        """Enqueued on the current CUDA stream (later GPU work is ordered after it); the handle syncs the stream."""
+        stream = torch.cuda.current_stream()
+        self._comm.broadcast(tensor, src=src, stream=stream)
+        return _StreamHandle(stream) if async_op else None
 
     def broadcast_object(self, obj=None, src: int = 0):
         return self._pg.broadcast_obj(obj if self.rank == src else None, src=src)
@@ -107,6 +115,15 @@ class NcclSyncGroup:
         self._pg = None
 
 
+class _StreamHandle:
+    def __init__(self, stream):
+        self._event = torch.cuda.Event()
+        self._event.record(stream)
+
+    def wait(self) -> None:
+        self._event.synchronize()
+
+
 def open_sync_group(endpoint: SyncEndpoint, rank: int, device=None):
     """Joins the group as `rank` (0 = the trainer's sender); blocks until all `world_size` members joined."""
     if not 0 <= rank < endpoint.world_size:
@@ -114,3 +131,25 @@ def open_sync_group(endpoint: SyncEndpoint, rank: int, device=None):
     if endpoint.backend == "nccl":
         return NcclSyncGroup(endpoint, rank, device)
     return GlooSyncGroup(endpoint, rank)
+
+
+def measure_broadcast_bandwidth(group, nbytes: int, repeats: int = 2) -> float:
+    """Bytes/s of a plain broadcast of `nbytes` from sync rank 0 (every member calls it; the weight-sync baseline)."""
+    import time
+
+    buf = torch.zeros(nbytes, dtype=torch.uint8, device=group.device)
+    group.broadcast(buf, src=0)  # warm-up: connections and allocations
+    _sync_device(group.device)
+    best = float("inf")
+    for _ in range(repeats):
+        group.broadcast_object("probe", src=0)  # line the members up before timing
+        t0 = time.perf_counter()
+        group.broadcast(buf, src=0)
+        _sync_device(group.device)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+def _sync_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -49,18 +49,16 @@ class WeightSyncError(RuntimeError):
 def bucket_checksum(flat: torch.Tensor) -> str:
     """A position-sensitive checksum of a flat uint8 buffer (size a multiple of 512), on any device.
 
-    Two wrapping int64 sums over the 64-bit words viewed as [rows, 64]: column sums weighted by column,
-    row sums weighted by row. Not cryptographic; catches corrupted, truncated or reordered bytes, costs
-    two memory passes, and gives the same value on CPU and GPU (integer sums wrap mod 2^64 in any order).
+    The 64-bit words are summed per 512-byte row (one fast memory pass); the row sums are then combined
+    with row-index weights and plainly, both as wrapping int64 sums. Not cryptographic: it catches
+    corrupted, truncated, shifted or reordered rows (not a swap of two words inside one row), and gives
+    the same value on CPU and GPU (integer sums wrap mod 2^64 in any order).
     """
     if flat.dtype != torch.uint8 or flat.dim() != 1 or flat.numel() % ALIGN:
         raise ValueError("bucket_checksum expects a 1-D uint8 buffer whose size is a multiple of 512")
-    words = flat.view(torch.int64).view(-1, 64)
-    col = torch.arange(1, 65, dtype=torch.int64, device=flat.device)
-    rows = words.sum(dim=1)
-    row_w = torch.arange(rows.numel(), dtype=torch.int64, device=flat.device) % 65521 + 1
-    a = int((words.sum(dim=0) * col).sum())
-    b = int((rows * row_w).sum())
+    rows = flat.view(torch.int64).view(-1, 64).sum(dim=1)
+    weights = torch.arange(rows.numel(), dtype=torch.int64, device=flat.device) % 65521 + 1
+    a, b = int((rows * weights).sum()), int(rows.sum())
     return f"{a & 0xFFFFFFFFFFFFFFFF:016x}{b & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
@@ -83,18 +81,62 @@ def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def pack_bucket(named_tensors: list[tuple[str, torch.Tensor]], device=None) -> Bucket:
-    """Copies tensors into one aligned flat buffer (on `device`, default the first tensor's) and checksums it."""
-    device = device or (named_tensors[0][1].device if named_tensors else "cpu")
+def bucket_layout(named_tensors) -> tuple[list[tuple[str, str, tuple[int, ...], int, int]], int]:
+    """(entries, total bytes): each tensor at an ALIGN-ed offset of one flat buffer."""
     entries, offset = [], 0
     for name, t in named_tensors:
         nbytes = t.numel() * t.element_size()
         entries.append((name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, nbytes))
         offset = _aligned(offset + nbytes)
-    flat = torch.zeros(max(offset, ALIGN), dtype=torch.uint8, device=device)
+    return entries, max(offset, ALIGN)
+
+
+def pack_bucket(named_tensors: list[tuple[str, torch.Tensor]], device=None, out: torch.Tensor | None = None) -> Bucket:
+    """Copies tensors into one aligned flat buffer and checksums it.
+
+    `out`: a reusable uint8 buffer at least that big (freshly allocated memory costs page faults on
+    every sync); otherwise a new one on `device` (default: the first tensor's). Padding bytes are left
+    as they are: the receiver checksums exactly the bytes it got.
+    """
+    entries, total = bucket_layout(named_tensors)
+    if out is None:
+        device = device or (named_tensors[0][1].device if named_tensors else "cpu")
+        flat = torch.zeros(total, dtype=torch.uint8, device=device)
+    else:
+        flat = out[:total]
     for (_, _, _, off, nbytes), (_, t) in zip(entries, named_tensors):
         flat[off:off + nbytes].copy_(t.detach().contiguous().view(-1).view(torch.uint8))
     return Bucket(entries, flat, bucket_checksum(flat))
+
+
+class BufferRing:
+    """Two reusable flat buffers: one is on the wire while the other is packed (sender) or checked (receiver)."""
+
+    def __init__(self, slots: int = 2):
+        self._bufs: list[torch.Tensor | None] = [None] * slots
+        self._pending: list = [None] * slots
+        self._next = 0
+
+    def take(self, nbytes: int, device) -> tuple[int, torch.Tensor]:
+        slot = self._next
+        self._next = (slot + 1) % len(self._bufs)
+        self.wait(slot)
+        buf = self._bufs[slot]
+        if buf is None or buf.numel() < nbytes or buf.device != torch.device(device):
+            self._bufs[slot] = buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return slot, buf[:nbytes]
+
+    def set_pending(self, slot: int, handle) -> None:
+        self._pending[slot] = handle
+
+    def wait(self, slot: int) -> None:
+        if self._pending[slot] is not None:
+            self._pending[slot].wait()
+            self._pending[slot] = None
+
+    def wait_all(self) -> None:
+        for slot in range(len(self._bufs)):
+            self.wait(slot)
 
 
 def unpack_bucket(flat: torch.Tensor, entries) -> list[tuple[str, torch.Tensor]]:
@@ -108,10 +150,11 @@ def unpack_bucket(flat: torch.Tensor, entries) -> list[tuple[str, torch.Tensor]]
 # ---- the wire protocol ----------------------------------------------------------------------------------
 
 
-def send_bucket(group, bucket: Bucket, version: int, index: int) -> None:
+def send_bucket(group, bucket: Bucket, version: int, index: int, async_op: bool = False):
+    """Header, then payload; with `async_op` the payload's handle is returned (keep `bucket.flat` until it is done)."""
     group.broadcast_object({"type": "bucket", "version": version, "index": index, "entries": bucket.entries,
                             "nbytes": bucket.nbytes, "checksum": bucket.checksum}, src=0)
-    group.broadcast(bucket.flat, src=0)
+    return group.broadcast(bucket.flat, src=0, async_op=async_op)
 
 
 def send_end(group, version: int, checksums: list[str], num_tensors: int) -> str:
@@ -138,20 +181,22 @@ class SyncResult:
 
 
 def receive_weights(group, load_fn: Callable[[list[tuple[str, torch.Tensor]]], object],
-                    expected_version: int | None = None) -> SyncResult:
-    """Receives one whole sync; loads each bucket whose checksum verifies, drains the rest on errors."""
+                    expected_version: int | None = None, ring: BufferRing | None = None) -> SyncResult:
+    """Receives one whole sync; loads each bucket whose checksum verifies, drains the rest on errors.
+
+    Pipelined: bucket k+1 is already on the wire while bucket k is checked and loaded (two buffers).
+    """
     if group is None:
         raise WeightSyncError("receive_weights: this engine has not joined a sync group (join_sync_group first)")
-    checksums, loaded, errors, num_tensors = [], [], [], 0
-    while True:
-        header = group.broadcast_object(None, src=0)
-        if header["type"] == "end":
-            break
-        buf = torch.empty(header["nbytes"], dtype=torch.uint8, device=group.device)
-        group.broadcast(buf, src=0)
+    ring = ring or BufferRing()
+    checksums, loaded, errors = [], [], []
+    counts = {"tensors": 0}
+
+    def process(header, buf, handle):
+        handle.wait()
         got = bucket_checksum(buf)
         checksums.append(got)
-        num_tensors += len(header["entries"])
+        counts["tensors"] += len(header["entries"])
         if expected_version is not None and header["version"] != expected_version:
             errors.append(f"bucket {header['index']}: version {header['version']} != expected {expected_version}")
         elif got != header["checksum"]:
@@ -160,7 +205,20 @@ def receive_weights(group, load_fn: Callable[[list[tuple[str, torch.Tensor]]], o
             tensors = unpack_bucket(buf, header["entries"])
             load_fn(tensors)
             loaded.extend(n for n, _ in tensors)
-        del buf
+
+    prev = None
+    while True:
+        header = group.broadcast_object(None, src=0)
+        if header["type"] == "end":
+            break
+        _, buf = ring.take(header["nbytes"], group.device)
+        handle = group.broadcast(buf, src=0, async_op=True)
+        if prev is not None:
+            process(*prev)
+        prev = (header, buf, handle)
+    if prev is not None:
+        process(*prev)
+    num_tensors = counts["tensors"]
     if len(checksums) != header["num_buckets"] or num_tensors != header["num_tensors"]:
         errors.append(f"received {len(checksums)} buckets / {num_tensors} tensors, sender sent "
                       f"{header['num_buckets']} / {header['num_tensors']}")
@@ -178,6 +236,7 @@ class EngineSyncState:
     last_checksum: str = ""
     failure: str = ""
     group: object = None
+    ring: BufferRing = field(default_factory=BufferRing)  # receive buffers, reused across syncs
 
     def check_serving(self) -> None:
         if not self.serving:
@@ -248,6 +307,8 @@ class TrainerWeightSender:
             from megatron_apo.models.hf_mapping import megatron_to_hf as to_hf
         self.to_hf = to_hf
         self._plan: list[_PlanEntry] | None = None
+        self._ring = BufferRing()
+        self._part_bufs: dict = {}
 
     def _local_params(self):
         from megatron_apo.models.sharding import iter_local_params
@@ -280,6 +341,9 @@ class TrainerWeightSender:
                 plan.append(_PlanEntry(rank, stage, name, tuple(shape), dtype))
         return plan
 
+    def _gather_to_tp0(self, lp):
+        return _gather_to_tp0_impl(lp, self._part_bufs)
+
     @torch.no_grad()
     def sync(self, group, version: int) -> SyncStats | None:
         """One sync. `group`: the sync group on global rank 0 (None elsewhere). Returns stats on rank 0."""
@@ -304,22 +368,22 @@ class TrainerWeightSender:
             if not pending:
                 return
             ts = time.perf_counter()
-            bucket = pack_bucket(pending, device=group.device)
-            send_bucket(group, bucket, version, len(checksums))
+            # pack bucket k+1 while bucket k is still on the wire (the ring waits before reusing a buffer)
+            slot, buf = self._ring.take(bucket_layout(pending)[1], group.device)
+            bucket = pack_bucket(pending, out=buf)
+            self._ring.set_pending(slot, send_bucket(group, bucket, version, len(checksums), async_op=True))
             checksums.append(bucket.checksum)
             total_bytes += bucket.nbytes
             num_tensors += len(pending)
             pending, pending_bytes = [], 0
             send_s += time.perf_counter() - ts
 
-        from megatron_apo.models.sharding import tp_gather
-
         for entry in self._plan:
             lp = local.get(entry.global_name)
             full = None
             tg = time.perf_counter()
             if lp is not None and dp0 and entry.stage == my_stage:
-                full = tp_gather(lp.tensor.detach(), lp.partition_dim, gated=lp.gated)
+                full = self._gather_to_tp0(lp)
             if entry.owner != 0:
                 if rank == entry.owner:
                     dist.send(full.contiguous(), dst=0)
@@ -339,9 +403,34 @@ class TrainerWeightSender:
         if rank != 0:
             return None
         flush()
+        self._ring.wait_all()
         checksum = send_end(group, version, checksums, num_tensors)
         return SyncStats(version, total_bytes, len(checksums), num_tensors, checksum,
                          time.perf_counter() - t0, gather_s, send_s)
+
+
+def _gather_to_tp0_impl(lp, part_bufs: dict):
+    """The full tensor on this TP group's rank 0 (None on the others): a gather, not an all-gather, since
+    only the sender needs it; the receive buffers are reused across syncs (no page faults per sync)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_apo.models.sharding import merge_tp_shards
+
+    tensor = lp.tensor.detach()
+    tp = ps.get_tensor_model_parallel_world_size()
+    if lp.partition_dim is None or tp == 1:
+        return tensor
+    group, dst = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_src_rank()
+    if ps.get_tensor_model_parallel_rank() != 0:
+        dist.gather(tensor.contiguous(), dst=dst, group=group)
+        return None
+    key = (tuple(tensor.shape), tensor.dtype, tensor.device)
+    if key not in part_bufs:
+        part_bufs[key] = [torch.empty_like(tensor) for _ in range(tp)]
+    parts = part_bufs[key]
+    dist.gather(tensor.contiguous(), gather_list=parts, dst=dst, group=group)
+    return merge_tp_shards(parts, lp.partition_dim, lp.gated)
 
 
 def _device() -> torch.device:
