@@ -12,6 +12,7 @@ One step, top to bottom (the picture in DESIGN.md):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -108,6 +109,8 @@ def train(cfg: RunConfig) -> list[dict]:
     reference = build_gpt_model(model_cfg, params_dtype=dtype)
     reference.requires_grad_(False)
     reference.eval()
+    if t.ref_cpu_offload and torch.cuda.is_available():
+        reference.cpu()
 
     ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.out_dir) / "checkpoints")
     if cfg.checkpoint.load:
@@ -168,7 +171,7 @@ def train(cfg: RunConfig) -> list[dict]:
             seq = local.tokens.shape[1]
 
             t0 = time.perf_counter()
-            with torch.no_grad():
+            with torch.no_grad(), _resident(reference, t.ref_cpu_offload):
                 forward_backward([reference], micro, reference_pass(settings), seq, mbs, forward_only=True)
             metrics["time/reference_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -222,6 +225,20 @@ def train(cfg: RunConfig) -> list[dict]:
         if controller is not None:
             controller.shutdown()
     return history
+
+
+@contextlib.contextmanager
+def _resident(model, offload: bool):
+    """With `trainer.ref_cpu_offload`, the reference weights live in host memory except during its forward."""
+    if not (offload and torch.cuda.is_available()):
+        yield
+        return
+    model.cuda()
+    try:
+        yield
+    finally:
+        model.cpu()
+        torch.cuda.empty_cache()
 
 
 def _dp_size() -> int:
