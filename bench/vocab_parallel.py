@@ -145,6 +145,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--dense-threads", type=int, default=2, help="threads of the dense process (default: as many "
                     "cores as the TP=2 run uses in total)")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs after one warm-up (best is kept)")
+    ap.add_argument("--with-tp1", action="store_true", help="also time the ops in one process (TP=1, 1 thread): "
+                    "separates the gain of the implementation (tiles, fused passes) from that of the second rank")
     args = ap.parse_args(argv)
     if args.vocab % args.tp:
         ap.error(f"--vocab {args.vocab} must be divisible by --tp {args.tp}")
@@ -153,12 +155,18 @@ def main(argv=None) -> dict:
                             timeout=600, threads_per_process=args.dense_threads)[0]
     ranks = run_distributed(tp_body, args.tp, args.tokens, args.vocab, args.k, args.repeats, args.chunk_size,
                             timeout=600, threads_per_process=1)
+    tp1 = None
+    if args.with_tp1:
+        tp1 = run_distributed(tp_body, 1, args.tokens, args.vocab, args.k, args.repeats, args.chunk_size,
+                              timeout=600, threads_per_process=1)[0]
     tp_time = max(r["time_s"] for r in ranks)
     tp_peak = max(r["peak_mb"] for r in ranks)
     rel_err = abs(ranks[0]["checksum"] - dense["checksum"]) / max(1.0, abs(dense["checksum"]))
     print(f"tokens={args.tokens} vocab={args.vocab} K={args.k} bf16 logits, machine: {os.cpu_count()} CPU cores")
     print(f"dense (1 process, {args.dense_threads} threads): {dense['time_s']:.3f} s, peak {dense['peak_mb']:.0f} MB")
     print(f"TP={args.tp} ({args.tp} gloo processes, 1 thread each): {tp_time:.3f} s, peak per rank {tp_peak:.0f} MB")
+    if tp1 is not None:
+        print(f"ops at TP=1 (1 process, 1 thread): {tp1['time_s']:.3f} s, peak {tp1['peak_mb']:.0f} MB")
     print(f"results agree: relative checksum difference {rel_err:.2e}")
     summary = {
         "tokens": args.tokens, "vocab": args.vocab, "k": args.k, "tp": args.tp,
@@ -168,6 +176,8 @@ def main(argv=None) -> dict:
         "peak_mem_ratio": round(tp_peak / dense["peak_mb"], 3),
         "checksum_rel_err": rel_err,
     }
+    if tp1 is not None:
+        summary.update(tp1_time_s=round(tp1["time_s"], 4), tp1_peak_mb=round(tp1["peak_mb"], 1))
     print(json.dumps(summary))
     return summary
 
