@@ -18,11 +18,7 @@ import torch
 
 from megatron_apo.algorithms.losses import compute_policy_loss
 from megatron_apo.config import AlgorithmConfig
-from megatron_apo.ops.vocab_parallel import (
-    vocab_parallel_gather_logprobs,
-    vocab_parallel_logprobs,
-    vocab_parallel_topk,
-)
+from megatron_apo.ops.vocab_parallel import vocab_parallel_logprob_stats
 from megatron_apo.trainer.batch import response_logits
 
 
@@ -46,17 +42,21 @@ def _scaled_response_logits(logits: torch.Tensor, batch: dict, temperature: floa
     return rl / temperature if temperature != 1.0 else rl
 
 
-def _ops_kwargs(s: PassSettings) -> dict:
-    return {"vocab_size": s.vocab_size, "chunk_size": s.algorithm.logprob_chunk_size}
+def _stats(settings: PassSettings, rl: torch.Tensor, batch: dict, ids: torch.Tensor, topk: int = 0):
+    """One pass over the vocabulary shard: log-probs at `ids` [b,T,n] and optionally the global Top-K."""
+    return vocab_parallel_logprob_stats(rl, ids, topk=topk, vocab_size=settings.vocab_size,
+                                        chunk_size=settings.algorithm.logprob_chunk_size,
+                                        mask=batch["response_mask"], with_entropy=False)
 
 
 def reference_pass(settings: PassSettings):
     def loss_fn(batch: dict, logits: torch.Tensor):
         rl = _scaled_response_logits(logits, batch, settings.temperature)
-        batch["ref_logprobs"] = vocab_parallel_logprobs(rl, batch["response_ids"], **_ops_kwargs(settings)).detach()
-        if settings.needs_ref_topk:
-            idx, _ = vocab_parallel_topk(rl, settings.algorithm.apo_topk, **_ops_kwargs(settings))
-            batch["ref_topk_indices"] = idx
+        k = settings.algorithm.apo_topk if settings.needs_ref_topk else 0
+        st = _stats(settings, rl, batch, batch["response_ids"].unsqueeze(-1), topk=k)
+        batch["ref_logprobs"] = st.logprobs[..., 0].detach()
+        if k:
+            batch["ref_topk_indices"] = st.topk_indices
         return rl.sum() * 0.0, {}
 
     return loss_fn
@@ -65,13 +65,16 @@ def reference_pass(settings: PassSettings):
 def old_policy_pass(settings: PassSettings):
     def loss_fn(batch: dict, logits: torch.Tensor):
         rl = _scaled_response_logits(logits, batch, settings.temperature)
-        kw = _ops_kwargs(settings)
-        batch["old_logprobs"] = vocab_parallel_logprobs(rl, batch["response_ids"], **kw).detach()
+        ids = batch["response_ids"].unsqueeze(-1)
+        if "ref_topk_indices" in batch:  # log pi_old at the reference Top-K, for the APO pull ratio
+            ids = torch.cat([ids, batch["ref_topk_indices"]], dim=-1)
+        casp = settings.algorithm.casp_topn if settings.algorithm.loss_mode == "casp" else 0
+        st = _stats(settings, rl, batch, ids, topk=casp)
+        batch["old_logprobs"] = st.logprobs[..., 0].detach()
         if "ref_topk_indices" in batch:
-            batch["old_anchor_logprobs"] = vocab_parallel_gather_logprobs(rl, batch["ref_topk_indices"], **kw).detach()
-        if settings.algorithm.loss_mode == "casp":
-            idx, lp = vocab_parallel_topk(rl, settings.algorithm.casp_topn, **kw)
-            batch["old_topk_indices"], batch["old_topk_logprobs"] = idx, lp.detach()
+            batch["old_anchor_logprobs"] = st.logprobs[..., 1:].detach()
+        if casp:
+            batch["old_topk_indices"], batch["old_topk_logprobs"] = st.topk_indices, st.topk_logprobs.detach()
         m = batch["response_mask"]
         mismatch = ((batch["old_logprobs"] - batch["rollout_logprobs"]).abs() * m).sum() / m.sum().clamp(min=1)
         return rl.sum() * 0.0, {"rollout/logprob_abs_diff": mismatch.detach()}
