@@ -89,7 +89,9 @@ class SentencePieceTokenizer(Tokenizer):
         return ([self.sp.bos_id()] + ids) if self.add_bos and self.sp.bos_id() >= 0 else ids
 
     def decode(self, ids: list[int]) -> str:
-        return self.sp.decode([int(i) for i in ids if int(i) not in self._special])
+        # ids past the piece table can come from a model whose (padded) vocabulary is larger: drop them
+        size = self.sp.get_piece_size()
+        return self.sp.decode([int(i) for i in ids if int(i) not in self._special and 0 <= int(i) < size])
 
     def render_prompt(self, messages: list[dict[str, str]]) -> str:
         return plain_prompt(messages)
