@@ -16,9 +16,10 @@ def test_resume_with_a_different_dp_size(tmp_path):
     for r in resumed:
         assert r == pytest.approx(after_save, rel=1e-4, abs=0)
     assert read_metadata(ckpt)["step"] == 2 and latest_checkpoint(ckpt).name == "iter_0000002"
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "2"  # Megatron-LM's convention: the step
     assert [p.name for p in list_checkpoints(ckpt)] == ["iter_0000002"]
 
 
 def test_resolve_checkpoint_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no megatron-apo checkpoint"):
+    with pytest.raises(FileNotFoundError, match="is not a Megatron checkpoint"):
         resolve_checkpoint(tmp_path)

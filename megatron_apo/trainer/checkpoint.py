@@ -1,7 +1,7 @@
 """Training checkpoints with megatron.core.dist_checkpointing: atomic, keep-last-N, resharding on load.
 
 Layout (shared with `megatron-apo convert`):
-    <dir>/latest                      text file: the name of the newest complete iteration folder
+    <dir>/latest                      text file: the newest complete step (Megatron-LM's convention)
     <dir>/iter_0000012/megatron_apo.json   {"model_config": ..., "step": ..., "run_config": ..., ...}
     <dir>/iter_0000012/model/         dist checkpoint of the policy (GPTModel.sharded_state_dict())
     <dir>/iter_0000012/optim/         dist checkpoint of the optimizer (dp_reshardable: any DP size on load, same TP/PP)
@@ -26,9 +26,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_apo.models.megatron_checkpoint import METADATA_FILE as META_FILE
+from megatron_apo.models.megatron_checkpoint import resolve_checkpoint
 from megatron_apo.models.sharding import unwrap
 
-META_FILE = "megatron_apo.json"
 OPTIM_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}  # any DP on load (same TP/PP)
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
 
@@ -47,26 +48,8 @@ def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
-    """The folder named in `latest` if it is complete, else the newest complete iteration folder."""
-    d = Path(ckpt_dir)
-    marker = d / "latest"
-    if marker.is_file():
-        cand = d / marker.read_text().strip()
-        if (cand / META_FILE).is_file():
-            return cand
-    found = list_checkpoints(d)
-    return found[-1] if found else None
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """An iteration folder, or a checkpoint dir (-> its latest iteration). Raises FileNotFoundError."""
-    p = Path(path)
-    if (p / META_FILE).is_file():
-        return p
-    latest = latest_checkpoint(p)
-    if latest is None:
-        raise FileNotFoundError(f"no megatron-apo checkpoint in {p} (expected {META_FILE} or iter_*/ folders)")
-    return latest
+    """The newest complete iteration folder (per `latest`, else the highest), or None when there is none."""
+    return resolve_checkpoint(ckpt_dir) if list_checkpoints(ckpt_dir) else None
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -144,7 +127,7 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_latest(ckpt_dir, final.name)
+        _write_latest(ckpt_dir, step)
         for old in list_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
@@ -155,9 +138,9 @@ def _has_state(optimizer) -> bool:
     return any(bool(sub.optimizer.state) for sub in getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def _write_latest(ckpt_dir: Path, name: str) -> None:
+def _write_latest(ckpt_dir: Path, step: int) -> None:
     tmp = ckpt_dir / f".latest.tmp-{os.getpid()}"
-    tmp.write_text(name + "\n")
+    tmp.write_text(f"{step}\n")
     os.replace(tmp, ckpt_dir / "latest")
 
 
