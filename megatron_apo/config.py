@@ -92,6 +92,10 @@ class RolloutSection:
     top_k: int = -1
     ray_address: Optional[str] = None  # None: start a local Ray
     sync_bucket_mb: int = 64
+    # Generate step n+1's rollouts while step n trains (weights one version old), corrected by truncated
+    # importance sampling: each token's advantage is scaled by min(pi_old / pi_rollout, tis_cap).
+    one_step_off_policy: bool = False
+    tis_cap: float = 2.0
     gpu_memory_utilization: float = 0.6
 
 

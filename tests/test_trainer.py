@@ -63,6 +63,22 @@ def test_rl_step_pp2(env, tmp_path):
     assert history[0]["rollout/logprob_abs_diff"] < 1e-4
 
 
+def test_one_step_off_policy_overlaps_rollout_and_applies_tis(env, tmp_path):
+    reward = tmp_path / "parity_reward.py"  # a random model never solves the task: reward something it does vary
+    reward.write_text("def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
+                      "    return float(len(solution_str) % 2)\n")
+    cfg = load_config(None, overrides(env, tmp_path, tp=2, steps=3,
+                                      extra=["rollout.one_step_off_policy=true", "rollout.tis_cap=2.0",
+                                             f"data.reward_fn={reward}:compute_score"]))
+    history = run_distributed(_train, 2, cfg, timeout=400)[0]
+    assert [h["step"] for h in history] == [1, 2, 3]
+    # step 1's rollouts come from the initial weights (on-policy); later ones from weights one update older
+    assert history[0]["rollout/logprob_abs_diff"] < 1e-4
+    assert all(h["rollout/logprob_abs_diff"] > 1e-4 for h in history[1:])
+    for h in history:
+        assert 0 < h["rollout/tis_weight_mean"] <= 2.0 and 0 <= h["rollout/tis_truncated_frac"] <= 1
+
+
 def _losses(out: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
 

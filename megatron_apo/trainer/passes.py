@@ -27,6 +27,7 @@ class PassSettings:
     algorithm: AlgorithmConfig
     vocab_size: int  # the true vocabulary (Megatron's padded rows are excluded by the ops)
     temperature: float = 1.0  # the rollout temperature: log-probs are those of the sampling distribution
+    tis_cap: float | None = None  # one-step-off-policy: truncated importance weights pi_old / pi_rollout
 
     @property
     def needs_ref_topk(self) -> bool:
@@ -76,8 +77,17 @@ def old_policy_pass(settings: PassSettings):
         if casp:
             batch["old_topk_indices"], batch["old_topk_logprobs"] = st.topk_indices, st.topk_logprobs.detach()
         m = batch["response_mask"]
-        mismatch = ((batch["old_logprobs"] - batch["rollout_logprobs"]).abs() * m).sum() / m.sum().clamp(min=1)
-        return rl.sum() * 0.0, {"rollout/logprob_abs_diff": mismatch.detach()}
+        gap = batch["old_logprobs"] - batch["rollout_logprobs"]
+        metrics = {"rollout/logprob_abs_diff": ((gap.abs() * m).sum() / m.sum().clamp(min=1)).detach()}
+        if settings.tis_cap is not None:
+            # The rollouts came from the previous weights: scaling A by the truncated ratio scales every
+            # A-linear loss term (the dual-clipped PG, its clip bound, the APO pull weight |A|) by it.
+            w = torch.exp(gap.clamp(max=20.0)).clamp(max=settings.tis_cap) * m
+            batch["advantages"] = batch["advantages"] * w
+            metrics["rollout/tis_weight_mean"] = ((w * m).sum() / m.sum().clamp(min=1)).detach()
+            metrics["rollout/tis_truncated_frac"] = (((gap.exp() > settings.tis_cap).float() * m).sum()
+                                                     / m.sum().clamp(min=1)).detach()
+        return rl.sum() * 0.0, metrics
 
     return loss_fn
 
