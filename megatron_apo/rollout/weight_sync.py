@@ -410,8 +410,12 @@ class TrainerWeightSender:
 
 
 def _gather_to_tp0_impl(lp, part_bufs: dict):
-    """The full tensor on this TP group's rank 0 (None on the others): a gather, not an all-gather, since
-    only the sender needs it; the receive buffers are reused across syncs (no page faults per sync)."""
+    """The full tensor on this TP group's rank 0 (None on the others).
+
+    Only the sender needs it, so the other TP ranks send their shard point-to-point (gloo's send/recv is
+    ~3x faster than its gather here). A row-split tensor is received straight into its rows of the full
+    tensor (no merge copy); column-split and SwiGLU shards go to reused buffers and are merged.
+    """
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -421,16 +425,25 @@ def _gather_to_tp0_impl(lp, part_bufs: dict):
     tp = ps.get_tensor_model_parallel_world_size()
     if lp.partition_dim is None or tp == 1:
         return tensor
-    group, dst = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_src_rank()
+    group = ps.get_tensor_model_parallel_group()
+    ranks = dist.get_process_group_ranks(group)
     if ps.get_tensor_model_parallel_rank() != 0:
-        dist.gather(tensor.contiguous(), dst=dst, group=group)
+        dist.send(tensor.contiguous(), dst=ranks[0], group=group)
         return None
-    key = (tuple(tensor.shape), tensor.dtype, tensor.device)
-    if key not in part_bufs:
-        part_bufs[key] = [torch.empty_like(tensor) for _ in range(tp)]
-    parts = part_bufs[key]
-    dist.gather(tensor.contiguous(), gather_list=parts, dst=dst, group=group)
-    return merge_tp_shards(parts, lp.partition_dim, lp.gated)
+    if lp.partition_dim == 0 and not lp.gated:
+        full = torch.empty(lp.full_shape(tp), dtype=tensor.dtype, device=tensor.device)
+        parts = list(full.chunk(tp, dim=0))
+        parts[0].copy_(tensor)
+    else:
+        key = (tuple(tensor.shape), tensor.dtype, tensor.device)
+        if key not in part_bufs:
+            part_bufs[key] = [torch.empty_like(tensor) for _ in range(tp)]
+        parts, full = part_bufs[key], None
+        parts[0] = tensor
+    reqs = [dist.irecv(parts[r], src=ranks[r], group=group) for r in range(1, tp)]
+    for req in reqs:
+        req.wait()
+    return full if full is not None else merge_tp_shards(parts, lp.partition_dim, lp.gated)
 
 
 def _device() -> torch.device:
