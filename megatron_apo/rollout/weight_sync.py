@@ -109,6 +109,31 @@ def pack_bucket(named_tensors: list[tuple[str, torch.Tensor]], device=None, out:
     return Bucket(entries, flat, bucket_checksum(flat))
 
 
+def _zero_copy_bucket(named_tensors, device) -> Bucket | None:
+    """A bucket of one big contiguous tensor whose size is ALIGN-ed is sent from its own memory (no pack copy)."""
+    if len(named_tensors) != 1:
+        return None
+    _, t = named_tensors[0]
+    nbytes = t.numel() * t.element_size()
+    if not t.is_contiguous() or nbytes % ALIGN or t.device != torch.device(device):
+        return None
+    entries, _ = bucket_layout(named_tensors)
+    flat = t.detach().view(-1).view(torch.uint8)
+    return Bucket(entries, flat, bucket_checksum(flat))
+
+
+class _Keep:
+    """An in-flight broadcast handle that also keeps its bucket's memory alive until it is waited on."""
+
+    def __init__(self, handle, bucket):
+        self.handle, self.bucket = handle, bucket
+
+    def wait(self) -> None:
+        if self.handle is not None:
+            self.handle.wait()
+        self.bucket = None
+
+
 class BufferRing:
     """Two reusable flat buffers: one is on the wire while the other is packed (sender) or checked (receiver)."""
 
@@ -122,7 +147,7 @@ class BufferRing:
         self._next = (slot + 1) % len(self._bufs)
         self.wait(slot)
         buf = self._bufs[slot]
-        if buf is None or buf.numel() < nbytes or buf.device != torch.device(device):
+        if buf is None or buf.numel() < nbytes or buf.device.type != torch.device(device).type:
             self._bufs[slot] = buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
         return slot, buf[:nbytes]
 
@@ -369,9 +394,10 @@ class TrainerWeightSender:
                 return
             ts = time.perf_counter()
             # pack bucket k+1 while bucket k is still on the wire (the ring waits before reusing a buffer)
-            slot, buf = self._ring.take(bucket_layout(pending)[1], group.device)
-            bucket = pack_bucket(pending, out=buf)
-            self._ring.set_pending(slot, send_bucket(group, bucket, version, len(checksums), async_op=True))
+            bucket = _zero_copy_bucket(pending, group.device)
+            slot, buf = self._ring.take(0 if bucket else bucket_layout(pending)[1], group.device)
+            bucket = bucket or pack_bucket(pending, out=buf)
+            self._ring.set_pending(slot, _Keep(send_bucket(group, bucket, version, len(checksums), async_op=True), bucket))
             checksums.append(bucket.checksum)
             total_bytes += bucket.nbytes
             num_tensors += len(pending)
@@ -396,6 +422,8 @@ class TrainerWeightSender:
             for hf_name, tensor in self.to_hf(self.cfg, entry.global_name, full):
                 if self.dtype is not None:
                     tensor = tensor.to(self.dtype)
+                if pending and tensor.numel() * tensor.element_size() >= self.bucket_bytes:
+                    flush()  # a big tensor travels alone, straight from its memory
                 pending.append((hf_name, tensor))
                 pending_bytes += _aligned(tensor.numel() * tensor.element_size())
                 if pending_bytes >= self.bucket_bytes:
