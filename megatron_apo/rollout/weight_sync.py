@@ -366,9 +366,6 @@ class TrainerWeightSender:
                 plan.append(_PlanEntry(rank, stage, name, tuple(shape), dtype))
         return plan
 
-    def _gather_to_tp0(self, lp):
-        return _gather_to_tp0_impl(lp, self._part_bufs)
-
     @torch.no_grad()
     def sync(self, group, version: int) -> SyncStats | None:
         """One sync. `group`: the sync group on global rank 0 (None elsewhere). Returns stats on rank 0."""
@@ -404,12 +401,20 @@ class TrainerWeightSender:
             pending, pending_bytes = [], 0
             send_s += time.perf_counter() - ts
 
-        for entry in self._plan:
+        def start(idx: int):
+            entry = self._plan[idx]
             lp = local.get(entry.global_name)
-            full = None
-            tg = time.perf_counter()
             if lp is not None and dp0 and entry.stage == my_stage:
-                full = self._gather_to_tp0(lp)
+                return _start_tp0_gather(lp, self._part_bufs, idx % 2)
+            return None
+
+        upcoming = start(0) if self._plan else None
+        for idx, entry in enumerate(self._plan):
+            tg = time.perf_counter()
+            current = upcoming
+            # the next tensor's shards are already on their way while this one is renamed and packed
+            upcoming = start(idx + 1) if idx + 1 < len(self._plan) else None
+            full = current() if current is not None else None
             if entry.owner != 0:
                 if rank == entry.owner:
                     dist.send(full.contiguous(), dst=0)
@@ -437,12 +442,14 @@ class TrainerWeightSender:
                          time.perf_counter() - t0, gather_s, send_s)
 
 
-def _gather_to_tp0_impl(lp, part_bufs: dict):
-    """The full tensor on this TP group's rank 0 (None on the others).
+def _start_tp0_gather(lp, part_bufs: dict, parity: int):
+    """Starts moving a TP-sharded tensor to this TP group's rank 0; returns a function giving the full
+    tensor there (None on the other TP ranks).
 
-    Only the sender needs it, so the other TP ranks send their shard point-to-point (gloo's send/recv is
-    ~3x faster than its gather here). A row-split tensor is received straight into its rows of the full
-    tensor (no merge copy); column-split and SwiGLU shards go to reused buffers and are merged.
+    Only the sender needs the full tensor, so the other TP ranks send their shard point-to-point (gloo's
+    send/recv is ~3x faster than its gather here). A row-split tensor is received straight into its rows
+    of the full tensor (no merge copy); column-split and SwiGLU shards go to reused buffers (two sets,
+    `parity`, because the next tensor is already on its way while this one is merged) and are merged.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -452,26 +459,30 @@ def _gather_to_tp0_impl(lp, part_bufs: dict):
     tensor = lp.tensor.detach()
     tp = ps.get_tensor_model_parallel_world_size()
     if lp.partition_dim is None or tp == 1:
-        return tensor
+        return lambda: tensor
     group = ps.get_tensor_model_parallel_group()
     ranks = dist.get_process_group_ranks(group)
     if ps.get_tensor_model_parallel_rank() != 0:
         dist.send(tensor.contiguous(), dst=ranks[0], group=group)
-        return None
+        return lambda: None
+    full = None
     if lp.partition_dim == 0 and not lp.gated:
         full = torch.empty(lp.full_shape(tp), dtype=tensor.dtype, device=tensor.device)
         parts = list(full.chunk(tp, dim=0))
         parts[0].copy_(tensor)
     else:
-        key = (tuple(tensor.shape), tensor.dtype, tensor.device)
+        key = (tuple(tensor.shape), tensor.dtype, tensor.device, parity)
         if key not in part_bufs:
             part_bufs[key] = [torch.empty_like(tensor) for _ in range(tp)]
-        parts, full = part_bufs[key], None
-        parts[0] = tensor
+        parts = [tensor] + part_bufs[key][1:]
     reqs = [dist.irecv(parts[r], src=ranks[r], group=group) for r in range(1, tp)]
-    for req in reqs:
-        req.wait()
-    return full if full is not None else merge_tp_shards(parts, lp.partition_dim, lp.gated)
+
+    def finish():
+        for req in reqs:
+            req.wait()
+        return full if full is not None else merge_tp_shards(parts, lp.partition_dim, lp.gated)
+
+    return finish
 
 
 def _device() -> torch.device:
