@@ -59,6 +59,8 @@ SlurmUser=root
 SlurmdUser=root
 SlurmctldPort=16817
 AuthType=auth/munge
+# a requeued job may start again once its old credential expired (default 120 s); tests requeue, so keep it short
+AuthInfo=cred_expire=10
 StateSaveLocation=$STATE/spool/ctld
 SlurmdSpoolDir=$STATE/spool/%n
 SlurmctldPidFile=$STATE/run/slurmctld.pid

@@ -114,3 +114,34 @@ def megatron_logits_from_hf_mapping(hf_dir: str, tokens: torch.Tensor) -> dict:
         logits = model(tokens, pos, attention_mask=None)[..., : cfg.vocab_size]
     shapes = {lp.global_name: tuple(lp.tensor.shape) for lp in iter_local_params(model)}
     return {"logits": logits, "shapes": shapes}
+
+
+def convert_then_run(tp: int, pp: int, jobs: list[tuple[str, str, str]], reload: list[tuple[str, str]]) -> dict:
+    """Rank body: for each (name, hf_dir, out_dir) converts HF -> Megatron at (tp, pp) with save_hf_as_megatron,
+    loads the written checkpoint back and runs it; then loads each (name, ckpt) of `reload` (written at another
+    layout) and runs it. Returns {name: logits} on the last stage's TP rank 0."""
+    import json as _json
+
+    from megatron_apo.models.convert import save_hf_as_megatron
+    from megatron_apo.parallel import ParallelConfig, init_distributed
+
+    init_distributed(ParallelConfig(tp, pp))
+    out = {}
+    for name, hf_dir, out_dir in jobs:
+        save_hf_as_megatron(hf_dir, out_dir)
+        vocab = _json.loads((Path(hf_dir) / "config.json").read_text())["vocab_size"]
+        out[name] = megatron_logits_from_checkpoint(out_dir, tp, pp, sample_tokens(vocab))
+    for name, ckpt in reload:
+        vocab = _json.loads((Path(ckpt) / "megatron_apo.json").read_text())["model_config"]["vocab_size"]
+        out[name] = megatron_logits_from_checkpoint(ckpt, tp, pp, sample_tokens(vocab))
+    return out
+
+
+def save_tiny_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A word-level tokenizer over the words w0..w{vocab-1} (token id = word number), saved HF-style."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="w1", eos_token="w2", unk_token="w0").save_pretrained(folder)

@@ -75,8 +75,10 @@ def main() -> int:
         import ray
 
         ray.init(address=o["rollout.ray_address"], logging_level="ERROR", log_to_driver=False)
+        # one entry per node: its megatron-apo role resources ("apo_rollout_node", "apo_trainer_node") and GPUs
         ray_nodes = sorted(
-            [k for k in n["Resources"] if k.startswith("apo_")][0] for n in ray.nodes() if n.get("Alive")
+            "+".join(sorted(k for k in n["Resources"] if k.startswith("apo_"))) + f":gpu={n['Resources'].get('GPU', 0):g}"
+            for n in ray.nodes() if n.get("Alive")
         )
         ray.shutdown()
 

@@ -1,4 +1,4 @@
-"""pass@k evaluation: the runner's bookkeeping, the in-process HF engine, and `megatron-apo eval` end to end."""
+"""pass@k evaluation: the runner's bookkeeping and `megatron-apo eval` end to end (CPUEngine in process)."""
 
 import json
 import struct
@@ -6,13 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from megatron_apo.data import PromptDataset, PromptRow, load_tokenizer, write_toy_parquet, write_verl_parquet
 from megatron_apo.eval import EvalConfig, evaluate, load_results, pass_at_k, plot_pass_at_k
-from megatron_apo.eval.hf_engine import HFEngine
-from megatron_apo.rollout import RolloutEngine, Sample, SamplingParams
+from megatron_apo.rollout import RolloutEngine, Sample
 from tests.tiny_hf import build_char_tokenizer, build_tiny_model_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,36 +80,28 @@ def test_runner_counts_and_pass_at_k_per_source(tmp_path):
     assert res["examples"][0]["response"] == "1+2"
 
 
-def test_hf_engine_samples_and_logprobs_match_dense_forward(model_dir):
-    engine = HFEngine.from_pretrained(model_dir)
-    tok = load_tokenizer(model_dir)
-    prompts = [tok.encode("k=3 sum=14 :"), tok.encode("k=1 sum=5 :"), tok.encode("k=3 sum=2 :")]
-    params = SamplingParams(n=3, temperature=0.7, max_new_tokens=6, stop_token_ids=tok.stop_token_ids, seed=11)
-    out = engine.generate(prompts, params)
-    assert [len(g) for g in out] == [3, 3, 3]
-    assert engine.generate(prompts, params)[0][0].token_ids == out[0][0].token_ids  # seeded: reproducible
-    model = engine.model
-    for p_idx, group in enumerate(out):
-        for j, s in enumerate(group):
-            assert (s.prompt_index, s.sample_index) == (p_idx, j)
-            assert len(s.logprobs) == len(s.token_ids) <= 6
-            assert (s.finish_reason == "stop") == (s.token_ids[-1] == tok.eos_token_id)
-            assert tok.eos_token_id not in s.token_ids[:-1]
-            # Dense reference: log softmax(logits / T) of the full sequence at the sampled tokens.
-            ids = torch.tensor([prompts[p_idx] + s.token_ids])
-            with torch.no_grad():
-                logits = model(ids).logits[0].float() / 0.7
-            ref = torch.log_softmax(logits, -1)[len(prompts[p_idx]) - 1 : -1].gather(
-                -1, torch.tensor(s.token_ids)[:, None])[:, 0]
-            assert torch.allclose(torch.tensor(s.logprobs), ref, atol=1e-4), (s.logprobs, ref)
-
-
 def _cli(*args, check=True):
     proc = subprocess.run([sys.executable, "-m", "megatron_apo.cli", "eval", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=240)
     if check and proc.returncode != 0:
         raise AssertionError(f"eval failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def _cli_in_process(*args) -> str:
+    """The CLI entry point in this process (saves a torch import per call); returns what it printed."""
+    import contextlib
+    import io
+
+    from megatron_apo.cli import main
+
+    threads, buf = torch.get_num_threads(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            assert main(["eval", *map(str, args)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the CPU engine pins this process to one thread
+    return buf.getvalue()
 
 
 def test_cli_eval_writes_json_and_png_and_overlays(model_dir, tmp_path):
@@ -135,8 +128,9 @@ def test_cli_eval_writes_json_and_png_and_overlays(model_dir, tmp_path):
     reward.write_text("def any_digit(data_source, solution_str, ground_truth, extra_info=None):\n"
                       "    return float(any(c.isdigit() for c in solution_str))\n")
     out2 = tmp_path / "run2"
-    _cli("--model", model_dir, "--data", data, "--n", 8, "--max-new-tokens", 2, "--out", out2, "--label", "any-digit",
-         "--reward-fn", f"{reward}:any_digit", "--reward-workers", 0, "--overlay", out1 / "pass_at_k.json")
+    _cli_in_process("--model", model_dir, "--data", data, "--n", 8, "--max-new-tokens", 2, "--out", out2,
+                    "--label", "any-digit", "--reward-fn", f"{reward}:any_digit", "--reward-workers", 0,
+                    "--overlay", out1 / "pass_at_k.json")
     res2 = load_results(out2 / "pass_at_k.json")
     assert res2["overall"]["pass@1"] > res["overall"]["pass@1"]
     w2, _ = png_size(out2 / "pass_at_k.png")
@@ -144,24 +138,34 @@ def test_cli_eval_writes_json_and_png_and_overlays(model_dir, tmp_path):
 
     # Overlay only: no model, just plot earlier results together.
     out3 = tmp_path / "overlay"
-    proc = _cli("--overlay", out1 / "pass_at_k.json", out2 / "pass_at_k.json", "--out", out3)
-    assert "reference" in proc.stdout and "any-digit" in proc.stdout
+    stdout = _cli_in_process("--overlay", out1 / "pass_at_k.json", out2 / "pass_at_k.json", "--out", out3)
+    assert "reference" in stdout and "any-digit" in stdout
     assert (out3 / "pass_at_k.png").stat().st_size > 10_000 and not (out3 / "pass_at_k.json").exists()
 
 
-def test_cli_eval_errors_are_one_line(model_dir, tmp_path):
-    proc = _cli("--model", tmp_path / "nope", "--data", tmp_path / "x.parquet", "--out", tmp_path, check=False)
-    assert proc.returncode == 2 and "error:" in proc.stderr and "Traceback" not in proc.stderr
-    bad = write_verl_parquet([{"data_source": "toy_digit_sum", "prompt": [{"role": "user", "content": "k=1 sum=1 :"}],
-                               "reward_model": {"ground_truth": "1", "style": "rule"}, "extra_info": {"k": 1}}],
-                             tmp_path / "ok.parquet")
-    meg = tmp_path / "megatron_ckpt"
-    (meg / "iter_0000010").mkdir(parents=True)
-    (meg / "latest_checkpointed_iteration.txt").write_text("10")
-    proc = _cli("--model", meg, "--data", bad, "--out", tmp_path / "o", check=False)
-    assert proc.returncode == 2 and "Megatron checkpoint" in proc.stderr and "Traceback" not in proc.stderr
-    proc = _cli("--out", tmp_path / "o", check=False)
-    assert proc.returncode == 2 and "--overlay" in proc.stderr
+def test_cli_eval_errors_are_one_line(model_dir, tmp_path, capsys):
+    from megatron_apo.cli import main
+
+    def run(*args):  # the CLI's own entry point, in process (the subprocess path is covered above)
+        code = main(["eval", *map(str, args)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "error:" in err, err
+        return err
+
+    ok = write_verl_parquet([{"data_source": "toy_digit_sum", "prompt": [{"role": "user", "content": "k=1 sum=1 :"}],
+                              "reward_model": {"ground_truth": "1", "style": "rule"}, "extra_info": {"k": 1}}],
+                            tmp_path / "ok.parquet")
+    assert "model folder not found" in run("--model", tmp_path / "nope", "--data", ok, "--out", tmp_path / "o")
+    (tmp_path / "iter_x").mkdir()
+    assert "neither a Hugging Face folder" in run("--model", tmp_path / "iter_x", "--data", ok, "--out", tmp_path / "o")
+    assert "dataset file not found" in run("--model", model_dir, "--data", tmp_path / "x.parquet", "--out", tmp_path)
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist([{"data_source": "toy_digit_sum", "prompt": [{"role": "user", "content": "x"}],
+                                          "reward_model": {"ground_truth": None, "style": "rule"}}]), bad)
+    err = run("--model", model_dir, "--data", bad, "--out", tmp_path / "o")
+    assert "row 0: reward_model.ground_truth: null" in err and "--skip-invalid" in err
+    assert "--overlay" in run("--out", tmp_path / "o")
+    assert "not a megatron-apo pass@k results file" in run("--overlay", ok, "--out", tmp_path / "o")
 
 
 def test_plot_overlays_runs_with_a_panel_per_data_source(tmp_path):

@@ -74,7 +74,7 @@ CASES = [
     (f"First {B}{{2}} then corrected: {B}{{1}}", "2", 0.0),
     (f"{B}{{\\frac{{\\sqrt{{16}}}}{{2}}}}", "2", 1.0),
     (f"{B}{{{{{{5}}}}}}", "5", 1.0),  # \boxed{{{5}}}
-    (f"\\fbox{{12}}", "12", 1.0),
+    ("\\fbox{12}", "12", 1.0),
     (f"{B}{{3}} and then {B}{{4", "3", 1.0),  # the last box is never closed: the previous complete one
     (f"{B} 9", "9", 1.0),
     # no answer at all

@@ -87,6 +87,10 @@ def test_load_reward_fn_verl_signature(reward_file):
         load_reward_fn(f"{reward_file}:wrong_signature")
     with pytest.raises(ValueError, match="file.py:fn_name"):
         load_reward_fn(str(reward_file))
+    broken = reward_file.parent / "broken.py"
+    broken.write_text("import nonexistent_module_xyz\n")
+    with pytest.raises(ValueError, match="broken.py failed to import: ModuleNotFoundError"):
+        load_reward_fn(f"{broken}:f")
     # Importable modules work too.
     assert load_reward_fn("megatron_apo.rewards:compute_score")("math", "\\boxed{2}", "2") == 1.0
 

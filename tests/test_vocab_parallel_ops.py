@@ -38,7 +38,7 @@ def make_case(seed: int, vocab_size: int = 43, b: int = 2, t: int = 5, k: int = 
 
 
 def masked_case(seed: int) -> dict:
-    case = make_case(seed, chunk_size=3)
+    case = make_case(seed, chunk_size=3, tile_elems=40)
     mask = torch.ones(2, 5, dtype=torch.bool)
     mask[0, 3:] = False
     mask[1, 0] = False
@@ -51,7 +51,7 @@ def masked_case(seed: int) -> dict:
 CASES = {
     "fp32_ties_padded_k_ge_shard": make_case(0, k=16),  # K=16 > shard width 12 at TP=4
     "k_exceeds_two_shards": make_case(1, k=30, ties=False),  # K=30 > 24 (TP=2) and 2.5 shards at TP=4
-    "chunked_strided": make_case(2, k=5, chunk_size=3, strided=True),
+    "chunked_tiled_strided": make_case(2, k=5, chunk_size=3, strided=True, tile_elems=30),  # 1-2 rows a tile
     "masked_nan_padding": masked_case(3),
     "bf16": make_case(4, k=8, dtype=torch.bfloat16),
     "ranks_all_padding": make_case(5, vocab_size=10, k=10),  # at TP=4, ranks 1..3 own only padded ids
@@ -175,3 +175,20 @@ def test_bad_arguments_raise_value_error_naming_them():
         vocab_parallel_logprobs(x, torch.full((2, 3), 12), vocab_size=12)
     with pytest.raises(ValueError, match="chunk_size"):
         vocab_parallel_logprobs(x, torch.zeros(2, 3, dtype=torch.long), chunk_size=0)
+
+
+def test_fused_stats_equal_the_separate_ops():
+    from megatron_apo.ops.vocab_parallel import (
+        vocab_parallel_entropy,
+        vocab_parallel_gather_logprobs,
+        vocab_parallel_logprob_stats,
+    )
+
+    case = CASES["fp32_ties_padded_k_ge_shard"]
+    x, v = case["logits"], case["vocab_size"]
+    st = vocab_parallel_logprob_stats(x, case["gather_idx"], topk=case["k"], vocab_size=v)
+    idx, lp = vocab_parallel_topk(x, case["k"], vocab_size=v)
+    assert torch.equal(st.topk_indices, idx) and torch.equal(st.topk_logprobs, lp)
+    assert torch.equal(st.logprobs, vocab_parallel_gather_logprobs(x, case["gather_idx"], vocab_size=v))
+    assert torch.allclose(st.entropy, vocab_parallel_entropy(x, vocab_size=v), rtol=0, atol=1e-6)
+    assert torch.equal(st.top1_logprob, lp[..., 0])

@@ -37,13 +37,6 @@ def _leaf(shard: torch.Tensor, dtype: torch.dtype, strided: bool):
 
 def run_ops_case(case: dict, rank: int, tp: int, group=None) -> dict:
     """All four ops on one case; per op its values and the gradient of sum(weights * values) w.r.t. the shard."""
-    from megatron_apo.ops.vocab_parallel import (
-        vocab_parallel_entropy,
-        vocab_parallel_gather_logprobs,
-        vocab_parallel_logprobs,
-        vocab_parallel_topk,
-    )
-
     shard = local_shard(case["logits"], rank, tp)
     dtype, strided = case.get("dtype", torch.float32), case.get("strided", False)
     kw = dict(group=group, vocab_size=case["vocab_size"], chunk_size=case.get("chunk_size"), mask=case.get("mask"))
@@ -60,11 +53,29 @@ def run_ops_case(case: dict, rank: int, tp: int, group=None) -> dict:
         if isinstance(res, tuple):
             out[name]["indices"] = res[0]
 
+    from megatron_apo.ops import vocab_parallel as vp
+
+    saved_tile = vp._TILE_ELEMS
+    vp._TILE_ELEMS = case.get("tile_elems", saved_tile)  # tiny tiles: several tiles per chunk at test sizes
+    try:
+        _run_all(case, run, kw)
+    finally:
+        vp._TILE_ELEMS = saved_tile
+    return out
+
+
+def _run_all(case, run, kw):
+    from megatron_apo.ops.vocab_parallel import (
+        vocab_parallel_entropy,
+        vocab_parallel_gather_logprobs,
+        vocab_parallel_logprobs,
+        vocab_parallel_topk,
+    )
+
     run("logprobs", lambda x: vocab_parallel_logprobs(x, case["targets"], **kw), case["w_logprobs"])
     run("entropy", lambda x: vocab_parallel_entropy(x, **kw), case["w_entropy"])
     run("topk", lambda x: vocab_parallel_topk(x, case["k"], **kw), case["w_topk"])
     run("gather", lambda x: vocab_parallel_gather_logprobs(x, case["gather_idx"], **kw), case["w_gather"])
-    return out
 
 
 def ops_body(tp: int, cases: list[dict]) -> dict:

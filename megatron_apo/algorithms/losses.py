@@ -15,7 +15,7 @@ import torch
 
 from megatron_apo.algorithms.settings import KL_LOSS_TYPES, resolve_algorithm_config
 from megatron_apo.config import ConfigError
-from megatron_apo.ops.vocab_parallel import vocab_parallel_logprob_stats, vocab_parallel_topk
+from megatron_apo.ops.vocab_parallel import vocab_parallel_logprob_stats
 
 _LOG_RATIO_CLAMP = 20.0
 
@@ -149,20 +149,18 @@ def compute_policy_loss(
         _check_kdim("ref_topk_indices", ref_topk_indices, lead, cfg.apo_topk, "apo_topk")
         anchors = torch.where(mask.unsqueeze(-1), ref_topk_indices[..., : cfg.apo_topk].long(), 0)
         columns.append(anchors)
-    cands = None
+    cands, on_policy_topn = None, 0
     if cfg.loss_mode == "casp":
-        if old_topk_indices is None:  # on-policy: pi_old == pi, its Top-N comes from these logits (no grad)
-            old_topk_indices, _ = vocab_parallel_topk(
-                logits.detach(), cfg.casp_topn, group, vocab_size=vocab_size, chunk_size=cfg.logprob_chunk_size, mask=mask
-            )
-            old_topk_logprobs = None
-        _check_kdim("old_topk_indices", old_topk_indices, lead, cfg.casp_topn, "casp_topn")
-        cands = torch.where(mask.unsqueeze(-1), old_topk_indices[..., : cfg.casp_topn].long(), 0)
-        columns.append(cands)
+        if old_topk_indices is None:  # on-policy: pi_old == pi, its Top-N comes from the same pass below
+            on_policy_topn, old_topk_logprobs = cfg.casp_topn, None
+        else:
+            _check_kdim("old_topk_indices", old_topk_indices, lead, cfg.casp_topn, "casp_topn")
+            cands = torch.where(mask.unsqueeze(-1), old_topk_indices[..., : cfg.casp_topn].long(), 0)
+            columns.append(cands)
 
     stats = vocab_parallel_logprob_stats(
-        logits, torch.cat(columns, dim=-1), group, vocab_size=vocab_size, chunk_size=cfg.logprob_chunk_size,
-        mask=mask, with_entropy=True,
+        logits, torch.cat(columns, dim=-1), group, topk=on_policy_topn, vocab_size=vocab_size,
+        chunk_size=cfg.logprob_chunk_size, mask=mask, with_entropy=True,
     )
     logp = stats.logprobs[..., 0]
     old = torch.where(mask, old_logprobs.float(), logp.detach())
@@ -220,8 +218,11 @@ def compute_policy_loss(
         metrics["apo/pull_clipfrac"] = _mean(((rho < 1 - cfg.clip_ratio_low) | (rho > 1 + cfg.clip_ratio_high)).float(), pulled)
         metrics["apo/pulled_frac"] = _mean(pulled.float(), mask)
     else:  # casp
+        if cands is None:
+            cands, cand_lp = stats.topk_indices, stats.topk_logprobs
+        else:
+            cand_lp = stats.logprobs[..., 1 + k : 1 + k + cands.shape[-1]]
         n = cands.shape[-1]
-        cand_lp = stats.logprobs[..., 1 + k : 1 + k + n]
         log_mass_c = torch.logsumexp(cand_lp, dim=-1)
         if old_topk_logprobs is not None:
             if tuple(old_topk_logprobs.shape[:-1]) != lead or old_topk_logprobs.shape[-1] < n:

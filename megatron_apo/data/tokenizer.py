@@ -89,7 +89,9 @@ class SentencePieceTokenizer(Tokenizer):
         return ([self.sp.bos_id()] + ids) if self.add_bos and self.sp.bos_id() >= 0 else ids
 
     def decode(self, ids: list[int]) -> str:
-        return self.sp.decode([int(i) for i in ids if int(i) not in self._special])
+        # ids past the piece table can come from a model whose (padded) vocabulary is larger: drop them
+        size = self.sp.get_piece_size()
+        return self.sp.decode([int(i) for i in ids if int(i) not in self._special and 0 <= int(i) < size])
 
     def render_prompt(self, messages: list[dict[str, str]]) -> str:
         return plain_prompt(messages)
@@ -108,7 +110,7 @@ def load_tokenizer(path: str | Path, template: str = "auto") -> Tokenizer:
     if not any((path / f).is_file() for f in hf_files):
         if (path / "tokenizer.model").is_file():
             return load_tokenizer(path / "tokenizer.model", template)
-        raise FileNotFoundError(f"{path}: no tokenizer files ({', '.join(hf_files)} or tokenizer.model)")
+        raise FileNotFoundError(f"{path}: no tokenizer files ({', '.join(hf_files)} or tokenizer.model); pass --tokenizer")
     return HFTokenizer(_load_hf_tokenizer(path), template)
 
 

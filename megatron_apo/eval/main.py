@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,22 +26,9 @@ class EvalJob:
     reward_fn: str | None = None
     reward_workers: int = 2
     reward_timeout_s: float = 5.0
+    engines: int = 0  # 0: a CPUEngine in this process; N: a Ray rollout fleet of N engines
+    ray_address: str | None = None  # an existing Ray cluster for the fleet (default: a new local one)
     config: EvalConfig = field(default_factory=EvalConfig)
-
-
-def _is_megatron_checkpoint(path: Path) -> bool:
-    return (path / "latest_checkpointed_iteration.txt").is_file() or any(path.glob("iter_*"))
-
-
-def _check_model_folder(model: Path) -> None:
-    if not model.is_dir():
-        raise FileNotFoundError(f"model folder not found: {model}")
-    if _is_megatron_checkpoint(model):
-        if importlib.util.find_spec("megatron_apo.models.convert") is None:
-            raise ValueError(f"{model} is a Megatron checkpoint; evaluating one needs the HF exporter, which is not "
-                             "built yet: export it to a Hugging Face folder first and pass that folder to --model")
-        raise ValueError(f"{model} is a Megatron checkpoint: export it with `megatron-apo convert` and pass the "
-                         "Hugging Face folder to --model")
 
 
 def run_eval(job: EvalJob) -> dict[str, dict]:
@@ -58,19 +46,22 @@ def run_eval(job: EvalJob) -> dict[str, dict]:
     if job.model is not None:
         if job.data is None:
             raise ValueError("eval: --data FILE.parquet is required with --model")
-        from megatron_apo.eval.hf_engine import HFEngine
+        from megatron_apo.eval.engines import hf_folder_for, open_engine
 
-        _check_model_folder(Path(job.model))  # before anything slow: the cheap checks first
-        tokenizer = load_tokenizer(job.tokenizer or job.model, job.template)
-        dataset = PromptDataset.from_parquet(job.data, tokenizer, job.max_prompt_length,
-                                             on_invalid="skip" if job.skip_invalid else "error")
-        prompts = dataset.items[: job.limit] if job.limit else dataset.items
-        engine = HFEngine.from_pretrained(Path(job.model))
-        label = job.label or Path(job.model).name
-        meta = {"model": str(job.model), "data": str(job.data), "template": tokenizer.template,
-                "data_report": {"rows": dataset.report.total_rows, "invalid": len(dataset.report.invalid_rows),
-                                "too_long": len(dataset.report.too_long_rows), "evaluated": len(prompts)}}
-        with RewardPool(num_workers=job.reward_workers, timeout_s=job.reward_timeout_s, reward_fn=job.reward_fn) as pool:
+        with contextlib.ExitStack() as stack:
+            hf_dir = stack.enter_context(hf_folder_for(Path(job.model), job.out))
+            tokenizer = load_tokenizer(job.tokenizer or hf_dir, job.template)
+            dataset = PromptDataset.from_parquet(job.data, tokenizer, job.max_prompt_length,
+                                                 on_invalid="skip" if job.skip_invalid else "error")
+            prompts = dataset.items[: job.limit] if job.limit else dataset.items
+            pool = stack.enter_context(RewardPool(num_workers=job.reward_workers, timeout_s=job.reward_timeout_s,
+                                                  reward_fn=job.reward_fn))
+            engine = stack.enter_context(open_engine(hf_dir, job.engines, job.ray_address))
+            label = job.label or Path(job.model).name
+            meta = {"model": str(job.model), "data": str(job.data), "template": tokenizer.template,
+                    "engine": f"ray fleet of {job.engines} CPUEngine(s)" if job.engines else "CPUEngine (in-process)",
+                    "data_report": {"rows": dataset.report.total_rows, "invalid": len(dataset.report.invalid_rows),
+                                    "too_long": len(dataset.report.too_long_rows), "evaluated": len(prompts)}}
             results = evaluate(engine, tokenizer, prompts, job.config, pool, label=label, meta=meta)
         write_results(results, job.out / "pass_at_k.json")
         runs[label] = results

@@ -23,8 +23,8 @@ def load_results(path: str | Path) -> dict:
         raise FileNotFoundError(f"results file not found: {path}")
     try:
         results = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a megatron-apo pass@k results file (not JSON: {e})") from e
     if not isinstance(results, dict) or results.get("format") != RESULTS_FORMAT:
         raise ValueError(f"{path}: not a megatron-apo pass@k results file (expected format {RESULTS_FORMAT!r})")
     return results

@@ -28,6 +28,8 @@ import torch
 from megatron_apo.models.config import ModelConfig
 from megatron_apo.models.hf_mapping import (
     OUTPUT_LAYER,
+    VOCAB_PADDED,
+    hf_sources,
     hf_config_from_model_config,
     hf_shapes,
     hf_to_megatron,
@@ -37,6 +39,7 @@ from megatron_apo.models.hf_mapping import (
 from megatron_apo.models.megatron_checkpoint import (
     MODEL_SUBDIR,
     DistCheckpointReader,
+    load_megatron_model,  # noqa: F401  (re-exported: load a converted checkpoint at any TP/PP)
     read_checkpoint_metadata,
     resolve_checkpoint,
     save_model,
@@ -63,6 +66,8 @@ class ConversionReport:
     seconds: float = 0.0
     max_abs_delta: float | None = None  # set when the conversion downcast (e.g. fp32 -> bf16)
     peak_rss_bytes: list[int] = field(default_factory=list)  # per process (max RSS as the OS counts it)
+    start_rss_bytes: list[int] = field(default_factory=list)  # per process, when the conversion work began
+    shard_bytes: list[int] = field(default_factory=list)  # hf-to-megatron: each rank's model shard
 
     def summary(self) -> str:
         s = (f"convert {self.direction}: wrote {self.out} ({self.num_tensors} tensors, "
@@ -72,8 +77,27 @@ class ConversionReport:
         return s
 
 
+def reset_peak_rss() -> None:
+    """Restarts the kernel's peak-RSS counter (Linux). Reason: a spawned process's ru_maxrss starts at its
+    parent's RSS at fork time, which would hide the conversion's own peak."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
 def peak_rss_bytes() -> int:
+    """Peak RSS since the last reset_peak_rss (VmHWM), else since the process started."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def current_rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
 
 
 @contextlib.contextmanager
@@ -150,21 +174,18 @@ def inspect_hf(hf_dir: str | Path, tp: int = 1, pp: int = 1) -> tuple[HFCheckpoi
 def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
                            dtype: str | torch.dtype | None = None, progress: bool = True,
                            timeout: float = 24 * 3600) -> ConversionReport:
-    """HF folder -> Megatron checkpoint folder (`model/` dist checkpoint + megatron_apo.json) for TP x PP."""
+    """HF folder -> Megatron checkpoint folder (`model/` dist checkpoint + megatron_apo.json) for TP x PP.
+
+    Spawns TP*PP local processes (gloo on CPU); inside an already initialised job call `save_hf_as_megatron`.
+    """
     from megatron_apo.parallel import run_distributed
 
     start = time.time()
-    hf, cfg = inspect_hf(hf_dir, tp, pp)
+    hf, _ = inspect_hf(hf_dir, tp, pp)
     target = parse_dtype(dtype) or hf.dtype()
     with atomic_output_dir(out) as tmp:
         results = run_distributed(_hf_to_megatron_rank, tp * pp, str(hf_dir), str(tmp), tp, pp, str(target),
                                   progress, timeout=timeout)
-        gen = Path(hf_dir) / "generation_config.json"
-        write_checkpoint_metadata(
-            tmp, cfg, source_hf=str(Path(hf_dir).resolve()), dtype=str(target).replace("torch.", ""),
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-            hf_generation_config=json.loads(gen.read_text()) if gen.is_file() else None,
-        )
         with contextlib.suppress(FileNotFoundError):
             (tmp / TOKENIZER_SUBDIR).mkdir()
             copy_tokenizer_files(hf_dir, tmp / TOKENIZER_SUBDIR)
@@ -175,22 +196,34 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, tp: int = 1, pp:
         out=str(out), direction="hf-to-megatron", dtype=str(target).replace("torch.", ""),
         num_tensors=sum(r["num_tensors"] for r in results), total_bytes=sum(r["bytes"] for r in results),
         seconds=time.time() - start, max_abs_delta=max(deltas) if deltas else None,
-        peak_rss_bytes=[r["peak_rss"] for r in results],
+        peak_rss_bytes=[r["peak_rss"] for r in results], start_rss_bytes=[r["start_rss"] for r in results],
+        shard_bytes=[r["shard_bytes"] for r in results],
     )
 
 
 def _hf_to_megatron_rank(hf_dir: str, tmp_out: str, tp: int, pp: int, dtype_name: str, progress: bool) -> dict:
-    """One rank: build this TP/PP shard, fill it from the HF tensors, write the dist checkpoint together."""
+    from megatron_apo.parallel import ParallelConfig, init_distributed
+
+    init_distributed(ParallelConfig(tp, pp))
+    return save_hf_as_megatron(hf_dir, tmp_out, dtype=dtype_name, progress=progress)
+
+
+def save_hf_as_megatron(hf_dir: str | Path, out: str | Path, dtype: str | torch.dtype | None = None,
+                        progress: bool = False) -> dict:
+    """Collective over the current TP x PP job: each rank builds its model shard, fills it tensor by tensor
+    from the HF safetensors, and the ranks write one dist checkpoint into `<out>/model/`; rank 0 writes
+    megatron_apo.json. Returns this rank's counts, downcast max |delta| and peak RSS."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from megatron_apo.models.builder import build_gpt_model
     from megatron_apo.models.sharding import iter_local_params, tp_slice
-    from megatron_apo.parallel import ParallelConfig, init_distributed
 
-    init_distributed(ParallelConfig(tp, pp))
+    reset_peak_rss()
+    start_rss = current_rss_bytes()
+    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     hf, cfg = inspect_hf(hf_dir, tp, pp)
-    dtype = parse_dtype(dtype_name)
+    dtype = parse_dtype(dtype) or hf.dtype()
     model = build_gpt_model(cfg, params_dtype=dtype, perform_initialization=False)
     tp_rank = ps.get_tensor_model_parallel_rank()
     padded = cfg.padded_vocab_size(tp)
@@ -200,18 +233,40 @@ def _hf_to_megatron_rank(hf_dir: str, tmp_out: str, tp: int, pp: int, dtype_name
     with _Progress(sum(lp.tensor.numel() * lp.tensor.element_size() for lp in params),
                    f"hf-to-megatron rank {dist.get_rank()}", progress and dist.get_rank() == 0) as bar:
         for lp in params:
-            full = hf_to_megatron(cfg, lp.global_name, hf.get, padded_vocab_size=padded)
-            shard = tp_slice(full, lp.partition_dim, tp_rank, tp, lp.gated)
+            if lp.global_name in VOCAB_PADDED and lp.partition_dim == 0:
+                # Read only this rank's vocabulary rows (the largest tensors), then pad.
+                rows, src = lp.tensor.shape[0], hf_sources(cfg, lp.global_name)[0]
+                first, last = tp_rank * rows, min((tp_rank + 1) * rows, cfg.vocab_size)
+                with torch.no_grad():
+                    lp.tensor[max(0, last - first):].zero_()  # padding rows
+                    if hf.tensors[src].dtype == dtype:  # straight into the parameter: no second copy
+                        hf.get_rows(src, first, last, out=lp.tensor.data[: max(0, last - first)])
+                    else:
+                        lp.tensor[: max(0, last - first)].copy_(_cast(hf.get_rows(src, first, last), dtype, deltas))
+                nbytes += lp.tensor.numel() * lp.tensor.element_size()
+                bar.advance(lp.tensor.numel() * lp.tensor.element_size())
+                continue
+            else:
+                full = hf_to_megatron(cfg, lp.global_name, hf.get, padded_vocab_size=padded)
+                shard = tp_slice(full, lp.partition_dim, tp_rank, tp, lp.gated)
             with torch.no_grad():
                 lp.tensor.copy_(_cast(shard, dtype, deltas))
             del full, shard
             nbytes += lp.tensor.numel() * lp.tensor.element_size()
             bar.advance(lp.tensor.numel() * lp.tensor.element_size())
-    save_model(model, tmp_out)
+    save_model(model, out)
+    if dist.get_rank() == 0:
+        gen = Path(hf_dir) / "generation_config.json"
+        write_checkpoint_metadata(
+            out, cfg, source_hf=str(Path(hf_dir).resolve()), dtype=str(dtype).replace("torch.", ""),
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+            hf_generation_config=json.loads(gen.read_text()) if gen.is_file() else None,
+        )
     dist.barrier()
     # TP ranks > 0 hold replicas of the norms, and a tied last stage a copy of the embedding: count bytes once.
     return {"num_tensors": len(params) if tp_rank == 0 else 0, "bytes": nbytes if tp_rank == 0 else 0,
-            "max_abs_delta": max(deltas) if deltas else None, "peak_rss": peak_rss_bytes()}
+            "max_abs_delta": max(deltas) if deltas else None, "peak_rss": peak_rss_bytes(), "start_rss": start_rss,
+            "shard_bytes": nbytes}
 
 
 # ------------------------------------------------------------------------------- Megatron -> HF
@@ -220,7 +275,8 @@ def convert_megatron_to_hf(ckpt: str | Path, out: str | Path, tokenizer: str | P
                            dtype: str | torch.dtype | None = None, max_shard_size: str | int = "5GB",
                            progress: bool = True) -> ConversionReport:
     """Megatron checkpoint (any TP/PP; a checkpoint folder or a training dir of iter_*) -> HF folder."""
-    start = time.time()
+    reset_peak_rss()
+    start, start_rss = time.time(), current_rss_bytes()
     folder = resolve_checkpoint(ckpt)
     cfg, meta = read_checkpoint_metadata(folder)
     reader = DistCheckpointReader(folder / MODEL_SUBDIR, cfg)
@@ -239,12 +295,20 @@ def convert_megatron_to_hf(ckpt: str | Path, out: str | Path, tokenizer: str | P
         try:
             with _Progress(total, "megatron-to-hf", progress) as bar:
                 for names in groups:
+                    for name in [n for n in names if n in VOCAB_PADDED]:
+                        # The largest tensors: stream them one stored TP shard of rows at a time.
+                        if not (name == OUTPUT_LAYER and cfg.tie_word_embeddings):  # else HF has no lm_head
+                            hf_name = hf_sources(cfg, name)[0]
+                            for row0, row1 in reader.row_blocks(name):
+                                if row0 < cfg.vocab_size:
+                                    block = reader.load_rows(name, row0, min(row1, cfg.vocab_size))
+                                    writer.write_rows(hf_name, row0, _cast(block, target, deltas))
+                                    del block
+                        bar.advance(reader.tensor_bytes(name))
+                    names = [n for n in names if n not in VOCAB_PADDED]
                     loaded = reader.load(names)
                     for name in names:
                         full = loaded.pop(name)
-                        if name == OUTPUT_LAYER and cfg.tie_word_embeddings:
-                            bar.advance(reader.tensor_bytes(name))
-                            continue  # a PP>1 last stage's copy of the embedding; HF has no lm_head then
                         for hf_name, t in megatron_to_hf(cfg, name, full):
                             writer.write(hf_name, _cast(t, target, deltas))
                         bar.advance(reader.tensor_bytes(name))
@@ -263,5 +327,5 @@ def convert_megatron_to_hf(ckpt: str | Path, out: str | Path, tokenizer: str | P
     return ConversionReport(
         out=str(out), direction="megatron-to-hf", dtype=str(target).replace("torch.", ""), num_tensors=len(specs),
         total_bytes=writer.total_size, seconds=time.time() - start, max_abs_delta=max(deltas) if deltas else None,
-        peak_rss_bytes=[peak_rss_bytes()],
+        peak_rss_bytes=[peak_rss_bytes()], start_rss_bytes=[start_rss],
     )

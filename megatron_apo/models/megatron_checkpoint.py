@@ -199,10 +199,33 @@ class DistCheckpointReader:
         out.append([FINAL_NORM] + ([OUTPUT_LAYER] if OUTPUT_LAYER in self.meta else []))
         return out
 
+    def row_blocks(self, global_name: str) -> list[tuple[int, int]]:
+        """The row ranges [start, stop) in which a non-layer tensor is stored (one per TP shard)."""
+        md = self.meta[global_name]
+        starts = sorted({c.offsets[0] for c in md.chunks} | {md.size[0]})
+        return list(zip(starts[:-1], starts[1:]))
+
+    def load_rows(self, global_name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a non-layer tensor (e.g. one stored TP shard of the embedding)."""
+        md = self.meta[global_name]
+        key = self.prefix + global_name
+        state = {key: torch.empty((stop - start, *md.size[1:]), dtype=md.properties.dtype)}
+        self._dcp_load(state, {key: (start,) + (0,) * (len(md.size) - 1)}, [global_name])
+        return state[key]
+
+    def _dcp_load(self, state, offsets, names) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            dcp.load(state, storage_reader=self._reader, planner=_SlicePlanner(offsets), no_dist=True)
+        except CheckpointException as e:  # a BaseException in torch: turn it into a one-line input error
+            cause = [ln for ln in str(e).strip().splitlines() if ln.strip()][-1].strip()
+            raise ValueError(f"{self.folder}: cannot read {names[0]}"
+                             f"{' and others' if len(names) > 1 else ''} (storage damaged? {cause})") from None
+
     def load(self, global_names: list[str]) -> dict[str, torch.Tensor]:
         """Reads the named full tensors (a layer's names read only that layer's slice of the storage)."""
-        import torch.distributed.checkpoint as dcp
-
         state, offsets = {}, {}
         for name in global_names:
             m = re.match(r"^decoder\.layers\.(\d+)\.(.+)$", name)
@@ -214,7 +237,7 @@ class DistCheckpointReader:
             else:
                 state[key] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
                 offsets[key] = (0,) * len(md.size)
-        dcp.load(state, storage_reader=self._reader, planner=_SlicePlanner(offsets), no_dist=True)
+        self._dcp_load(state, offsets, global_names)
         out = {}
         for name in global_names:
             m = re.match(r"^decoder\.layers\.(\d+)\.(.+)$", name)

@@ -54,8 +54,9 @@ def parse_size(size: str | int) -> int:
     return int(float(m.group(1)) * scale)
 
 
-def read_safetensors_header(path: Path) -> dict[str, dict]:
-    """The tensor entries of one safetensors file's header (name -> dtype, shape, data_offsets)."""
+def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
+    """The tensor entries of one safetensors file's header (name -> dtype, shape, data_offsets), and where
+    the data starts."""
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
@@ -68,7 +69,7 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
     header.pop("__metadata__", None)
-    return header
+    return header, 8 + n
 
 
 @dataclass
@@ -76,6 +77,7 @@ class TensorInfo:
     file: str
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int = 0  # absolute byte offset of the data in the file
 
     @property
     def nbytes(self) -> int:
@@ -116,10 +118,17 @@ class HFCheckpoint:
             path = self.folder / fname
             if not path.is_file():
                 raise FileNotFoundError(f"safetensors shard {path} {where} is missing")
-            for name, entry in read_safetensors_header(path).items():
+            header, data_start = read_safetensors_header(path)
+            size = path.stat().st_size
+            for name, entry in header.items():
                 if entry["dtype"] not in SAFE_DTYPES:
                     raise ValueError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
-                self.tensors[name] = TensorInfo(fname, SAFE_DTYPES[entry["dtype"]], tuple(entry["shape"]))
+                info = TensorInfo(fname, SAFE_DTYPES[entry["dtype"]], tuple(entry["shape"]),
+                                  data_start + entry["data_offsets"][0])
+                if entry["data_offsets"][1] - entry["data_offsets"][0] != info.nbytes or \
+                        data_start + entry["data_offsets"][1] > size:
+                    raise ValueError(f"{path}: tensor {name} has inconsistent data offsets (truncated file?)")
+                self.tensors[name] = info
         if weight_map is not None:
             for name, fname in weight_map.items():
                 if name not in self.tensors or self.tensors[name].file != fname:
@@ -145,14 +154,46 @@ class HFCheckpoint:
                                  f"config.json implies {list(shape)} (config and weights do not match)")
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
+        """Reads one tensor with a plain file read (no memory map, so the process holds only this tensor)."""
         info = self.tensors.get(name)
         if info is None:
             raise ValueError(f"{self.folder}: tensor {name} not found")
         if info.file not in self._handles:
-            self._handles[info.file] = safe_open(str(self.folder / info.file), framework="pt")
-        return self._handles[info.file].get_tensor(name)
+            self._handles[info.file] = open(self.folder / info.file, "rb")
+        f = self._handles[info.file]
+        out = torch.empty(info.shape, dtype=info.dtype)
+        f.seek(info.offset)
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        if f.readinto(view) != info.nbytes:
+            raise ValueError(f"{self.folder / info.file}: tensor {name} is truncated")
+        return out
+
+    def get_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) of a tensor, reading only their bytes (vocab tensors are the largest); into `out`
+        (contiguous, same dtype, rows clipped to the tensor) when given, so no second copy exists."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise ValueError(f"{self.folder}: tensor {name} not found")
+        stop = min(stop, info.shape[0])
+        shape = (max(0, stop - start), *info.shape[1:])
+        if out is None:
+            out = torch.empty(shape, dtype=info.dtype)
+        elif tuple(out.shape) != shape or out.dtype != info.dtype or not out.is_contiguous():
+            raise ValueError(f"{name}: cannot read rows {start}:{stop} into a {tuple(out.shape)} {out.dtype} tensor")
+        if out.numel() == 0:
+            return out
+        if info.file not in self._handles:
+            self._handles[info.file] = open(self.folder / info.file, "rb")
+        f = self._handles[info.file]
+        f.seek(info.offset + start * (info.nbytes // info.shape[0]))
+        if f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy())) != out.numel() * out.element_size():
+            raise ValueError(f"{self.folder / info.file}: tensor {name} is truncated")
+        return out
+
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
+        self._handles.clear()
 
 
 class ShardedSafetensorsWriter:
@@ -200,6 +241,7 @@ class ShardedSafetensorsWriter:
                 self.weight_map[name] = fname
             self.total_size += offset
         self._written: set[str] = set()
+        self._rows: dict[str, int] = {}
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self.specs:
@@ -207,13 +249,26 @@ class ShardedSafetensorsWriter:
         shape, dtype = self.specs[name]
         if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
             raise ValueError(f"tensor {name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {tuple(shape)} {dtype}")
+        self.write_rows(name, 0, tensor)
+
+    def write_rows(self, name: str, row_start: int, rows: torch.Tensor) -> None:
+        """Writes rows [row_start, row_start + len(rows)) of a planned tensor (so a large tensor can be
+        streamed in blocks); the tensor counts as written once all its rows have come."""
+        if name not in self.specs:
+            raise ValueError(f"tensor {name} is not part of the planned HF checkpoint")
+        shape, dtype = self.specs[name]
+        full_rows = shape[0] if shape else 1
+        if tuple(rows.shape[1:]) != tuple(shape[1:]) or rows.dtype != dtype or row_start + (rows.shape[0] if shape else 1) > full_rows:
+            raise ValueError(f"tensor {name}: got rows {row_start}+{tuple(rows.shape)} {rows.dtype}, planned "
+                             f"{tuple(shape)} {dtype}")
         fname, offset, nbytes = self._where[name]
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        assert data.nbytes == nbytes
+        data = rows.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         f = self._files[fname]
-        f.seek(offset)
+        f.seek(offset + row_start * (nbytes // full_rows if full_rows else 0))
         f.write(memoryview(data))
-        self._written.add(name)
+        self._rows[name] = self._rows.get(name, 0) + (rows.shape[0] if shape else 1)
+        if self._rows[name] == full_rows:
+            self._written.add(name)
 
     def close(self) -> None:
         """Closes the files and writes the index; every planned tensor must have been written."""

@@ -6,10 +6,11 @@
 * never all-gathers the vocabulary: per token, each rank reduces its shard to a few numbers (local max,
   sum of exps, sum of exp*x, the values it owns at the requested ids, or its local top-k candidates) and
   only those are exchanged (one or two `all_gather`s per chunk of tokens);
-* works in fp32 internally (bf16/fp16 shards are upcast one chunk at a time) and returns fp32 values;
-* processes tokens in chunks of `chunk_size` rows, and recomputes the softmax chunk by chunk in the
-  backward (nothing of size tokens x vocab is saved besides the caller's own logits), so peak memory
-  beyond the logits and their gradient is O(chunk_size x V/TP);
+* works in fp32 internally (bf16/fp16 shards are upcast one tile at a time) and returns fp32 values;
+* exchanges per chunk of `chunk_size` tokens (one all_gather, two with Top-K) and computes in tiles of
+  ~1M elements (fp32 temporaries stay in cache); the backward recomputes the softmax tile by tile
+  (nothing of size tokens x vocab is saved besides the caller's own logits), so peak memory beyond the
+  logits and their gradient is a few MB plus O(chunk_size x k);
 * masks Megatron's padded vocabulary tail: ids >= `vocab_size` (the true vocabulary) carry no probability
   and are never chosen by Top-K;
 * skips positions where `mask` is False (outputs 0, gradient 0, no NaN whatever the logits hold there);
@@ -32,7 +33,9 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk: 1024 x 76k fp32 = 311 MB per temporary at Qwen's vocab, TP=2
+DEFAULT_CHUNK_SIZE = 4096  # tokens per exchange (bounds the small per-token buffers; compute runs in tiles)
+_TILE_ELEMS = 1 << 20  # CPU: fp32 elements per compute tile (4 MB), so temporaries stay in cache
+_TILE_ELEMS_GPU = 1 << 26  # GPU: 256 MB tiles; the point there is few kernel launches, not cache
 _PAD_INDEX = 2**62  # index of the filler candidates of a rank with fewer than k valid ids (sorts last)
 
 
@@ -123,6 +126,16 @@ class _Rows:
             e = min(s + self.chunk, self.count)
             yield slice(s, e) if self.ids is None else self.ids[s:e]
 
+    def tiles(self, sel, width: int):
+        """Splits one chunk's selection into (rows within the chunk, rows of the tensor) tiles of about
+        _TILE_ELEMS elements, so the elementwise passes over a tile run in cache, not DRAM."""
+        elems = _TILE_ELEMS if self.logits.device.type == "cpu" else _TILE_ELEMS_GPU
+        step = max(1, elems // max(1, width))
+        n = sel.stop - sel.start if isinstance(sel, slice) else sel.numel()
+        for a in range(0, n, step):
+            b = min(a + step, n)
+            yield slice(a, b), (slice(sel.start + a, sel.start + b) if isinstance(sel, slice) else sel[a:b])
+
     def read(self, sel) -> torch.Tensor:
         if self.flat is not None:
             return self.flat[sel] if isinstance(sel, slice) else self.flat.index_select(0, sel)
@@ -132,7 +145,7 @@ class _Rows:
 
 
 def _fp32_valid(chunk: torch.Tensor, sh: _Shard) -> torch.Tensor:
-    """This chunk's non-padded columns in fp32 (a copy for bf16/fp16; may be a view of the caller's fp32
+    """This tile's non-padded columns in fp32 (a copy for bf16/fp16; may be a view of the caller's fp32
     logits, so callers below never write into it)."""
     return chunk[:, : sh.valid].float()
 
@@ -203,150 +216,139 @@ def _order_candidates(vals: torch.Tensor, idx: torch.Tensor):
 
 
 def _topk_lowest_index(x: torch.Tensor, k: int):
-    """Top-k of each row; among values equal to the k-th, the lowest column indices win."""
-    vals, idx = torch.topk(x, k, dim=1, sorted=True)
-    kth = vals[:, -1:]
-    ties = (x >= kth).sum(dim=1) > k  # more candidates at the boundary value than slots left
-    if bool(ties.any()):
-        r = ties.nonzero().squeeze(1)
-        xt, kt = x.index_select(0, r), kth.index_select(0, r)
-        above = xt > kt
-        at = xt == kt
-        need = k - above.sum(dim=1, keepdim=True)
-        take = above | (at & (at.cumsum(dim=1) <= need))  # exactly k per row, lowest indices among ties
-        cols = take.nonzero()[:, 1].view(-1, k)  # row-major: ascending column order per row
-        vals[r] = xt.gather(1, cols)
-        idx[r] = cols
-    return _order_candidates(vals, idx)
+    """Top-k of each row; among values equal to the k-th, the lowest column indices win.
+
+    torch.topk breaks ties arbitrarily, so take up to 2k candidates: when the last candidate is smaller
+    than the k-th value, every id tied with the k-th value is among them and ordering the candidates by
+    (value desc, index asc) is exact. Rows with more ties than that (rare: near-constant rows) fall back
+    to a stable full sort.
+    """
+    width = x.shape[1]
+    extra = min(width, 2 * k)
+    vals, idx = _order_candidates(*torch.topk(x, extra, dim=1, sorted=True))
+    if extra < width:
+        crowded = vals[:, extra - 1] >= vals[:, k - 1]
+        if bool(crowded.any()):
+            r = crowded.nonzero().squeeze(1)
+            sv, si = torch.sort(x.index_select(0, r), dim=1, descending=True, stable=True)
+            vals[r], idx[r] = sv[:, :extra], si[:, :extra]
+    return vals[:, :k], idx[:, :k]
+
+
+def _local_candidates(x: torch.Tensor, kk: int, sh: _Shard):
+    """This rank's top-kk (value, global id); ranks with fewer valid ids pad with (-inf, _PAD_INDEX)."""
+    n = x.shape[0]
+    vals = torch.full((n, kk), -math.inf, dtype=torch.float32, device=x.device)
+    gidx = torch.full((n, kk), _PAD_INDEX, dtype=torch.int64, device=x.device)
+    take = min(kk, sh.valid)
+    if take:
+        v, i = _topk_lowest_index(x, take)
+        vals[:, :take], gidx[:, :take] = v, i + sh.start
+    return vals, gidx
 
 
 # ----------------------------------------------------------------------------------------------------------
-# backward shared by gather / logprobs / entropy / top-k
+# the autograd Function: log-probs at ids, entropy, top-1, and (optionally) the global top-k, in one pass
 
 
-def _backward_chunks(ctx, grad_lp: Optional[torch.Tensor], grad_ent: Optional[torch.Tensor]) -> torch.Tensor:
-    logits, lse, ent, idx = ctx.saved_tensors
-    sh, rows = ctx.shard, _Rows(logits, ctx.mask, ctx.chunk_size, ctx.op)
-    grad = (torch.zeros if rows.ids is not None else torch.empty)(logits.shape, dtype=logits.dtype, device=logits.device)
-    gflat = grad.view(rows.n, sh.width)
-    gflat_lp = grad_lp.reshape(rows.n, -1) if grad_lp is not None else None
-    idx_flat = idx.reshape(rows.n, -1) if idx is not None else None
-    gflat_ent = grad_ent.reshape(rows.n) if grad_ent is not None else None
-    for sel in rows.chunks():
-        if sh.valid < sh.width:
-            gflat[sel, sh.valid :] = 0
-        if sh.valid == 0:
-            continue
-        x = _fp32_valid(rows.read(sel), sh)
-        logp = x - lse[sel].unsqueeze(1)  # own temporary
-        p = logp.exp()
-        g_sum = gflat_lp[sel].sum(dim=1, keepdim=True) if gflat_lp is not None else None
-        if gflat_ent is not None:
-            # dH/dx_j = -p_j (log p_j + H)
-            coef = logp.add_(ent[sel].unsqueeze(1)).mul_(gflat_ent[sel].unsqueeze(1))
-            if g_sum is not None:
-                coef.add_(g_sum)
-        else:
-            coef = g_sum
-        gx = p.mul_(coef).neg_()
-        del logp
-        if gflat_lp is not None:
-            # d log p_i / dx_j = 1[j = idx_i] - p_j: scatter the upstream grads onto the ids this rank owns
-            local = idx_flat[sel] - sh.start
-            own = (local >= 0) & (local < sh.valid)
-            gi = gflat_lp[sel].float()
-            gx.scatter_add_(1, local.clamp(0, sh.valid - 1), torch.where(own, gi, torch.zeros_like(gi)))
-        gflat[sel, : sh.valid] = gx.to(grad.dtype)
-    return grad
-
-
-def _save(ctx, logits, lse, ent, idx, shard, mask, chunk_size, op):
-    ctx.save_for_backward(logits, lse, ent, idx)
-    ctx.shard, ctx.mask, ctx.chunk_size, ctx.op = shard, mask, chunk_size, op
-    ctx.set_materialize_grads(False)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# autograd Functions
-
-
-class _LogProbStats(torch.autograd.Function):
-    """log p at given global ids [..., k], entropy [...], and the top-1 log-prob [...] (no grad)."""
+class _VocabParallelStats(torch.autograd.Function):
+    """Outputs: log p at `indices` [N, n], entropy [N], top-1 log-prob [N] (no grad), top-k ids [N, k]
+    (no grad) and their log p [N, k]. N = the flattened leading dims of `logits`."""
 
     @staticmethod
-    def forward(ctx, logits, indices, shard, mask, chunk_size, want_entropy, op):
+    def forward(ctx, logits, indices, topk, shard, mask, chunk_size, want_entropy, op):
         rows = _Rows(logits, mask, chunk_size, op)
-        k = indices.shape[-1]
-        idx_flat = indices.reshape(rows.n, k)
-        out_lp = logits.new_zeros((rows.n, k), dtype=torch.float32)
-        out_ent = logits.new_zeros(rows.n, dtype=torch.float32)
-        out_top1 = logits.new_zeros(rows.n, dtype=torch.float32)
-        lse_all = logits.new_zeros(rows.n, dtype=torch.float32)
+        n_idx = indices.shape[-1]
+        idx_flat = indices.reshape(rows.n, n_idx)
+        kk = min(topk, shard.width)  # candidates per rank (same on every rank); the global top-k needs <= k of each
+        f32 = dict(dtype=torch.float32, device=logits.device)
+        out_lp = torch.zeros(rows.n, n_idx, **f32)
+        out_ent = torch.zeros(rows.n, **f32)
+        out_top1 = torch.zeros(rows.n, **f32)
+        out_tk_lp = torch.zeros(rows.n, topk, **f32)
+        out_tk_idx = torch.arange(topk, device=logits.device).repeat(rows.n, 1)  # masked rows: any valid ids
+        lse_all = torch.zeros(rows.n, **f32)
         for sel in rows.chunks():
-            x = _fp32_valid(rows.read(sel), shard)
-            m, s, t = _local_stats(x, want_entropy)
-            picked = _owned_values(x, idx_flat[sel], shard)
-            del x
-            packed = _all_gather(torch.cat([m[:, None], s[:, None], t[:, None], picked], dim=1), shard)
+            c = sel.stop - sel.start if isinstance(sel, slice) else sel.numel()
+            local = torch.empty(c, 3 + n_idx + kk, **f32)  # [m, s, t | owned values at ids | candidate values]
+            local_idx = torch.empty(c, kk, dtype=torch.int64, device=logits.device)
+            for in_chunk, tile in rows.tiles(sel, shard.valid):
+                x = _fp32_valid(rows.read(tile), shard)
+                m, s, t = _local_stats(x, want_entropy)
+                local[in_chunk, 0], local[in_chunk, 1], local[in_chunk, 2] = m, s, t
+                local[in_chunk, 3 : 3 + n_idx] = _owned_values(x, idx_flat[tile], shard)
+                if kk:
+                    local[in_chunk, 3 + n_idx :], local_idx[in_chunk] = _local_candidates(x, kk, shard)
+            packed = _all_gather(local, shard)  # [world, c, cols]: a few numbers per token and rank
             lse, ent, big_m = _combine_stats(packed[:, :, 0], packed[:, :, 1], packed[:, :, 2])
-            out_lp[sel] = packed[:, :, 3:].sum(dim=0) - lse.unsqueeze(1)
-            out_ent[sel] = ent if want_entropy else 0.0
+            out_lp[sel] = packed[:, :, 3 : 3 + n_idx].sum(dim=0) - lse.unsqueeze(1)
+            if want_entropy:
+                out_ent[sel] = ent
             out_top1[sel] = big_m - lse
             lse_all[sel] = lse
-        _save(ctx, logits, lse_all, out_ent, idx_flat, shard, mask, chunk_size, op)
+            if kk:
+                cand_idx = _all_gather(local_idx, shard).permute(1, 0, 2).reshape(c, -1)
+                cand_vals = packed[:, :, 3 + n_idx :].permute(1, 0, 2).reshape(c, -1)
+                top_vals, top_idx = _order_candidates(cand_vals, cand_idx)
+                out_tk_idx[sel] = top_idx[:, :topk]
+                out_tk_lp[sel] = top_vals[:, :topk] - lse.unsqueeze(1)
+        ctx.save_for_backward(logits, lse_all, out_ent, idx_flat, out_tk_idx)
+        ctx.shard, ctx.mask, ctx.chunk_size, ctx.op = shard, mask, chunk_size, op
+        ctx.set_materialize_grads(False)
         lead = tuple(logits.shape[:-1])
-        outs = out_lp.view(*lead, k), out_ent.view(lead), out_top1.view(lead)
-        ctx.mark_non_differentiable(*((outs[2],) if want_entropy else (outs[1], outs[2])))
+        outs = (out_lp.view(*lead, n_idx), out_ent.view(lead), out_top1.view(lead),
+                out_tk_idx.view(*lead, topk), out_tk_lp.view(*lead, topk))
+        ctx.mark_non_differentiable(*((outs[2], outs[3]) if want_entropy else (outs[1], outs[2], outs[3])))
         return outs
 
     @staticmethod
-    def backward(ctx, grad_lp, grad_ent, _grad_top1):
-        if grad_lp is None and grad_ent is None:
-            return (None,) * 7
-        return _backward_chunks(ctx, grad_lp, grad_ent), None, None, None, None, None, None
+    def backward(ctx, grad_lp, grad_ent, _grad_top1, _grad_tk_idx, grad_tk_lp):
+        logits, lse, ent, idx_flat, tk_idx = ctx.saved_tensors
+        n = lse.shape[0]
+        ids, grads = [], []
+        if grad_lp is not None and idx_flat.shape[1]:
+            ids.append(idx_flat), grads.append(grad_lp.reshape(n, -1))
+        if grad_tk_lp is not None and tk_idx.shape[1]:
+            ids.append(tk_idx), grads.append(grad_tk_lp.reshape(n, -1))
+        if not ids and grad_ent is None:
+            return (None,) * 8
+        idx = torch.cat(ids, dim=1) if ids else None
+        g = torch.cat(grads, dim=1) if grads else None
+        g_ent = grad_ent.reshape(n) if grad_ent is not None else None
+        return _backward(ctx, logits, lse, ent, idx, g, g_ent), None, None, None, None, None, None, None
 
 
-class _TopK(torch.autograd.Function):
-    """Global top-k ids [..., k] (int64, no grad) and their log-probs [..., k]."""
-
-    @staticmethod
-    def forward(ctx, logits, k, shard, mask, chunk_size, op):
-        rows = _Rows(logits, mask, chunk_size, op)
-        kk = min(k, shard.width)  # candidates per rank: the same on every rank (the global top-k needs <= k of each)
-        out_idx = torch.arange(k, device=logits.device).repeat(rows.n, 1)  # masked rows: any valid ids
-        out_lp = logits.new_zeros((rows.n, k), dtype=torch.float32)
-        lse_all = logits.new_zeros(rows.n, dtype=torch.float32)
-        for sel in rows.chunks():
-            x = _fp32_valid(rows.read(sel), shard)
-            n = x.shape[0]
-            m, s, _ = _local_stats(x, want_entropy=False)
-            vals = torch.full((n, kk), -math.inf, dtype=torch.float32, device=x.device)
-            gidx = torch.full((n, kk), _PAD_INDEX, dtype=torch.int64, device=x.device)
-            take = min(kk, shard.valid)
-            if take:
-                v, i = _topk_lowest_index(x, take)
-                vals[:, :take], gidx[:, :take] = v, i + shard.start
-            del x
-            packed = _all_gather(torch.cat([m[:, None], s[:, None], vals], dim=1), shard)
-            cand_idx = _all_gather(gidx, shard)
-            lse, _, _ = _combine_stats(packed[:, :, 0], packed[:, :, 1], torch.zeros_like(packed[:, :, 0]))
-            cand_vals = packed[:, :, 2:].permute(1, 0, 2).reshape(n, -1)
-            cand_idx = cand_idx.permute(1, 0, 2).reshape(n, -1)
-            top_vals, top_idx = _order_candidates(cand_vals, cand_idx)
-            out_idx[sel] = top_idx[:, :k]
-            out_lp[sel] = top_vals[:, :k] - lse.unsqueeze(1)
-            lse_all[sel] = lse
-        _save(ctx, logits, lse_all, None, out_idx, shard, mask, chunk_size, op)
-        lead = tuple(logits.shape[:-1])
-        outs = out_idx.view(*lead, k), out_lp.view(*lead, k)
-        ctx.mark_non_differentiable(outs[0])
-        return outs
-
-    @staticmethod
-    def backward(ctx, _grad_idx, grad_lp):
-        if grad_lp is None:
-            return (None,) * 6
-        return _backward_chunks(ctx, grad_lp, None), None, None, None, None, None
+def _backward(ctx, logits, lse, ent, idx, g, g_ent) -> torch.Tensor:
+    """d/dx_j of sum_i g_i log p(idx_i) + g_ent H = scatter(g)_j - p_j (sum_i g_i + g_ent (log p_j + H)).
+    Needs no communication: the global log-sum-exp and entropy were saved per token."""
+    sh, rows = ctx.shard, _Rows(logits, ctx.mask, ctx.chunk_size, ctx.op)
+    alloc = torch.zeros if rows.ids is not None else torch.empty  # masked rows keep a zero gradient
+    grad = alloc(logits.shape, dtype=logits.dtype, device=logits.device)
+    gflat = grad.view(rows.n, sh.width)
+    g_sum = g.sum(dim=1, keepdim=True) if g is not None else None
+    for sel in rows.chunks():
+        for _, tile in rows.tiles(sel, sh.valid):
+            if sh.valid < sh.width:
+                gflat[tile, sh.valid :] = 0  # padded ids: no probability, no gradient
+            if sh.valid == 0:
+                continue
+            x = _fp32_valid(rows.read(tile), sh)
+            logp = x - lse[tile].unsqueeze(1)  # our own temporary
+            p = logp.exp()
+            if g_ent is not None:  # dH/dx_j = -p_j (log p_j + H)
+                coef = logp.add_(ent[tile].unsqueeze(1)).mul_(g_ent[tile].unsqueeze(1))
+                if g_sum is not None:
+                    coef.add_(g_sum[tile])
+            else:
+                coef = g_sum[tile]
+            gx = p.mul_(coef).neg_()
+            if g is not None:
+                local = idx[tile] - sh.start
+                own = (local >= 0) & (local < sh.valid)
+                gi = g[tile].float()
+                gx.scatter_add_(1, local.clamp(0, sh.valid - 1), torch.where(own, gi, torch.zeros_like(gi)))
+            gflat[tile, : sh.valid] = gx.to(grad.dtype)
+    return grad
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -354,33 +356,50 @@ class _TopK(torch.autograd.Function):
 
 
 class LogProbStats(NamedTuple):
-    logprobs: torch.Tensor  # [..., k] log p at the requested ids (grad flows)
-    entropy: torch.Tensor  # [...] (grad flows; zeros when not requested)
+    logprobs: torch.Tensor  # [..., n] log p at the requested ids (grad flows)
+    entropy: torch.Tensor  # [...] (grad flows; zeros when with_entropy=False)
     top1_logprob: torch.Tensor  # [...] log max_v p(v) (no grad)
+    topk_indices: torch.Tensor  # [..., topk] global ids, by probability, ties by lower id (no grad)
+    topk_logprobs: torch.Tensor  # [..., topk] (grad flows)
+
+
+def _apply(op, logits, indices, topk, group, vocab_size, chunk_size, mask, with_entropy) -> LogProbStats:
+    sh = _shard(logits, group, vocab_size, op)
+    rows = _Rows(logits, mask, chunk_size, op)  # validates mask and chunk_size before any communication
+    true_vocab = sh.width * sh.world if vocab_size is None else int(vocab_size)
+    if indices is None:
+        indices = torch.zeros((*logits.shape[:-1], 0), dtype=torch.long, device=logits.device)
+    if tuple(indices.shape[:-1]) != tuple(logits.shape[:-1]):
+        raise ValueError(f"{op}: indices shape {tuple(indices.shape)} must be logits.shape[:-1] + (k,) "
+                         f"= {tuple(logits.shape[:-1])} + (k,)")
+    _check_indices(indices, rows, true_vocab, op, "global_indices")
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 0:
+        raise ValueError(f"{op}: k must be a positive integer (got {topk!r})")
+    if topk > true_vocab:
+        raise ValueError(f"{op}: k={topk} exceeds the vocabulary size {true_vocab}")
+    out = _VocabParallelStats.apply(logits, indices.long(), topk, sh, mask, chunk_size, with_entropy, op)
+    return LogProbStats(*out)
 
 
 def vocab_parallel_logprob_stats(
     logits: torch.Tensor,
-    global_indices: torch.Tensor,
+    global_indices: Optional[torch.Tensor] = None,
     group=None,
     *,
+    topk: int = 0,
     vocab_size: Optional[int] = None,
     chunk_size: Optional[int] = None,
     mask: Optional[torch.Tensor] = None,
     with_entropy: bool = True,
 ) -> LogProbStats:
-    """One pass over the vocabulary for log-probs at `global_indices` [..., k], entropy and top-1 log-prob.
+    """One pass over the vocabulary for everything a step needs per token: log-probs at `global_indices`
+    [..., n], entropy, top-1 log-prob and, with `topk` > 0, the global Top-K (ids and log-probs).
 
-    The losses use this fused form so the forward reads the logits once and the backward writes one gradient.
+    The losses use it so the forward reads the logits once and the backward writes one gradient; the
+    reference pass can take its Top-K and the sampled token's log-prob from a single call.
     """
-    op = "vocab_parallel_logprob_stats"
-    sh = _shard(logits, group, vocab_size, op)
-    if tuple(global_indices.shape[:-1]) != tuple(logits.shape[:-1]):
-        raise ValueError(f"{op}: indices shape {tuple(global_indices.shape)} must be logits.shape[:-1] + (k,)")
-    rows = _Rows(logits, mask, chunk_size, op)
-    _check_indices(global_indices, rows, sh.width * sh.world if vocab_size is None else vocab_size, op, "global_indices")
-    lp, ent, top1 = _LogProbStats.apply(logits, global_indices.long(), sh, mask, chunk_size, with_entropy, op)
-    return LogProbStats(lp, ent, top1)
+    return _apply("vocab_parallel_logprob_stats", logits, global_indices, topk, group, vocab_size, chunk_size,
+                  mask, with_entropy)
 
 
 def vocab_parallel_gather_logprobs(
@@ -393,13 +412,8 @@ def vocab_parallel_gather_logprobs(
     mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """log p(v) at global ids `global_indices` [..., k] -> [..., k] fp32; each value from the shard owning v."""
-    op = "vocab_parallel_gather_logprobs"
-    sh = _shard(logits, group, vocab_size, op)
-    if tuple(global_indices.shape[:-1]) != tuple(logits.shape[:-1]):
-        raise ValueError(f"{op}: indices shape {tuple(global_indices.shape)} must be logits.shape[:-1] + (k,)")
-    rows = _Rows(logits, mask, chunk_size, op)
-    _check_indices(global_indices, rows, sh.width * sh.world if vocab_size is None else vocab_size, op, "global_indices")
-    return _LogProbStats.apply(logits, global_indices.long(), sh, mask, chunk_size, False, op)[0]
+    return _apply("vocab_parallel_gather_logprobs", logits, global_indices, 0, group, vocab_size, chunk_size,
+                  mask, False).logprobs
 
 
 def vocab_parallel_logprobs(
@@ -411,17 +425,18 @@ def vocab_parallel_logprobs(
     chunk_size: Optional[int] = None,
     mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """log p(target) per position: logits [..., V/TP], targets [...] (global ids) -> [...] fp32."""
+    """log p(target) per position: logits [..., V/TP], targets [...] (global ids) -> [...] fp32.
+    Targets at masked positions may be anything (-100, pad ids)."""
     op = "vocab_parallel_logprobs"
     if tuple(targets.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"{op}: targets shape {tuple(targets.shape)} must equal logits.shape[:-1] = {tuple(logits.shape[:-1])}")
-    sh = _shard(logits, group, vocab_size, op)
-    rows = _Rows(logits, mask, chunk_size, op)
-    _check_indices(targets, rows, sh.width * sh.world if vocab_size is None else vocab_size, op, "targets")
     idx = targets.long().unsqueeze(-1)
-    if mask is not None:  # targets at masked positions may be anything (-100, pad ids)
+    if mask is not None and tuple(mask.shape) == tuple(targets.shape):
         idx = torch.where(mask.bool().unsqueeze(-1), idx, torch.zeros_like(idx))
-    return _LogProbStats.apply(logits, idx, sh, mask, chunk_size, False, op)[0].squeeze(-1)
+    try:
+        return _apply(op, logits, idx, 0, group, vocab_size, chunk_size, mask, False).logprobs.squeeze(-1)
+    except ValueError as e:
+        raise ValueError(str(e).replace("global_indices", "targets")) from None
 
 
 def vocab_parallel_entropy(
@@ -433,10 +448,7 @@ def vocab_parallel_entropy(
     mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Entropy of softmax(logits) over the (true) vocabulary per position -> [...] fp32."""
-    op = "vocab_parallel_entropy"
-    sh = _shard(logits, group, vocab_size, op)
-    idx = torch.zeros((*logits.shape[:-1], 0), dtype=torch.long, device=logits.device)
-    return _LogProbStats.apply(logits, idx, sh, mask, chunk_size, True, op)[1]
+    return _apply("vocab_parallel_entropy", logits, None, 0, group, vocab_size, chunk_size, mask, True).entropy
 
 
 def vocab_parallel_topk(
@@ -454,14 +466,10 @@ def vocab_parallel_topk(
     Each rank proposes its local top-min(k, V/TP) candidates; only those are exchanged. Masked positions
     return ids 0..k-1 and log-probs 0.
     """
-    op = "vocab_parallel_topk"
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-        raise ValueError(f"{op}: k must be a positive integer (got {k!r})")
-    sh = _shard(logits, group, vocab_size, op)
-    true_vocab = sh.width * sh.world if vocab_size is None else int(vocab_size)
-    if k > true_vocab:
-        raise ValueError(f"{op}: k={k} exceeds the vocabulary size {true_vocab}")
-    return _TopK.apply(logits, k, sh, mask, chunk_size, op)
+        raise ValueError(f"vocab_parallel_topk: k must be a positive integer (got {k!r})")
+    out = _apply("vocab_parallel_topk", logits, None, k, group, vocab_size, chunk_size, mask, False)
+    return out.topk_indices, out.topk_logprobs
 
 
 __all__ = [

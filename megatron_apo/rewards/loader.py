@@ -31,9 +31,9 @@ def load_reward_fn(spec: str) -> Callable[..., float]:
             sys.modules[mod_name] = module
             try:
                 file_spec.loader.exec_module(module)
-            except Exception:
+            except Exception as e:
                 del sys.modules[mod_name]
-                raise
+                raise ValueError(f"reward function file {path} failed to import: {type(e).__name__}: {e}") from e
     else:
         try:
             module = importlib.import_module(where)

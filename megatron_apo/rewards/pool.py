@@ -68,10 +68,16 @@ def score_item(item: RewardItem, reward_fn=None, timeout_s: float | None = None)
 
 def _worker_main(conn: Connection, reward_fn_spec: str | None, timeout_s: float | None) -> None:
     reward_fn = None
-    if reward_fn_spec:
-        from megatron_apo.rewards.loader import load_reward_fn
+    try:
+        if reward_fn_spec:
+            from megatron_apo.rewards.loader import load_reward_fn
 
-        reward_fn = load_reward_fn(reward_fn_spec)
+            reward_fn = load_reward_fn(reward_fn_spec)
+        import math_verify  # noqa: F401  (imported before 'ready' so it does not eat into a sample's limit)
+    except Exception as e:
+        conn.send(("failed", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", None))
     while True:
         try:
             msg = conn.recv()
@@ -105,6 +111,7 @@ class RewardPool:
     reward_fn: str | None = None
     on_error: str = "raise"
     hard_grace_s: float = 2.0
+    startup_timeout_s: float = 300.0
     start_method: str = "forkserver"
     _workers: list[_Worker] = field(default_factory=list, init=False, repr=False)
     _ctx: object = field(default=None, init=False, repr=False)
@@ -136,6 +143,18 @@ class RewardPool:
         proc = self._ctx.Process(target=_worker_main, args=(child, self.reward_fn, self.timeout_s), daemon=True)
         proc.start()
         child.close()
+        # Wait until the worker can score: a sample's time limit must not include the worker's start-up.
+        status, detail = "failed", f"no answer within {self.startup_timeout_s:g}s"
+        try:
+            if parent.poll(self.startup_timeout_s):
+                status, detail = parent.recv()
+        except (EOFError, OSError):
+            detail = "the process exited during start-up (see its traceback above)"
+        if status != "ready":
+            proc.kill()
+            proc.join(timeout=5)
+            parent.close()
+            raise RuntimeError(f"reward worker failed to start: {detail}")
         return _Worker(proc, parent)
 
     def _kill(self, w: _Worker) -> None:
@@ -188,7 +207,7 @@ class RewardPool:
                         w.task, w.started = pending.popleft(), time.monotonic()
                         try:
                             w.conn.send((w.task, items[w.task]))
-                        except (BrokenPipeError, OSError):  # the worker failed to start or died idle
+                        except (BrokenPipeError, OSError):  # the worker died while idle
                             idx = w.task
                             self._replace(w)
                             record(idx, 0.0, "error", "reward worker process died (see its traceback above)")

@@ -64,8 +64,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     runtime_env = kwargs.pop("runtime_env", {}) or {}
     runtime_env.setdefault("env_vars", {}).setdefault("PYTHONPATH", path)
-    # address=None would attach to any cluster already running on this machine; "local" always starts our own
-    ray.init(address=address or "local", num_cpus=None if address else num_cpus, include_dashboard=False,
+    # address=None would attach to any cluster already running on this machine; "local" starts our own,
+    # bound to the loopback interface (a local fleet never needs another address).
+    local = {} if address else {"_node_ip_address": "127.0.0.1"}
+    ray.init(address=address or "local", num_cpus=None if address else num_cpus, include_dashboard=False, **local,
              runtime_env=runtime_env, **kwargs)
 
 
