@@ -44,6 +44,7 @@ class Controller:
         self.memory = AnswerMemory.from_config(cfg.algorithm) if cfg.algorithm.adv_calibration_memory else None
         self.fleet = self._start_fleet()
         self._sync_group = None
+        self._sync_endpoint = None
         self._val = None
 
     # ---- fleet ------------------------------------------------------------------------------------------
@@ -55,17 +56,26 @@ class Controller:
         r = self.cfg.rollout
         if r.engine not in ENGINE_CLASSES:
             raise ValueError(f"rollout.engine={r.engine!r} is unknown; use one of {sorted(ENGINE_CLASSES)}")
-        kwargs = {"hf_config": hf_config_from_model_config(self.model_cfg)}
-        spec = EngineSpec(ENGINE_CLASSES[r.engine], kwargs=kwargs, num_cpus=0.5 if r.engine == "cpu" else 1,
-                          num_gpus=0 if r.engine == "cpu" else r.engine_tp)
+        hf_config = hf_config_from_model_config(self.model_cfg)
+        if r.engine == "vllm":  # one placement group of engine_tp GPUs per engine, one sync rank per TP worker
+            from megatron_apo.rollout.vllm_engine import vllm_engine_spec
+
+            spec = vllm_engine_spec(r.engine_tp, hf_config=hf_config, gpu_memory_utilization=r.gpu_memory_utilization,
+                                    seed=self.cfg.seed)
+        else:
+            spec = EngineSpec(ENGINE_CLASSES[r.engine], kwargs={"hf_config": hf_config}, num_cpus=0.5)
         return RolloutFleet(spec, r.num_engines, ray_address=r.ray_address)
 
     def sync_group(self):
+        """The trainer's end of the sync group; reopened whenever the fleet opened a new one (engine restart)."""
         from megatron_apo.rollout.sync_group import open_sync_group
 
-        if self._sync_group is None:
-            ep = self.fleet.sync_endpoint(backend="nccl" if torch.cuda.is_available() else "gloo")
-            self._sync_group = open_sync_group(ep, 0)
+        ep = self.fleet.sync_endpoint(backend="nccl" if torch.cuda.is_available() else "gloo",
+                                      fresh=self._sync_group is None)
+        if ep is not self._sync_endpoint:
+            if self._sync_group is not None:
+                self._sync_group.close()
+            self._sync_group, self._sync_endpoint = open_sync_group(ep, 0), ep
         return self._sync_group
 
     def shutdown(self) -> None:
