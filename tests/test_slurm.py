@@ -66,7 +66,7 @@ def preempt(job: str) -> None:
 def test_two_nodes_trainer_ranks_and_ray_fleet(tmp_path):
     """Node 1: two srun trainer ranks (one gloo group, TP=2); node 2: the Ray head; node 1 joins Ray with 0 GPUs."""
     job = submit_train(tmp_path, 2, 1, f"{PROBE} trainer.total_steps=4", SAVE_INTERVAL="2")
-    wait_gone(job, 150)
+    wait_gone(job, 300)
     assert allocation_states(job) == ["COMPLETED"], job_log(tmp_path, job)
     runs = [json.loads(x) for x in (tmp_path / "ckpt" / "probe_runs.jsonl").read_text().splitlines()]
     assert len(runs) == 1
@@ -82,7 +82,7 @@ def test_one_node_fleet_colocated_on_the_trainer_node(tmp_path):
     """ROLLOUT_NODES=0 + COLOCATED_FLEET_GPUS: one Ray node on the trainer node offering only those GPUs."""
     job = submit_train(tmp_path, 1, 0, f"{PROBE} trainer.total_steps=2", SAVE_INTERVAL="2",
                        COLOCATED_FLEET_GPUS="1")
-    wait_gone(job, 150)
+    wait_gone(job, 300)
     assert allocation_states(job) == ["COMPLETED"], job_log(tmp_path, job)
     r = json.loads((tmp_path / "ckpt" / "probe_runs.jsonl").read_text())
     # CUDA_VISIBLE_DEVICES=1 for the raylet: Ray offers exactly one GPU (declared; this host has none)
@@ -94,7 +94,7 @@ def test_usr1_checkpoints_requeues_and_resumes(tmp_path):
                        EXTRA_OVERRIDES="probe.step_seconds=0.3")
     wait_for(tmp_path / "ckpt" / "latest", 90, job)
     preempt(job)
-    wait_gone(job, 150)
+    wait_gone(job, 300)
     log = job_log(tmp_path, job)
     assert allocation_states(job) == ["REQUEUED", "COMPLETED"], log
     first, second = [json.loads(x) for x in (tmp_path / "ckpt" / "probe_runs.jsonl").read_text().splitlines()]
@@ -109,7 +109,7 @@ def test_eval_sbatch_fleet_over_two_nodes(tmp_path):
     e = job_env(FLEET_GPUS_PER_NODE="0", RAY_HEAD_PORT="6393", RAY_PORT_BASE="25000", EVAL_CMD=probe)
     job = sbatch(REPO / "slurm" / "eval.sbatch", ["--account=root", "--partition=debug", "--gpus-per-node=0",
                                                   "--time=10", "--job-name=apo-test"], e, cwd=tmp_path)
-    wait_gone(job, 150)
+    wait_gone(job, 300)
     assert allocation_states(job) == ["COMPLETED"], job_log(tmp_path, job)
     r = json.loads((tmp_path / "ckpt" / "probe_runs.jsonl").read_text())
     assert r["ray_nodes"] == ["apo_rollout_node:gpu=0", "apo_rollout_node:gpu=0"]
