@@ -31,7 +31,7 @@ def local_slurm():
 def submit_train(tmp: Path, nodes: int, rollout_nodes: int, train_cmd: str, **env) -> str:
     e = job_env(TRAINER_NODES=str(nodes - rollout_nodes), ROLLOUT_NODES=str(rollout_nodes), GPUS_PER_NODE="2",
                 FLEET_GPUS_PER_NODE="0", TP="2", PP="1", CKPT_DIR=str(tmp / "ckpt"), TRAIN_CMD=train_cmd,
-                RAY_HEAD_PORT="6391", RAY_PORT_BASE="24000", **env)
+                RAY_HEAD_PORT="auto", RAY_PORT_BASE="auto", **env)
     # the #SBATCH defaults are a GPU cluster's; a CPU test cluster overrides them on the command line
     return sbatch(TRAIN_SBATCH, ["--account=root", "--partition=debug", f"--nodes={nodes}", "--gpus-per-node=0",
                                  "--time=10", "--job-name=apo-test"], e, cwd=tmp)
@@ -106,7 +106,8 @@ def test_usr1_checkpoints_requeues_and_resumes(tmp_path):
 def test_eval_sbatch_fleet_over_two_nodes(tmp_path):
     """slurm/eval.sbatch: Ray over both nodes, the driver on the head gets the address and the fleet's TP."""
     probe = f"{PROBE} checkpoint.dir={tmp_path / 'ckpt'} trainer.total_steps=1"
-    e = job_env(FLEET_GPUS_PER_NODE="0", RAY_HEAD_PORT="6393", RAY_PORT_BASE="25000", EVAL_CMD=probe)
+    e = job_env(FLEET_GPUS_PER_NODE="0", RAY_HEAD_PORT="auto", RAY_PORT_BASE="auto",
+                EVAL_CMD=probe)
     job = sbatch(REPO / "slurm" / "eval.sbatch", ["--account=root", "--partition=debug", "--gpus-per-node=0",
                                                   "--time=10", "--job-name=apo-test"], e, cwd=tmp_path)
     wait_gone(job, 300)

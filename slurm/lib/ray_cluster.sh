@@ -4,7 +4,7 @@
 # RAY_CLIENT_HOSTS (array: trainer/driver nodes that join with 0 GPUs so their processes have a local raylet),
 # FLEET_GPUS_PER_NODE, RAY_HEAD_VISIBLE_GPUS (optional "4,5,6,7": with no fleet hosts, the head runs on the
 # first client host and offers only these GPUs -- a fleet sharing the trainer's node), CONTAINER_ARGS (array),
-# RAY_CMD, PYTHON, RAY_HEAD_PORT, RAY_PORT_BASE. Output: RAY_ADDRESS (exported), RAY_BG_PIDS.
+# RAY_CMD, PYTHON, RAY_HEAD_PORT, RAY_PORT_BASE (either may be "auto"). Output: RAY_ADDRESS (exported), RAY_BG_PIDS.
 # Each node runs `ray start --block` as a background srun step (--overlap: it shares the node with the trainer).
 
 # Slurm's NodeAddr is what the nodes reach each other by (an IP or a resolvable name); Ray wants an IP.
@@ -54,6 +54,9 @@ _ray_wait() {  # host nodes timeout: until that many nodes joined; fails fast wh
 
 ray_cluster_up() {
   mkdir -p logs
+  # "auto": ports derived from the job id, so jobs sharing one host (a test cluster) never collide
+  [ "$RAY_HEAD_PORT" = auto ] && RAY_HEAD_PORT=$((22000 + SLURM_JOB_ID % 1000))
+  [ "$RAY_PORT_BASE" = auto ] && RAY_PORT_BASE=$((40000 + SLURM_JOB_ID % 40 * 500))
   local head head_gpus head_visible="" head_res clients=("${RAY_CLIENT_HOSTS[@]}")
   if [ "${#RAY_FLEET_HOSTS[@]}" -gt 0 ]; then
     head="${RAY_FLEET_HOSTS[0]}"; head_gpus="$FLEET_GPUS_PER_NODE"; head_res='{"apo_rollout_node": 1}'
@@ -70,6 +73,7 @@ ray_cluster_up() {
   RAY_AUTH_TOKEN="$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')"; export RAY_AUTH_TOKEN
   local i=0
   _ray_node $i "$head" "$head_visible" --head --port="$RAY_HEAD_PORT" --include-dashboard=false \
+    --ray-client-server-port=$((RAY_PORT_BASE + 7)) \
     --num-gpus="$head_gpus" --resources="$head_res"
   _ray_wait "$head" 1 180 > /dev/null  # the head's GCS must answer before workers register
   local h
