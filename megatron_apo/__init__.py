@@ -1,7 +1,8 @@
 """megatron-apo: Anchored Policy Optimization (APO) and RLVR baselines on Megatron-Core."""
 
+import warnings
+
 __version__ = "0.1.0"
 
-from megatron_apo.parallel.cpu_compat import quiet_missing_cuda_extension_warnings as _quiet
-
-_quiet()
+# Without CUDA, megatron-core warns at import that Apex / Transformer Engine are absent: expected on CPU.
+warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed.*")

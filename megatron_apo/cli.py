@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-NOT_BUILT = {
-    "train": "RL training (`megatron-apo train --config FILE key=value ...`) is not built yet: see the trainer issue.",
-    "eval": "pass@k evaluation (`megatron-apo eval`) is not built yet: see the rewards/eval issue.",
-    "convert": "HF <-> Megatron conversion (`megatron-apo convert`) is not built yet: see the conversion issue.",
-    "demo": "the end-to-end APO vs GRPO demo is not built yet: see the trainer issue. `megatron-apo smoke` runs a TP=2 training.",
-}
 
 
 def _add_smoke(sub) -> None:
@@ -37,6 +32,41 @@ def _run_smoke(args) -> int:
     print(f"smoke: TP={args.tp} PP={args.pp} DP={args.dp}: loss {first:.3f} -> {last:.3f} "
           f"({'falling' if last < first else 'NOT falling'})")
     return 0 if last < first else 1
+
+
+def add_convert_arguments(p: argparse.ArgumentParser) -> None:
+    """`convert hf-to-megatron ...` / `convert megatron-to-hf ...` (shared with tools/convert_checkpoint.py)."""
+    sub = p.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+    a = sub.add_parser("hf-to-megatron", help="HF folder -> Megatron dist checkpoint for a TP/PP layout")
+    a.add_argument("--hf", required=True, help="HF model folder (config.json + safetensors)")
+    a.add_argument("--out", required=True, help="output checkpoint folder (model/ + megatron_apo.json)")
+    a.add_argument("--tp", type=int, default=1, help="tensor parallel size (default 1)")
+    a.add_argument("--pp", type=int, default=1, help="pipeline parallel size (default 1); TP*PP local processes")
+    a.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the source dtype)")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+    a.set_defaults(func=_run_convert)
+    b = sub.add_parser("megatron-to-hf", help="Megatron checkpoint (any TP/PP) -> HF folder")
+    b.add_argument("--megatron", required=True,
+                   help="checkpoint folder (model/ + megatron_apo.json) or a training dir of iter_* folders")
+    b.add_argument("--out", required=True, help="output HF folder")
+    b.add_argument("--tokenizer", default=None, help="folder whose tokenizer files are copied into the output")
+    b.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint dtype)")
+    b.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_run_convert)
+
+
+def _run_convert(args) -> int:
+    from megatron_apo.models.convert import convert_hf_to_megatron, convert_megatron_to_hf
+
+    if args.direction == "hf-to-megatron":
+        report = convert_hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
+                                        progress=not args.quiet)
+    else:
+        report = convert_megatron_to_hf(args.megatron, args.out, tokenizer=args.tokenizer, dtype=args.dtype,
+                                        max_shard_size=args.max_shard_size, progress=not args.quiet)
+    print(report.summary())
+    return 0
 
 
 def _add_plan(sub) -> None:
@@ -75,32 +105,116 @@ def _run_plan(args) -> int:
     return 0 if result.recommended and result.fleet else 1
 
 
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="pass@k evaluation of a checkpoint over a verl parquet (JSON + plot)")
+    p.add_argument("--model", type=Path, help="Hugging Face folder or Megatron checkpoint (exported to HF first)")
+    p.add_argument("--data", type=Path, help="verl-schema parquet (prompt, reward_model, data_source, extra_info)")
+    p.add_argument("--out", type=Path, required=True, help="output folder for pass_at_k.json and pass_at_k.png")
+    p.add_argument("--n", type=int, default=16, help="samples per prompt (pass@k for k = 1, 2, 4, ... <= n)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", help="name of this run in the JSON and the plot (default: the model folder name)")
+    p.add_argument("--overlay", type=Path, nargs="+", default=[], help="earlier pass_at_k.json files to plot too")
+    p.add_argument("--tokenizer", type=Path, help="HF folder or sentencepiece .model (default: --model)")
+    p.add_argument("--template", choices=["auto", "chat", "plain"], default="auto",
+                   help="prompt template: the tokenizer's chat template, or the message text verbatim")
+    p.add_argument("--max-prompt-length", type=int, help="drop prompts longer than this many tokens")
+    p.add_argument("--skip-invalid", action="store_true", help="skip invalid rows instead of failing")
+    p.add_argument("--limit", type=int, help="evaluate only the first N prompts")
+    p.add_argument("--reward-fn", help="verl-style reward function 'file.py:fn' instead of the data_source registry")
+    p.add_argument("--reward-workers", type=int, default=2, help="reward processes (0: in this process)")
+    p.add_argument("--reward-timeout", type=float, default=5.0, help="per-sample reward time limit, seconds")
+    p.add_argument("--engines", type=int, default=0,
+                   help="rollout engines: 0 = one CPU engine in this process, N = a Ray fleet of N engines")
+    p.add_argument("--ray-address", help="existing Ray cluster for --engines N (default: start a local one)")
+    p.add_argument("--prompts-per-call", type=int, default=8, help="prompts per engine.generate call")
+    p.add_argument("--correct-threshold", type=float, default=1.0, help="reward >= this counts as correct")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from megatron_apo.eval.main import EvalJob, run_eval
+    from megatron_apo.eval.runner import EvalConfig
+
+    config = EvalConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                        seed=args.seed, prompts_per_call=args.prompts_per_call,
+                        correct_threshold=args.correct_threshold)
+    run_eval(EvalJob(out=args.out, model=args.model, data=args.data, tokenizer=args.tokenizer, template=args.template,
+                     label=args.label, overlay=args.overlay, max_prompt_length=args.max_prompt_length,
+                     skip_invalid=args.skip_invalid, limit=args.limit, reward_fn=args.reward_fn,
+                     reward_workers=args.reward_workers, reward_timeout_s=args.reward_timeout,
+                     engines=args.engines, ray_address=args.ray_address, config=config))
+    return 0
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="RL training (APO, GRPO, KL, CaSP); under torchrun/srun, or spawns local ranks")
+    p.add_argument("--config", default=None, help="YAML run config (see configs/)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="without torchrun/srun: local processes to spawn (default TP*PP)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. algorithm.loss_mode=vanilla")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    import os
+
+    from megatron_apo.config import load_config
+    from megatron_apo.trainer.validation import validate_run_config  # torch-free: bad configs fail in well under 1 s
+
+    cfg = load_config(args.config, args.overrides)
+    launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ  # torchrun / srun: this process is one rank
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) if launched else (
+        args.nproc or cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size)
+    validate_run_config(cfg, world)
+    from megatron_apo.trainer.train import train
+
+    if launched:
+        train(cfg)
+        return 0
+    from megatron_apo.parallel import run_distributed
+
+    history = run_distributed(train, world, cfg, timeout=24 * 3600)[0]
+    if history:
+        last = history[-1]
+        print(f"train: {len(history)} steps; last reward {last.get('reward/mean', float('nan')):.3f}, "
+              f"loss {last.get('loss', float('nan')):.4f}; metrics in {cfg.out_dir}/metrics.jsonl")
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the embedded CPU demo: APO vs GRPO on a toy task, pass@k table and plot")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--rl-steps", type=int, default=None, help="RL steps per method (default: the demo's)")
+    p.add_argument("--quick", action="store_true", help="a much smaller run (for tests)")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from megatron_apo.trainer.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig.quick() if args.quick else DemoConfig()
+    if args.rl_steps is not None:
+        cfg.rl_steps = args.rl_steps
+    run_demo(cfg, args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-apo",
         description="Anchored Policy Optimization (APO) and RLVR baselines on Megatron-Core.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, helptext in [
-        ("train", "RL training (APO, GRPO, KL, CaSP) with torchrun/srun"),
-        ("eval", "pass@k evaluation of a checkpoint with the rollout fleet"),
-        ("convert", "checkpoint conversion Hugging Face <-> Megatron, any TP/PP"),
-        ("demo", "the embedded CPU demo: APO vs GRPO on a toy task, pass@k table and plot"),
-    ]:
-        p = sub.add_parser(name, help=helptext + (" [not built yet]" if name in NOT_BUILT else ""))
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_not_built(name))
+    _add_train(sub)
+    _add_demo(sub)
+    add_convert_arguments(sub.add_parser("convert", help="checkpoint conversion Hugging Face <-> Megatron, any TP/PP"))
     _add_smoke(sub)
     _add_plan(sub)
+    _add_eval(sub)
     return parser
-
-
-def _not_built(name: str):
-    def run(_args) -> int:
-        print(f"megatron-apo {name}: {NOT_BUILT[name]}", file=sys.stderr)
-        return 2
-
-    return run
 
 
 def main(argv: list[str] | None = None) -> int:

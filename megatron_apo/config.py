@@ -43,10 +43,14 @@ class AlgorithmConfig:
     casp_alpha: float = 0.5
     casp_top1_gamma: float = 0.5
     norm_adv_by_std: bool = True
+    adv_std_scope: str = "group"  # group (GRPO) | batch (centre per group, divide by the batch std)
     adv_calibration: str = "none"  # none | inverse_success
     calib_alpha: float = 1.0
     adv_calibration_memory: bool = False
     calib_memory_gamma: float = 0.5
+    calib_memory_ngram: int = 3  # word n-grams of the reasoning in a memory signature
+    calib_memory_similarity: float = 0.5  # Jaccard of n-gram sets at or above which two answers are one mode
+    calib_memory_max_per_prompt: int = 64  # newest correct answers kept per prompt
     logprob_chunk_size: int = 4096  # tokens per chunk in the vocab-parallel ops (bounds peak memory)
 
 
@@ -65,17 +69,72 @@ class ParallelSection:
 
 
 @dataclass
+class DataSection:
+    train_files: list[str] = field(default_factory=list)  # verl-schema parquet files
+    val_files: list[str] = field(default_factory=list)
+    tokenizer: Optional[str] = None  # HF tokenizer folder, or a sentencepiece .model file
+    max_prompt_length: int = 512
+    max_response_length: int = 1024
+    train_batch_size: int = 8  # prompts per RL step (x rollout.n samples)
+    shuffle: bool = True
+    on_invalid: str = "skip"  # skip | error
+    reward_fn: Optional[str] = None  # "path/to/file.py:fn" with verl's compute_score signature
+
+
+@dataclass
+class RolloutSection:
+    engine: str = "cpu"  # cpu (transformers) | vllm
+    num_engines: int = 1
+    engine_tp: int = 1  # tensor parallel inside each vLLM engine
+    n: int = 8  # samples per prompt (the GRPO group)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    ray_address: Optional[str] = None  # None: start a local Ray
+    sync_bucket_mb: int = 64
+    gpu_memory_utilization: float = 0.6
+
+
+@dataclass
+class TrainerSection:
+    total_steps: int = 10
+    ppo_epochs: int = 1
+    ppo_mini_batch_size: int = 0  # samples per optimizer step; 0 = the whole step batch
+    micro_batch_size: int = 4
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_warmup_steps: int = 0
+    lr_decay_style: str = "constant"  # constant | linear | cosine
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    ref_cpu_offload: bool = False  # keep the reference model's weights on the host between uses (GPU)
+    eval_n: int = 0  # >0: pass@k eval with this many samples per prompt on data.val_files, at start and end
+    eval_max_prompts: int = 64
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+    progress: bool = True
+
+
+@dataclass
+class CheckpointSection:
+    dir: Optional[str] = None  # default: <out_dir>/checkpoints
+    save_interval: int = 0  # steps; 0 = only at the end (and on SIGTERM/SIGUSR1)
+    keep_last: int = 2
+    load: Optional[str] = None  # initial weights (policy and reference) from a Megatron checkpoint
+    resume: bool = True  # continue from the latest checkpoint in `dir` when there is one
+
+
+@dataclass
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    data: DataSection = field(default_factory=DataSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     seed: int = 1234
     out_dir: str = "runs/default"
-    # Sections owned by later subsystems (data, rollout, trainer, checkpoint) are free-form until they land.
-    data: dict = field(default_factory=dict)
-    rollout: dict = field(default_factory=dict)
-    trainer: dict = field(default_factory=dict)
-    checkpoint: dict = field(default_factory=dict)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), schema: type = RunConfig) -> Any:

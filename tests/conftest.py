@@ -17,3 +17,19 @@ def pytest_collection_modifyitems(config, items):
 def _quiet_env():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     yield
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """ONE local Ray cluster for the whole test session (ray.init costs ~10 s on 2 cores).
+
+    No dashboard, no usage stats. Ray 2.60 token auth stays on: it writes its token to $HOME/.ray.
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    from megatron_apo.rollout.fleet import init_ray
+
+    init_ray(num_cpus=2, log_to_driver=False)
+    yield ray
+    ray.shutdown()

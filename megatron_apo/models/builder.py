@@ -107,6 +107,8 @@ def build_gpt_model(
         rope_scaling_factor=rs.factor if rs is not None else 8.0,
         vp_stage=vp_stage,
     )
+    if not tcfg.perform_initialization:
+        tag_tensor_parallel_params(model)
     if rs is not None and hasattr(model, "rotary_pos_emb"):
         # GPTModel forwards only the factor; apply the remaining Llama-3.1 knobs explicitly.
         rope = model.rotary_pos_emb
@@ -121,6 +123,25 @@ def build_gpt_model(
             original_max_position_embeddings=rs.original_max_position_embeddings,
         )
     return model
+
+
+def tag_tensor_parallel_params(model: torch.nn.Module) -> None:
+    """Marks TP-split weights with `tensor_model_parallel` / `partition_dim` where megatron did not.
+
+    Reason: megatron-core sets these attributes inside its weight initialisers, so a model built with
+    perform_initialization=False (conversion, meta-device builds) has none, and sharding.iter_local_params
+    would treat every weight as replicated.
+    """
+    from megatron.core import tensor_parallel as tpl
+
+    dims = {tpl.ColumnParallelLinear: 0, tpl.VocabParallelEmbedding: 0, tpl.RowParallelLinear: 1}
+    for module in model.modules():
+        dim = next((d for cls, d in dims.items() if isinstance(module, cls)), None)
+        if dim is None:
+            continue
+        weight = getattr(module, "weight", None)
+        if weight is not None and not hasattr(weight, "partition_dim"):
+            tpl.set_tensor_model_parallel_attributes(weight, True, dim, 1)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -7,8 +7,6 @@ with a one-line reason, instead.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -24,12 +22,6 @@ CPU_TRANSFORMER_CONFIG_OVERRIDES = dict(
     apply_rope_fusion=False,  # fused RoPE is a CUDA kernel
     bias_dropout_fusion=False,  # jit-fused bias-dropout-add targets CUDA
 )
-
-
-def quiet_missing_cuda_extension_warnings() -> None:
-    """Reason: without CUDA, megatron warns at every import that Apex/TE are absent; that is expected here."""
-    if not cuda_available():
-        warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed.*")
 
 
 def cuda_available() -> bool:

@@ -54,7 +54,19 @@ def run_distributed(
     """Calls `fn(*args, **kwargs)` on `world_size` spawned processes; returns the results by rank.
 
     `fn` must be importable (module level). It calls `init_distributed(...)` itself with the layout it needs.
+    The rendezvous port is picked free, but another process can take it before rank 0 binds it: that
+    failure (EADDRINUSE) is retried with a new port, twice at most.
     """
+    for attempt in range(3):
+        try:
+            return _run_once(fn, world_size, args, kwargs, timeout, threads_per_process)
+        except DistributedError as e:
+            if "EADDRINUSE" not in str(e) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _run_once(fn, world_size, args, kwargs, timeout, threads_per_process) -> list[Any]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = find_free_port()

@@ -27,6 +27,11 @@ def wrap_ddp(model: torch.nn.Module, use_distributed_optimizer: bool):
         overlap_grad_reduce=False,
         use_distributed_optimizer=use_distributed_optimizer,
     )
+    from megatron.core.distributed import finalize_model_grads
+
+    # the schedules call this after the last backward: DP grad all-reduce (or reduce-scatter with the
+    # distributed optimizer), tied-embedding grads across pipeline stages, layernorm grads under SP.
+    model.config.finalize_model_grads_func = finalize_model_grads
     return DistributedDataParallel(config=model.config, ddp_config=ddp_cfg, module=model)
 
 

@@ -1,0 +1,287 @@
+"""RL policy losses on vocab-sharded logits: vanilla PPO/GRPO (dual clip), APO (`apo_ratio`), CaSP, KL terms.
+
+Formulas: shared/APO_MATH.md (our specification built from the published descriptions of APO and CaSP;
+not bit-parity with any official code). Every per-token quantity that needs the vocabulary (log pi(y),
+log pi at the reference Top-K, entropy, top-1 probability) comes from ONE fused vocab-parallel pass
+(`vocab_parallel_logprob_stats`), so the loss is the same at any TP size and never all-gathers the
+vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from megatron_apo.algorithms.settings import KL_LOSS_TYPES, resolve_algorithm_config
+from megatron_apo.config import ConfigError
+from megatron_apo.ops.vocab_parallel import vocab_parallel_logprob_stats
+
+_LOG_RATIO_CLAMP = 20.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# building blocks (public: the trainer and the tests use them)
+
+
+def aggregate_loss(values: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Aggregates a per-token [B, T] term over the response mask (APO_MATH.md, "Aggregation")."""
+    m = mask.to(values.dtype)
+    masked = torch.where(mask.bool(), values, torch.zeros_like(values))  # garbage at padding never leaks
+    if mode == "token-mean":
+        return masked.sum() / (m.sum() + 1e-8)
+    if mode == "seq-mean-token-sum":
+        return masked.sum(dim=-1).mean()
+    if mode == "seq-mean-token-mean":
+        return (masked.sum(dim=-1) / m.sum(dim=-1).clamp(min=1.0)).mean()
+    if mode == "seq-mean-token-sum-norm":
+        return masked.sum() / values.shape[-1]
+    raise ConfigError(f"algorithm.loss_agg_mode={mode!r}: must be one of token-mean, seq-mean-token-sum, "
+                      "seq-mean-token-mean, seq-mean-token-sum-norm")
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_type: str) -> torch.Tensor:
+    """Per-token KL estimator of pi vs pi_ref from the sampled token's log-probs (k1, abs, k2, k3)."""
+    kind = KL_LOSS_TYPES.get(kl_type)
+    if kind is None:
+        raise ConfigError(f"algorithm.kl_loss_type={kl_type!r}: must be one of {', '.join(KL_LOSS_TYPES)}")
+    diff = logprobs - ref_logprobs
+    if kind == "k1":
+        return diff
+    if kind == "abs":
+        return diff.abs()
+    if kind == "k2":
+        return 0.5 * diff.square()
+    d = torch.clamp(-diff, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)  # log pi_ref - log pi
+    return torch.clamp(torch.exp(d) - d - 1.0, -10.0, 10.0)
+
+
+def dual_clip_pg(logprobs, old_logprobs, advantages, clip_low: float, clip_high: float, clip_c: float):
+    """The dual-clipped PPO token loss, and the per-token clip indicators (for the metrics)."""
+    log_ratio = torch.clamp(logprobs - old_logprobs, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    pg1 = -advantages * ratio
+    pg2 = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    clip1 = torch.maximum(pg1, pg2)
+    pg3 = -advantages * clip_c
+    clip2 = torch.minimum(pg3, clip1)
+    pg = torch.where(advantages < 0, clip2, clip1)
+    clipped = pg2 > pg1
+    clipped_lower = (clip1 > pg3) & (advantages < 0)
+    return pg, log_ratio, clipped, clipped_lower
+
+
+def _masked_logsumexp(values: torch.Tensor, select: torch.Tensor):
+    """log sum_{select} exp(values) over the last dim, and whether any was selected. NaN-free (forward and
+    backward) for empty selections, whose result is 0 and must be masked by the caller."""
+    has = select.any(dim=-1)
+    x = torch.where(select, values, torch.full_like(values, float("-inf")))
+    x = torch.where(has.unsqueeze(-1), x, torch.zeros_like(x))
+    return torch.where(has, torch.logsumexp(x, dim=-1), torch.zeros_like(has, dtype=values.dtype)), has
+
+
+def _ratio(log_new: torch.Tensor, log_old: torch.Tensor) -> torch.Tensor:
+    return torch.exp(torch.clamp(log_new - log_old, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
+
+
+def _clipped_ratio_term(weight: torch.Tensor, rho: torch.Tensor, clip_low: float, clip_high: float) -> torch.Tensor:
+    """max(-w rho, -w clip(rho, 1-low, 1+high)): PPO's pessimistic clip applied to a mass ratio."""
+    return torch.maximum(-weight * rho, -weight * torch.clamp(rho, 1.0 - clip_low, 1.0 + clip_high))
+
+
+def _mean(values: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+    sel = select.bool()
+    v = torch.where(sel, values.detach().float(), torch.zeros((), dtype=torch.float32, device=values.device))
+    return v.sum() / sel.sum().clamp(min=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def compute_policy_loss(
+    logits: torch.Tensor,
+    response_ids: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    config: Any,
+    ref_logprobs: Optional[torch.Tensor] = None,
+    ref_topk_indices: Optional[torch.Tensor] = None,
+    old_anchor_logprobs: Optional[torch.Tensor] = None,
+    old_topk_indices: Optional[torch.Tensor] = None,
+    group=None,
+    *,
+    old_topk_logprobs: Optional[torch.Tensor] = None,
+    vocab_size: Optional[int] = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The policy loss of APO_MATH.md on this rank's vocab shard; returns (loss, metrics).
+
+    logits [B, T, V/TP] (grad flows), response_ids / old_logprobs / advantages / response_mask [B, T];
+    ref_logprobs [B, T] (KL terms); ref_topk_indices [B, T, >=apo_topk] global ids sorted by reference
+    probability (apo_ratio; also feeds the anchor metrics whenever given); old_anchor_logprobs [B, T, K]
+    log pi_old at those ids (else M_old = sg(M), exact on-policy); old_topk_indices [B, T, >=casp_topn]
+    pi_old's Top-N sorted by probability (casp; computed from `logits` when None, i.e. on-policy) and
+    old_topk_logprobs their log pi_old (else M_C_old = sg(M_C)). vocab_size: the true vocabulary (Megatron's
+    padded ids beyond it carry no probability). Metrics are detached scalars.
+    """
+    cfg = resolve_algorithm_config(config)
+    lead = tuple(logits.shape[:-1])
+    if logits.dim() != 3:
+        raise ValueError(f"compute_policy_loss: logits must be [batch, seq, vocab/TP] (got shape {tuple(logits.shape)})")
+    for name, t in (("response_ids", response_ids), ("old_logprobs", old_logprobs), ("advantages", advantages),
+                    ("response_mask", response_mask), ("ref_logprobs", ref_logprobs)):
+        if t is not None and tuple(t.shape) != lead:
+            raise ValueError(f"compute_policy_loss: {name} has shape {tuple(t.shape)}, expected {lead} (= logits.shape[:-1])")
+
+    mask = response_mask.bool()
+    zeros = torch.zeros(lead, dtype=torch.float32, device=logits.device)
+    adv = torch.where(mask, advantages.float(), zeros)  # padding never leaks NaN/inf into the graph
+    neg = (adv < 0) & mask
+    ids = torch.where(mask, response_ids.long(), torch.zeros_like(response_ids, dtype=torch.long))
+
+    # --- which global ids to gather log-probs at: [y | reference Top-K | pi_old Top-N]
+    columns = [ids.unsqueeze(-1)]
+    anchors = None
+    if cfg.loss_mode == "apo_ratio" and ref_topk_indices is None:
+        raise ConfigError("ref_topk_indices: algorithm.loss_mode=apo_ratio needs the reference model's Top-K ids "
+                          "[B, T, apo_topk] (vocab_parallel_topk on the reference logits)")
+    if ref_topk_indices is not None:
+        _check_kdim("ref_topk_indices", ref_topk_indices, lead, cfg.apo_topk, "apo_topk")
+        anchors = torch.where(mask.unsqueeze(-1), ref_topk_indices[..., : cfg.apo_topk].long(), 0)
+        columns.append(anchors)
+    cands, on_policy_topn = None, 0
+    if cfg.loss_mode == "casp":
+        if old_topk_indices is None:  # on-policy: pi_old == pi, its Top-N comes from the same pass below
+            on_policy_topn, old_topk_logprobs = cfg.casp_topn, None
+        else:
+            _check_kdim("old_topk_indices", old_topk_indices, lead, cfg.casp_topn, "casp_topn")
+            cands = torch.where(mask.unsqueeze(-1), old_topk_indices[..., : cfg.casp_topn].long(), 0)
+            columns.append(cands)
+
+    stats = vocab_parallel_logprob_stats(
+        logits, torch.cat(columns, dim=-1), group, topk=on_policy_topn, vocab_size=vocab_size,
+        chunk_size=cfg.logprob_chunk_size, mask=mask, with_entropy=True,
+    )
+    logp = stats.logprobs[..., 0]
+    old = torch.where(mask, old_logprobs.float(), logp.detach())
+
+    # --- vanilla dual-clip PG
+    pg, log_ratio, clipped, clipped_lower = dual_clip_pg(
+        logp, old, adv, cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_c
+    )
+    agg = lambda v: aggregate_loss(v, mask, cfg.loss_agg_mode)  # noqa: E731
+    metrics: dict[str, torch.Tensor] = {}
+    k = anchors.shape[-1] if anchors is not None else 0
+
+    # --- anchors: safe manifold S = ref Top-K minus y (apo_exclude_sampled), mass M = sum_S pi
+    if anchors is not None:
+        anchor_lp = stats.logprobs[..., 1 : 1 + k]
+        in_topk = (anchors == ids.unsqueeze(-1))
+        safe = ~in_topk if cfg.apo_exclude_sampled else torch.ones_like(in_topk)
+        log_mass, has_safe = _masked_logsumexp(anchor_lp, safe)
+        metrics["anchor/topk_mass"] = _mean(anchor_lp.detach().exp().sum(-1), mask)
+        metrics["anchor/safe_mass"] = _mean(log_mass.exp(), mask & has_safe)
+        metrics["anchor/safe_mass_wrong"] = _mean(log_mass.exp(), neg & has_safe)
+        metrics["anchor/sampled_in_topk"] = _mean(in_topk.any(-1).float(), mask)
+
+    if cfg.loss_mode == "vanilla":
+        token_loss = pg
+        loss = agg(token_loss)
+        metrics["pg_loss"] = loss.detach()
+    elif cfg.loss_mode == "apo_ratio":
+        if old_anchor_logprobs is not None:
+            if tuple(old_anchor_logprobs.shape[:-1]) != lead or old_anchor_logprobs.shape[-1] < k:
+                raise ValueError(f"compute_policy_loss: old_anchor_logprobs has shape {tuple(old_anchor_logprobs.shape)}, "
+                                 f"expected {lead + (k,)} (log pi_old at ref_topk_indices)")
+            old_anchor = torch.where(mask.unsqueeze(-1), old_anchor_logprobs[..., :k].float(), anchor_lp.detach())
+            log_mass_old, _ = _masked_logsumexp(old_anchor, safe)
+        else:
+            log_mass_old = log_mass.detach()
+        rho = _ratio(log_mass, log_mass_old)
+        w = adv.abs() if cfg.apo_pull_weight == "abs_adv" else torch.ones_like(adv)
+        if cfg.apo_pull_form == "ratio_clip":
+            pull = _clipped_ratio_term(w, rho, cfg.clip_ratio_low, cfg.clip_ratio_high)
+        elif cfg.apo_pull_form == "ratio":
+            pull = -w * rho
+        else:  # "log"
+            pull = -w * log_mass
+        pulled = neg & has_safe
+        pull = torch.where(pulled, pull, zeros)
+        push = torch.where(neg, cfg.apo_push_coeff * pg, zeros)
+        token_loss = torch.where(neg, cfg.apo_push_coeff * pg, pg)
+        pg_agg, pull_agg = agg(token_loss), agg(pull)
+        loss = pg_agg + cfg.apo_pull_coeff * pull_agg
+        metrics["pg_loss"] = pg_agg.detach()
+        metrics["apo/push_loss"] = agg(push).detach()
+        metrics["apo/pull_loss"] = (cfg.apo_pull_coeff * pull_agg).detach()
+        metrics["apo/pull_ratio"] = _mean(rho, pulled)
+        metrics["apo/pull_clipfrac"] = _mean(((rho < 1 - cfg.clip_ratio_low) | (rho > 1 + cfg.clip_ratio_high)).float(), pulled)
+        metrics["apo/pulled_frac"] = _mean(pulled.float(), mask)
+    else:  # casp
+        if cands is None:
+            cands, cand_lp = stats.topk_indices, stats.topk_logprobs
+        else:
+            cand_lp = stats.logprobs[..., 1 + k : 1 + k + cands.shape[-1]]
+        n = cands.shape[-1]
+        log_mass_c = torch.logsumexp(cand_lp, dim=-1)
+        if old_topk_logprobs is not None:
+            if tuple(old_topk_logprobs.shape[:-1]) != lead or old_topk_logprobs.shape[-1] < n:
+                raise ValueError(f"compute_policy_loss: old_topk_logprobs has shape {tuple(old_topk_logprobs.shape)}, "
+                                 f"expected {lead + (n,)} (log pi_old at old_topk_indices)")
+            old_c = torch.where(mask.unsqueeze(-1), old_topk_logprobs[..., :n].float(), cand_lp.detach())
+            log_mass_c_old = torch.logsumexp(old_c, dim=-1)
+        else:
+            log_mass_c_old = log_mass_c.detach()
+        rho_c = _ratio(log_mass_c, log_mass_c_old)
+        spread = _clipped_ratio_term(adv, rho_c, cfg.clip_ratio_low, cfg.clip_ratio_high)
+        top1_wrong = neg & (ids == cands[..., 0])  # the sampled wrong token is pi_old's top-1 candidate
+        positive = (1.0 - cfg.casp_alpha) * pg + cfg.casp_alpha * spread
+        negative = (1.0 + cfg.casp_top1_gamma * top1_wrong.float()) * pg
+        token_loss = torch.where(adv >= 0, positive, negative)
+        loss = agg(token_loss)
+        metrics["pg_loss"] = loss.detach()
+        metrics["casp/spread_loss"] = agg(torch.where(adv >= 0, cfg.casp_alpha * spread, zeros)).detach()
+        metrics["casp/top1_wrong_frac"] = _mean(top1_wrong.float(), neg)
+        metrics["casp/candidate_mass"] = _mean(log_mass_c.exp(), mask)
+
+    # --- KL to the reference (on every token, or only on wrong responses' tokens)
+    if cfg.use_kl_loss or cfg.use_kl_loss_on_wrong:
+        if ref_logprobs is None:
+            key = "use_kl_loss_on_wrong" if cfg.use_kl_loss_on_wrong else "use_kl_loss"
+            raise ConfigError(f"ref_logprobs: algorithm.{key}=true needs the reference model's log-probs [B, T]")
+        ref = torch.where(mask, ref_logprobs.float(), logp.detach())
+        kl = kl_penalty(logp, ref, cfg.kl_loss_type)
+        if cfg.use_kl_loss_on_wrong:
+            kl = torch.where(neg, kl, zeros)  # normalised over all response tokens, like PG
+        kl_agg = agg(kl)
+        loss = loss + cfg.kl_loss_coef * kl_agg
+        metrics["kl_loss"] = kl_agg.detach()
+    if ref_logprobs is not None:
+        ref_m = torch.where(mask, ref_logprobs.float(), logp.detach())
+        metrics["ref_kl"] = _mean(kl_penalty(logp.detach(), ref_m, "low_var_kl"), mask)
+
+    # --- entropy bonus (the entropy's gradient is only built when it is in the loss)
+    entropy = stats.entropy
+    if cfg.entropy_coeff != 0:
+        ent_agg = agg(entropy)
+        loss = loss - cfg.entropy_coeff * ent_agg
+
+    metrics["loss"] = loss.detach()
+    metrics["pg_clipfrac"] = _mean(clipped.float(), mask)
+    metrics["pg_clipfrac_lower"] = _mean(clipped_lower.float(), mask)
+    metrics["ppo_kl"] = _mean(-log_ratio, mask)  # approx KL(pi_old || pi) from the sampled tokens
+    metrics["entropy"] = _mean(entropy, mask)
+    metrics["top1_prob"] = _mean(stats.top1_logprob.exp(), mask)
+    metrics["response_tokens"] = mask.sum().detach().float()
+    return loss, metrics
+
+
+def _check_kdim(name: str, t: torch.Tensor, lead: tuple, need: int, key: str) -> None:
+    if tuple(t.shape[:-1]) != lead or t.dim() != len(lead) + 1:
+        raise ValueError(f"compute_policy_loss: {name} has shape {tuple(t.shape)}, expected {lead} + (k,)")
+    if t.shape[-1] < need:
+        raise ConfigError(f"algorithm.{key}={need}: {name} has only {t.shape[-1]} ids per position; "
+                          f"compute it with k >= {need} or lower algorithm.{key}")
+
+
+__all__ = ["aggregate_loss", "compute_policy_loss", "dual_clip_pg", "kl_penalty"]

@@ -1,0 +1,68 @@
+"""The engine `megatron-apo eval` samples from: a checkpoint folder -> a CPUEngine in this process or a Ray fleet.
+
+A Megatron checkpoint is first exported to a Hugging Face folder with the converter (any TP/PP), because
+every rollout engine loads HF-named weights (the same names the trainer's weight sync sends).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+from megatron_apo.rollout.engine import RolloutEngine
+
+
+def is_megatron_checkpoint(path: Path) -> bool:
+    from megatron_apo.models.megatron_checkpoint import LATEST_FILES, is_checkpoint
+
+    return is_checkpoint(path) or any((path / f).is_file() for f in LATEST_FILES) or any(path.glob("iter_*"))
+
+
+@contextlib.contextmanager
+def hf_folder_for(model: Path, scratch: Path) -> Iterator[Path]:
+    """`model` if it is an HF folder; a Megatron checkpoint is exported under `scratch` (removed afterwards)."""
+    if not model.is_dir():
+        raise FileNotFoundError(f"model folder not found: {model}")
+    if (model / "config.json").is_file():
+        yield model
+        return
+    if not is_megatron_checkpoint(model):
+        raise FileNotFoundError(f"{model}: neither a Hugging Face folder (config.json) nor a Megatron checkpoint "
+                                "(iter_* / latest_checkpointed_iteration.txt / megatron_apo.json + model/)")
+    from megatron_apo.models.convert import convert_megatron_to_hf
+
+    out = scratch / "hf_export"
+    shutil.rmtree(out, ignore_errors=True)
+    try:
+        convert_megatron_to_hf(model, out, progress=False)
+        yield out
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def open_engine(hf_dir: Path, engines: int = 0, ray_address: str | None = None) -> Iterator[RolloutEngine]:
+    """engines=0: a CPUEngine in this process; engines>=1: a Ray RolloutFleet of that many CPUEngines.
+
+    Without `ray_address` the fleet starts its own local Ray instance ("local"): a bare `ray.init()` would
+    attach to whatever cluster /tmp/ray/ray_current_cluster names, possibly a stale one (then it hangs).
+    """
+    from megatron_apo.models.safetensors_io import HFCheckpoint
+    from megatron_apo.rollout.cpu_engine import CPUEngine
+
+    ckpt = HFCheckpoint(hf_dir)
+    named = [(name, ckpt.get(name)) for name in ckpt.tensors]
+    if engines <= 0:
+        yield CPUEngine(ckpt.config, named, version=0)
+        return
+    from megatron_apo.rollout.fleet import EngineSpec, RolloutFleet
+
+    fleet = RolloutFleet(EngineSpec("megatron_apo.rollout.cpu_engine:CPUEngine",
+                                    kwargs={"hf_config": ckpt.config, "named_tensors": named, "version": 0}),
+                         num_engines=engines, ray_address=ray_address or "local")
+    try:
+        yield fleet
+    finally:
+        fleet.shutdown()

@@ -1,0 +1,276 @@
+"""The Megatron checkpoint layout megatron-apo writes and reads, and tensor-by-tensor reading of it.
+
+A checkpoint is a folder holding
+  * `model/`            a `megatron.core.dist_checkpointing` checkpoint (torch_dist) of `model.sharded_state_dict()`,
+                        so one written at some TP/PP loads at any other;
+  * `megatron_apo.json` `{"model_config": ModelConfig.to_dict(), ...}` plus what conversion knows (source, dtype).
+Training checkpoints are `<ckpt_dir>/iter_XXXXXXX/` folders of that layout; `resolve_checkpoint` picks one.
+
+`DistCheckpointReader` reads single layers' tensors straight from the torch_dist storage with
+`torch.distributed.checkpoint` (no process group, no model), so exporting needs memory for one layer only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from megatron_apo.models.config import ModelConfig
+from megatron_apo.models.hf_mapping import EMBEDDING, FINAL_NORM, OUTPUT_LAYER, megatron_shape
+
+METADATA_FILE = "megatron_apo.json"
+MODEL_SUBDIR = "model"
+LATEST_FILES = ("latest", "latest_checkpointed_iteration.txt")
+_ITER = re.compile(r"^iter_(\d+)$")
+
+
+def is_checkpoint(folder: Path) -> bool:
+    return (folder / METADATA_FILE).is_file() and (folder / MODEL_SUBDIR).is_dir()
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a training dir of `iter_*` checkpoints (its `latest` file, else the highest)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"Megatron checkpoint {path} does not exist")
+    if is_checkpoint(path):
+        return path
+    for name in LATEST_FILES:
+        f = path / name
+        if f.is_file():
+            text = f.read_text().strip()
+            cand = path / (text if text.startswith("iter_") else f"iter_{int(text):07d}") if text else None
+            if cand is None or not is_checkpoint(cand):
+                raise FileNotFoundError(f"{f} points to {text!r}, which is not a checkpoint folder with "
+                                        f"{MODEL_SUBDIR}/ and {METADATA_FILE}")
+            return cand
+    iters = sorted((int(m.group(1)), p) for p in path.iterdir() if (m := _ITER.match(p.name)) and is_checkpoint(p))
+    if iters:
+        return iters[-1][1]
+    if (path / MODEL_SUBDIR).is_dir() and not (path / METADATA_FILE).is_file():
+        raise FileNotFoundError(f"{path / METADATA_FILE} is missing; it must hold {{\"model_config\": ...}}")
+    raise FileNotFoundError(f"{path} is not a Megatron checkpoint: expected {MODEL_SUBDIR}/ + {METADATA_FILE}, "
+                            f"or iter_* folders of that layout")
+
+
+def read_checkpoint_metadata(folder: str | Path) -> tuple[ModelConfig, dict]:
+    path = Path(folder) / METADATA_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if "model_config" not in meta:
+        raise ValueError(f"{path}: missing key 'model_config'")
+    return ModelConfig.from_dict(meta["model_config"], source=f"{path} model_config"), meta
+
+
+def write_checkpoint_metadata(folder: str | Path, cfg: ModelConfig, **extra) -> None:
+    meta = {"model_config": cfg.to_dict(), **extra}
+    (Path(folder) / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+
+
+def save_model(model, folder: str | Path) -> None:
+    """Collective over all ranks: writes this rank's part of the model into `<folder>/model/`."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from megatron_apo.models.sharding import unwrap
+
+    target = Path(folder) / MODEL_SUBDIR
+    if dist.get_rank() == 0:
+        target.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(target))
+
+
+def load_megatron_model(folder: str | Path, params_dtype: torch.dtype | None = None):
+    """Builds the model for the current TP/PP layout and loads a checkpoint written at any TP/PP.
+
+    Returns (model, ModelConfig). Collective over all ranks (Megatron parallel state must be initialised).
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    from megatron_apo.models.builder import build_gpt_model
+
+    ckpt = resolve_checkpoint(folder)
+    cfg, _ = read_checkpoint_metadata(ckpt)
+    reader = DistCheckpointReader(ckpt / MODEL_SUBDIR, cfg)
+    model = build_gpt_model(cfg, params_dtype=params_dtype or reader.dtype, perform_initialization=False)
+    sharded = model.sharded_state_dict()
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    repad = reader.vocab_rows != cfg.padded_vocab_size(tp)
+    if repad:
+        # Vocab padding depends on TP: read the vocabulary tensors whole and re-pad them for this layout.
+        for key in [k for k in sharded if k.endswith((EMBEDDING, OUTPUT_LAYER))]:
+            del sharded[key]
+    state = dist_checkpointing.load(sharded, str(ckpt / MODEL_SUBDIR))
+    model.load_state_dict(state, strict=False)
+    if repad:
+        from megatron_apo.models.hf_mapping import pad_vocab
+        from megatron_apo.models.sharding import iter_local_params, tp_slice
+
+        for lp in iter_local_params(model):
+            if lp.global_name in (EMBEDDING, OUTPUT_LAYER):
+                src = EMBEDDING if lp.global_name == OUTPUT_LAYER and cfg.tie_word_embeddings else lp.global_name
+                full = pad_vocab(reader.load([src])[src][: cfg.vocab_size], cfg.padded_vocab_size(tp))
+                with torch.no_grad():
+                    lp.tensor.copy_(tp_slice(full, lp.partition_dim, tp_rank, tp))
+    return model, cfg
+
+
+def _narrow(t: torch.Tensor, offsets, lengths) -> torch.Tensor:
+    for dim, (o, n) in enumerate(zip(offsets, lengths)):
+        if o != 0 or n != t.shape[dim]:
+            t = t.narrow(dim, o, n)
+    return t
+
+
+class DistCheckpointReader:
+    """Reads full (TP=1 layout) tensors of a torch_dist checkpoint, one layer at a time, in one process.
+
+    Megatron stores the decoder's tensors with a leading layer axis (`decoder.layers.<param>` of shape
+    [num_layers, ...]); reading layer i asks the storage for the chunk at offset i on that axis only.
+    """
+
+    def __init__(self, folder: str | Path, cfg: ModelConfig):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.folder = Path(folder)
+        self.cfg = cfg
+        if not (self.folder / ".metadata").is_file():
+            raise FileNotFoundError(f"{self.folder} is not a torch_dist checkpoint (no .metadata file)")
+        self._reader = dcp.FileSystemReader(str(self.folder))
+        md = self._reader.read_metadata()
+        tensors = {k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+        emb = [k for k in tensors if k.endswith(EMBEDDING)]
+        if not emb:
+            raise ValueError(f"{self.folder}: no {EMBEDDING} tensor; not a GPTModel checkpoint")
+        self.prefix = emb[0][: -len(EMBEDDING)]  # e.g. "" or a wrapper prefix
+        self.meta = {k[len(self.prefix):]: v for k, v in tensors.items() if k.startswith(self.prefix)}
+        self.layer_suffixes = sorted(k[len("decoder.layers."):] for k in self.meta if k.startswith("decoder.layers."))
+        self.dtype = self.meta[EMBEDDING].properties.dtype
+        self.vocab_rows = self.meta[EMBEDDING].size[0]
+        self._validate()
+
+    def _validate(self) -> None:
+        cfg, where = self.cfg, f"{self.folder}"
+        if self.vocab_rows < cfg.vocab_size:
+            raise ValueError(f"{where}: {EMBEDDING} has {self.vocab_rows} rows < vocab_size={cfg.vocab_size} in "
+                             f"{METADATA_FILE} (config and weights do not match)")
+        expected = [FINAL_NORM] + ([] if cfg.tie_word_embeddings else [OUTPUT_LAYER])
+        for name in expected:
+            if name not in self.meta:
+                raise ValueError(f"{where}: tensor {name} is missing (config and weights do not match)")
+        for name in [FINAL_NORM] + [n for n in (OUTPUT_LAYER,) if n in self.meta]:
+            want = megatron_shape(cfg, name)
+            got = tuple(self.meta[name].size)
+            if got[1:] != want[1:] or (name != FINAL_NORM and got[0] != self.vocab_rows) or (name == FINAL_NORM and got != want):
+                raise ValueError(f"{where}: tensor {name} has shape {list(got)}, the config implies {list(want)}")
+        needed = {"self_attention.linear_proj.weight", "self_attention.linear_qkv.weight", "mlp.linear_fc1.weight",
+                  "mlp.linear_fc2.weight"} | ({"self_attention.linear_qkv.bias"} if cfg.qkv_bias else set())
+        missing = needed - set(self.layer_suffixes)
+        if missing:
+            raise ValueError(f"{where}: decoder tensors {sorted(missing)} are missing (config and weights do not match)")
+        for suffix in self.layer_suffixes:
+            size = tuple(self.meta["decoder.layers." + suffix].size)
+            want = (cfg.num_layers,) + megatron_shape(cfg, f"decoder.layers.0.{suffix}")
+            if size != want:
+                raise ValueError(f"{where}: decoder.layers.{suffix} has shape {list(size)}, the config implies "
+                                 f"{list(want)} (num_layers first; config and weights do not match)")
+
+    def tensor_bytes(self, global_name: str) -> int:
+        key = re.sub(r"^decoder\.layers\.\d+\.", "decoder.layers.", global_name)
+        md = self.meta[key]
+        n = 1
+        for s in md.size[1:] if key != global_name else md.size:
+            n *= s
+        return n * torch.empty((), dtype=md.properties.dtype).element_size()
+
+    def groups(self) -> list[list[str]]:
+        """Global names in reading order, grouped: [embedding], each layer, [final norm, output layer]."""
+        out = [[EMBEDDING]]
+        for i in range(self.cfg.num_layers):
+            out.append([f"decoder.layers.{i}.{s}" for s in self.layer_suffixes])
+        out.append([FINAL_NORM] + ([OUTPUT_LAYER] if OUTPUT_LAYER in self.meta else []))
+        return out
+
+    def row_blocks(self, global_name: str) -> list[tuple[int, int]]:
+        """The row ranges [start, stop) in which a non-layer tensor is stored (one per TP shard)."""
+        md = self.meta[global_name]
+        starts = sorted({c.offsets[0] for c in md.chunks} | {md.size[0]})
+        return list(zip(starts[:-1], starts[1:]))
+
+    def load_rows(self, global_name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a non-layer tensor (e.g. one stored TP shard of the embedding)."""
+        md = self.meta[global_name]
+        key = self.prefix + global_name
+        state = {key: torch.empty((stop - start, *md.size[1:]), dtype=md.properties.dtype)}
+        self._dcp_load(state, {key: (start,) + (0,) * (len(md.size) - 1)}, [global_name])
+        return state[key]
+
+    def _dcp_load(self, state, offsets, names) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            dcp.load(state, storage_reader=self._reader, planner=_SlicePlanner(offsets), no_dist=True)
+        except CheckpointException as e:  # a BaseException in torch: turn it into a one-line input error
+            cause = [ln for ln in str(e).strip().splitlines() if ln.strip()][-1].strip()
+            raise ValueError(f"{self.folder}: cannot read {names[0]}"
+                             f"{' and others' if len(names) > 1 else ''} (storage damaged? {cause})") from None
+
+    def load(self, global_names: list[str]) -> dict[str, torch.Tensor]:
+        """Reads the named full tensors (a layer's names read only that layer's slice of the storage)."""
+        state, offsets = {}, {}
+        for name in global_names:
+            m = re.match(r"^decoder\.layers\.(\d+)\.(.+)$", name)
+            key = self.prefix + (f"decoder.layers.{m.group(2)}" if m else name)
+            md = self.meta[key[len(self.prefix):]]
+            if m:
+                state[key] = torch.empty((1, *md.size[1:]), dtype=md.properties.dtype)
+                offsets[key] = (int(m.group(1)),) + (0,) * (len(md.size) - 1)
+            else:
+                state[key] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+                offsets[key] = (0,) * len(md.size)
+        self._dcp_load(state, offsets, global_names)
+        out = {}
+        for name in global_names:
+            m = re.match(r"^decoder\.layers\.(\d+)\.(.+)$", name)
+            key = self.prefix + (f"decoder.layers.{m.group(2)}" if m else name)
+            out[name] = state.pop(key)[0] if m else state.pop(key)
+        return out
+
+
+def _slice_planner_cls():
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    class SlicePlanner(DefaultLoadPlanner):
+        """Loads each requested tensor as the chunk of the stored global tensor at a given offset."""
+
+        def __init__(self, offsets: dict[str, tuple[int, ...]]):
+            super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+            self.offsets = offsets
+
+        def create_local_plan(self):
+            requests = []
+            for fqn, t in self.state_dict.items():
+                chunk = ChunkStorageMetadata(offsets=torch.Size(self.offsets[fqn]), sizes=t.size())
+                requests += create_read_items_for_chunk_list(fqn, self.metadata.state_dict_metadata[fqn], [chunk])
+            return LoadPlan(requests)
+
+        def resolve_tensor(self, read_item):
+            return _narrow(self.state_dict[read_item.dest_index.fqn], read_item.dest_offsets, read_item.lengths)
+
+    return SlicePlanner
+
+
+def _SlicePlanner(offsets):
+    return _slice_planner_cls()(offsets)

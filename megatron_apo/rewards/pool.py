@@ -1,0 +1,242 @@
+"""Score a batch of responses in worker processes, with a per-sample time limit that always holds.
+
+Each sample gets a soft limit inside its worker (a timer signal, see deadline.py) and a hard limit in the
+parent: a worker still busy `timeout_s + hard_grace_s` after it got a sample (stuck in C code the signal
+cannot interrupt) is killed and replaced. Either way the sample scores 0.0 and is counted in
+`RewardBatch.num_timeouts`. Workers start from a forkserver (no inherited threads/CUDA state, cheap
+restarts) and load the custom reward function, if any, themselves.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Sequence
+
+from megatron_apo.rewards.deadline import SampleTimeout, time_limit
+
+
+@dataclass(frozen=True)
+class RewardItem:
+    data_source: str
+    solution_str: str
+    ground_truth: str
+    extra_info: dict | None = None
+
+
+@dataclass
+class RewardBatch:
+    scores: list[float]
+    timed_out: list[bool]
+    errors: list[str | None]
+    seconds: float = 0.0
+
+    @property
+    def num_timeouts(self) -> int:
+        return sum(self.timed_out)
+
+    @property
+    def num_errors(self) -> int:
+        return sum(e is not None for e in self.errors)
+
+    def metrics(self) -> dict[str, float]:
+        n = max(len(self.scores), 1)
+        return {"reward/mean": sum(self.scores) / n, "reward/timeouts": float(self.num_timeouts),
+                "reward/errors": float(self.num_errors), "reward/seconds": self.seconds}
+
+
+def score_item(item: RewardItem, reward_fn=None, timeout_s: float | None = None) -> tuple[float, str, str | None]:
+    """(score, status, error) of one item in this process; status is 'ok' | 'timeout' | 'error'."""
+    from megatron_apo.rewards.registry import as_score, get_reward_fn
+
+    try:
+        with time_limit(timeout_s):
+            if reward_fn is not None:
+                raw = reward_fn(data_source=item.data_source, solution_str=item.solution_str,
+                                ground_truth=item.ground_truth, extra_info=item.extra_info)
+            else:
+                raw = get_reward_fn(item.data_source)(item.solution_str, item.ground_truth, item.extra_info)
+            return as_score(raw), "ok", None
+    except SampleTimeout:
+        return 0.0, "timeout", None
+    except Exception as e:  # reported with the sample's index by the caller
+        return 0.0, "error", f"{type(e).__name__}: {e}"
+
+
+def _worker_main(conn: Connection, reward_fn_spec: str | None, timeout_s: float | None) -> None:
+    reward_fn = None
+    try:
+        if reward_fn_spec:
+            from megatron_apo.rewards.loader import load_reward_fn
+
+            reward_fn = load_reward_fn(reward_fn_spec)
+        import math_verify  # noqa: F401  (imported before 'ready' so it does not eat into a sample's limit)
+    except Exception as e:
+        conn.send(("failed", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", None))
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        if msg is None:
+            return
+        idx, item = msg
+        conn.send((idx, *score_item(item, reward_fn, timeout_s)))
+
+
+@dataclass
+class _Worker:
+    process: mp.process.BaseProcess
+    conn: Connection
+    task: int | None = None
+    started: float = 0.0
+
+
+@dataclass
+class RewardPool:
+    """`with RewardPool(num_workers=4, timeout_s=5) as pool: batch = pool.score(items)`.
+
+    num_workers=0 scores in the calling process (soft limit only, main thread). `reward_fn` is a
+    'file.py:fn' spec with verl's signature used for every item instead of the data_source registry.
+    on_error='raise' raises on the first failing sample (naming its index); 'zero' scores it 0.0 and counts it.
+    """
+
+    num_workers: int = 2
+    timeout_s: float = 5.0
+    reward_fn: str | None = None
+    on_error: str = "raise"
+    hard_grace_s: float = 2.0
+    startup_timeout_s: float = 300.0
+    start_method: str = "forkserver"
+    _workers: list[_Worker] = field(default_factory=list, init=False, repr=False)
+    _ctx: object = field(default=None, init=False, repr=False)
+    _local_fn: object = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        if self.on_error not in ("raise", "zero"):
+            raise ValueError(f"RewardPool.on_error must be 'raise' or 'zero', got {self.on_error!r}")
+        if self.num_workers < 0:
+            raise ValueError(f"RewardPool.num_workers must be >= 0, got {self.num_workers}")
+        if self.reward_fn:  # fail fast in the parent with a clear message, not in every worker
+            from megatron_apo.rewards.loader import load_reward_fn
+
+            self._local_fn = load_reward_fn(self.reward_fn)
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def __enter__(self) -> "RewardPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _spawn(self) -> _Worker:
+        if self._ctx is None:
+            self._ctx = mp.get_context(self.start_method)
+            if self.start_method == "forkserver":
+                self._ctx.set_forkserver_preload(["megatron_apo.rewards.pool", "math_verify"])
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(target=_worker_main, args=(child, self.reward_fn, self.timeout_s), daemon=True)
+        proc.start()
+        child.close()
+        # Wait until the worker can score: a sample's time limit must not include the worker's start-up.
+        status, detail = "failed", f"no answer within {self.startup_timeout_s:g}s"
+        try:
+            if parent.poll(self.startup_timeout_s):
+                status, detail = parent.recv()
+        except (EOFError, OSError):
+            detail = "the process exited during start-up (see its traceback above)"
+        if status != "ready":
+            proc.kill()
+            proc.join(timeout=5)
+            parent.close()
+            raise RuntimeError(f"reward worker failed to start: {detail}")
+        return _Worker(proc, parent)
+
+    def _kill(self, w: _Worker) -> None:
+        w.process.kill()
+        w.process.join(timeout=5)
+        w.conn.close()
+
+    def close(self) -> None:
+        for w in self._workers:
+            try:
+                w.conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        for w in self._workers:
+            w.process.join(timeout=2)
+            if w.process.is_alive():
+                w.process.kill()
+                w.process.join(timeout=5)
+            w.conn.close()
+        self._workers = []
+
+    # -- scoring -----------------------------------------------------------------------------------------
+    def score(self, items: Sequence[RewardItem]) -> RewardBatch:
+        t0 = time.monotonic()
+        n = len(items)
+        scores, timed_out, errors = [0.0] * n, [False] * n, [None] * n
+
+        def record(idx: int, score: float, status: str, err: str | None) -> None:
+            scores[idx] = score
+            timed_out[idx] = status == "timeout"
+            if status == "error":
+                if self.on_error == "raise":
+                    raise ValueError(f"reward of sample {idx} (data_source={items[idx].data_source!r}) failed: {err}")
+                errors[idx] = err
+
+        if self.num_workers == 0 or n == 0:
+            for i, item in enumerate(items):
+                record(i, *score_item(item, self._local_fn, self.timeout_s))
+            return RewardBatch(scores, timed_out, errors, time.monotonic() - t0)
+
+        while len(self._workers) < self.num_workers:
+            self._workers.append(self._spawn())
+        pending = deque(range(n))
+        busy: dict[Connection, _Worker] = {}
+        hard_limit = self.timeout_s + self.hard_grace_s
+        try:
+            while pending or busy:
+                for w in self._workers:
+                    if w.task is None and pending:
+                        w.task, w.started = pending.popleft(), time.monotonic()
+                        try:
+                            w.conn.send((w.task, items[w.task]))
+                        except (BrokenPipeError, OSError):  # the worker died while idle
+                            idx = w.task
+                            self._replace(w)
+                            record(idx, 0.0, "error", "reward worker process died (see its traceback above)")
+                            continue
+                        busy[w.conn] = w
+                now = time.monotonic()
+                next_deadline = min(w.started + hard_limit for w in busy.values())
+                for conn in wait(list(busy), timeout=max(0.0, next_deadline - now)):
+                    w = busy.pop(conn)
+                    try:
+                        idx, score, status, err = conn.recv()
+                    except (EOFError, OSError):  # the worker died (e.g. killed by the OS for memory)
+                        idx, score, status, err = w.task, 0.0, "error", "reward worker process died"
+                        self._replace(w)
+                    w.task = None
+                    record(idx, score, status, err)
+                now = time.monotonic()
+                for conn, w in list(busy.items()):
+                    if now - w.started > hard_limit:  # stuck where the soft timer cannot reach: kill it
+                        del busy[conn]
+                        idx = w.task
+                        self._replace(w)
+                        record(idx, 0.0, "timeout", None)
+        except BaseException:
+            self.close()  # workers may hold half-finished tasks; start clean next time
+            raise
+        return RewardBatch(scores, timed_out, errors, time.monotonic() - t0)
+
+    def _replace(self, w: _Worker) -> None:
+        self._kill(w)
+        fresh = self._spawn()
+        self._workers[self._workers.index(w)] = fresh

@@ -1,0 +1,200 @@
+"""A transformers causal LM as a rollout engine: runs the whole RL loop, weight sync included, without a GPU.
+
+Batched sampling with a KV cache (left padding, explicit position ids), one torch.Generator per
+(prompt, sample) seeded from (seed, request id, sample index), so a fixed seed reproduces the same
+samples however requests are batched or spread over engines. Weights arrive as Hugging Face-named
+full tensors, either directly (`update_weights`) or streamed over the sync group (`receive_weights`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+from typing import Iterable, Sequence
+
+import torch
+
+from megatron_apo.rollout.engine import RolloutEngine, Sample, SamplingParams
+from megatron_apo.rollout.sampling import request_seed, sample_tokens
+from megatron_apo.rollout.sync_group import measure_broadcast_bandwidth
+from megatron_apo.rollout.weight_sync import EngineSyncState, SyncEndpoint, open_sync_group, receive_weights
+
+
+def build_hf_model(hf_config: dict, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """An HF causal LM with random weights from a config.json dict (no download)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(hf_config)
+    model_type = cfg.pop("model_type", None)
+    if model_type is None:
+        raise ValueError("hf_config: missing 'model_type' (e.g. 'qwen2' or 'llama')")
+    for key in ("architectures", "transformers_version", "torch_dtype", "dtype"):
+        cfg.pop(key, None)
+    config = AutoConfig.for_model(model_type, **cfg)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+class CPUEngine(RolloutEngine):
+    def __init__(
+        self,
+        hf_config: dict,
+        named_tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
+        version: int = -1,
+        dtype: torch.dtype = torch.float32,
+        max_batch_size: int = 64,
+        num_threads: int | None = 1,
+    ):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.hf_config = dict(hf_config)
+        self.model = build_hf_model(hf_config, dtype)
+        self.max_batch_size = max_batch_size
+        self._sync = EngineSyncState()
+        self._params = dict(self.model.named_parameters())
+        self._tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
+        # transformers 5.x renamed past_key_values -> cache (the old name is deprecated); support both lines
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        if named_tensors is not None:
+            self.update_weights(version, named_tensors)
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> "CPUEngine":
+        """From an HF folder (config.json + safetensors, e.g. written by `megatron-apo convert`), local files only."""
+        import json
+        import os
+
+        from transformers import AutoModelForCausalLM
+
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path}: not a Hugging Face model folder (no config.json)")
+        with open(os.path.join(path, "config.json")) as f:
+            hf_config = json.load(f)
+        src = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=kwargs.get("dtype", torch.float32))
+        kwargs.setdefault("version", 0)
+        return cls(hf_config, named_tensors=list(src.named_parameters()), **kwargs)
+
+    # ---- weights ----------------------------------------------------------------------------------------
+
+    def weights_version(self) -> int:
+        return self._sync.version
+
+    def sync_state(self) -> dict:
+        return self._sync.as_dict()
+
+    def load_hf_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+        """Copies HF-named full tensors into the model; returns the names loaded."""
+        loaded = []
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                if name == "lm_head.weight" and self._tied:
+                    continue  # the tied head is the embedding, loaded under its own name
+                param = self._params.get(name)
+                if param is None:
+                    raise KeyError(f"CPUEngine: unknown HF parameter {name!r} (model has e.g. {next(iter(self._params))!r})")
+                if tuple(param.shape) != tuple(tensor.shape):
+                    raise ValueError(f"CPUEngine: {name}: shape {tuple(tensor.shape)} does not match the model's {tuple(param.shape)}")
+                param.copy_(tensor.to(param.dtype))
+                loaded.append(name)
+        return loaded
+
+    def update_weights(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        loaded = set(self.load_hf_tensors(named_tensors))
+        self._sync.check_complete(loaded, self._expected_names())
+        self._sync.mark_loaded(version)
+
+    def export_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """The served weights by HF name (used to bring a restarted engine to the fleet's version)."""
+        return [(n, p.detach().clone()) for n, p in self._params.items()]
+
+    def _expected_names(self) -> set[str]:
+        return {n for n in self._params if not (self._tied and n == "lm_head.weight")}
+
+    def join_sync_group(self, endpoint: SyncEndpoint, rank: int) -> None:
+        """Blocks until every member (trainer sender + all engines) has joined."""
+        self._sync.group = open_sync_group(endpoint, rank)
+
+    def receive_weights(self, version: int) -> dict:
+        """Receives one sync over the group; verifies every bucket's checksum before loading it."""
+        result = receive_weights(self._sync.group, self.load_hf_tensors, expected_version=version, ring=self._sync.ring)
+        self._sync.apply(result, self._expected_names())
+        return result.as_dict()
+
+    def sync_group_bandwidth(self, nbytes: int) -> float:
+        """Joins a plain broadcast of `nbytes` on the sync group (link diagnostics; the benchmark's baseline)."""
+        return measure_broadcast_bandwidth(self._sync.group, nbytes)
+
+    # ---- inference --------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def logits(self, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """fp32 logits [B, S, V] of equal-length sequences (a probe forward for parity checks)."""
+        self._sync.check_serving()
+        ids = torch.tensor([list(t) for t in token_ids], dtype=torch.long)
+        pos = torch.arange(ids.shape[1]).expand_as(ids)
+        return self.model(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_token_ids: list[list[int]],
+        params: SamplingParams,
+        request_ids: Sequence[int] | None = None,
+    ) -> list[list[Sample]]:
+        """`request_ids` (default 0..P-1) seed the per-sample generators; the fleet passes global prompt indices."""
+        self._sync.check_serving()
+        if request_ids is None:
+            request_ids = range(len(prompt_token_ids))
+        if len(request_ids) != len(prompt_token_ids):
+            raise ValueError("generate: request_ids must have one entry per prompt")
+        if any(len(p) == 0 for p in prompt_token_ids):
+            raise ValueError("generate: every prompt needs at least one token")
+        seed = params.seed if params.seed is not None else random.getrandbits(62)
+        rows = [(p, s) for p in range(len(prompt_token_ids)) for s in range(params.n)]
+        out: list[list[Sample | None]] = [[None] * params.n for _ in prompt_token_ids]
+        for start in range(0, len(rows), self.max_batch_size):
+            chunk = rows[start:start + self.max_batch_size]
+            prompts = [prompt_token_ids[p] for p, _ in chunk]
+            gens = [torch.Generator().manual_seed(request_seed(seed, request_ids[p], s)) for p, s in chunk]
+            for (p, s), sample in zip(chunk, self._generate_rows(prompts, params, gens)):
+                sample.prompt_index, sample.sample_index = p, s
+                out[p][s] = sample
+        return out  # type: ignore[return-value]
+
+    def _cache_of(self, out):
+        return out["cache"] if self._cache_kw == "cache" else out.past_key_values
+
+    def _generate_rows(self, prompts: list[list[int]], params: SamplingParams, gens: list[torch.Generator]) -> list[Sample]:
+        b = len(prompts)
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros(b, width, dtype=torch.long)
+        mask = torch.zeros(b, width, dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: every row's last prompt token sits in the last column
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp_(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        past, next_logits = self._cache_of(out), out.logits[:, -1].float()
+        last_pos = pos[:, -1]
+        stop = set(params.stop_token_ids)
+        tokens: list[list[int]] = [[] for _ in range(b)]
+        logps: list[list[float]] = [[] for _ in range(b)]
+        finish = ["length"] * b
+        done = [False] * b
+        for step in range(params.max_new_tokens):
+            tok, lp = sample_tokens(next_logits, params, gens)
+            for i in range(b):
+                if done[i]:
+                    continue
+                tokens[i].append(int(tok[i]))
+                logps[i].append(float(lp[i]))
+                if int(tok[i]) in stop:
+                    done[i], finish[i] = True, "stop"
+            if all(done) or step + 1 == params.max_new_tokens:
+                break
+            mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long)], dim=1)
+            last_pos = last_pos + 1
+            out = self.model(input_ids=tok.unsqueeze(-1), attention_mask=mask, position_ids=last_pos.unsqueeze(-1),
+                             use_cache=True, **{self._cache_kw: past})
+            past, next_logits = self._cache_of(out), out.logits[:, -1].float()
+        return [Sample(-1, -1, tokens[i], logps[i], finish[i], {"logprob_space": params.logprob_space()}) for i in range(b)]

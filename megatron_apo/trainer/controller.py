@@ -1,0 +1,146 @@
+"""The controller (trainer global rank 0): prompts -> fleet rollouts -> rewards -> advantages -> RLBatch.
+
+It owns everything that is not SPMD: the dataset and its resumable sampler, the tokenizer, the reward
+pool, the Ray rollout fleet and the weight-sync group's sending end, and the answer memory.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from megatron_apo.algorithms.advantages import AnswerMemory, compute_advantages
+from megatron_apo.config import RunConfig
+from megatron_apo.data.dataset import PromptDataset, PromptSampler
+from megatron_apo.data.tokenizer import load_tokenizer
+from megatron_apo.models.config import ModelConfig
+from megatron_apo.rewards.pool import RewardItem, RewardPool
+from megatron_apo.rollout.engine import SamplingParams
+from megatron_apo.trainer.batch import RLBatch, build_batch
+
+ENGINE_CLASSES = {
+    "cpu": "megatron_apo.rollout.cpu_engine:CPUEngine",
+    "vllm": "megatron_apo.rollout.vllm_engine:VLLMEngine",
+}
+
+
+@dataclass
+class Rollout:
+    batch: RLBatch
+    metrics: dict
+
+
+class Controller:
+    def __init__(self, cfg: RunConfig, model_cfg: ModelConfig):
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        self.dataset = PromptDataset.from_parquet(cfg.data.train_files[0], self.tokenizer,
+                                                  cfg.data.max_prompt_length, on_invalid=cfg.data.on_invalid)
+        self.sampler = PromptSampler(len(self.dataset), seed=cfg.seed, shuffle=cfg.data.shuffle)
+        self.rewards = RewardPool(num_workers=0, timeout_s=5.0, reward_fn=cfg.data.reward_fn, on_error="zero")
+        self.memory = AnswerMemory.from_config(cfg.algorithm) if cfg.algorithm.adv_calibration_memory else None
+        self.fleet = self._start_fleet()
+        self._sync_group = None
+        self._val = None
+
+    # ---- fleet ------------------------------------------------------------------------------------------
+
+    def _start_fleet(self):
+        from megatron_apo.models.hf_mapping import hf_config_from_model_config
+        from megatron_apo.rollout.fleet import EngineSpec, RolloutFleet
+
+        r = self.cfg.rollout
+        if r.engine not in ENGINE_CLASSES:
+            raise ValueError(f"rollout.engine={r.engine!r} is unknown; use one of {sorted(ENGINE_CLASSES)}")
+        kwargs = {"hf_config": hf_config_from_model_config(self.model_cfg)}
+        spec = EngineSpec(ENGINE_CLASSES[r.engine], kwargs=kwargs, num_cpus=0.5 if r.engine == "cpu" else 1,
+                          num_gpus=0 if r.engine == "cpu" else r.engine_tp)
+        return RolloutFleet(spec, r.num_engines, ray_address=r.ray_address)
+
+    def sync_group(self):
+        from megatron_apo.rollout.sync_group import open_sync_group
+
+        if self._sync_group is None:
+            ep = self.fleet.sync_endpoint(backend="nccl" if torch.cuda.is_available() else "gloo")
+            self._sync_group = open_sync_group(ep, 0)
+        return self._sync_group
+
+    def shutdown(self) -> None:
+        self.fleet.shutdown()
+        self.rewards.close()
+
+    # ---- one step's data --------------------------------------------------------------------------------
+
+    def sampling_params(self, step: int, n: int | None = None) -> SamplingParams:
+        r = self.cfg.rollout
+        return SamplingParams(n=n or r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                              max_new_tokens=self.cfg.data.max_response_length,
+                              stop_token_ids=tuple(self.tokenizer.stop_token_ids), seed=self.cfg.seed * 100003 + step)
+
+    def rollout(self, step: int) -> Rollout:
+        t0 = time.perf_counter()
+        idx = self.sampler.next_indices(self.cfg.data.train_batch_size)
+        items = [self.dataset[i] for i in idx]
+        prompts = [it.prompt_ids for it in items]
+        samples = self.fleet.generate(prompts, self.sampling_params(step))
+        t_gen = time.perf_counter() - t0
+        flat = [(p, s) for p, group in enumerate(samples) for s in group]
+        texts = [self.tokenizer.decode(_strip_stop(s.token_ids, self.tokenizer.stop_token_ids)) for _, s in flat]
+        reward_items = [RewardItem(items[p].row.data_source, texts[i], items[p].row.ground_truth, items[p].row.extra_info)
+                        for i, (p, _) in enumerate(flat)]
+        scored = self.rewards.score(reward_items)
+        rewards = torch.tensor(scored.scores, dtype=torch.float32)
+        group_ids = torch.tensor([idx[p] for p, _ in flat])
+        adv = compute_advantages(rewards, group_ids, self.cfg.algorithm, calibrator=self.memory,
+                                 answers=texts, texts=texts)
+        batch = build_batch(prompts, samples, rewards, adv)
+        lengths = batch.response_mask.sum(1)
+        metrics = {
+            "reward/mean": rewards.mean().item(),
+            "reward/pass_rate": (rewards > 0).float().mean().item(),
+            "reward/timeouts": float(scored.num_timeouts),
+            "response/length_mean": lengths.mean().item(),
+            "response/length_max": lengths.max().item(),
+            "response/truncated_frac": sum(s.finish_reason == "length" for _, s in flat) / len(flat),
+            "time/rollout_generate_s": t_gen,
+            "time/rollout_total_s": time.perf_counter() - t0,
+            "fleet/weights_version": float(self.fleet.weights_version()),
+        }
+        return Rollout(batch, metrics)
+
+    def evaluate(self, step: int, label: str) -> dict | None:
+        """pass@k of the weights the fleet serves now, on data.val_files; writes <out_dir>/eval/step_XXXXXXX.json."""
+        from pathlib import Path
+
+        from megatron_apo.eval.report import write_results
+        from megatron_apo.eval.runner import EvalConfig, evaluate
+
+        if not self.cfg.data.val_files or self.cfg.trainer.eval_n <= 0:
+            return None
+        if self._val is None:
+            self._val = PromptDataset.from_parquet(self.cfg.data.val_files[0], self.tokenizer,
+                                                   self.cfg.data.max_prompt_length, on_invalid=self.cfg.data.on_invalid)
+        prompts = [self._val[i] for i in range(min(len(self._val), self.cfg.trainer.eval_max_prompts))]
+        r = self.cfg.rollout
+        ecfg = EvalConfig(n=self.cfg.trainer.eval_n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                          max_new_tokens=self.cfg.data.max_response_length, seed=self.cfg.seed,
+                          prompts_per_call=max(1, 256 // self.cfg.trainer.eval_n))
+        res = evaluate(self.fleet, self.tokenizer, prompts, ecfg, reward_pool=self.rewards, label=label,
+                       meta={"step": step, "loss_mode": self.cfg.algorithm.loss_mode}, progress=False)
+        write_results(res, Path(self.cfg.out_dir) / "eval" / f"step_{step:07d}.json")
+        return res
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict(), "memory": self.memory.state_dict() if self.memory else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        if self.memory is not None and state.get("memory") is not None:
+            self.memory.load_state_dict(state["memory"])
+
+
+def _strip_stop(ids: list[int], stop: tuple[int, ...]) -> list[int]:
+    return ids[:-1] if ids and ids[-1] in stop else ids

@@ -1,0 +1,106 @@
+"""The three model passes of an RL step, as loss functions for Megatron's forward-backward schedule.
+
+Each pass runs on the last pipeline stage with this rank's vocab shard of the logits and writes its
+results into the micro-batch dicts, so a later pass over the same micro-batches finds them there:
+
+  reference pass (frozen reference model, forward only): ref_logprobs [b,T] and the vocab-parallel global
+      Top-K of pi_ref, ref_topk_indices [b,T,K]  -- one pass gives both;
+  old pass (policy before the update, forward only):    old_logprobs, old_anchor_logprobs = log pi_old at
+      ref_topk_indices, and for CaSP old_topk_indices (Top-N of pi_old);
+  train pass (policy, forward + backward):              compute_policy_loss(...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_apo.algorithms.losses import compute_policy_loss
+from megatron_apo.config import AlgorithmConfig
+from megatron_apo.ops.vocab_parallel import vocab_parallel_logprob_stats
+from megatron_apo.trainer.batch import response_logits
+
+
+@dataclass
+class PassSettings:
+    algorithm: AlgorithmConfig
+    vocab_size: int  # the true vocabulary (Megatron's padded rows are excluded by the ops)
+    temperature: float = 1.0  # the rollout temperature: log-probs are those of the sampling distribution
+
+    @property
+    def needs_ref_topk(self) -> bool:
+        return self.algorithm.loss_mode == "apo_ratio"
+
+    @property
+    def needs_ref_logprobs(self) -> bool:
+        return self.algorithm.use_kl_loss or self.algorithm.use_kl_loss_on_wrong
+
+
+def _scaled_response_logits(logits: torch.Tensor, batch: dict, temperature: float) -> torch.Tensor:
+    rl = response_logits(logits, batch["resp_index"]).float()
+    return rl / temperature if temperature != 1.0 else rl
+
+
+def _stats(settings: PassSettings, rl: torch.Tensor, batch: dict, ids: torch.Tensor, topk: int = 0):
+    """One pass over the vocabulary shard: log-probs at `ids` [b,T,n] and optionally the global Top-K."""
+    return vocab_parallel_logprob_stats(rl, ids, topk=topk, vocab_size=settings.vocab_size,
+                                        chunk_size=settings.algorithm.logprob_chunk_size,
+                                        mask=batch["response_mask"], with_entropy=False)
+
+
+def reference_pass(settings: PassSettings):
+    def loss_fn(batch: dict, logits: torch.Tensor):
+        rl = _scaled_response_logits(logits, batch, settings.temperature)
+        k = settings.algorithm.apo_topk if settings.needs_ref_topk else 0
+        st = _stats(settings, rl, batch, batch["response_ids"].unsqueeze(-1), topk=k)
+        batch["ref_logprobs"] = st.logprobs[..., 0].detach()
+        if k:
+            batch["ref_topk_indices"] = st.topk_indices
+        return rl.sum() * 0.0, {}
+
+    return loss_fn
+
+
+def old_policy_pass(settings: PassSettings):
+    def loss_fn(batch: dict, logits: torch.Tensor):
+        rl = _scaled_response_logits(logits, batch, settings.temperature)
+        ids = batch["response_ids"].unsqueeze(-1)
+        if "ref_topk_indices" in batch:  # log pi_old at the reference Top-K, for the APO pull ratio
+            ids = torch.cat([ids, batch["ref_topk_indices"]], dim=-1)
+        casp = settings.algorithm.casp_topn if settings.algorithm.loss_mode == "casp" else 0
+        st = _stats(settings, rl, batch, ids, topk=casp)
+        batch["old_logprobs"] = st.logprobs[..., 0].detach()
+        if "ref_topk_indices" in batch:
+            batch["old_anchor_logprobs"] = st.logprobs[..., 1:].detach()
+        if casp:
+            batch["old_topk_indices"], batch["old_topk_logprobs"] = st.topk_indices, st.topk_logprobs.detach()
+        m = batch["response_mask"]
+        mismatch = ((batch["old_logprobs"] - batch["rollout_logprobs"]).abs() * m).sum() / m.sum().clamp(min=1)
+        return rl.sum() * 0.0, {"rollout/logprob_abs_diff": mismatch.detach()}
+
+    return loss_fn
+
+
+def train_pass(settings: PassSettings):
+    def loss_fn(batch: dict, logits: torch.Tensor):
+        rl = _scaled_response_logits(logits, batch, settings.temperature)
+        loss, metrics = compute_policy_loss(
+            rl,
+            batch["response_ids"],
+            batch["old_logprobs"],
+            batch["advantages"],
+            batch["response_mask"],
+            settings.algorithm,
+            ref_logprobs=batch.get("ref_logprobs"),
+            ref_topk_indices=batch.get("ref_topk_indices"),
+            old_anchor_logprobs=batch.get("old_anchor_logprobs"),
+            old_topk_indices=batch.get("old_topk_indices"),
+            old_topk_logprobs=batch.get("old_topk_logprobs"),
+            vocab_size=settings.vocab_size,
+        )
+        metrics = {k: (v.detach() if torch.is_tensor(v) else torch.tensor(float(v))) for k, v in metrics.items()}
+        metrics["loss"] = loss.detach()
+        return loss, metrics
+
+    return loss_fn

@@ -1,0 +1,42 @@
+"""Run-config checks that need no torch: the CLI runs them before any process or process group starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron_apo.algorithms.settings import validate_algorithm_config
+from megatron_apo.config import RunConfig
+from megatron_apo.models.config import ModelConfig, load_model_config
+
+DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def validate_run_config(cfg: RunConfig, world_size: int | None = None) -> ModelConfig:
+    """Everything checkable before a process group starts; raises ValueError/FileNotFoundError (one line)."""
+    model_cfg = load_model_config(cfg.model.config)
+    p = cfg.parallel
+    model_cfg.validate(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, source=f"model {model_cfg.name}")
+    mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    if world_size is not None and world_size % mp:
+        raise ValueError(f"parallel: {world_size} processes do not divide into TP*PP = {mp}; launch a multiple of {mp}")
+    validate_algorithm_config(cfg.algorithm)
+    if cfg.model.params_dtype not in DTYPE_NAMES:
+        raise ValueError(f"model.params_dtype={cfg.model.params_dtype!r} is unknown; use one of {sorted(DTYPE_NAMES)}")
+    if not cfg.data.train_files:
+        raise ValueError("data.train_files is empty: give at least one verl-schema parquet file")
+    for f in cfg.data.train_files:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"data.train_files: {f} does not exist")
+    if cfg.data.tokenizer is None or not Path(cfg.data.tokenizer).exists():
+        raise FileNotFoundError(f"data.tokenizer: {cfg.data.tokenizer!r} does not exist (an HF folder or a sentencepiece .model)")
+    t = cfg.trainer
+    for key in ("total_steps", "ppo_epochs", "micro_batch_size"):
+        if getattr(t, key) < 1:
+            raise ValueError(f"trainer.{key} must be >= 1, got {getattr(t, key)}")
+    if cfg.data.train_batch_size < 1 or cfg.rollout.n < 1:
+        raise ValueError("data.train_batch_size and rollout.n must be >= 1")
+    if t.lr_decay_style not in ("constant", "linear", "cosine"):
+        raise ValueError(f"trainer.lr_decay_style={t.lr_decay_style!r}; use constant, linear or cosine")
+    if cfg.checkpoint.load is not None and not Path(cfg.checkpoint.load).exists():
+        raise FileNotFoundError(f"checkpoint.load: {cfg.checkpoint.load} does not exist")
+    return model_cfg

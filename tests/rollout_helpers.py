@@ -1,0 +1,99 @@
+"""Shared pieces of the rollout tests (module level so Ray actors and spawned trainer ranks can import them)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from megatron_apo.models import load_model_config
+from megatron_apo.models.hf_mapping import hf_config_from_model_config
+from megatron_apo.rollout.cpu_engine import CPUEngine, build_hf_model
+
+# The tiny Qwen2 (GQA, QKV bias, untied head) of model_configs/tiny.yaml, as an HF config.json dict.
+TINY_HF_CONFIG = hf_config_from_model_config(load_model_config("tiny"))
+
+def random_hf_state(seed: int, hf_config: dict = TINY_HF_CONFIG) -> list[tuple[str, torch.Tensor]]:
+    """Random HF-named weights (norm weights around 1) from a seeded HF model."""
+    torch.manual_seed(seed)
+    model = build_hf_model(hf_config)
+    out = []
+    for name, p in model.named_parameters():
+        t = p.detach().clone()
+        if name.endswith("norm.weight"):
+            t = 1.0 + 0.1 * torch.randn_like(t)
+        else:
+            t = 0.08 * torch.randn_like(t)
+        out.append((name, t))
+    return out
+
+
+def reference_logits(named, tokens: list[list[int]], hf_config: dict = TINY_HF_CONFIG) -> torch.Tensor:
+    """Dense single-process reference: a fresh HF model with these weights."""
+    engine = CPUEngine(hf_config, named, version=0)
+    return engine.logits(tokens)
+
+
+class CrashingCPUEngine(CPUEngine):
+    """Dies (process exit) in the middle of its first generate call fleet-wide; restarted ones do not."""
+
+    def __init__(self, *args, crash_marker: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.crash_marker = crash_marker
+
+    def generate(self, prompt_token_ids, params, request_ids=None):
+        try:
+            fd = os.open(self.crash_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return super().generate(prompt_token_ids, params, request_ids)
+        os.close(fd)
+        super().generate(prompt_token_ids[:1], params, request_ids=None if request_ids is None else request_ids[:1])
+        os._exit(1)
+
+
+def _probe_logits(chunks, cfg, probe: list[list[int]]):
+    """Full-vocab fp32 logits of the trainer on `probe` through Megatron's schedule (any TP/PP); None off the last stage."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_apo.models.sharding import tp_gather
+    from megatron_apo.trainer.schedule import forward_backward
+
+    tokens = torch.tensor(probe)
+    batch = {"tokens": tokens, "position_ids": torch.arange(tokens.shape[1]).expand_as(tokens).contiguous()}
+
+    def capture(_batch, logits):
+        full = tp_gather(logits.detach().float(), partition_dim=logits.dim() - 1, group=ps.get_tensor_model_parallel_group())
+        return logits.sum() * 0, {"logits": full[..., : cfg.vocab_size]}
+
+    with torch.no_grad():
+        out = forward_backward(chunks, [batch], capture, seq_length=tokens.shape[1],
+                               micro_batch_size=tokens.shape[0], forward_only=True)
+    return out[0]["logits"] if out else None
+
+
+def trainer_sync_body(endpoint, tp: int, pp: int, probe: list[list[int]], first_version: int,
+                      bucket_bytes: int = 96 << 10, model: str = "tiny") -> dict:
+    """A Megatron trainer (TP x PP, gloo): sync v, one optimizer step, sync v+1; probe logits after each sync."""
+    import torch.distributed as dist
+
+    from megatron_apo.models import build_gpt_model, load_model_config
+    from megatron_apo.parallel import ParallelConfig, init_distributed
+    from megatron_apo.rollout.weight_sync import TrainerWeightSender, open_sync_group
+    from megatron_apo.trainer.optim import OptimConfig, build_optimizer, wrap_ddp, zero_grads
+    from megatron_apo.trainer.schedule import forward_backward, lm_batches, lm_loss
+
+    init_distributed(ParallelConfig(tp, pp), seed=17)
+    cfg = load_model_config(model)
+    chunks = [wrap_ddp(build_gpt_model(cfg), use_distributed_optimizer=False)]
+    opt = build_optimizer(chunks, OptimConfig(lr=1e-2, use_distributed_optimizer=False))
+    sender = TrainerWeightSender(chunks, cfg, bucket_bytes=bucket_bytes)
+    group = open_sync_group(endpoint, 0) if dist.get_rank() == 0 else None
+    stats = [sender.sync(group, first_version)]
+    logits = [_probe_logits(chunks, cfg, probe)]
+    tokens = torch.randint(0, cfg.vocab_size, (4, 17), generator=torch.Generator().manual_seed(3))
+    zero_grads(chunks, opt)
+    forward_backward(chunks, list(lm_batches(tokens, 2)), lm_loss, seq_length=16, micro_batch_size=2)
+    opt.step()
+    stats.append(sender.sync(group, first_version + 1))
+    logits.append(_probe_logits(chunks, cfg, probe))
+    return {"stats": stats, "logits": logits}

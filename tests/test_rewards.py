@@ -1,0 +1,142 @@
+"""Reward registry, verl-style loader, toy verifier, and the process pool's per-sample time limits."""
+
+import textwrap
+import time
+
+import pytest
+
+from megatron_apo.rewards import (
+    RewardItem,
+    RewardPool,
+    compute_score,
+    load_reward_fn,
+    registered_data_sources,
+    toy_digit_sum_score,
+)
+
+USER_REWARDS = textwrap.dedent('''
+    import time
+
+    def verl_style(data_source, solution_str, ground_truth, extra_info=None):
+        """Exactly verl's custom_reward_function signature; returns a dict like many verl rewards."""
+        return {"score": float(solution_str.strip() == ground_truth), "acc": solution_str.strip() == ground_truth}
+
+    def behaving(data_source, solution_str, ground_truth, extra_info=None):
+        if solution_str == "sleep":
+            time.sleep(30)  # interruptible: the soft limit in the worker stops it
+        if solution_str == "stubborn":
+            end = time.monotonic() + 60
+            while time.monotonic() < end:  # swallows the soft limit: only killing the worker stops it
+                try:
+                    time.sleep(5)
+                except BaseException:
+                    pass
+        if solution_str == "boom":
+            raise RuntimeError("user reward crashed")
+        return float(solution_str == ground_truth)
+
+    def wrong_signature(text):
+        return 0.0
+''')
+
+
+@pytest.fixture(scope="module")
+def reward_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rewards") / "user_rewards.py"
+    path.write_text(USER_REWARDS)
+    return path
+
+
+@pytest.mark.parametrize("response,k,total,expected", [
+    ("1+2+3", 3, 6, 1.0),
+    ("  3+2+1 \n", 3, 6, 1.0),
+    ("6+0+0", 3, 6, 1.0),
+    ("1+2+4", 3, 6, 0.0),  # wrong sum
+    ("1+5", 3, 6, 0.0),  # too few digits
+    ("1+2+3+0", 3, 6, 0.0),  # too many digits
+    ("1 + 2 + 3", 3, 6, 0.0),  # inner spaces are not the format
+    ("12+3", 2, 15, 0.0),  # a two-digit number is not a digit
+    ("9+9+9", 3, 27, 1.0),
+    ("", 3, 0, 0.0),
+    ("0+0+0", 3, 0, 1.0),
+    ("+1+2", 2, 3, 0.0),
+])
+def test_toy_verifier(response, k, total, expected):
+    assert compute_score("toy_digit_sum", response, str(total), {"k": k}) == expected
+
+
+def test_toy_verifier_needs_k():
+    with pytest.raises(ValueError, match="extra_info must contain 'k'"):
+        toy_digit_sum_score("1+2", "3", {})
+
+
+def test_unknown_data_source_names_the_fix():
+    with pytest.raises(ValueError, match="no reward function for data_source='nope'.*custom_fn"):
+        compute_score("nope", "x", "y")
+    assert "math_dapo" in registered_data_sources() and "toy_digit_sum" in registered_data_sources()
+
+
+def test_load_reward_fn_verl_signature(reward_file):
+    fn = load_reward_fn(f"{reward_file}:verl_style")
+    assert fn(data_source="anything", solution_str=" 7 ", ground_truth="7", extra_info=None)["score"] == 1.0
+    with pytest.raises(FileNotFoundError, match="missing.py"):
+        load_reward_fn(str(reward_file.parent / "missing.py") + ":f")
+    with pytest.raises(ValueError, match="'nothere' not found.*verl_style"):
+        load_reward_fn(f"{reward_file}:nothere")
+    with pytest.raises(ValueError, match="must accept keyword arguments"):
+        load_reward_fn(f"{reward_file}:wrong_signature")
+    with pytest.raises(ValueError, match="file.py:fn_name"):
+        load_reward_fn(str(reward_file))
+    broken = reward_file.parent / "broken.py"
+    broken.write_text("import nonexistent_module_xyz\n")
+    with pytest.raises(ValueError, match="broken.py failed to import: ModuleNotFoundError"):
+        load_reward_fn(f"{broken}:f")
+    # Importable modules work too.
+    assert load_reward_fn("megatron_apo.rewards:compute_score")("math", "\\boxed{2}", "2") == 1.0
+
+
+def test_pool_matches_serial_scores(reward_file):
+    items = [
+        RewardItem("math", "\\boxed{\\frac{1}{2}}", "0.5"),
+        RewardItem("math", "\\boxed{3}", "4"),
+        RewardItem("math_dapo", "so\nAnswer: 12", "12"),
+        RewardItem("toy_digit_sum", "4+4+4", "12", {"k": 3}),
+        RewardItem("toy_digit_sum", "4+4", "12", {"k": 3}),
+    ] * 3
+    serial = [compute_score(i.data_source, i.solution_str, i.ground_truth, i.extra_info) for i in items]
+    assert serial == [1.0, 0.0, 1.0, 1.0, 0.0] * 3
+    with RewardPool(num_workers=2, timeout_s=5.0) as pool:
+        batch = pool.score(items)
+    assert batch.scores == serial
+    assert batch.num_timeouts == 0 and batch.num_errors == 0
+    # verl-style function used for every item instead of the registry; dict results become their score.
+    with RewardPool(num_workers=0, reward_fn=f"{reward_file}:verl_style") as pool:
+        assert pool.score([RewardItem("whatever", "a", "a"), RewardItem("whatever", "a", "b")]).scores == [1.0, 0.0]
+
+
+def test_pool_soft_and_hard_timeouts_score_zero_and_are_counted(reward_file):
+    items = [RewardItem("x", s, "ok") for s in ["ok", "sleep", "ok", "stubborn", "no", "ok"]]
+    with RewardPool(num_workers=2, timeout_s=0.5, hard_grace_s=1.0, reward_fn=f"{reward_file}:behaving") as pool:
+        start = time.monotonic()
+        batch = pool.score(items)
+        elapsed = time.monotonic() - start
+        assert batch.scores == [1.0, 0.0, 1.0, 0.0, 0.0, 1.0]
+        assert batch.timed_out == [False, True, False, True, False, False]
+        assert batch.metrics()["reward/timeouts"] == 2.0
+        assert elapsed < 8.0, elapsed  # the stubborn sample was killed at ~1.5 s, not after 60 s
+        # The killed worker was replaced: the pool still works at full size.
+        assert pool.score([RewardItem("x", "ok", "ok")] * 4).scores == [1.0] * 4
+        assert len(pool._workers) == 2 and all(w.process.is_alive() for w in pool._workers)
+
+
+def test_pool_errors_raise_with_sample_index_or_count(reward_file):
+    items = [RewardItem("x", "ok", "ok"), RewardItem("x", "boom", "ok")]
+    with RewardPool(num_workers=1, timeout_s=2.0, reward_fn=f"{reward_file}:behaving") as pool:
+        with pytest.raises(ValueError, match="reward of sample 1 .*user reward crashed"):
+            pool.score(items)
+    with RewardPool(num_workers=0, timeout_s=2.0, on_error="zero", reward_fn=f"{reward_file}:behaving") as pool:
+        batch = pool.score(items)
+        assert batch.scores == [1.0, 0.0] and batch.num_errors == 1 and "user reward crashed" in batch.errors[1]
+    with RewardPool(num_workers=0) as pool:
+        with pytest.raises(ValueError, match="data_source='unknown_set'"):
+            pool.score([RewardItem("unknown_set", "x", "y")])

@@ -1,0 +1,144 @@
+"""The Ray rollout fleet: ordering, determinism, engine deaths, and the gloo weight-sync transport + checksums.
+
+All tests share one local Ray cluster (`ray_cluster` fixture, 2 CPUs) and, where possible, one fleet.
+"""
+
+import pytest
+import torch
+
+from megatron_apo.rollout import SamplingParams
+from megatron_apo.rollout.cpu_engine import CPUEngine
+from megatron_apo.rollout.fleet import EngineSpec, RolloutFleet
+from megatron_apo.rollout.weight_sync import (
+    WeightSyncError, open_sync_group, pack_bucket, send_bucket, send_end,
+)
+from tests.rollout_helpers import TINY_HF_CONFIG, random_hf_state, reference_logits
+
+PROMPTS = [[1 + i, 2 + i, 3 + (i % 5)] for i in range(10)]
+PARAMS = SamplingParams(n=3, temperature=1.0, top_p=0.95, max_new_tokens=8, seed=21)
+PROBE = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8]]
+
+
+@pytest.fixture(scope="module")
+def fleet(ray_cluster):
+    f = RolloutFleet(EngineSpec("megatron_apo.rollout.cpu_engine:CPUEngine",
+                                dict(hf_config=TINY_HF_CONFIG, named_tensors=random_hf_state(0), version=0)),
+                     num_engines=2, chunk_size=3)
+    yield f
+    f.shutdown()
+
+
+def _keys_and_tokens(out):
+    return [[(s.prompt_index, s.sample_index, tuple(s.token_ids)) for s in samples] for samples in out]
+
+
+def test_fleet_spreads_prompts_and_matches_one_local_engine(fleet):
+    out = fleet.generate(PROMPTS, PARAMS)
+    local = CPUEngine(TINY_HF_CONFIG, random_hf_state(0), version=0).generate(PROMPTS, PARAMS)
+    # seeds depend on the global prompt index, so spreading over engines changes nothing
+    assert _keys_and_tokens(out) == _keys_and_tokens(local)
+    assert fleet.generate(PROMPTS, PARAMS)[4][2].token_ids == out[4][2].token_ids
+
+
+_GROUPS = {}
+
+
+def _sync_from_driver(fleet, version, named, corrupt_bucket=None, bucket_bytes=64 << 10):
+    """The pytest process plays the trainer's rank 0: sync rank 0, buckets straight from HF tensors."""
+    endpoint = fleet.sync_endpoint("gloo", timeout_s=60)
+    if endpoint not in _GROUPS:  # the trainer opens its end once per endpoint and reuses it
+        _GROUPS[endpoint] = open_sync_group(endpoint, 0)
+    group = _GROUPS[endpoint]
+    refs = fleet.begin_weight_sync(version)
+    checksums, pending, size, n = [], [], 0, 0
+    for name, t in named + [("", None)]:
+        if t is not None:
+            pending.append((name, t))
+            size += t.numel() * 4
+        if pending and (size >= bucket_bytes or t is None):
+            bucket = pack_bucket(pending)
+            if corrupt_bucket == len(checksums):
+                bucket.flat[bucket.nbytes // 2] ^= 0x10  # one flipped bit on the wire, after the checksum
+            send_bucket(group, bucket, version, len(checksums))
+            checksums.append(bucket.checksum)
+            n += len(pending)
+            pending, size = [], 0
+    total = send_end(group, version, checksums, n)
+    return refs, total, len(checksums)
+
+
+def test_gloo_sync_loads_weights_and_checksum_catches_corruption(fleet):
+    new = random_hf_state(5)
+    refs, total, nb = _sync_from_driver(fleet, 3, new)
+    assert nb > 3  # several buckets
+    results = fleet.finish_weight_sync(refs, expected_checksum=total)
+    assert [r["version"] for r in results] == [3, 3] and fleet.engine_versions() == [3, 3]
+    want = reference_logits(new, PROBE)
+    for got in fleet.logits(PROBE):
+        assert (got - want).abs().max() <= 1e-5
+
+    # a corrupted bucket: every engine detects it, refuses the sync and stops serving
+    bad = random_hf_state(6)
+    refs, total, _ = _sync_from_driver(fleet, 4, bad, corrupt_bucket=2)
+    with pytest.raises(WeightSyncError, match="bucket 2: checksum mismatch"):
+        fleet.finish_weight_sync(refs, expected_checksum=total)
+    assert fleet.engine_versions() == [3, 3]
+    with pytest.raises(Exception, match="refuses to serve"):
+        fleet.generate(PROMPTS[:2], PARAMS)
+
+    # the next good sync (same group, reused) brings the fleet back
+    refs, total, _ = _sync_from_driver(fleet, 5, bad)
+    fleet.finish_weight_sync(refs, expected_checksum=total)
+    assert fleet.engine_versions() == [5, 5]
+    for got in fleet.logits(PROBE):
+        assert (got - reference_logits(bad, PROBE)).abs().max() <= 1e-5
+    assert len(fleet.generate(PROMPTS[:2], PARAMS)) == 2
+
+
+def test_engine_killed_during_generate_loses_and_duplicates_nothing(ray_cluster, tmp_path):
+    weights = random_hf_state(8)
+    spec = EngineSpec("tests.rollout_helpers:CrashingCPUEngine",
+                      dict(hf_config=TINY_HF_CONFIG, named_tensors=random_hf_state(0), version=0,
+                           crash_marker=str(tmp_path / "crashed")))
+    f = RolloutFleet(spec, num_engines=2, chunk_size=2)
+    try:
+        f.update_weights(2, weights)  # the restarted engine must come back at version 2, not the spec's 0
+        out = f.generate(PROMPTS, PARAMS)
+        assert (tmp_path / "crashed").exists() and f.restarts == 1
+        assert f.duplicates_dropped == 0
+        keys = [(s.prompt_index, s.sample_index) for samples in out for s in samples]
+        assert keys == [(p, i) for p in range(len(PROMPTS)) for i in range(PARAMS.n)]  # each exactly once, in order
+        local = CPUEngine(TINY_HF_CONFIG, weights, version=2).generate(PROMPTS, PARAMS)
+        assert _keys_and_tokens(out) == _keys_and_tokens(local)  # the resubmitted samples are the same samples
+        assert f.engine_versions() == [2, 2]
+        for got in f.logits(PROBE):
+            assert (got - reference_logits(weights, PROBE)).abs().max() <= 1e-6
+    finally:
+        f.shutdown()
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_megatron_trainer_syncs_to_two_engines(fleet, tp, pp):
+    """TP=2 (and PP=2) gloo trainer -> 2 CPUEngine actors: after an optimizer step and a sync, logits match."""
+    from megatron_apo.parallel import run_distributed
+    from tests.rollout_helpers import trainer_sync_body
+
+    v = 10 * tp + 20 * pp  # versions unused by the other tests of this shared fleet
+    endpoint = fleet.sync_endpoint("gloo", timeout_s=120, fresh=True)  # a new trainer process: a new group
+    refs = [fleet.begin_weight_sync(v), fleet.begin_weight_sync(v + 1)]  # queued: one per trainer sync
+    out = run_distributed(trainer_sync_body, tp * pp, endpoint, tp, pp, PROBE, v, timeout=300)
+    stats = out[0]["stats"]
+    assert all(r["stats"] == [None, None] for r in out[1:])  # only global rank 0 talks to the fleet
+    from megatron_apo.models import load_model_config
+    from megatron_apo.models.hf_mapping import hf_param_names
+
+    assert stats[0].num_buckets > 1 and stats[0].num_tensors == len(hf_param_names(load_model_config("tiny")))
+    fleet.finish_weight_sync(refs[0], expected_checksum=stats[0].checksum)
+    fleet.finish_weight_sync(refs[1], expected_checksum=stats[1].checksum)
+    assert stats[0].checksum != stats[1].checksum
+    assert fleet.engine_versions() == [v + 1, v + 1] and fleet.weights_version() == v + 1
+    before, after = [next(r["logits"][i] for r in out if r["logits"][i] is not None) for i in (0, 1)]
+    assert (after - before).abs().max() > 1e-3  # the optimizer step changed the model
+    for got in fleet.logits(PROBE):
+        assert got.shape == after.shape
+        assert (got - after).abs().max() <= 1e-5

@@ -1,0 +1,166 @@
+"""The RL trainer end to end on CPU: TP=2 and PP=2 steps with the Ray CPU fleet, kill/resume, NaN steps, bad config."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_apo.config import load_config
+from megatron_apo.parallel import run_distributed
+from megatron_apo.trainer.checkpoint import latest_checkpoint, list_checkpoints, read_metadata
+from megatron_apo.trainer.metrics import read_metrics
+from rl_setup import overrides, toy_env
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return toy_env(tmp_path_factory.mktemp("toy"))
+
+
+def _train(cfg):
+    from megatron_apo.trainer.train import train
+
+    return train(cfg)
+
+
+def _cli(args: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "megatron_apo.cli", "train", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+
+
+def test_rl_steps_tp2_log_loss_reward_and_diagnostics(env, tmp_path):
+    cfg = load_config(None, overrides(env, tmp_path, tp=2, steps=3, extra=["algorithm.loss_mode=apo_ratio"]))
+    history = run_distributed(_train, 2, cfg, timeout=400)[0]
+    assert [h["step"] for h in history] == [1, 2, 3]
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    for r in rows:
+        for key in ("loss", "reward/mean", "reward/pass_rate", "entropy", "pg_clipfrac", "ppo_kl", "time/rollout_total_s",
+                    "time/reference_s", "time/train_s", "time/sync_s", "throughput/tokens_per_s", "fleet/weights_version"):
+            assert key in r and math.isfinite(r[key]), key
+        # the fleet serves the trainer's weights: its sampling log-probs equal the trainer's old log-probs
+        assert r["rollout/logprob_abs_diff"] < 1e-4
+    assert rows[-1]["fleet/weights_version"] == 2.0  # synced after each step
+    assert any(k.startswith("apo/") or "anchor" in k or "manifold" in k for k in rows[0])  # APO diagnostics
+    assert list((tmp_path / "tensorboard").iterdir())
+    assert read_metadata(latest_checkpoint(tmp_path / "checkpoints"))["step"] == 3
+
+
+def test_rl_step_pp2(env, tmp_path):
+    cfg = load_config(None, overrides(env, tmp_path, tp=1, pp=2, steps=1, extra=["algorithm.loss_mode=vanilla"]))
+    history = run_distributed(_train, 2, cfg, timeout=300)[0]
+    assert len(history) == 1 and math.isfinite(history[0]["loss"])
+    assert history[0]["rollout/logprob_abs_diff"] < 1e-4
+
+
+def _losses(out: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
+
+
+def test_sigkill_and_resume_gives_identical_losses(env, tmp_path):
+    steps = 4
+    ref_out, run_out = tmp_path / "uninterrupted", tmp_path / "killed"
+    ref = _cli(overrides(env, ref_out, tp=2, steps=steps, extra=["checkpoint.save_interval=1"]))
+    assert ref.wait(timeout=400) == 0, ref.stdout.read()
+    kill_after = random.Random(os.getpid()).randint(1, steps - 1)
+    args = overrides(env, run_out, tp=2, steps=steps, extra=["checkpoint.save_interval=1"])
+    p = _cli(args)
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        m = run_out / "metrics.jsonl"
+        if m.is_file() and len(m.read_text().splitlines()) >= kill_after:
+            break
+        assert p.poll() is None, p.stdout.read()
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert len(read_metrics(run_out / "metrics.jsonl")) < steps
+    resumed = _cli(args)
+    assert resumed.wait(timeout=400) == 0, resumed.stdout.read()
+    assert _losses(run_out) == _losses(ref_out)  # bit-identical per-step losses
+    assert len(_losses(ref_out)) == steps
+
+
+_SLOW_SAVE = r"""
+import sys, time, torch
+from megatron_apo.parallel import init_distributed
+from megatron_apo.models import build_gpt_model, load_model_config
+from megatron_apo.trainer import checkpoint as ck
+from megatron.core import dist_checkpointing
+
+if __name__ == "__main__":
+    init_distributed()
+    model = build_gpt_model(load_model_config("tiny"))
+    ck.save_checkpoint(sys.argv[1], 1, [model], metadata={"step": 1})
+    real_save = dist_checkpointing.save
+    def slow_save(*a, **k):  # the second save is killed while it writes
+        print("saving", flush=True)
+        time.sleep(60)
+        return real_save(*a, **k)
+    dist_checkpointing.save = slow_save
+    ck.save_checkpoint(sys.argv[1], 2, [model], metadata={"step": 2})
+"""
+
+
+def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
+    script = tmp_path / "slow_save.py"
+    script.write_text(_SLOW_SAVE)
+    ckpt = tmp_path / "ckpt"
+    p = subprocess.Popen([sys.executable, str(script), str(ckpt)], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                         start_new_session=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert p.stdout.readline().strip() == "saving"
+    assert any(d.name.startswith("iter_0000002.tmp") for d in ckpt.iterdir())
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert [c.name for c in list_checkpoints(ckpt)] == ["iter_0000001"]
+    assert latest_checkpoint(ckpt).name == "iter_0000001"
+    out = run_distributed(_load_tiny, 1, str(ckpt), timeout=120)[0]
+    assert out == 1
+
+
+def _load_tiny(ckpt: str) -> int:
+    from megatron_apo.models import build_gpt_model, load_model_config
+    from megatron_apo.parallel import init_distributed
+    from megatron_apo.trainer.checkpoint import load_checkpoint
+
+    init_distributed()
+    meta, _ = load_checkpoint(ckpt, [build_gpt_model(load_model_config("tiny"))])
+    return meta["step"]
+
+
+def test_nan_loss_skips_the_step_and_training_continues(env, tmp_path):
+    reward = tmp_path / "nan_reward.py"
+    reward.write_text("import math\n"
+                      "def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
+                      "    return float('nan') if len(solution_str) % 2 else 1.0\n")
+    cfg = load_config(None, overrides(env, tmp_path, tp=2, steps=2,
+                                      extra=[f"data.reward_fn={reward}:compute_score", "algorithm.loss_mode=vanilla"]))
+    history = run_distributed(_train, 2, cfg, timeout=300)[0]
+    assert len(history) == 2
+    assert all(h["train/skipped_updates"] >= 1 for h in history)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["algorithm.apo_topkk=3"], "unknown config key 'algorithm.apo_topkk'"),
+    (["data.train_files=[/nonexistent/train.parquet]"], "/nonexistent/train.parquet does not exist"),
+    (["parallel.tensor_model_parallel_size=3"], "does not divide num_query_groups"),
+])
+def test_bad_config_fails_fast_with_one_line(env, tmp_path, extra, message):
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "megatron_apo.cli", "train", *overrides(env, tmp_path), *extra],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    elapsed = time.time() - t0
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert elapsed < 1.0, f"bad config took {elapsed:.2f}s to be rejected (including interpreter start)"
