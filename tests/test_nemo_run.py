@@ -36,6 +36,9 @@ def test_recipes_are_the_cli_commands():
     assert t.args == ["train", "--config", "cfg.yaml", "parallel.tensor_model_parallel_size=8",
                       "parallel.pipeline_model_parallel_size=2", "checkpoint.dir=/ck", "checkpoint.save_interval=20",
                       "rollout.ray_address=h:6379", "algorithm.apo_topk=16"]
+    e = R.eval_recipe("/hf", "/d.parquet", "/out", samples=8, engines=4, ray_address="h:6379")
+    assert e.args == ["eval", "--model", "/hf", "--data", "/d.parquet", "--out", "/out", "--n", "8", "--engines", "4",
+                      "--ray-address", "h:6379"]
     c = R.convert_recipe("/ck", "/hf")
     assert c.args == ["convert", "megatron-to-hf", "--megatron", "/ck", "--out", "/hf"]
     ex = R.slurm_executor(account="a", partition="p", nodes=4, gpus_per_node=8, container_image="img.sqsh",

@@ -104,17 +104,18 @@ def test_usr1_checkpoints_requeues_and_resumes(tmp_path):
 
 
 def test_eval_sbatch_fleet_over_two_nodes(tmp_path):
-    """slurm/eval.sbatch: Ray over both nodes, the driver on the head gets the address and the fleet's TP."""
+    """slurm/eval.sbatch: Ray over both nodes; the driver on the head gets the cluster's address and --engines."""
     probe = f"{PROBE} checkpoint.dir={tmp_path / 'ckpt'} trainer.total_steps=1"
     e = job_env(FLEET_GPUS_PER_NODE="0", RAY_HEAD_PORT="auto", RAY_PORT_BASE="auto",
-                EVAL_CMD=probe)
+                EVAL_CMD=probe, EXTRA_ARGS="")
     job = sbatch(REPO / "slurm" / "eval.sbatch", ["--account=root", "--partition=debug", "--gpus-per-node=0",
                                                   "--time=10", "--job-name=apo-test"], e, cwd=tmp_path)
     wait_gone(job, 300)
     assert allocation_states(job) == ["COMPLETED"], job_log(tmp_path, job)
     r = json.loads((tmp_path / "ckpt" / "probe_runs.jsonl").read_text())
     assert r["ray_nodes"] == ["apo_rollout_node:gpu=0", "apo_rollout_node:gpu=0"]
-    assert "engines of TP=2" in job_log(tmp_path, job)
+    # 2 CPU nodes offer no GPUs: one engine, passed to the driver as `--engines 1 --ray-address HOST:PORT`
+    assert r["engines"] == "1" and "1 engine(s) of TP=2" in job_log(tmp_path, job)
 
 
 def _train_cmd(tmp: Path, steps: int) -> str:

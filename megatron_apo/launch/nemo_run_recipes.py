@@ -54,9 +54,14 @@ def smoke_recipe(tp: int = 2, pp: int = 1, steps: int = 5, model: str = "tiny", 
     return _cli(["smoke", "--tp", tp, "--pp", pp, "--steps", steps, "--model", model], python=python)
 
 
-def eval_recipe(checkpoint: str, overrides: Optional[list[str]] = None, python: str = PYTHON) -> run.Script:
-    """pass@k evaluation of a checkpoint with the rollout fleet (`megatron-apo eval`)."""
-    return _cli(["eval", "--checkpoint", checkpoint, *(overrides or [])], python=python)
+def eval_recipe(model: str, data: str, out: str, samples: int = 16, engines: int = 0,
+                ray_address: Optional[str] = None, extra_args: Optional[list[str]] = None,
+                python: str = PYTHON) -> run.Script:
+    """pass@k of a checkpoint over a verl parquet (`megatron-apo eval`); engines > 0: a Ray fleet of that many."""
+    args = ["eval", "--model", model, "--data", data, "--out", out, "--n", samples, "--engines", engines]
+    if ray_address:
+        args += ["--ray-address", ray_address]
+    return _cli(args + list(extra_args or []), python=python)
 
 
 def convert_recipe(megatron_dir: str, out_dir: str, python: str = PYTHON) -> run.Script:
