@@ -93,9 +93,9 @@ def sacct_states(job: str, timeout: float = 30) -> list[tuple[str, str, str]]:
 
 
 def trainer_is_built() -> bool:
-    """The real trainer landed: megatron_apo/trainer/train.py exists or the CLI's train is no longer a stub."""
-    if (REPO / "megatron_apo" / "trainer" / "train.py").is_file():
-        return True
+    """`megatron-apo train` runs: the trainer module exists and the CLI's train is not the "not built yet" stub."""
+    if not (REPO / "megatron_apo" / "trainer" / "train.py").is_file():
+        return False
     from megatron_apo import cli
 
     return "train" not in getattr(cli, "NOT_BUILT", {})
