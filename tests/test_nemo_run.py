@@ -74,10 +74,16 @@ def test_slurm_executor_runs_smoke_training_on_local_slurm(nemorun_home):
 
 @pytest.mark.skipif(not trainer_is_built(), reason="megatron-apo train is not on this branch yet")
 def test_local_executor_runs_tiny_training(nemorun_home, tmp_path):
+    """`megatron-apo train` on the toy task, two ranks under NeMo-Run's torchrun launcher."""
+    from rl_setup import overrides, toy_env
+
+    from omegaconf import OmegaConf
+
+    ov = [o for o in overrides(toy_env(tmp_path / "toy"), tmp_path / "out", steps=1) if not o.startswith("parallel.")]
+    # a config file rather than list-valued overrides on the command line (torchx re-quotes "[...]" arguments)
     cfg = tmp_path / "train.yaml"
-    cfg.write_text("model:\n  config: tiny\n")
-    recipe = R.train_recipe(str(cfg), tp=2, checkpoint_dir=str(tmp_path / "ckpt"), total_steps=2,
-                            python=sys.executable)
+    OmegaConf.save(OmegaConf.from_dotlist(ov), cfg)
+    recipe = R.train_recipe(str(cfg), tp=2, checkpoint_dir=str(tmp_path / "ckpt"), python=sys.executable)
     assert R.launch(recipe, R.local_executor(ntasks_per_node=2, env_vars=ENV), name="train-local") == {
-        "train-local": "SUCCEEDED"}
-    assert (tmp_path / "ckpt" / "latest").is_file()
+        "train-local": "SUCCEEDED"}, R.job_logs("train-local")
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "1"

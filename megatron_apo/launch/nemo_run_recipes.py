@@ -31,13 +31,13 @@ def _cli(args: list[str], env: Optional[dict[str, str]] = None, python: str = PY
                       env=dict(env or {}))
 
 
-def train_recipe(config: str, tp: int = 1, pp: int = 1, checkpoint_dir: Optional[str] = None,
+def train_recipe(config: Optional[str], tp: int = 1, pp: int = 1, checkpoint_dir: Optional[str] = None,
                  save_interval: Optional[int] = None, total_steps: Optional[int] = None,
                  ray_address: Optional[str] = None, overrides: Optional[list[str]] = None,
                  python: str = PYTHON) -> run.Script:
     """`megatron-apo train --config CONFIG` with the launch-level overrides (the same keys slurm/train_apo.sbatch sets)."""
-    args = ["train", "--config", config, f"parallel.tensor_model_parallel_size={tp}",
-            f"parallel.pipeline_model_parallel_size={pp}"]
+    args = ["train"] + (["--config", config] if config else []) + [
+        f"parallel.tensor_model_parallel_size={tp}", f"parallel.pipeline_model_parallel_size={pp}"]
     if checkpoint_dir:
         args.append(f"checkpoint.dir={checkpoint_dir}")
     if save_interval:
