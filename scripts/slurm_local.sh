@@ -203,7 +203,15 @@ case "$ACTION" in
   up)
     mkdir -p "$STATE"
     install_packages
+    before="$(cat /etc/slurm/slurm.conf /etc/slurm/slurmdbd.conf 2>/dev/null | sha256sum)"
     write_configs
+    # daemons started with an older config (e.g. an earlier version of this script) restart with the new one
+    if [ "$before" != "$(cat /etc/slurm/slurm.conf /etc/slurm/slurmdbd.conf | sha256sum)" ] && running "$STATE/run/slurmctld.pid"; then
+      log "config changed: restarting the daemons"
+      for n in "${NODES[@]}"; do stop_pidfile "$STATE/run/slurmd-$n.pid"; done
+      stop_pidfile "$STATE/run/slurmctld.pid"
+      stop_pidfile "$STATE/run/slurmdbd.pid"
+    fi
     if ! pgrep -x munged >/dev/null 2>&1; then start_munge; touch "$STATE/run/munged.ours"; fi
     start_mariadb
     start_slurm

@@ -21,12 +21,17 @@ from pathlib import Path
 
 
 def parse_overrides(argv: list[str]) -> dict[str, str]:
+    """key=value overrides; `--ray-address ADDR` and `--engines N` (as `megatron-apo eval` takes them) too."""
     out = {}
-    for a in argv:
-        if "=" not in a:
+    args = iter(argv)
+    for a in args:
+        if a in ("--ray-address", "--engines"):
+            out["rollout.ray_address" if a == "--ray-address" else "eval.engines"] = next(args)
+        elif "=" in a:
+            k, v = a.split("=", 1)
+            out[k] = v
+        else:
             raise SystemExit(f"probe: expected key=value, got {a!r}")
-        k, v = a.split("=", 1)
-        out[k] = v
     return out
 
 
@@ -99,7 +104,7 @@ def main() -> int:
         with open(ckpt / "probe_runs.jsonl", "a") as f:
             f.write(json.dumps({
                 "world_size": world, "rank_sum": rank_sum.item(), "tp": tp, "pp": pp, "resumed_from": start,
-                "ended_at": step, "signal": stop["signal"], "ray_nodes": ray_nodes,
+                "ended_at": step, "signal": stop["signal"], "ray_nodes": ray_nodes, "engines": o.get("eval.engines"),
                 "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
                 "master_addr": os.environ.get("MASTER_ADDR"), "job_id": os.environ.get("SLURM_JOB_ID"),
             }) + "\n")

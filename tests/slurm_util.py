@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -17,16 +18,29 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
                 "DEADLINE"}
 
 
+_STARTED_BY_US: list[bool] = []
+
+
 def ensure_local_slurm() -> None:
-    """Starts (idempotently) the local Slurm cluster, or skips when this machine cannot run one."""
+    """Starts (idempotently) the local Slurm cluster, or skips when this machine cannot run one.
+
+    A cluster this process started is stopped again when the test process exits (`slurm_local.sh down`);
+    one that was already up is left running.
+    """
+    if _STARTED_BY_US:
+        return
     if os.geteuid() != 0:
         pytest.skip("the local Slurm cluster needs root (scripts/slurm_local.sh installs Debian packages)")
     if not shutil.which("apt-get") and not shutil.which("slurmctld"):
         pytest.skip("no apt-get and no Slurm installed: cannot start a local Slurm cluster")
-    r = subprocess.run(["bash", str(REPO / "scripts" / "slurm_local.sh"), "up"], capture_output=True, text=True,
-                       timeout=600)
+    script = str(REPO / "scripts" / "slurm_local.sh")
+    was_up = subprocess.run(["bash", script, "status"], capture_output=True, timeout=60).returncode == 0
+    r = subprocess.run(["bash", script, "up"], capture_output=True, text=True, timeout=600)
     if r.returncode:
         pytest.fail(f"scripts/slurm_local.sh up failed:\n{r.stdout}\n{r.stderr}")
+    _STARTED_BY_US.append(not was_up)
+    if not was_up:
+        atexit.register(subprocess.run, ["bash", script, "down"], capture_output=True, timeout=120)
 
 
 def job_env(**extra: str) -> dict[str, str]:
@@ -79,9 +93,9 @@ def sacct_states(job: str, timeout: float = 30) -> list[tuple[str, str, str]]:
 
 
 def trainer_is_built() -> bool:
-    """The real trainer landed: megatron_apo/trainer/train.py exists or the CLI's train is no longer a stub."""
-    if (REPO / "megatron_apo" / "trainer" / "train.py").is_file():
-        return True
+    """`megatron-apo train` runs: the trainer module exists and the CLI's train is not the "not built yet" stub."""
+    if not (REPO / "megatron_apo" / "trainer" / "train.py").is_file():
+        return False
     from megatron_apo import cli
 
     return "train" not in getattr(cli, "NOT_BUILT", {})

@@ -36,6 +36,9 @@ def test_recipes_are_the_cli_commands():
     assert t.args == ["train", "--config", "cfg.yaml", "parallel.tensor_model_parallel_size=8",
                       "parallel.pipeline_model_parallel_size=2", "checkpoint.dir=/ck", "checkpoint.save_interval=20",
                       "rollout.ray_address=h:6379", "algorithm.apo_topk=16"]
+    e = R.eval_recipe("/hf", "/d.parquet", "/out", samples=8, engines=4, ray_address="h:6379")
+    assert e.args == ["eval", "--model", "/hf", "--data", "/d.parquet", "--out", "/out", "--n", "8", "--engines", "4",
+                      "--ray-address", "h:6379"]
     c = R.convert_recipe("/ck", "/hf")
     assert c.args == ["convert", "megatron-to-hf", "--megatron", "/ck", "--out", "/hf"]
     ex = R.slurm_executor(account="a", partition="p", nodes=4, gpus_per_node=8, container_image="img.sqsh",
@@ -71,10 +74,16 @@ def test_slurm_executor_runs_smoke_training_on_local_slurm(nemorun_home):
 
 @pytest.mark.skipif(not trainer_is_built(), reason="megatron-apo train is not on this branch yet")
 def test_local_executor_runs_tiny_training(nemorun_home, tmp_path):
+    """`megatron-apo train` on the toy task, two ranks under NeMo-Run's torchrun launcher."""
+    from rl_setup import overrides, toy_env
+
+    from omegaconf import OmegaConf
+
+    ov = [o for o in overrides(toy_env(tmp_path / "toy"), tmp_path / "out", steps=1) if not o.startswith("parallel.")]
+    # a config file rather than list-valued overrides on the command line (torchx re-quotes "[...]" arguments)
     cfg = tmp_path / "train.yaml"
-    cfg.write_text("model:\n  config: tiny\n")
-    recipe = R.train_recipe(str(cfg), tp=2, checkpoint_dir=str(tmp_path / "ckpt"), total_steps=2,
-                            python=sys.executable)
+    OmegaConf.save(OmegaConf.from_dotlist(ov), cfg)
+    recipe = R.train_recipe(str(cfg), tp=2, checkpoint_dir=str(tmp_path / "ckpt"), python=sys.executable)
     assert R.launch(recipe, R.local_executor(ntasks_per_node=2, env_vars=ENV), name="train-local") == {
-        "train-local": "SUCCEEDED"}
-    assert (tmp_path / "ckpt" / "latest").is_file()
+        "train-local": "SUCCEEDED"}, R.job_logs("train-local")
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "1"

@@ -36,14 +36,15 @@ def test_parameter_counts_match_published():
 
 
 def test_stage_parameters_equal_a_real_megatron_model():
-    """TP=2 x PP=2 tiny GPTModel: each rank's parameter count is what the planner says it holds."""
+    """TP=2 tiny GPTModel (2 gloo ranks): each rank holds exactly the parameters the planner says."""
     cfg = load_model_config("tiny")
-    got = run_distributed(local_param_count, 4, 2, 2, timeout=180)
-    for pp_rank, _tp_rank, n in got:
-        assert n == stage_parameters(cfg, 2, 2, pp_rank), (pp_rank, n)
-    # all shards together are the model with Megatron's padded vocabulary, the (replicated) RMSNorm weights twice
+    got = run_distributed(local_param_count, 2, 2, 1, timeout=180)
+    assert [n for *_, n in got] == [stage_parameters(cfg, 2, 1, 0)] * 2
+    # both shards together are the model with Megatron's padded vocabulary, the (replicated) RMSNorm weights twice
     replicated = 4 * 2 * 64 + 64
     assert sum(n for *_, n in got) == count_parameters(cfg, vocab_size=cfg.padded_vocab_size(2)) + replicated
+    # PP: the first stage holds the embedding, the last the output layer and final norm (same size here)
+    assert stage_parameters(cfg, 1, 2, 0) + stage_parameters(cfg, 1, 2, 1) == count_parameters(cfg, vocab_size=256)
 
 
 def test_trainer_memory_32b_tp8_pp2_dp2_by_hand():

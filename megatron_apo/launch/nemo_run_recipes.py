@@ -31,13 +31,13 @@ def _cli(args: list[str], env: Optional[dict[str, str]] = None, python: str = PY
                       env=dict(env or {}))
 
 
-def train_recipe(config: str, tp: int = 1, pp: int = 1, checkpoint_dir: Optional[str] = None,
+def train_recipe(config: Optional[str], tp: int = 1, pp: int = 1, checkpoint_dir: Optional[str] = None,
                  save_interval: Optional[int] = None, total_steps: Optional[int] = None,
                  ray_address: Optional[str] = None, overrides: Optional[list[str]] = None,
                  python: str = PYTHON) -> run.Script:
     """`megatron-apo train --config CONFIG` with the launch-level overrides (the same keys slurm/train_apo.sbatch sets)."""
-    args = ["train", "--config", config, f"parallel.tensor_model_parallel_size={tp}",
-            f"parallel.pipeline_model_parallel_size={pp}"]
+    args = ["train"] + (["--config", config] if config else []) + [
+        f"parallel.tensor_model_parallel_size={tp}", f"parallel.pipeline_model_parallel_size={pp}"]
     if checkpoint_dir:
         args.append(f"checkpoint.dir={checkpoint_dir}")
     if save_interval:
@@ -54,9 +54,14 @@ def smoke_recipe(tp: int = 2, pp: int = 1, steps: int = 5, model: str = "tiny", 
     return _cli(["smoke", "--tp", tp, "--pp", pp, "--steps", steps, "--model", model], python=python)
 
 
-def eval_recipe(checkpoint: str, overrides: Optional[list[str]] = None, python: str = PYTHON) -> run.Script:
-    """pass@k evaluation of a checkpoint with the rollout fleet (`megatron-apo eval`)."""
-    return _cli(["eval", "--checkpoint", checkpoint, *(overrides or [])], python=python)
+def eval_recipe(model: str, data: str, out: str, samples: int = 16, engines: int = 0,
+                ray_address: Optional[str] = None, extra_args: Optional[list[str]] = None,
+                python: str = PYTHON) -> run.Script:
+    """pass@k of a checkpoint over a verl parquet (`megatron-apo eval`); engines > 0: a Ray fleet of that many."""
+    args = ["eval", "--model", model, "--data", data, "--out", out, "--n", samples, "--engines", engines]
+    if ray_address:
+        args += ["--ray-address", ray_address]
+    return _cli(args + list(extra_args or []), python=python)
 
 
 def convert_recipe(megatron_dir: str, out_dir: str, python: str = PYTHON) -> run.Script:

@@ -4,7 +4,7 @@
 # RAY_CLIENT_HOSTS (array: trainer/driver nodes that join with 0 GPUs so their processes have a local raylet),
 # FLEET_GPUS_PER_NODE, RAY_HEAD_VISIBLE_GPUS (optional "4,5,6,7": with no fleet hosts, the head runs on the
 # first client host and offers only these GPUs -- a fleet sharing the trainer's node), CONTAINER_ARGS (array),
-# RAY_CMD, PYTHON, RAY_HEAD_PORT, RAY_PORT_BASE. Output: RAY_ADDRESS (exported), RAY_BG_PIDS.
+# RAY_CMD, PYTHON, RAY_HEAD_PORT, RAY_PORT_BASE (either may be "auto"). Output: RAY_ADDRESS (exported), RAY_BG_PIDS.
 # Each node runs `ray start --block` as a background srun step (--overlap: it shares the node with the trainer).
 
 # Slurm's NodeAddr is what the nodes reach each other by (an IP or a resolvable name); Ray wants an IP.
@@ -35,13 +35,28 @@ _ray_node() {  # index host visible-gpus-or-empty ray-start-args...
   RAY_BG_PIDS+=("$!")
 }
 
-_ray_wait() {  # host nodes timeout
+_ray_wait() {  # host nodes timeout: until that many nodes joined; fails fast when a `ray start` step died
   srun --overlap --nodes=1 --ntasks=1 --nodelist="$1" "${CONTAINER_ARGS[@]}" \
-    "$PYTHON" -m megatron_apo.launch.ray_wait --address="$RAY_ADDRESS" --nodes="$2" --timeout="$3"
+    "$PYTHON" -m megatron_apo.launch.ray_wait --address="$RAY_ADDRESS" --nodes="$2" --timeout="$3" &
+  local waiter=$! p
+  while kill -0 "$waiter" 2>/dev/null; do
+    for p in "${RAY_BG_PIDS[@]}"; do
+      if ! kill -0 "$p" 2>/dev/null; then
+        kill "$waiter" 2>/dev/null || true
+        echo "ray_cluster: a node's 'ray start' exited; see logs/ray-$SLURM_JOB_ID-*.log" >&2
+        return 1
+      fi
+    done
+    sleep 2
+  done
+  wait "$waiter"
 }
 
 ray_cluster_up() {
   mkdir -p logs
+  # "auto": ports derived from the job id, so jobs sharing one host (a test cluster) never collide
+  [ "$RAY_HEAD_PORT" = auto ] && RAY_HEAD_PORT=$((22000 + SLURM_JOB_ID % 1000))
+  [ "$RAY_PORT_BASE" = auto ] && RAY_PORT_BASE=$((40000 + SLURM_JOB_ID % 40 * 500))
   local head head_gpus head_visible="" head_res clients=("${RAY_CLIENT_HOSTS[@]}")
   if [ "${#RAY_FLEET_HOSTS[@]}" -gt 0 ]; then
     head="${RAY_FLEET_HOSTS[0]}"; head_gpus="$FLEET_GPUS_PER_NODE"; head_res='{"apo_rollout_node": 1}'
@@ -53,11 +68,14 @@ ray_cluster_up() {
   RAY_ADDRESS="$(node_ip "$head"):$RAY_HEAD_PORT"; export RAY_ADDRESS
   # Ray >= 2.50 authenticates with a token; one per job, handed to every step (and so every node) by srun.
   export RAY_AUTH_MODE=token
+  # a raylet on a busy node may need more than Ray's default 30 s to register with the head
+  export RAY_raylet_start_wait_time_s="${RAY_raylet_start_wait_time_s:-120}"
   RAY_AUTH_TOKEN="$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')"; export RAY_AUTH_TOKEN
   local i=0
   _ray_node $i "$head" "$head_visible" --head --port="$RAY_HEAD_PORT" --include-dashboard=false \
+    --ray-client-server-port=$((RAY_PORT_BASE + 7)) \
     --num-gpus="$head_gpus" --resources="$head_res"
-  _ray_wait "$head" 1 120 > /dev/null  # the head's GCS must answer before workers register
+  _ray_wait "$head" 1 180 > /dev/null  # the head's GCS must answer before workers register
   local h
   for h in "${RAY_FLEET_HOSTS[@]:1}"; do
     i=$((i + 1)); _ray_node $i "$h" "" --address="$RAY_ADDRESS" --num-gpus="$FLEET_GPUS_PER_NODE" \
