@@ -57,7 +57,6 @@ class AlgorithmConfig:
 @dataclass
 class ModelSection:
     config: str = "tiny"  # model_configs/<name>.yaml or a path
-    hf_path: Optional[str] = None  # HF folder to import weights from (None = random init)
     params_dtype: str = "float32"  # float32 | bfloat16 | float16
 
 
