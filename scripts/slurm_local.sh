@@ -25,7 +25,8 @@ die() { log "error: $*"; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "must run as root (it installs Debian packages and starts system daemons)"
 
-running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# alive and not a zombie (a killed daemon nobody reaped still answers kill -0)
+running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null && [ "$(ps -o stat= -p "$(cat "$1")" | cut -c1)" != Z ]; }
 
 install_packages() {
   local need=()
@@ -126,11 +127,17 @@ start_mariadb() {
     mariadb-install-db --user=root --datadir="$datadir" --auth-root-authentication-method=socket >"$STATE/log/mariadb-install.log" 2>&1 \
       || { tail -20 "$STATE/log/mariadb-install.log" >&2; die "mariadb-install-db failed"; }
   fi
+  rm -f "$STATE/run/mysql.sock"  # a socket left by a killed server would look ready before the new one listens
   (mariadbd --user=root --datadir="$datadir" --socket="$STATE/run/mysql.sock" --port=3306 --bind-address=127.0.0.1 \
      --pid-file="$STATE/run/mariadb.pid" --skip-log-error --innodb-buffer-pool-size=64M --innodb-lock-wait-timeout=900 \
      >"$STATE/log/mariadb.log" 2>&1 &)
-  for _ in $(seq 1 60); do [ -S "$STATE/run/mysql.sock" ] && break; sleep 0.5; done
-  [ -S "$STATE/run/mysql.sock" ] || { tail -20 "$STATE/log/mariadb.log" >&2; die "mariadb did not start"; }
+  # ready = answers a ping on its socket (the socket file appears before the server accepts connections)
+  for _ in $(seq 1 120); do
+    mariadb-admin --socket="$STATE/run/mysql.sock" -u root ping >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  mariadb-admin --socket="$STATE/run/mysql.sock" -u root ping >/dev/null 2>&1 \
+    || { tail -20 "$STATE/log/mariadb.log" >&2; die "mariadb did not start"; }
   mariadb --socket="$STATE/run/mysql.sock" -u root <<'SQL'
 CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'megatron-apo-local';
 CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'megatron-apo-local';
@@ -213,6 +220,8 @@ case "$ACTION" in
       stop_pidfile "$STATE/run/slurmdbd.pid"
     fi
     if ! pgrep -x munged >/dev/null 2>&1; then start_munge; touch "$STATE/run/munged.ours"; fi
+    # a slurmdbd that outlived its database keeps a dead connection: restart it with the database
+    if ! running "$STATE/run/mariadb.pid"; then stop_pidfile "$STATE/run/slurmdbd.pid"; fi
     start_mariadb
     start_slurm
     wait_ready
