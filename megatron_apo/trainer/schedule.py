@@ -71,10 +71,11 @@ def lm_batches(tokens: torch.Tensor, micro_batch_size: int) -> Iterable[dict]:
 
 
 def lm_loss(batch: dict, logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Mean next-token cross-entropy on vocab-sharded logits [b, s, V/TP]."""
+    """Mean next-token cross-entropy on vocab-sharded logits [b, s, V/TP]; over `batch["loss_mask"]` if given."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     # vocab_parallel_cross_entropy overwrites its input: give it a copy (keeps autograd intact).
     losses = vocab_parallel_cross_entropy(logits.float().clone(), batch["labels"])
-    loss = losses.mean()
+    m = batch.get("loss_mask")
+    loss = losses.mean() if m is None else (losses * m).sum() / m.sum().clamp(min=1)
     return loss, {"lm_loss": loss}

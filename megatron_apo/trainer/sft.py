@@ -13,7 +13,7 @@ from megatron_apo.models import build_gpt_model, load_model_config
 from megatron_apo.parallel import ParallelConfig, init_distributed
 from megatron_apo.trainer.checkpoint import save_checkpoint
 from megatron_apo.trainer.optim import OptimConfig, build_optimizer, wrap_ddp, zero_grads
-from megatron_apo.trainer.schedule import forward_backward
+from megatron_apo.trainer.schedule import forward_backward, lm_loss
 
 
 @dataclass
@@ -39,15 +39,6 @@ def make_sft_tensors(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> t
     return tokens, mask
 
 
-def _masked_lm_loss(batch: dict, logits: torch.Tensor):
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-    losses = vocab_parallel_cross_entropy(logits.float().clone(), batch["labels"])  # it overwrites its input
-    m = batch["loss_mask"]
-    loss = (losses * m).sum() / m.sum().clamp(min=1)
-    return loss, {"sft_loss": loss}
-
-
 def sft_train(cfg: SFTConfig, tokens: torch.Tensor, loss_mask: torch.Tensor, out_dir: str) -> list[float]:
     """Runs on every rank; trains and saves a Megatron checkpoint (`out_dir`) usable as `checkpoint.load`."""
     import torch.distributed as dist
@@ -71,9 +62,9 @@ def sft_train(cfg: SFTConfig, tokens: torch.Tensor, loss_mask: torch.Tensor, out
             micro.append({"tokens": tokens[sel, :-1], "labels": tokens[sel, 1:], "loss_mask": loss_mask[sel],
                           "position_ids": pos.expand(len(sel), -1)})
         zero_grads(chunks, opt)
-        out = forward_backward(chunks, micro, _masked_lm_loss, seq, cfg.micro_batch_size)
+        out = forward_backward(chunks, micro, lm_loss, seq, cfg.micro_batch_size)
         opt.step()
-        loss = torch.tensor(sum(float(o["sft_loss"]) for o in out) / len(out) if out else 0.0)
+        loss = torch.tensor(sum(float(o["lm_loss"]) for o in out) / len(out) if out else 0.0)
         dist.broadcast(loss, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
         losses.append(loss.item())
         if dist.get_rank() == 0 and (step + 1) % max(1, cfg.steps // 10) == 0:
