@@ -72,8 +72,11 @@ def _probe_logits(chunks, cfg, probe: list[list[int]]):
 
 
 def trainer_sync_body(endpoint, tp: int, pp: int, probe: list[list[int]], first_version: int,
-                      bucket_bytes: int = 96 << 10, model: str = "tiny") -> dict:
-    """A Megatron trainer (TP x PP, gloo): sync v, one optimizer step, sync v+1; probe logits after each sync."""
+                      bucket_bytes: int = 96 << 10, model: str = "tiny", shared_memory: bool = True,
+                      shm_full: bool = False) -> dict:
+    """A Megatron trainer (TP x PP, gloo): sync v, one optimizer step, sync v+1; probe logits after each sync.
+
+    `shm_full`: /dev/shm refuses to allocate (like a container's 64 MiB one), so the sync must fall back."""
     import torch.distributed as dist
 
     from megatron_apo.models import build_gpt_model, load_model_config
@@ -86,7 +89,15 @@ def trainer_sync_body(endpoint, tp: int, pp: int, probe: list[list[int]], first_
     cfg = load_model_config(model)
     chunks = [wrap_ddp(build_gpt_model(cfg), use_distributed_optimizer=False)]
     opt = build_optimizer(chunks, OptimConfig(lr=1e-2, use_distributed_optimizer=False))
-    sender = TrainerWeightSender(chunks, cfg, bucket_bytes=bucket_bytes)
+    if shm_full:
+        import errno
+        import os
+
+        def no_room(fd, offset, length):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        os.posix_fallocate = no_room  # this spawned process only
+    sender = TrainerWeightSender(chunks, cfg, bucket_bytes=bucket_bytes, shared_memory=shared_memory)
     group = open_sync_group(endpoint, 0) if dist.get_rank() == 0 else None
     stats = [sender.sync(group, first_version)]
     logits = [_probe_logits(chunks, cfg, probe)]

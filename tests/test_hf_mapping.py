@@ -71,6 +71,44 @@ def test_hf_megatron_hf_round_trip_is_bit_exact(name, te_spec, tie):
     assert set(reads) == set(hf)
 
 
+def _megatron_partition_dim(name: str) -> int | None:
+    """How megatron-core splits each tensor across TP ranks (ColumnParallel: rows, RowParallel: columns)."""
+    if name.endswith(("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight", "word_embeddings.weight",
+                      "output_layer.weight")):
+        return 0
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        return 1
+    return None
+
+
+@pytest.mark.parametrize("name,tp,tie", [("tiny", 2, False), ("tiny", 4, False), ("llama3-tiny", 2, True),
+                                         ("llama3-tiny", 4, False)])
+def test_tp_shard_pieces_tile_the_hf_tensors_exactly(name, tp, tie):
+    """megatron_shard_to_hf on each rank's tp_slice places every element of megatron_to_hf(full) once."""
+    from megatron_apo.models.hf_mapping import megatron_shard_to_hf
+    from megatron_apo.models.sharding import tp_slice
+
+    cfg = dataclasses.replace(load_model_config(name), tie_word_embeddings=tie, num_query_groups=4)  # 4 | TP
+    gen = torch.Generator().manual_seed(1)
+    for mname in megatron_param_names(cfg, num_pp_stages=2):
+        full = torch.randn(megatron_shape(cfg, mname, tp), generator=gen)
+        expected = dict(megatron_to_hf(cfg, mname, full))
+        pdim, gated = _megatron_partition_dim(mname), mname.endswith("linear_fc1.weight")
+        filled = {n: torch.full_like(t, float("nan")) for n, t in expected.items()}
+        covered = {n: torch.zeros(t.shape, dtype=torch.int64) for n, t in expected.items()}
+        for r in range(tp):
+            shard = tp_slice(full, pdim, r, tp, gated)
+            for hname, piece, dim, start in megatron_shard_to_hf(cfg, mname, shard, pdim, r, tp):
+                filled[hname].narrow(dim, start, piece.shape[dim]).copy_(piece)
+                covered[hname].narrow(dim, start, piece.shape[dim]).add_(1)
+            meta = megatron_shard_to_hf(cfg, mname, shard.to("meta"), pdim, r, tp)  # the plan's shape-only call
+            assert [(n, tuple(p.shape), d, s) for n, p, d, s in meta] == \
+                [(n, tuple(p.shape), d, s) for n, p, d, s in megatron_shard_to_hf(cfg, mname, shard, pdim, r, tp)]
+        for hname in expected:
+            assert bool((covered[hname] == 1).all()), (mname, hname)  # every element exactly once
+            assert torch.equal(filled[hname], expected[hname]), (mname, hname)
+
+
 def test_unknown_names_and_shape_mismatches_are_clear_errors():
     cfg = load_model_config("tiny")
     with pytest.raises(ValueError, match="not a Megatron GPTModel parameter"):

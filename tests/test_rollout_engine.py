@@ -8,7 +8,7 @@ import torch
 from megatron_apo.rollout import SamplingParams
 from megatron_apo.rollout.cpu_engine import CPUEngine
 from megatron_apo.rollout.sampling import logprob_mismatch, processed_logprobs, sample_tokens
-from megatron_apo.rollout.weight_sync import WeightSyncError
+from megatron_apo.rollout.weight_sync import WeightStore, WeightSyncError
 from tests.rollout_helpers import TINY_HF_CONFIG, random_hf_state, reference_logits
 
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13]]
@@ -137,6 +137,25 @@ def test_update_weights_serves_the_new_weights():
         eng.generate(PROMPTS, SamplingParams())  # ... and the engine stops serving until a full one
     eng.update_weights(10, new)
     assert eng.weights_version() == 10 and eng.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2))
+
+
+def test_adopted_weights_are_served_without_a_copy_and_the_store_alternates():
+    eng = CPUEngine(TINY_HF_CONFIG, random_hf_state(1), version=0)
+    new = random_hf_state(3)
+    probe = [[3, 1, 4, 1, 5, 9, 2, 6]]
+    eng.load_hf_tensors(new, adopt=True)
+    assert eng._params["model.layers.0.mlp.up_proj.weight"].data_ptr() == dict(new)["model.layers.0.mlp.up_proj.weight"].data_ptr()
+    assert (eng.logits(probe) - reference_logits(new, probe)).abs().max() <= 1e-6
+    doubles = [(n, t.double()) for n, t in random_hf_state(4)]  # another dtype: copied, not adopted
+    eng.load_hf_tensors(doubles, adopt=True)
+    assert eng._params["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
+
+    store, ptrs = WeightStore(), []
+    for _ in range(4):
+        store.begin_sync()
+        ptrs.append([store.take(nbytes, "cpu")[1].data_ptr() for nbytes in (8192, 4096)])
+    assert set(ptrs[0]).isdisjoint(ptrs[1])  # a sync never writes where the previous (served) one landed
+    assert ptrs[2] == ptrs[0] and ptrs[3] == ptrs[1]  # and two sets are reused, nothing allocated per sync
 
 
 def test_from_pretrained_folder(tmp_path):

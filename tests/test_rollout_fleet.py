@@ -3,6 +3,8 @@
 All tests share one local Ray cluster (`ray_cluster` fixture, 2 CPUs) and, where possible, one fleet.
 """
 
+import glob
+
 import pytest
 import torch
 
@@ -117,22 +119,28 @@ def test_engine_killed_during_generate_loses_and_duplicates_nothing(ray_cluster,
         f.shutdown()
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_megatron_trainer_syncs_to_two_engines(fleet, tp, pp):
-    """TP=2 (and PP=2) gloo trainer -> 2 CPUEngine actors: after an optimizer step and a sync, logits match."""
+@pytest.mark.parametrize("tp,pp,shm", [(2, 1, "on"), (2, 1, "off"), (2, 1, "full"), (1, 2, "on"), (2, 2, "on")])
+def test_megatron_trainer_syncs_to_two_engines(fleet, tp, pp, shm):
+    """TP=2 / PP=2 / both (gloo) trainer -> 2 CPUEngine actors: after an optimizer step and a sync, logits match.
+
+    Same-host ranks hand rank 0 their pieces through shared memory; "off" (`shared_memory=False`) forces the
+    point-to-point path (NCCL ranks and other hosts); "full": /dev/shm has no room, so point-to-point too."""
     from megatron_apo.parallel import run_distributed
     from tests.rollout_helpers import trainer_sync_body
 
-    v = 10 * tp + 20 * pp  # versions unused by the other tests of this shared fleet
+    v = 10 * tp + 20 * pp + {"on": 0, "off": 100, "full": 200}[shm]  # versions unused by the other tests of this fleet
     endpoint = fleet.sync_endpoint("gloo", timeout_s=120, fresh=True)  # a new trainer process: a new group
     refs = [fleet.begin_weight_sync(v), fleet.begin_weight_sync(v + 1)]  # queued: one per trainer sync
-    out = run_distributed(trainer_sync_body, tp * pp, endpoint, tp, pp, PROBE, v, timeout=300)
+    out = run_distributed(trainer_sync_body, tp * pp, endpoint, tp, pp, PROBE, v, timeout=300,
+                          shared_memory=shm != "off", shm_full=shm == "full")
     stats = out[0]["stats"]
     assert all(r["stats"] == [None, None] for r in out[1:])  # only global rank 0 talks to the fleet
     from megatron_apo.models import load_model_config
     from megatron_apo.models.hf_mapping import hf_param_names
 
     assert stats[0].num_buckets > 1 and stats[0].num_tensors == len(hf_param_names(load_model_config("tiny")))
+    assert stats[0].shared_memory_ranks == (tp * pp - 1 if shm == "on" else 0)
+    assert not glob.glob("/dev/shm/megatron-apo-weight-sync-*")  # unlinked once mapped
     fleet.finish_weight_sync(refs[0], expected_checksum=stats[0].checksum)
     fleet.finish_weight_sync(refs[1], expected_checksum=stats[1].checksum)
     assert stats[0].checksum != stats[1].checksum

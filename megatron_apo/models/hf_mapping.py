@@ -19,6 +19,7 @@ Layouts (why the reshapes below exist):
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Callable
 
@@ -176,6 +177,38 @@ def megatron_to_hf(cfg: ModelConfig, global_name: str, full_tensor: torch.Tensor
         gate, up = full_tensor.chunk(2, dim=0)
         return [(hf[0], gate), (hf[1], up)]
     return [(hf[0], full_tensor)]
+
+
+def megatron_shard_to_hf(cfg: ModelConfig, global_name: str, shard: torch.Tensor, partition_dim: int | None,
+                         tp_rank: int, tp_size: int) -> list[tuple[str, torch.Tensor, int, int]]:
+    """One TP rank's shard -> its pieces of the HF tensors: [(hf_name, piece, dim, start)].
+
+    `piece` is the block of HF tensor `hf_name` that starts at index `start` along `dim`; the pieces of
+    all TP ranks tile `megatron_to_hf(full)` exactly (tests check it). This is what lets weight sync
+    place every rank's shard straight into the HF layout without first assembling the full Megatron
+    tensor. Why it holds: Megatron splits the fused QKV by whole query groups and the SwiGLU fc1 as
+    [gate_r; up_r], so each shard is itself a small "model" with heads / tp, query groups / tp and
+    ffn / tp, and its q, k, v, gate and up are row blocks of HF's. A replicated tensor comes from TP
+    rank 0 alone; vocabulary padding rows (at the end of the last shards) are dropped. Works on meta
+    tensors (the weight-sync plan is computed from shapes).
+    """
+    if partition_dim is None or tp_size == 1:
+        return [(n, t, 0, 0) for n, t in megatron_to_hf(cfg, global_name, shard)] if tp_rank == 0 else []
+    if global_name in VOCAB_PADDED:
+        if global_name == OUTPUT_LAYER and cfg.tie_word_embeddings:
+            return []
+        rows = shard.shape[0]
+        start = tp_rank * rows
+        keep = min(rows, cfg.vocab_size - start)
+        return [(hf_sources(cfg, global_name)[0], shard[:keep], 0, start)] if keep > 0 else []
+    for field_name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+        if getattr(cfg, field_name) % tp_size:
+            raise ValueError(f"{cfg.name}: {field_name}={getattr(cfg, field_name)} is not divisible by TP={tp_size}")
+    shard_cfg = dataclasses.replace(
+        cfg, num_attention_heads=cfg.num_attention_heads // tp_size, num_query_groups=cfg.num_query_groups // tp_size,
+        ffn_hidden_size=cfg.ffn_hidden_size // tp_size, kv_channels=cfg.head_dim)
+    return [(n, t, partition_dim, tp_rank * t.shape[partition_dim])
+            for n, t in megatron_to_hf(shard_cfg, global_name, shard)]
 
 
 def hf_to_megatron(

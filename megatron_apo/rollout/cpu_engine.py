@@ -17,7 +17,7 @@ import torch
 from megatron_apo.rollout.engine import RolloutEngine, Sample, SamplingParams
 from megatron_apo.rollout.sampling import request_seed, sample_tokens
 from megatron_apo.rollout.sync_group import measure_broadcast_bandwidth
-from megatron_apo.rollout.weight_sync import EngineSyncState, SyncEndpoint, open_sync_group, receive_weights
+from megatron_apo.rollout.weight_sync import EngineSyncState, SyncEndpoint, WeightStore, open_sync_group, receive_weights
 
 
 def build_hf_model(hf_config: dict, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -51,6 +51,7 @@ class CPUEngine(RolloutEngine):
         self.model = build_hf_model(hf_config, dtype)
         self.max_batch_size = max_batch_size
         self._sync = EngineSyncState()
+        self._store = WeightStore()  # received buckets become the weights (no copy per sync)
         self._params = dict(self.model.named_parameters())
         self._tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
         # transformers 5.x renamed past_key_values -> cache (the old name is deprecated); support both lines
@@ -82,8 +83,12 @@ class CPUEngine(RolloutEngine):
     def sync_state(self) -> dict:
         return self._sync.as_dict()
 
-    def load_hf_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
-        """Copies HF-named full tensors into the model; returns the names loaded."""
+    def load_hf_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]], adopt: bool = False) -> list[str]:
+        """Copies HF-named full tensors into the model; returns the names loaded.
+
+        `adopt`: the tensors' memory belongs to this engine (its `WeightStore`), so a parameter of the same
+        dtype is pointed at it instead of copied into (a tied head shares the embedding's Parameter).
+        """
         loaded = []
         with torch.no_grad():
             for name, tensor in named_tensors:
@@ -94,7 +99,10 @@ class CPUEngine(RolloutEngine):
                     raise KeyError(f"CPUEngine: unknown HF parameter {name!r} (model has e.g. {next(iter(self._params))!r})")
                 if tuple(param.shape) != tuple(tensor.shape):
                     raise ValueError(f"CPUEngine: {name}: shape {tuple(tensor.shape)} does not match the model's {tuple(param.shape)}")
-                param.copy_(tensor.to(param.dtype))
+                if adopt and tensor.dtype == param.dtype and tensor.device == param.device:
+                    param.data = tensor
+                else:
+                    param.copy_(tensor.to(param.dtype))
                 loaded.append(name)
         return loaded
 
@@ -116,7 +124,8 @@ class CPUEngine(RolloutEngine):
 
     def receive_weights(self, version: int) -> dict:
         """Receives one sync over the group; verifies every bucket's checksum before loading it."""
-        result = receive_weights(self._sync.group, self.load_hf_tensors, expected_version=version, ring=self._sync.ring)
+        result = receive_weights(self._sync.group, lambda tensors: self.load_hf_tensors(tensors, adopt=True),
+                                 expected_version=version, ring=self._store)
         self._sync.apply(result, self._expected_names())
         return result.as_dict()
 

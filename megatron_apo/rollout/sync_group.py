@@ -133,7 +133,7 @@ def open_sync_group(endpoint: SyncEndpoint, rank: int, device=None):
     return GlooSyncGroup(endpoint, rank)
 
 
-def measure_broadcast_bandwidth(group, nbytes: int, repeats: int = 2) -> float:
+def measure_broadcast_bandwidth(group, nbytes: int, repeats: int = 5) -> float:
     """Bytes/s of a plain broadcast of `nbytes` from sync rank 0 (every member calls it; the weight-sync baseline)."""
     import time
 

@@ -1,4 +1,4 @@
-"""Trainer -> fleet weight sync: TP/PP shards -> full HF-named tensors -> checksummed buckets -> broadcast.
+"""Trainer -> fleet weight sync: TP/PP shards -> HF-named tensors in checksummed buckets -> broadcast.
 
 Protocol over one sync group (sync rank 0 = the trainer's global rank 0, ranks 1.. = engine processes):
 
@@ -6,12 +6,13 @@ Protocol over one sync group (sync rank 0 = the trainer's global rank 0, ranks 1
                       payload: one flat uint8 buffer of `nbytes`                              (tensor broadcast)
     finally:          header {"type": "end", version, num_buckets, num_tensors, checksum}
 
-Trainer side, every rank calls `TrainerWeightSender.sync` in lockstep. For each global parameter (in a
-plan agreed once over the trainer world), the ranks of the owning pipeline stage (data-parallel rank 0)
-all-gather its TP shards; the stage's TP-rank-0 sends the full tensor to global rank 0 over the trainer
-world when the stage is not the first; rank 0 renames it with the HF mapping (fused QKV / gate-up split,
-vocab padding stripped), packs buckets of `bucket_bytes` and broadcasts them. So there is ONE sender
-and ONE sync group for the whole trainer, the same shape vLLM's NCCL weight transfer expects (src=0).
+Trainer side, every rank calls `TrainerWeightSender.sync` in lockstep. A plan agreed once over the
+trainer world says, for every HF tensor, which block of it each rank holds (`megatron_shard_to_hf`: a TP
+shard is a row or column block of the HF q/k/v, gate/up, embedding ... tensors). Per bucket, the ranks
+holding pieces (DP rank 0 of the owning pipeline stage) send them point-to-point to global rank 0, which
+receives them straight into their place in the bucket buffer, adds its own, checksums and broadcasts.
+So there is ONE sender and ONE sync group for the whole trainer, the shape vLLM's NCCL weight transfer
+expects (src=0), and no full Megatron tensor is ever assembled.
 
 Engine side, `receive_weights` verifies each bucket's checksum before loading it; a bad bucket is not
 loaded, the rest of the sync is still drained (the sender must not hang), and the engine refuses to
@@ -22,7 +23,11 @@ checksums) is reported back so the fleet can check that every engine got the sam
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
+import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -31,11 +36,12 @@ import torch
 from megatron_apo.rollout.sync_group import SyncEndpoint, open_sync_group
 
 __all__ = [
-    "Bucket", "EngineSyncState", "SyncEndpoint", "SyncResult", "SyncStats", "TrainerWeightSender", "WeightSyncError",
-    "bucket_checksum", "open_sync_group", "pack_bucket", "receive_weights", "send_bucket", "send_end", "unpack_bucket",
+    "Bucket", "BufferRing", "EngineSyncState", "SyncEndpoint", "SyncResult", "SyncStats", "TrainerWeightSender",
+    "WeightStore", "WeightSyncError", "bucket_checksum", "open_sync_group", "pack_bucket", "receive_weights",
+    "send_bucket", "send_end", "unpack_bucket",
 ]
 
-ALIGN = 512  # bytes: tensor offsets and bucket sizes, so every dtype view and the checksum's 64-word rows line up
+ALIGN = 4096  # bytes: tensor offsets and bucket sizes, so every dtype view and the checksum's 4 KiB rows line up
 DEFAULT_BUCKET_BYTES = 256 << 20
 
 
@@ -47,16 +53,17 @@ class WeightSyncError(RuntimeError):
 
 
 def bucket_checksum(flat: torch.Tensor) -> str:
-    """A position-sensitive checksum of a flat uint8 buffer (size a multiple of 512), on any device.
+    """A position-sensitive checksum of a flat uint8 buffer (size a multiple of ALIGN), on any device.
 
-    The 64-bit words are summed per 512-byte row (one fast memory pass); the row sums are then combined
-    with row-index weights and plainly, both as wrapping int64 sums. Not cryptographic: it catches
-    corrupted, truncated, shifted or reordered rows (not a swap of two words inside one row), and gives
-    the same value on CPU and GPU (integer sums wrap mod 2^64 in any order).
+    The 64-bit words are summed per 4 KiB row (one memory pass; rows of 512 words sum about twice as
+    fast as rows of 64 on CPU); the row sums are then combined with row-index weights and plainly, both as
+    wrapping int64 sums. Not cryptographic: it catches corrupted, truncated, shifted or reordered rows
+    (not a swap of two words inside one row), and gives the same value on CPU and GPU (integer sums
+    wrap mod 2^64 in any order).
     """
     if flat.dtype != torch.uint8 or flat.dim() != 1 or flat.numel() % ALIGN:
-        raise ValueError("bucket_checksum expects a 1-D uint8 buffer whose size is a multiple of 512")
-    rows = flat.view(torch.int64).view(-1, 64).sum(dim=1)
+        raise ValueError(f"bucket_checksum expects a 1-D uint8 buffer whose size is a multiple of {ALIGN}")
+    rows = flat.view(torch.int64).view(-1, ALIGN // 8).sum(dim=1)
     weights = torch.arange(rows.numel(), dtype=torch.int64, device=flat.device) % 65521 + 1
     a, b = int((rows * weights).sum()), int(rows.sum())
     return f"{a & 0xFFFFFFFFFFFFFFFF:016x}{b & 0xFFFFFFFFFFFFFFFF:016x}"
@@ -109,19 +116,6 @@ def pack_bucket(named_tensors: list[tuple[str, torch.Tensor]], device=None, out:
     return Bucket(entries, flat, bucket_checksum(flat))
 
 
-def _zero_copy_bucket(named_tensors, device) -> Bucket | None:
-    """A bucket of one big contiguous tensor whose size is ALIGN-ed is sent from its own memory (no pack copy)."""
-    if len(named_tensors) != 1:
-        return None
-    _, t = named_tensors[0]
-    nbytes = t.numel() * t.element_size()
-    if not t.is_contiguous() or nbytes % ALIGN or t.device != torch.device(device):
-        return None
-    entries, _ = bucket_layout(named_tensors)
-    flat = t.detach().view(-1).view(torch.uint8)
-    return Bucket(entries, flat, bucket_checksum(flat))
-
-
 class _Keep:
     """An in-flight broadcast handle that also keeps its bucket's memory alive until it is waited on."""
 
@@ -137,10 +131,14 @@ class _Keep:
 class BufferRing:
     """Two reusable flat buffers: one is on the wire while the other is packed (sender) or checked (receiver)."""
 
-    def __init__(self, slots: int = 2):
-        self._bufs: list[torch.Tensor | None] = [None] * slots
-        self._pending: list = [None] * slots
+    def __init__(self, slots: int = 2, buffers: list[torch.Tensor] | None = None):
+        """`buffers`: preallocated ones (e.g. shared memory other ranks write into) instead of lazy ones."""
+        self._bufs: list[torch.Tensor | None] = list(buffers) if buffers else [None] * slots
+        self._pending: list = [None] * len(self._bufs)
         self._next = 0
+
+    def begin_sync(self) -> None:
+        pass  # the slots simply keep rotating
 
     def take(self, nbytes: int, device) -> tuple[int, torch.Tensor]:
         slot = self._next
@@ -162,6 +160,31 @@ class BufferRing:
     def wait_all(self) -> None:
         for slot in range(len(self._bufs)):
             self.wait(slot)
+
+
+class WeightStore:
+    """Receive buffers that stay an engine's weights: loading is pointing parameters at them, not a copy.
+
+    Bucket i of a sync lands in buffer i of one of two sets, alternating per sync, so a sync only ever
+    writes into the set that the served (last verified) weights do not use: a sync that fails
+    verification leaves them untouched. Costs one extra copy of the model's memory and saves copying
+    every weight on every sync (the CPU engine uses it; vLLM copies in its own `load_weights`).
+    """
+
+    def __init__(self):
+        self._sets: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        self._active, self._next = 1, 0
+
+    def begin_sync(self) -> None:
+        self._active, self._next = 1 - self._active, 0
+
+    def take(self, nbytes: int, device) -> tuple[int, torch.Tensor]:
+        bufs, index = self._sets[self._active], self._next
+        self._next += 1
+        if index == len(bufs) or bufs[index].numel() < nbytes or bufs[index].device.type != torch.device(device).type:
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            bufs[index:index + 1] = [buf]
+        return index, bufs[index][:nbytes]
 
 
 def unpack_bucket(flat: torch.Tensor, entries) -> list[tuple[str, torch.Tensor]]:
@@ -206,14 +229,17 @@ class SyncResult:
 
 
 def receive_weights(group, load_fn: Callable[[list[tuple[str, torch.Tensor]]], object],
-                    expected_version: int | None = None, ring: BufferRing | None = None) -> SyncResult:
+                    expected_version: int | None = None, ring: BufferRing | WeightStore | None = None) -> SyncResult:
     """Receives one whole sync; loads each bucket whose checksum verifies, drains the rest on errors.
 
-    Pipelined: bucket k+1 is already on the wire while bucket k is checked and loaded (two buffers).
+    Pipelined: bucket k+1 is already on the wire while bucket k is checked and loaded. `ring` gives the
+    receive buffers: a `BufferRing` (two, reused; `load_fn` must copy) or a `WeightStore` (`load_fn` may
+    keep the tensors it gets, they are views of buffers this sync owns until the sync after next).
     """
     if group is None:
         raise WeightSyncError("receive_weights: this engine has not joined a sync group (join_sync_group first)")
     ring = ring or BufferRing()
+    ring.begin_sync()
     checksums, loaded, errors = [], [], []
     counts = {"tensors": 0}
 
@@ -261,7 +287,6 @@ class EngineSyncState:
     last_checksum: str = ""
     failure: str = ""
     group: object = None
-    ring: BufferRing = field(default_factory=BufferRing)  # receive buffers, reused across syncs
 
     def check_serving(self) -> None:
         if not self.serving:
@@ -299,41 +324,66 @@ class SyncStats:
     num_tensors: int
     checksum: str
     seconds: float
-    gather_s: float
-    send_s: float
+    gather_s: float  # rank 0 waiting for the pieces other trainer ranks send it
+    send_s: float  # rank 0 placing its own pieces, checksumming, waiting for a free buffer, posting broadcasts
+    shared_memory_ranks: int = 0  # trainer ranks that wrote their pieces into rank 0's shared buffers
 
 
 @dataclass(frozen=True)
-class _PlanEntry:
-    owner: int  # global rank that sends this tensor to rank 0 (its stage's TP-rank-0, DP-rank-0)
-    stage: int  # the owner's pipeline stage: its TP group gathers the tensor
+class _Piece:
+    """A block of one HF tensor that one trainer rank holds (see megatron_shard_to_hf)."""
+
+    src: int  # global trainer rank holding it: DP rank 0, TP rank r of the stage that owns the parameter
     global_name: str
-    full_shape: tuple[int, ...]
-    dtype: str
+    index: int  # position in megatron_shard_to_hf's output on `src`
+    hf_name: str
+    dim: int  # the block starts at `start` along `dim` of the HF tensor and spans `length`
+    start: int
+    length: int
+
+
+@dataclass
+class _BucketPlan:
+    entries: list[tuple[str, str, tuple[int, ...], int, int]]  # the wire header's (hf_name, dtype, shape, offset, nbytes)
+    pieces: list[_Piece]
+    nbytes: int
 
 
 class TrainerWeightSender:
     """Run on EVERY trainer rank (lockstep); only global rank 0 owns a sync group and talks to the fleet.
 
-    `to_hf(cfg, global_name, full_tensor) -> [(hf_name, tensor)]` defaults to the HF mapping of
-    `megatron_apo.models.hf_mapping`. `dtype` casts what is sent (e.g. bf16 for vLLM; None keeps the
-    trainer's dtype).
+    A plan is agreed once over the trainer world (`all_gather_object` of every DP-rank-0 rank's local
+    parameters): the HF tensors in send order, packed into buckets of about `bucket_bytes` (a tensor that
+    big travels alone), and for each HF tensor its pieces (`megatron_shard_to_hf`): which TP/PP rank
+    holds which block. Per bucket, rank 0 takes a reusable buffer, posts a receive for every other
+    rank's piece straight into its place (a column block goes through a reused scratch buffer), copies
+    its own pieces in, checksums, and broadcasts the bucket asynchronously; it then builds the next
+    bucket while that one is on the wire (two buffers). The other ranks send their pieces (cast to
+    `dtype`, contiguous) to rank 0, at most two buckets ahead. So no rank ever assembles a full
+    Megatron tensor, and nothing is allocated per sync on rank 0 after the first one.
+
+    Same-host CPU ranks (gloo) skip the point-to-point transfer: rank 0's two bucket buffers are shared
+    memory that they map, and each writes its pieces straight into the bucket when rank 0 says which
+    buffer is free (a loopback TCP send costs two copies and the kernel's time; this costs one copy).
+    `shared_memory=False` forces point-to-point (the path NCCL ranks and other hosts always take).
+
+    `dtype` casts what is sent (e.g. bf16 for vLLM; None keeps the trainer's dtype).
     """
 
     def __init__(self, model_chunks, model_cfg, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 dtype: torch.dtype | None = None, to_hf=None):
+                 dtype: torch.dtype | None = None, shared_memory: bool = True):
         if bucket_bytes < ALIGN:
             raise ValueError(f"weight sync bucket_bytes must be >= {ALIGN}, got {bucket_bytes}")
         self.chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
         self.cfg = model_cfg
         self.bucket_bytes = bucket_bytes
         self.dtype = dtype
-        if to_hf is None:
-            from megatron_apo.models.hf_mapping import megatron_to_hf as to_hf
-        self.to_hf = to_hf
-        self._plan: list[_PlanEntry] | None = None
+        self._plan: list[_BucketPlan] | None = None
+        self.shared_memory = shared_memory
         self._ring = BufferRing()
-        self._part_bufs: dict = {}
+        self._scratch: dict[tuple, list[torch.Tensor]] = {}
+        self._shm_sources: set[int] = set()  # ranks that write their pieces into rank 0's shared buffers
+        self._shm_slots: list[torch.Tensor] = []
 
     def _local_params(self):
         from megatron_apo.models.sharding import iter_local_params
@@ -344,147 +394,263 @@ class TrainerWeightSender:
                 out[lp.global_name] = lp
         return out
 
-    def _build_plan(self) -> list[_PlanEntry]:
-        """Agreed once over the trainer world: which rank sends which global parameter, in which order."""
+    def _send_dtype(self, dtype_name: str) -> str:
+        return str(self.dtype).removeprefix("torch.") if self.dtype is not None else dtype_name
+
+    def _build_plan(self) -> list[_BucketPlan]:
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
+        from megatron_apo.models.hf_mapping import megatron_shard_to_hf, megatron_to_hf
+
         tp = ps.get_tensor_model_parallel_world_size()
-        is_owner = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
         mine = []
-        if is_owner:
-            mine = [(n, lp.full_shape(tp), str(lp.tensor.dtype).removeprefix("torch."))
+        if ps.get_data_parallel_rank() == 0:
+            mine = [(n, tuple(lp.tensor.shape), str(lp.tensor.dtype).removeprefix("torch."), lp.partition_dim)
                     for n, lp in self._local_params().items()]
         everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, (ps.get_pipeline_model_parallel_rank(), dist.get_rank(), mine))
-        plan, seen = [], set()
-        for stage, rank, params in sorted(everyone, key=lambda x: (x[0], x[1])):
-            for name, shape, dtype in params:
-                if name in seen:  # e.g. a tied output layer held by the last stage: the first owner sends
-                    continue
-                seen.add(name)
-                plan.append(_PlanEntry(rank, stage, name, tuple(shape), dtype))
+        dist.all_gather_object(everyone, (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+                                          dist.get_rank(), mine, (socket.gethostname(), _can_share_memory())))
+        self._hosts = {rank: host for _, _, rank, _, host in everyone}  # (hostname, can share memory)
+        owners: dict[str, dict] = {}  # global name -> the first stage holding it (a tied output copy is skipped)
+        for stage, tp_rank, rank, params, _ in sorted(everyone, key=lambda x: (x[0], x[1])):
+            for name, shape, dtype, pdim in params:
+                owner = owners.setdefault(name, {"stage": stage, "ranks": {}, "shape": shape, "dtype": dtype, "pdim": pdim})
+                if owner["stage"] == stage:
+                    owner["ranks"][tp_rank] = rank
+
+        tensors = []  # (hf_name, dtype, shape, pieces) in send order
+        for name, o in owners.items():
+            shard = torch.empty(o["shape"], device="meta")
+            full_shape = list(o["shape"])
+            if o["pdim"] is not None:
+                full_shape[o["pdim"]] *= tp
+            pieces: dict[str, list[_Piece]] = {}
+            for tp_rank, rank in sorted(o["ranks"].items()):
+                for i, (hf_name, piece, dim, start) in enumerate(
+                        megatron_shard_to_hf(self.cfg, name, shard, o["pdim"], tp_rank, tp)):
+                    pieces.setdefault(hf_name, []).append(_Piece(rank, name, i, hf_name, dim, start, piece.shape[dim]))
+            for hf_name, t in megatron_to_hf(self.cfg, name, torch.empty(full_shape, device="meta")):
+                tensors.append((hf_name, self._send_dtype(o["dtype"]), tuple(t.shape), pieces[hf_name]))
+
+        plan, current, current_bytes = [], [], 0
+
+        def close():
+            nonlocal current, current_bytes
+            if current:
+                entries, offset = [], 0
+                for hf_name, dtype, shape, _ in current:
+                    nbytes = torch.Size(shape).numel() * getattr(torch, dtype).itemsize
+                    entries.append((hf_name, dtype, shape, offset, nbytes))
+                    offset = _aligned(offset + nbytes)
+                plan.append(_BucketPlan(entries, [p for *_, ps_ in current for p in ps_], max(offset, ALIGN)))
+            current, current_bytes = [], 0
+
+        for t in tensors:
+            nbytes = _aligned(torch.Size(t[2]).numel() * getattr(torch, t[1]).itemsize)
+            if current and nbytes >= self.bucket_bytes:
+                close()  # a big tensor travels alone
+            current.append(t)
+            current_bytes += nbytes
+            if current_bytes >= self.bucket_bytes:
+                close()
+        close()
+        # Nothing is on the wire while the first bucket is built: big single-tensor buckets (the embedding)
+        # go last so the pipeline starts with a small one. The engines load by name, in any order.
+        plan.sort(key=lambda b: len(b.entries) == 1 and b.nbytes >= self.bucket_bytes)
         return plan
+
+    def _pieces_of(self, local, global_name: str, cache: dict) -> list[torch.Tensor]:
+        """This rank's pieces of one parameter (megatron_shard_to_hf), computed once per bucket."""
+        from megatron.core import parallel_state as ps
+
+        from megatron_apo.models.hf_mapping import megatron_shard_to_hf
+
+        if global_name not in cache:
+            lp = local[global_name]
+            cache[global_name] = [t for _, t, _, _ in megatron_shard_to_hf(
+                self.cfg, global_name, lp.tensor.detach(), lp.partition_dim,
+                ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size())]
+        return cache[global_name]
 
     @torch.no_grad()
     def sync(self, group, version: int) -> SyncStats | None:
         """One sync. `group`: the sync group on global rank 0 (None elsewhere). Returns stats on rank 0."""
         import torch.distributed as dist
-        from megatron.core import parallel_state as ps
 
         rank = dist.get_rank()
         if rank == 0 and group is None:
             raise WeightSyncError("TrainerWeightSender.sync: global rank 0 needs the sync group (open_sync_group(endpoint, 0))")
         if self._plan is None:
             self._plan = self._build_plan()
-        local = self._local_params()
-        my_stage = ps.get_pipeline_model_parallel_rank()
-        dp0 = ps.get_data_parallel_rank() == 0
-        t0 = time.perf_counter()
-        gather_s = send_s = 0.0
-        pending: list[tuple[str, torch.Tensor]] = []
-        pending_bytes, checksums, total_bytes, num_tensors = 0, [], 0, 0
+            self._open_shared_buffers()
+        if rank != 0:
+            self._send_pieces(rank)
+            return None
+        return self._send_buckets(group, version)
 
-        def flush():
-            nonlocal pending, pending_bytes, send_s, total_bytes, num_tensors
-            if not pending:
-                return
-            ts = time.perf_counter()
-            # pack bucket k+1 while bucket k is still on the wire (the ring waits before reusing a buffer)
-            bucket = _zero_copy_bucket(pending, group.device)
-            slot, buf = self._ring.take(0 if bucket else bucket_layout(pending)[1], group.device)
-            bucket = bucket or pack_bucket(pending, out=buf)
-            self._ring.set_pending(slot, _Keep(send_bucket(group, bucket, version, len(checksums), async_op=True), bucket))
+    def _send_pieces(self, rank: int) -> None:
+        """A non-zero rank: its pieces of every bucket to rank 0, in plan order.
+
+        Point-to-point: at most two buckets in flight. Shared memory: wait for rank 0's go (bucket index,
+        free buffer), write the pieces into their places in that buffer, report done.
+        """
+        import torch.distributed as dist
+
+        local, in_flight = self._local_params(), []
+        for index, bucket in enumerate(self._plan):
+            mine = [p for p in bucket.pieces if p.src == rank]
+            if not mine:
+                continue
+            cache = {}
+            if rank in self._shm_sources:
+                go = torch.empty(2, dtype=torch.int64)
+                dist.recv(go, src=0)
+                if int(go[0]) != index:
+                    raise WeightSyncError(f"weight sync: rank {rank} expected bucket {index}, rank 0 is on {int(go[0])}")
+                views = _bucket_views(self._shm_slots[int(go[1])], bucket.entries)
+                for p in mine:
+                    views[p.hf_name].narrow(p.dim, p.start, p.length).copy_(self._pieces_of(local, p.global_name, cache)[p.index])
+                dist.send(go, dst=0)
+                continue
+            sends = []
+            for p in mine:
+                dtype = getattr(torch, self._send_dtype(str(local[p.global_name].tensor.dtype).removeprefix("torch.")))
+                t = self._pieces_of(local, p.global_name, cache)[p.index].to(dtype).contiguous()
+                sends.append((dist.isend(t, dst=0), t))  # keep `t` alive until its send is done
+            in_flight.append(sends)
+            if len(in_flight) > 2:
+                for work, _ in in_flight.pop(0):
+                    work.wait()
+        for sends in in_flight:
+            for work, _ in sends:
+                work.wait()
+
+    def _open_shared_buffers(self) -> None:
+        """Collective, once: rank 0's two bucket buffers become shared memory mapped by its same-host sources.
+
+        The files are unlinked as soon as every rank has mapped them, so nothing is left behind in
+        /dev/shm even if a process dies later.
+        """
+        import torch.distributed as dist
+
+        sources = {p.src for b in self._plan for p in b.pieces if p.src != 0}
+        if self.shared_memory:  # the same decision on every rank: it is made from the plan's gathered facts
+            self._shm_sources = {r for r in sources if self._hosts[r] == self._hosts[0] and self._hosts[0][1]}
+        if not self._shm_sources:
+            return
+        rank, capacity = dist.get_rank(), max(b.nbytes for b in self._plan)
+        paths = [None, None]
+        if rank == 0:
+            try:  # fallocate, not ftruncate: a full /dev/shm (Docker's default is 64 MiB) fails here, not with SIGBUS later
+                for i in range(2):
+                    fd, paths[i] = tempfile.mkstemp(prefix="megatron-apo-weight-sync-", dir="/dev/shm")
+                    try:
+                        os.posix_fallocate(fd, 0, capacity)
+                    finally:
+                        os.close(fd)
+            except OSError as e:
+                warnings.warn(f"weight sync: no room for 2 x {capacity / 2**20:.0f} MiB in /dev/shm ({e}); TP shards go "
+                              "point-to-point instead (give the container a bigger --shm-size)")
+                for path in paths:
+                    if path:
+                        os.unlink(path)
+                paths = [None, None]
+        dist.broadcast_object_list(paths, src=0)
+        if paths[0] is None:
+            self._shm_sources = set()
+            return
+        if rank == 0 or rank in self._shm_sources:
+            self._shm_slots = [torch.from_file(path, shared=True, size=capacity, dtype=torch.uint8) for path in paths]
+        dist.barrier()
+        if rank == 0:
+            for path in paths:
+                os.unlink(path)
+            self._ring = BufferRing(buffers=self._shm_slots)
+
+    def _scratch_buffer(self, shape, dtype, uses: dict) -> torch.Tensor:
+        """The n-th scratch buffer of this shape in the current bucket (reused across buckets and syncs)."""
+        key = (tuple(shape), dtype)
+        n = uses[key] = uses.get(key, -1) + 1
+        bufs = self._scratch.setdefault(key, [])
+        if n == len(bufs):
+            bufs.append(torch.empty(shape, dtype=dtype, device=_device()))
+        return bufs[n]
+
+    def _send_buckets(self, group, version: int) -> SyncStats:
+        import torch.distributed as dist
+
+        local = self._local_params()
+        t0 = time.perf_counter()
+        gather_s = 0.0
+        checksums, total_bytes, num_tensors, zero_copy = [], 0, 0, []
+        for index, plan in enumerate(self._plan):
+            cache = {}
+            bucket, slot = self._zero_copy_bucket(plan, local, cache, group.device), None
+            if bucket is None:
+                slot, flat = self._ring.take(plan.nbytes, group.device)
+                views = _bucket_views(flat, plan.entries)
+                receives, uses = [], {}
+                for src in sorted({p.src for p in plan.pieces} & self._shm_sources):  # "write into `slot`"
+                    go = torch.tensor([index, slot], dtype=torch.int64)
+                    receives.append((dist.isend(go, dst=src), go, go))
+                    done = torch.empty(2, dtype=torch.int64)
+                    receives.append((dist.irecv(done, src=src), done, done))
+                for p in plan.pieces:  # post every receive first: the transfers run while rank 0 copies its own
+                    if p.src == 0 or p.src in self._shm_sources:
+                        continue
+                    dst = views[p.hf_name].narrow(p.dim, p.start, p.length)
+                    buf = dst if dst.is_contiguous() else self._scratch_buffer(dst.shape, dst.dtype, uses)
+                    receives.append((dist.irecv(buf, src=p.src), buf, dst))
+                for p in plan.pieces:
+                    if p.src == 0:
+                        views[p.hf_name].narrow(p.dim, p.start, p.length).copy_(self._pieces_of(local, p.global_name, cache)[p.index])
+                tg = time.perf_counter()
+                for work, buf, dst in receives:
+                    work.wait()
+                    if buf is not dst:
+                        dst.copy_(buf)
+                gather_s += time.perf_counter() - tg
+                bucket = Bucket(plan.entries, flat, bucket_checksum(flat))
+            handle = _Keep(send_bucket(group, bucket, version, index, async_op=True), bucket)
+            if slot is None:
+                zero_copy.append(handle)
+            else:
+                self._ring.set_pending(slot, handle)
             checksums.append(bucket.checksum)
             total_bytes += bucket.nbytes
-            num_tensors += len(pending)
-            pending, pending_bytes = [], 0
-            send_s += time.perf_counter() - ts
-
-        def start(idx: int):
-            entry = self._plan[idx]
-            lp = local.get(entry.global_name)
-            if lp is not None and dp0 and entry.stage == my_stage:
-                return _start_tp0_gather(lp, self._part_bufs, idx % 2)
-            return None
-
-        upcoming = start(0) if self._plan else None
-        for idx, entry in enumerate(self._plan):
-            tg = time.perf_counter()
-            current = upcoming
-            # the next tensor's shards are already on their way while this one is renamed and packed
-            upcoming = start(idx + 1) if idx + 1 < len(self._plan) else None
-            full = current() if current is not None else None
-            if entry.owner != 0:
-                if rank == entry.owner:
-                    dist.send(full.contiguous(), dst=0)
-                elif rank == 0:
-                    full = torch.empty(entry.full_shape, dtype=getattr(torch, entry.dtype), device=_device())
-                    dist.recv(full, src=entry.owner)
-            gather_s += time.perf_counter() - tg
-            if rank != 0:
-                continue
-            for hf_name, tensor in self.to_hf(self.cfg, entry.global_name, full):
-                if self.dtype is not None:
-                    tensor = tensor.to(self.dtype)
-                if pending and tensor.numel() * tensor.element_size() >= self.bucket_bytes:
-                    flush()  # a big tensor travels alone, straight from its memory
-                pending.append((hf_name, tensor))
-                pending_bytes += _aligned(tensor.numel() * tensor.element_size())
-                if pending_bytes >= self.bucket_bytes:
-                    flush()
-        if rank != 0:
-            return None
-        flush()
+            num_tensors += len(plan.entries)
         self._ring.wait_all()
+        for handle in zero_copy:
+            handle.wait()
         checksum = send_end(group, version, checksums, num_tensors)
-        return SyncStats(version, total_bytes, len(checksums), num_tensors, checksum,
-                         time.perf_counter() - t0, gather_s, send_s)
+        seconds = time.perf_counter() - t0
+        return SyncStats(version, total_bytes, len(checksums), num_tensors, checksum, seconds, gather_s,
+                         seconds - gather_s, len(self._shm_sources))
+
+    def _zero_copy_bucket(self, plan: _BucketPlan, local, cache: dict, device) -> Bucket | None:
+        """A bucket that is exactly one of rank 0's own tensors, already contiguous in the sent dtype and of
+        an ALIGN-ed size, is broadcast straight from its memory (no copy); None otherwise."""
+        if len(plan.entries) != 1 or len(plan.pieces) != 1 or plan.pieces[0].src != 0:
+            return None
+        (_, dtype, shape, _, nbytes), piece = plan.entries[0], plan.pieces[0]
+        t = self._pieces_of(local, piece.global_name, cache)[piece.index]
+        if (nbytes % ALIGN or tuple(t.shape) != tuple(shape) or t.dtype != getattr(torch, dtype)
+                or not t.is_contiguous() or t.device != torch.device(device)):
+            return None
+        flat = t.view(-1).view(torch.uint8)
+        return Bucket(plan.entries, flat, bucket_checksum(flat))
 
 
-def _start_tp0_gather(lp, part_bufs: dict, parity: int):
-    """Starts moving a TP-sharded tensor to this TP group's rank 0; returns a function giving the full
-    tensor there (None on the other TP ranks).
+def _bucket_views(flat: torch.Tensor, entries) -> dict[str, torch.Tensor]:
+    """Each HF tensor's place in a bucket buffer, by name (views, no copy)."""
+    return dict(unpack_bucket(flat, entries))
 
-    Only the sender needs the full tensor, so the other TP ranks send their shard point-to-point (gloo's
-    send/recv is ~3x faster than its gather here). A row-split tensor is received straight into its rows
-    of the full tensor (no merge copy); column-split and SwiGLU shards go to reused buffers (two sets,
-    `parity`, because the next tensor is already on its way while this one is merged) and are merged.
-    """
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
-    from megatron_apo.models.sharding import merge_tp_shards
-
-    tensor = lp.tensor.detach()
-    tp = ps.get_tensor_model_parallel_world_size()
-    if lp.partition_dim is None or tp == 1:
-        return lambda: tensor
-    group = ps.get_tensor_model_parallel_group()
-    ranks = dist.get_process_group_ranks(group)
-    if ps.get_tensor_model_parallel_rank() != 0:
-        dist.send(tensor.contiguous(), dst=ranks[0], group=group)
-        return lambda: None
-    full = None
-    if lp.partition_dim == 0 and not lp.gated:
-        full = torch.empty(lp.full_shape(tp), dtype=tensor.dtype, device=tensor.device)
-        parts = list(full.chunk(tp, dim=0))
-        parts[0].copy_(tensor)
-    else:
-        key = (tuple(tensor.shape), tensor.dtype, tensor.device, parity)
-        if key not in part_bufs:
-            part_bufs[key] = [torch.empty_like(tensor) for _ in range(tp)]
-        parts = [tensor] + part_bufs[key][1:]
-    reqs = [dist.irecv(parts[r], src=ranks[r], group=group) for r in range(1, tp)]
-
-    def finish():
-        for req in reqs:
-            req.wait()
-        return full if full is not None else merge_tp_shards(parts, lp.partition_dim, lp.gated)
-
-    return finish
+def _can_share_memory() -> bool:
+    """CPU ranks (gloo) with a /dev/shm; CUDA tensors move over NCCL instead."""
+    return _device().type == "cpu" and os.path.isdir("/dev/shm")
 
 
 def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
