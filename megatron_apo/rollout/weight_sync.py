@@ -394,9 +394,6 @@ class TrainerWeightSender:
                 out[lp.global_name] = lp
         return out
 
-    def _send_dtype(self, dtype_name: str) -> str:
-        return str(self.dtype).removeprefix("torch.") if self.dtype is not None else dtype_name
-
     def _build_plan(self) -> list[_BucketPlan]:
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
@@ -431,19 +428,17 @@ class TrainerWeightSender:
                         megatron_shard_to_hf(self.cfg, name, shard, o["pdim"], tp_rank, tp)):
                     pieces.setdefault(hf_name, []).append(_Piece(rank, name, i, hf_name, dim, start, piece.shape[dim]))
             for hf_name, t in megatron_to_hf(self.cfg, name, torch.empty(full_shape, device="meta")):
-                tensors.append((hf_name, self._send_dtype(o["dtype"]), tuple(t.shape), pieces[hf_name]))
+                dtype = str(self.dtype).removeprefix("torch.") if self.dtype is not None else o["dtype"]
+                tensors.append((hf_name, dtype, tuple(t.shape), pieces[hf_name]))
 
         plan, current, current_bytes = [], [], 0
 
         def close():
             nonlocal current, current_bytes
             if current:
-                entries, offset = [], 0
-                for hf_name, dtype, shape, _ in current:
-                    nbytes = torch.Size(shape).numel() * getattr(torch, dtype).itemsize
-                    entries.append((hf_name, dtype, shape, offset, nbytes))
-                    offset = _aligned(offset + nbytes)
-                plan.append(_BucketPlan(entries, [p for *_, ps_ in current for p in ps_], max(offset, ALIGN)))
+                entries, nbytes = bucket_layout([(hf_name, torch.empty(shape, dtype=getattr(torch, dtype), device="meta"))
+                                                 for hf_name, dtype, shape, _ in current])
+                plan.append(_BucketPlan(entries, [p for *_, ps_ in current for p in ps_], nbytes))
             current, current_bytes = [], 0
 
         for t in tensors:
@@ -508,15 +503,15 @@ class TrainerWeightSender:
                 dist.recv(go, src=0)
                 if int(go[0]) != index:
                     raise WeightSyncError(f"weight sync: rank {rank} expected bucket {index}, rank 0 is on {int(go[0])}")
-                views = _bucket_views(self._shm_slots[int(go[1])], bucket.entries)
+                views = dict(unpack_bucket(self._shm_slots[int(go[1])], bucket.entries))
                 for p in mine:
                     views[p.hf_name].narrow(p.dim, p.start, p.length).copy_(self._pieces_of(local, p.global_name, cache)[p.index])
                 dist.send(go, dst=0)
                 continue
             sends = []
             for p in mine:
-                dtype = getattr(torch, self._send_dtype(str(local[p.global_name].tensor.dtype).removeprefix("torch.")))
-                t = self._pieces_of(local, p.global_name, cache)[p.index].to(dtype).contiguous()
+                t = self._pieces_of(local, p.global_name, cache)[p.index]
+                t = t.to(self.dtype or t.dtype).contiguous()
                 sends.append((dist.isend(t, dst=0), t))  # keep `t` alive until its send is done
             in_flight.append(sends)
             if len(in_flight) > 2:
@@ -589,7 +584,7 @@ class TrainerWeightSender:
             bucket, slot = self._zero_copy_bucket(plan, local, cache, group.device), None
             if bucket is None:
                 slot, flat = self._ring.take(plan.nbytes, group.device)
-                views = _bucket_views(flat, plan.entries)
+                views = dict(unpack_bucket(flat, plan.entries))
                 receives, uses = [], {}
                 for src in sorted({p.src for p in plan.pieces} & self._shm_sources):  # "write into `slot`"
                     go = torch.tensor([index, slot], dtype=torch.int64)
@@ -640,11 +635,6 @@ class TrainerWeightSender:
             return None
         flat = t.view(-1).view(torch.uint8)
         return Bucket(plan.entries, flat, bucket_checksum(flat))
-
-
-def _bucket_views(flat: torch.Tensor, entries) -> dict[str, torch.Tensor]:
-    """Each HF tensor's place in a bucket buffer, by name (views, no copy)."""
-    return dict(unpack_bucket(flat, entries))
 
 
 def _can_share_memory() -> bool:
