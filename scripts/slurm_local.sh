@@ -9,12 +9,24 @@
 # No cgroups here (containers/VMs without a delegated cgroup tree), so: proctrack/linuxproc, task/none.
 # Accounting (slurmdbd on mariadb) is on because NeMo-Run reads job state only from `sacct`.
 # State (pid files, logs, spool) lives in $SLURM_LOCAL_DIR (default /var/tmp/megatron-apo-slurm).
-set -euo pipefail
+#
+# A second, independent cluster can run beside the default one (the fresh-machine test does this): point
+# SLURM_LOCAL_ETC at another config folder (default /etc/slurm; exported as SLURM_CONF for every Slurm command),
+# SLURM_LOCAL_DIR at another state folder, and shift every port with SLURM_LOCAL_PORT_OFFSET. The cluster and node
+# names come from SLURM_LOCAL_CLUSTER (default apo-local) and SLURM_LOCAL_NODE_PREFIX (default apo-n).
+set -Eeuo pipefail
 
 ACTION="${1:-up}"
 STATE="${SLURM_LOCAL_DIR:-/var/tmp/megatron-apo-slurm}"
-CLUSTER=apo-local
-NODES=(apo-n1 apo-n2)
+ETC="${SLURM_LOCAL_ETC:-/etc/slurm}"
+export SLURM_CONF="$ETC/slurm.conf"   # sinfo/sacctmgr/slurmctld/slurmd read it; slurmdbd.conf sits beside it
+PORT_OFFSET="${SLURM_LOCAL_PORT_OFFSET:-0}"
+CTLD_PORT=$((16817 + PORT_OFFSET))
+DBD_PORT=$((16819 + PORT_OFFSET))
+NODE_PORT_BASE=$((17000 + PORT_OFFSET))
+MYSQL_PORT=$((3306 + PORT_OFFSET))
+CLUSTER="${SLURM_LOCAL_CLUSTER:-apo-local}"
+NODES=("${SLURM_LOCAL_NODE_PREFIX:-apo-n}1" "${SLURM_LOCAL_NODE_PREFIX:-apo-n}2")
 CPUS_PER_NODE="${SLURM_LOCAL_CPUS:-2}"     # declared, not enforced (no cgroups); 2 = this machine's cores
 MEM_PER_NODE_MB="${SLURM_LOCAL_MEM_MB:-8000}"
 MARKER="# written by megatron-apo scripts/slurm_local.sh"
@@ -22,6 +34,15 @@ HOST="$(hostname -s)"
 
 log() { echo "slurm_local: $*" >&2; }
 die() { log "error: $*"; exit 1; }
+# any failing command names itself and its line (set -E carries the trap into functions and subshells)
+# (only the script's own shell reports: a command substitution that fails inside a test, e.g. a `grep -c` counting
+# zero while polling, is not an error)
+on_error() {  # $1 = exit status, $2 = line, $3 = the command
+  [ "$BASHPID" = "$$" ] || exit "$1"
+  log "error: line $2: \`$3\` exited with status $1 (logs: $STATE/log)"
+  exit "$1"
+}
+trap 'on_error $? $LINENO "$BASH_COMMAND"' ERR
 
 [ "$(id -u)" = 0 ] || die "must run as root (it installs Debian packages and starts system daemons)"
 
@@ -43,22 +64,22 @@ install_packages() {
 }
 
 write_configs() {
-  mkdir -p /etc/slurm "$STATE"/{spool,log,run,mysql}
-  if [ -f /etc/slurm/slurm.conf ] && ! grep -qF "$MARKER" /etc/slurm/slurm.conf; then
-    die "/etc/slurm/slurm.conf exists and was not written by this script; refusing to overwrite a real cluster's config"
+  mkdir -p "$ETC" "$STATE"/{spool/ctld,log,run,mysql}
+  if [ -f "$ETC/slurm.conf" ] && ! grep -qF "$MARKER" "$ETC/slurm.conf"; then
+    die "$ETC/slurm.conf exists and was not written by this script; refusing to overwrite a real cluster's config"
   fi
   local nodelines="" i=0
   for n in "${NODES[@]}"; do
     i=$((i + 1))
-    nodelines+="NodeName=$n NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$((17000 + i)) CPUs=$CPUS_PER_NODE RealMemory=$MEM_PER_NODE_MB State=UNKNOWN"$'\n'
+    nodelines+="NodeName=$n NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$((NODE_PORT_BASE + i)) CPUs=$CPUS_PER_NODE RealMemory=$MEM_PER_NODE_MB State=UNKNOWN"$'\n'
   done
-  cat > /etc/slurm/slurm.conf <<EOF
+  cat > "$ETC/slurm.conf" <<EOF
 $MARKER
 ClusterName=$CLUSTER
 SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
-SlurmctldPort=16817
+SlurmctldPort=$CTLD_PORT
 AuthType=auth/munge
 # a requeued job may start again once its old credential expired (default 120 s); tests requeue, so keep it short
 AuthInfo=cred_expire=10
@@ -86,29 +107,32 @@ MinJobAge=300
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
-AccountingStoragePort=16819
+AccountingStoragePort=$DBD_PORT
 JobCompType=jobcomp/none
 $nodelines
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
-  cat > /etc/slurm/slurmdbd.conf <<EOF
+  cat > "$ETC/slurmdbd.conf" <<EOF
 $MARKER
 AuthType=auth/munge
 DbdHost=$HOST
 DbdAddr=127.0.0.1
-DbdPort=16819
+DbdPort=$DBD_PORT
 SlurmUser=root
 LogFile=$STATE/log/slurmdbd.log
 PidFile=$STATE/run/slurmdbd.pid
 StorageType=accounting_storage/mysql
 StorageHost=127.0.0.1
-StoragePort=3306
+StoragePort=$MYSQL_PORT
 StorageUser=slurm
 StoragePass=megatron-apo-local
 StorageLoc=slurm_acct_db
 EOF
-  chmod 600 /etc/slurm/slurmdbd.conf
+  chmod 600 "$ETC/slurmdbd.conf"
 }
+
+# digest of the two config files; a missing file (a fresh machine) digests as empty instead of failing
+config_digest() { cat "$ETC/slurm.conf" "$ETC/slurmdbd.conf" 2>/dev/null | sha256sum || true; }
 
 start_munge() {
   if pgrep -x munged >/dev/null 2>&1; then return 0; fi
@@ -128,7 +152,7 @@ start_mariadb() {
       || { tail -20 "$STATE/log/mariadb-install.log" >&2; die "mariadb-install-db failed"; }
   fi
   rm -f "$STATE/run/mysql.sock"  # a socket left by a killed server would look ready before the new one listens
-  (mariadbd --user=root --datadir="$datadir" --socket="$STATE/run/mysql.sock" --port=3306 --bind-address=127.0.0.1 \
+  (mariadbd --user=root --datadir="$datadir" --socket="$STATE/run/mysql.sock" --port="$MYSQL_PORT" --bind-address=127.0.0.1 \
      --pid-file="$STATE/run/mariadb.pid" --skip-log-error --innodb-buffer-pool-size=64M --innodb-lock-wait-timeout=900 \
      >"$STATE/log/mariadb.log" 2>&1 &)
   # ready = answers a ping on its socket (the socket file appears before the server accepts connections)
@@ -210,10 +234,10 @@ case "$ACTION" in
   up)
     mkdir -p "$STATE"
     install_packages
-    before="$(cat /etc/slurm/slurm.conf /etc/slurm/slurmdbd.conf 2>/dev/null | sha256sum)"
+    before="$(config_digest)"
     write_configs
     # daemons started with an older config (e.g. an earlier version of this script) restart with the new one
-    if [ "$before" != "$(cat /etc/slurm/slurm.conf /etc/slurm/slurmdbd.conf | sha256sum)" ] && running "$STATE/run/slurmctld.pid"; then
+    if [ "$before" != "$(config_digest)" ] && running "$STATE/run/slurmctld.pid"; then
       log "config changed: restarting the daemons"
       for n in "${NODES[@]}"; do stop_pidfile "$STATE/run/slurmd-$n.pid"; done
       stop_pidfile "$STATE/run/slurmctld.pid"
