@@ -14,7 +14,7 @@ def _add_smoke(sub) -> None:
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size (default 1)")
     p.add_argument("--dp", type=int, default=1, help="data parallel size (default 1)")
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--model", default="tiny", help="model_configs/<name>.yaml or a path")
+    p.add_argument("--model", default="tiny", help="a name from megatron_apo/model_configs/ or a YAML path")
     p.set_defaults(func=_run_smoke)
 
 
@@ -71,7 +71,7 @@ def _run_convert(args) -> int:
 
 def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="recommend TP/PP/DP and trainer/fleet GPU split for a model and cluster")
-    p.add_argument("--model", required=True, help="model_configs/<name>.yaml or a path (e.g. qwen2.5-32b)")
+    p.add_argument("--model", required=True, help="a name from megatron_apo/model_configs/ or a YAML path (e.g. qwen2.5-32b)")
     p.add_argument("--gpus", type=int, required=True, help="total GPUs (trainer + fleet)")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
     p.add_argument("--gpus-per-node", type=int, default=8)

@@ -21,7 +21,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class AlgorithmConfig:
-    """Loss and advantage settings (shared/APO_MATH.md). Defaults are the APO paper's."""
+    """Loss and advantage settings (docs/algorithms.md). Defaults are the APO paper's."""
 
     loss_mode: str = "apo_ratio"  # vanilla | apo_ratio | casp
     loss_agg_mode: str = "token-mean"
@@ -140,12 +140,12 @@ class RunConfig:
     out_dir: str = "runs/default"
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), schema: type = RunConfig) -> Any:
-    """Schema defaults <- YAML file <- dotted overrides; returns a `schema` instance.
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Schema defaults <- YAML file <- dotted overrides; returns a `RunConfig`.
 
     Raises ConfigError with a one-line message for a missing file, an unknown key or a bad value.
     """
-    base = OmegaConf.structured(schema)
+    base = OmegaConf.structured(RunConfig)
     layers = [base]
     if path is not None:
         p = Path(path)
@@ -165,7 +165,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         return OmegaConf.to_object(merged)
     except ConfigKeyError as e:
         key = getattr(e, "full_key", None) or _first_line(e)
-        raise ConfigError(f"{path or 'overrides'}: unknown config key {key!r}{_known_hint(schema, key)}") from None
+        raise ConfigError(f"{path or 'overrides'}: unknown config key {key!r}{_known_hint(RunConfig, key)}") from None
     except ValidationError as e:
         raise ConfigError(f"{path or 'overrides'}: bad value for {getattr(e, 'full_key', '?')!r}: {_first_line(e)}") from None
     except OmegaConfBaseException as e:

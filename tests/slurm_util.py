@@ -91,11 +91,3 @@ def sacct_states(job: str, timeout: float = 30) -> list[tuple[str, str, str]]:
         time.sleep(1)
     pytest.fail(f"sacct never reported a final state for job {job}: {rows}")
 
-
-def trainer_is_built() -> bool:
-    """`megatron-apo train` runs: the trainer module exists and the CLI's train is not the "not built yet" stub."""
-    if not (REPO / "megatron_apo" / "trainer" / "train.py").is_file():
-        return False
-    from megatron_apo import cli
-
-    return "train" not in getattr(cli, "NOT_BUILT", {})

@@ -9,7 +9,7 @@ import pytest
 run = pytest.importorskip("nemo_run", reason="nemo-run is in the dev and launch extras: pip install -e '.[dev]'")
 
 from megatron_apo.launch import nemo_run_recipes as R  # noqa: E402
-from slurm_util import REPO, ensure_local_slurm, trainer_is_built  # noqa: E402
+from slurm_util import REPO, ensure_local_slurm  # noqa: E402
 
 ENV = {"PYTHONPATH": str(REPO), "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
 
@@ -72,7 +72,6 @@ def test_slurm_executor_runs_smoke_training_on_local_slurm(nemorun_home):
     assert jobs and jobs[-1] == "COMPLETED"
 
 
-@pytest.mark.skipif(not trainer_is_built(), reason="megatron-apo train is not on this branch yet")
 def test_local_executor_runs_tiny_training(nemorun_home, tmp_path):
     """`megatron-apo train` on the toy task, two ranks under NeMo-Run's torchrun launcher."""
     from rl_setup import overrides, toy_env

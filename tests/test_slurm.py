@@ -15,13 +15,12 @@ from pathlib import Path
 import pytest
 
 from slurm_util import (
-    REPO, TRAIN_SBATCH, ensure_local_slurm, job_env, sacct_states, sbatch, squeue_state, trainer_is_built,
+    REPO, TRAIN_SBATCH, ensure_local_slurm, job_env, sacct_states, sbatch, squeue_state,
     wait_gone,
 )
 
 pytestmark = pytest.mark.slurm
 PROBE = f"{sys.executable} {REPO / 'tests' / 'slurm_train_probe.py'}"
-NO_TRAINER = "megatron-apo train is not on this branch yet"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -118,7 +117,6 @@ def _metric_steps(tmp: Path) -> list[int]:
     return [json.loads(x)["step"] for x in (tmp / "out" / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
-@pytest.mark.skipif(not trainer_is_built(), reason=NO_TRAINER)
 def test_tiny_training_through_slurm_real_trainer(tmp_path):
     job = submit_train(tmp_path, 1, 0, _train_cmd(tmp_path, 2), SAVE_INTERVAL="1")
     wait_gone(job, 400)
@@ -127,7 +125,6 @@ def test_tiny_training_through_slurm_real_trainer(tmp_path):
     assert (tmp_path / "ckpt" / "iter_0000002").is_dir() and _metric_steps(tmp_path) == [1, 2]
 
 
-@pytest.mark.skipif(not trainer_is_built(), reason=NO_TRAINER)
 def test_requeue_resumes_real_trainer(tmp_path):
     ckpt = tmp_path / "ckpt"
     job = submit_train(tmp_path, 1, 0, _train_cmd(tmp_path, 4), SAVE_INTERVAL="1")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "model_configs"
+MODEL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "model_configs"  # package data: wheels ship it
 ARCHITECTURES = ("qwen2", "llama")
 
 

@@ -1,6 +1,6 @@
 """`megatron-apo train`: the RL loop, SPMD on every trainer rank (torchrun / srun / run_distributed).
 
-One step, top to bottom (the picture in DESIGN.md):
+One step, top to bottom (the picture in docs/architecture.md):
   1. rank 0 asks the fleet for n rollouts per prompt        (controller.rollout)
   2. rewards, 3. advantages                                 (controller.rollout)
   -> the batch is broadcast to every trainer rank and split over data-parallel ranks
