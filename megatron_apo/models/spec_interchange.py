@@ -1,9 +1,13 @@
 """Checkpoints across layer specs: Transformer Engine (GPU) <-> megatron-core's local spec (CPU).
 
-The two specs hold the same weights under two spellings (docs/gpu.md, "Spec interchange"):
-  * TE fuses each pre-norm into the following linear: `self_attention.linear_qkv.layer_norm_weight` is the
-    local spec's `input_layernorm.weight`, `mlp.linear_fc1.layer_norm_weight` its `pre_mlp_layernorm.weight`;
-  * TE modules carry an `_extra_state` (FP8 scaling metadata) that the local spec has no place for.
+What differs between the two specs' checkpoints (docs/gpu.md, "Spec interchange"):
+  * `_extra_state`: TE modules keep FP8 scaling metadata there. megatron-core gives its own linear layers
+    an empty one, but TE's attention (`self_attention.core_attention`) and norm modules (e.g.
+    `decoder.final_layernorm`) have one the local spec lacks, so a local-spec checkpoint misses them;
+  * the fused pre-norms: TE's `self_attention.linear_qkv.layer_norm_weight` is the local spec's
+    `input_layernorm.weight` (`mlp.linear_fc1.layer_norm_weight`: `pre_mlp_layernorm.weight`).
+    megatron-core 0.16 stores both specs' norms under TE's spelling, but checkpoints written by older
+    megatron-core or other tools may use the local one.
 
 `load_any_spec` loads a dist checkpoint written by either spec into a model of either spec: a requested
 tensor missing under its own spelling is read under the other one, and a requested `_extra_state` the
@@ -56,9 +60,10 @@ def is_extra_state(name: str) -> bool:
 
 def stored_keys(model_dir: str | Path) -> set[str]:
     """Keys of every ShardedTensor / ShardedObject a dist checkpoint holds (no tensor data is read)."""
-    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
-    return set(dist_checkpointing.load_sharded_metadata(str(model_dir)).keys())
+    keys = set(load_sharded_metadata(str(model_dir)).keys())
+    return keys | {k.split("/shard_", 1)[0] for k in keys}  # ShardedObjects are listed per shard: "<key>/shard_i_n"
 
 
 def adapt_to_checkpoint(sharded_state_dict: dict, stored: set[str]) -> tuple[list[str], list[str]]:
@@ -89,11 +94,34 @@ def adapt_to_checkpoint(sharded_state_dict: dict, stored: set[str]) -> tuple[lis
     return renamed, dropped
 
 
+def missing_keys(sharded_state_dict: dict, stored: set[str]) -> list[str]:
+    """Sharded keys the model asks for that the checkpoint does not hold (after `adapt_to_checkpoint`)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedBase, ShardedTensorFactory
+
+    out = []
+
+    def walk(d: dict) -> None:
+        for value in d.values():
+            if isinstance(value, dict):
+                walk(value)
+            elif isinstance(value, (ShardedBase, ShardedTensorFactory)) and value.key not in stored:
+                out.append(value.key)
+
+    walk(sharded_state_dict)
+    return sorted(set(out))
+
+
 def load_any_spec(sharded_state_dict: dict, model_dir: str | Path) -> tuple[dict, list[str]]:
     """`dist_checkpointing.load` that accepts a checkpoint of either spec. Returns (state dict, dropped keys)."""
     from megatron.core import dist_checkpointing
 
-    _, dropped = adapt_to_checkpoint(sharded_state_dict, stored_keys(model_dir))
+    stored = stored_keys(model_dir)
+    _, dropped = adapt_to_checkpoint(sharded_state_dict, stored)
+    missing = missing_keys(sharded_state_dict, stored)
+    if missing:  # torch's own error here is a multi-page CheckpointException (a BaseException)
+        raise CrossSpecError(f"{model_dir}: the checkpoint has no {', '.join(missing[:3])}"
+                             f"{f' (and {len(missing) - 3} more)' if len(missing) > 3 else ''}; "
+                             "it was written for another model (config and weights disagree?)")
     return dist_checkpointing.load(sharded_state_dict, str(model_dir)), dropped
 
 
