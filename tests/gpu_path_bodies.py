@@ -17,7 +17,7 @@ def control_plane_body(rank_zero_alone_s: float) -> dict:
 
     from megatron_apo.parallel import ParallelConfig, control_plane, init_distributed
 
-    init_distributed(ParallelConfig(), timeout_minutes=rank_zero_alone_s / 60 / 3, control_timeout_minutes=1)
+    init_distributed(ParallelConfig(), timeout_minutes=rank_zero_alone_s / 60 * 0.6, control_timeout_minutes=1)
     rank = dist.get_rank()
     out = {"backend": control_plane.backend(), "timeout": control_plane.timeout_minutes()}
     if rank == 0:
