@@ -124,7 +124,7 @@ def load_save_on_cpu_body(src: str, dst: str) -> dict:
     load_model_weights(src, [model])
     save_model(model, dst)
     write_checkpoint_metadata(dst, cfg)
-    return _cpu(dict(model.state_dict()))
+    return _cpu({k: v for k, v in model.state_dict().items() if torch.is_tensor(v) and not k.endswith("_extra_state")})
 
 
 def load_on_gpu_body(folder: str) -> dict:
