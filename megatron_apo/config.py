@@ -58,6 +58,8 @@ class AlgorithmConfig:
 class ModelSection:
     config: str = "tiny"  # model_configs/<name>.yaml or a path
     params_dtype: str = "float32"  # float32 | bfloat16 | float16
+    # transformer_engine (fused TE layers, GPU) | local (megatron-core's own); None: TE with CUDA, local without
+    transformer_impl: Optional[str] = None
 
 
 @dataclass
@@ -65,6 +67,8 @@ class ParallelSection:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None
+    nccl_timeout_minutes: int = 30  # the default group (NCCL on GPU) and Megatron's groups
+    control_timeout_minutes: int = 360  # the gloo control plane: ranks wait there while rank 0 rolls out
 
 
 @dataclass
@@ -91,6 +95,8 @@ class RolloutSection:
     top_k: int = -1
     ray_address: Optional[str] = None  # None: start a local Ray
     sync_bucket_mb: int = 64
+    sync_host: Optional[str] = None  # address engines reach trainer rank 0 at; None: Ray's node IP of rank 0
+    sync_dtype: Optional[str] = None  # dtype weights are sent in; None: the engine's (vllm bfloat16, cpu float32)
     # Generate step n+1's rollouts while step n trains (weights one version old), corrected by truncated
     # importance sampling: each token's advantage is scaled by min(pi_old / pi_rollout, tis_cap).
     one_step_off_policy: bool = False

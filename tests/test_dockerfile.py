@@ -85,7 +85,23 @@ def test_pin_check_flags_drift():
     reqs = dockerfile_pip_requirements('RUN pip install --no-cache-dir "vllm==0.10.2" "megatron-core==0.16.3" \\\n'
                                        '    && pip install "nosuchpkg==1"\n')
     assert pin_mismatches(reqs, project) == [
-        "vllm==0.10.2: pyproject says vllm==0.11.0", "nosuchpkg==1: not in pyproject.toml"]
+        f"vllm==0.10.2: pyproject says {project['vllm']}", "nosuchpkg==1: not in pyproject.toml"]
+
+
+def test_one_coherent_gpu_stack():
+    """One torch (vLLM's exact pin), vLLM and Transformer Engine pinned exactly, TE built against that torch."""
+    text = DOCKERFILE.read_text()
+    reqs = {canonicalize_name(r.name): r for r in dockerfile_pip_requirements(text)}
+    for name in ("torch", "vllm", "transformer-engine", "megatron-core"):
+        assert [s.operator for s in reqs[name].specifier] == ["=="], name
+    project = pyproject_requirements()
+    assert str(reqs["vllm"].specifier) == str(project["vllm"].specifier)  # the gpu extra and the image agree
+    assert str(reqs["transformer-engine"].specifier) == str(project["transformer-engine"].specifier)
+    # the base image's own torch and what was compiled against it go before anything is installed
+    joined = re.sub(r"\\\n", " ", text)
+    uninstall = joined.index("pip uninstall -y torch ")
+    assert uninstall < joined.index('"torch==') < joined.index('"vllm==') < joined.index('"transformer-engine[')
+    assert re.search(r'--no-build-isolation "transformer-engine\[', joined)
 
 
 def test_image_shape():

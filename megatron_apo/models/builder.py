@@ -9,6 +9,39 @@ from megatron_apo.models.config import ModelConfig
 from megatron_apo.parallel import cpu_compat
 
 
+TRANSFORMER_IMPLS = ("transformer_engine", "local")
+
+
+class TransformerEngineMissing(RuntimeError):
+    """`transformer_engine` was asked for (or is the GPU default) and cannot be used here."""
+
+
+def resolve_transformer_impl(requested: str | None = None) -> str:
+    """`model.transformer_impl`: as given, or by device (transformer_engine with CUDA, local without).
+
+    Never falls back silently: a GPU run without Transformer Engine would get unfused attention (and OOM
+    at long sequence lengths), so TE asked for (or defaulted to) and not importable is one clear error.
+    """
+    if requested is not None and requested not in TRANSFORMER_IMPLS:
+        raise ValueError(f"model.transformer_impl={requested!r} is unknown; use one of {TRANSFORMER_IMPLS}")
+    impl = requested or ("transformer_engine" if torch.cuda.is_available() else "local")
+    if impl == "transformer_engine":
+        if not torch.cuda.is_available():
+            raise TransformerEngineMissing("model.transformer_impl=transformer_engine needs CUDA and this process "
+                                           "has no GPU; set model.transformer_impl=local")
+        try:
+            import transformer_engine  # noqa: F401
+            import transformer_engine.pytorch  # noqa: F401
+        except (ImportError, OSError) as e:
+            how = "asked for" if requested else "the default with CUDA"
+            raise TransformerEngineMissing(
+                f"model.transformer_impl=transformer_engine ({how}) but Transformer Engine does not import "
+                f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); install the gpu "
+                "extra (pip install -e '.[gpu]', or use the project's image) or set model.transformer_impl=local"
+            ) from None
+    return impl
+
+
 def transformer_config(
     cfg: ModelConfig,
     params_dtype: torch.dtype = torch.float32,
@@ -18,6 +51,7 @@ def transformer_config(
     perform_initialization: bool = True,
     recompute: bool = False,
     sequence_parallel: bool = False,
+    transformer_impl: str | None = None,
 ):
     from megatron.core import parallel_state
     from megatron.core.transformer import TransformerConfig
@@ -55,22 +89,18 @@ def transformer_config(
         recompute_granularity="full" if recompute else None,
         recompute_method="uniform" if recompute else None,
         recompute_num_layers=1 if recompute else None,
+        transformer_impl=resolve_transformer_impl(transformer_impl),
     )
     kwargs.update(cpu_compat.transformer_config_overrides())
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(cfg: ModelConfig):
-    """Transformer Engine spec when TE imports (GPU image), megatron-core's local spec otherwise."""
+def layer_spec(cfg: ModelConfig, transformer_impl: str | None = None):
+    """The layer spec of `transformer_impl` (resolve_transformer_impl: TE with CUDA, local without)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if torch.cuda.is_available():
-        try:
-            import transformer_engine  # noqa: F401
-
-            return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-        except ImportError:
-            pass
+    if resolve_transformer_impl(transformer_impl) == "transformer_engine":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
@@ -82,11 +112,15 @@ def build_gpt_model(
     vp_stage: int | None = None,
     **config_kwargs,
 ):
-    """The GPTModel chunk for this rank's pipeline stage (pre/post_process from Megatron's parallel state)."""
+    """The GPTModel chunk for this rank's pipeline stage (pre/post_process from Megatron's parallel state).
+
+    `transformer_impl=...` (in `config_kwargs`): "transformer_engine" | "local" | None (by device).
+    """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     tcfg = transformer_config(cfg, params_dtype=params_dtype, **config_kwargs)
+    impl = tcfg.transformer_impl
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     if post_process is None:
@@ -94,7 +128,7 @@ def build_gpt_model(
     rs = cfg.rope_scaling
     model = GPTModel(
         config=tcfg,
-        transformer_layer_spec=layer_spec(cfg),
+        transformer_layer_spec=layer_spec(cfg, impl),
         vocab_size=cfg.padded_vocab_size(tcfg.tensor_model_parallel_size),
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=pre_process,

@@ -176,7 +176,8 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, tp: int = 1, pp:
                            timeout: float = 24 * 3600) -> ConversionReport:
     """HF folder -> Megatron checkpoint folder (`model/` dist checkpoint + megatron_apo.json) for TP x PP.
 
-    Spawns TP*PP local processes (gloo on CPU); inside an already initialised job call `save_hf_as_megatron`.
+    Spawns TP*PP local host-only processes (gloo, GPUs hidden: any TP x PP on any node); inside an already
+    initialised job call `save_hf_as_megatron`.
     """
     from megatron_apo.parallel import run_distributed
 
@@ -185,7 +186,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, tp: int = 1, pp:
     target = parse_dtype(dtype) or hf.dtype()
     with atomic_output_dir(out) as tmp:
         results = run_distributed(_hf_to_megatron_rank, tp * pp, str(hf_dir), str(tmp), tp, pp, str(target),
-                                  progress, timeout=timeout)
+                                  progress, timeout=timeout, host_only=True)  # never GPUs (docs/gpu.md)
         with contextlib.suppress(FileNotFoundError):
             (tmp / TOKENIZER_SUBDIR).mkdir()
             copy_tokenizer_files(hf_dir, tmp / TOKENIZER_SUBDIR)
@@ -204,7 +205,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, tp: int = 1, pp:
 def _hf_to_megatron_rank(hf_dir: str, tmp_out: str, tp: int, pp: int, dtype_name: str, progress: bool) -> dict:
     from megatron_apo.parallel import ParallelConfig, init_distributed
 
-    init_distributed(ParallelConfig(tp, pp))
+    init_distributed(ParallelConfig(tp, pp), backend="gloo")
     return save_hf_as_megatron(hf_dir, tmp_out, dtype=dtype_name, progress=progress)
 
 

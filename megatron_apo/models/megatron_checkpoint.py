@@ -20,6 +20,7 @@ import torch
 
 from megatron_apo.models.config import ModelConfig
 from megatron_apo.models.hf_mapping import EMBEDDING, FINAL_NORM, OUTPUT_LAYER, megatron_shape
+from megatron_apo.models.spec_interchange import local_spelling
 
 METADATA_FILE = "megatron_apo.json"
 MODEL_SUBDIR = "model"
@@ -86,20 +87,21 @@ def save_model(model, folder: str | Path) -> None:
     dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(target))
 
 
-def load_megatron_model(folder: str | Path, params_dtype: torch.dtype | None = None):
-    """Builds the model for the current TP/PP layout and loads a checkpoint written at any TP/PP.
+def load_megatron_model(folder: str | Path, params_dtype: torch.dtype | None = None, transformer_impl: str | None = None):
+    """Builds the model for the current TP/PP layout and loads a checkpoint written at any TP/PP and either spec.
 
     Returns (model, ModelConfig). Collective over all ranks (Megatron parallel state must be initialised).
     """
-    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
     from megatron_apo.models.builder import build_gpt_model
+    from megatron_apo.models.spec_interchange import load_any_spec
 
     ckpt = resolve_checkpoint(folder)
     cfg, _ = read_checkpoint_metadata(ckpt)
     reader = DistCheckpointReader(ckpt / MODEL_SUBDIR, cfg)
-    model = build_gpt_model(cfg, params_dtype=params_dtype or reader.dtype, perform_initialization=False)
+    model = build_gpt_model(cfg, params_dtype=params_dtype or reader.dtype, perform_initialization=False,
+                            transformer_impl=transformer_impl)
     sharded = model.sharded_state_dict()
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     repad = reader.vocab_rows != cfg.padded_vocab_size(tp)
@@ -107,7 +109,7 @@ def load_megatron_model(folder: str | Path, params_dtype: torch.dtype | None = N
         # Vocab padding depends on TP: read the vocabulary tensors whole and re-pad them for this layout.
         for key in [k for k in sharded if k.endswith((EMBEDDING, OUTPUT_LAYER))]:
             del sharded[key]
-    state = dist_checkpointing.load(sharded, str(ckpt / MODEL_SUBDIR))
+    state, _ = load_any_spec(sharded, ckpt / MODEL_SUBDIR)  # written by either layer spec
     model.load_state_dict(state, strict=False)
     if repad:
         from megatron_apo.models.hf_mapping import pad_vocab
@@ -151,7 +153,10 @@ class DistCheckpointReader:
         if not emb:
             raise ValueError(f"{self.folder}: no {EMBEDDING} tensor; not a GPTModel checkpoint")
         self.prefix = emb[0][: -len(EMBEDDING)]  # e.g. "" or a wrapper prefix
-        self.meta = {k[len(self.prefix):]: v for k, v in tensors.items() if k.startswith(self.prefix)}
+        # names in the local spec's spelling; `_stored` maps them back (a Transformer Engine checkpoint
+        # spells the norms linear_qkv.layer_norm_weight / linear_fc1.layer_norm_weight)
+        self._stored = {local_spelling(k[len(self.prefix):]): k for k in tensors if k.startswith(self.prefix)}
+        self.meta = {name: tensors[k] for name, k in self._stored.items()}
         self.layer_suffixes = sorted(k[len("decoder.layers."):] for k in self.meta if k.startswith("decoder.layers."))
         self.dtype = self.meta[EMBEDDING].properties.dtype
         self.vocab_rows = self.meta[EMBEDDING].size[0]
@@ -208,7 +213,7 @@ class DistCheckpointReader:
     def load_rows(self, global_name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of a non-layer tensor (e.g. one stored TP shard of the embedding)."""
         md = self.meta[global_name]
-        key = self.prefix + global_name
+        key = self._stored[global_name]
         state = {key: torch.empty((stop - start, *md.size[1:]), dtype=md.properties.dtype)}
         self._dcp_load(state, {key: (start,) + (0,) * (len(md.size) - 1)}, [global_name])
         return state[key]
@@ -229,8 +234,8 @@ class DistCheckpointReader:
         state, offsets = {}, {}
         for name in global_names:
             m = re.match(r"^decoder\.layers\.(\d+)\.(.+)$", name)
-            key = self.prefix + (f"decoder.layers.{m.group(2)}" if m else name)
-            md = self.meta[key[len(self.prefix):]]
+            key = self._stored[f"decoder.layers.{m.group(2)}" if m else name]
+            md = self.meta[f"decoder.layers.{m.group(2)}" if m else name]
             if m:
                 state[key] = torch.empty((1, *md.size[1:]), dtype=md.properties.dtype)
                 offsets[key] = (int(m.group(1)),) + (0,) * (len(md.size) - 1)
@@ -241,7 +246,7 @@ class DistCheckpointReader:
         out = {}
         for name in global_names:
             m = re.match(r"^decoder\.layers\.(\d+)\.(.+)$", name)
-            key = self.prefix + (f"decoder.layers.{m.group(2)}" if m else name)
+            key = self._stored[f"decoder.layers.{m.group(2)}" if m else name]
             out[name] = state.pop(key)[0] if m else state.pop(key)
         return out
 

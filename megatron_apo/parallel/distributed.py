@@ -1,4 +1,10 @@
-"""Distributed initialisation: torch.distributed (nccl with CUDA, gloo without), Megatron parallel state, seeds."""
+"""Distributed initialisation: torch.distributed, Megatron parallel state, the control-plane group, seeds.
+
+The collective rule (docs/gpu.md): data-plane tensors (activations, gradients, weight pieces) live on the
+model's device and go over the default group (NCCL with CUDA, gloo without); control-plane traffic (the
+batch broadcast, metrics, stop flags, finite checks) goes over a separate gloo group with a long timeout
+(`megatron_apo.parallel.control_plane`), so no rank sits in an NCCL collective while rank 0 works alone.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_apo.parallel import cpu_compat
+from megatron_apo.parallel import control_plane, cpu_compat
 
 
 @dataclass(frozen=True)
@@ -34,20 +40,33 @@ class ParallelConfig:
         return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
 
 
+DEFAULT_TIMEOUT_MINUTES = 30  # the default (data-plane) group: every rank is busy in lockstep there
+DEFAULT_CONTROL_TIMEOUT_MINUTES = 360  # the control plane: ranks 1..N wait while rank 0 rolls out / evaluates
+
+
 def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def local_device_index() -> int:
+    """This process's GPU: LOCAL_RANK modulo the visible GPUs (torchrun/srun set LOCAL_RANK per node)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count())
 
 
 def init_distributed(
     parallel: ParallelConfig | None = None,
     seed: int = 1234,
     backend: str | None = None,
-    timeout_minutes: int = 10,
+    timeout_minutes: int = DEFAULT_TIMEOUT_MINUTES,
+    control_timeout_minutes: int = DEFAULT_CONTROL_TIMEOUT_MINUTES,
 ) -> None:
     """Initialise torch.distributed from the torchrun/srun environment and Megatron's parallel state.
 
     Reads RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (torchrun) or SLURM_PROCID/SLURM_NTASKS (srun).
     Without any of them, starts a single-process group so TP=PP=1 code runs unchanged.
+    `timeout_minutes` bounds the default group's collectives (NCCL on GPU: its watchdog), and Megatron's
+    groups; `control_timeout_minutes` the gloo control-plane group's. `backend="gloo"` never touches a
+    GPU (no set_device), whatever the node has.
     """
     from megatron.core import parallel_state
 
@@ -62,7 +81,7 @@ def init_distributed(
     backend = backend or default_backend()
     if not dist.is_initialized():
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(local_device_index())
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     world = dist.get_world_size()
     parallel.validate(world)
@@ -71,7 +90,9 @@ def init_distributed(
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
             pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+            distributed_timeout_minutes=timeout_minutes,
         )
+    control_plane.init(control_timeout_minutes)
     set_seed(seed)
 
 
@@ -93,6 +114,7 @@ def destroy_distributed() -> None:
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
+    control_plane.destroy()
     if dist.is_initialized():
         dist.destroy_process_group()
 

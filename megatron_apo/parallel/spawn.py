@@ -1,8 +1,12 @@
 """Run a function on N local processes that form one torch.distributed group (gloo on CPU).
 
-Used by the tests for every distributed check, by the benchmarks, and by the CPU demo. Each child
+Used by the tests for every distributed check, by the benchmarks, the CPU demo and conversion. Each child
 gets RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT like torchrun would set; a failing child's traceback is
 re-raised in the parent, and a hang ends at `timeout` with the ranks that did not finish named.
+
+`host_only=True` hides every GPU from the children (CUDA_VISIBLE_DEVICES=""), so they run the CPU path
+(gloo, host tensors, no set_device) whatever the node has: conversion with TP x PP > GPUs needs that.
+Otherwise LOCAL_RANK is the rank modulo the visible GPUs, like several ranks sharing a small node.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ class DistributedError(RuntimeError):
     pass
 
 
-def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict, q, threads: int) -> None:
+def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict, q, threads: int,
+           host_only: bool = False) -> None:
+    if host_only:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initialises CUDA in this process
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -49,6 +56,7 @@ def run_distributed(
     *args: Any,
     timeout: float = 300.0,
     threads_per_process: int | None = None,
+    host_only: bool = False,
     **kwargs: Any,
 ) -> list[Any]:
     """Calls `fn(*args, **kwargs)` on `world_size` spawned processes; returns the results by rank.
@@ -59,24 +67,34 @@ def run_distributed(
     """
     for attempt in range(3):
         try:
-            return _run_once(fn, world_size, args, kwargs, timeout, threads_per_process)
+            return _run_once(fn, world_size, args, kwargs, timeout, threads_per_process, host_only)
         except DistributedError as e:
             if "EADDRINUSE" not in str(e) or attempt == 2:
                 raise
     raise AssertionError("unreachable")
 
 
-def _run_once(fn, world_size, args, kwargs, timeout, threads_per_process) -> list[Any]:
+def _run_once(fn, world_size, args, kwargs, timeout, threads_per_process, host_only=False) -> list[Any]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = find_free_port()
     threads = threads_per_process or max(1, (os.cpu_count() or 1) // world_size)
     procs = [
-        ctx.Process(target=_child, args=(r, world_size, port, fn, args, kwargs, q, threads), daemon=False)
+        ctx.Process(target=_child, args=(r, world_size, port, fn, args, kwargs, q, threads, host_only), daemon=False)
         for r in range(world_size)
     ]
-    for p in procs:
-        p.start()
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        if host_only:  # the spawned interpreter inherits it before its first import of torch
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        for p in procs:
+            p.start()
+    finally:
+        if host_only:
+            if hidden is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = hidden
     results: dict[int, Any] = {}
     failures: dict[int, str] = {}
     deadline = time.monotonic() + timeout

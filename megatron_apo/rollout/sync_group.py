@@ -10,6 +10,9 @@ actors, or vLLM's TP workers inside them). Members rendezvous over a TCP store a
   the pattern of vLLM's own RLHF examples; it never touches the trainer's NCCL communicators either.
 
 Both expose the same two calls: `broadcast(tensor, src)` and `broadcast_object(obj, src)`.
+
+The store listens on the sender's host at a routable address (`rendezvous_host`: `rollout.sync_host`, else
+Ray's node IP), never 127.0.0.1 unless asked: engines on other nodes must reach it (docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -40,12 +43,40 @@ class SyncEndpoint:
 
     @classmethod
     def new(cls, world_size: int, backend: str = "gloo", host: str | None = None, timeout_s: float = 300.0) -> "SyncEndpoint":
-        """A fresh endpoint on a free port of this host (the sender's host hosts the store)."""
-        host = host or "127.0.0.1"
+        """A fresh endpoint on a free port of this host (the sender's host hosts the store).
+
+        `host`: the address the engines connect to; None = `rendezvous_host()` (Ray's node IP of this process).
+        """
+        host = host or rendezvous_host()
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind((host if host != "0.0.0.0" else "", 0))
             port = s.getsockname()[1]
         return cls(host, port, world_size, backend, timeout_s)
+
+
+def rendezvous_host(configured: str | None = None) -> str:
+    """The address engines reach this (sending) process at: `configured` if given, else Ray's IP for this
+    node (the one Ray's other nodes already reach it at), else the address of this host's default route."""
+    if configured:
+        return configured
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:  # pragma: no cover - ray is a dependency
+        pass
+    return _default_route_ip()
+
+
+def _default_route_ip() -> str:
+    """The local address the kernel would send from towards a public address (no packet is sent)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"  # no network at all: only same-host engines exist
 
 
 class GlooSyncGroup:
@@ -100,12 +131,27 @@ class NcclSyncGroup:
                                                 world_size=endpoint.world_size,
                                                 store_timeout=int(endpoint.timeout_s))
         self._comm = PyNcclCommunicator(self._pg, device=self.device)
+        # The sender's transfers run on a stream of their own, so packing (and checksumming) the next
+        # bucket on the compute stream overlaps this bucket's broadcast; on one stream they serialise.
+        self._comm_stream = torch.cuda.Stream(device=self.device) if rank == 0 else None
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0, async_op: bool = False):
-        """Enqueued on the current CUDA stream (later GPU work is ordered after it); the handle syncs the stream."""
-        stream = torch.cuda.current_stream()
-        self._comm.broadcast(tensor, src=src, stream=stream)
-        return _StreamHandle(stream) if async_op else None
+        """Sender (rank 0): on the comm stream, after the work already queued on the current stream (the
+        packing of `tensor`); the caller must keep `tensor` until the handle's `wait()`. Receivers: on the
+        current stream (later GPU work, e.g. loading, is ordered after it). The handle syncs that stream."""
+        stream = self._comm_stream if self._comm_stream is not None and self.rank == src else None
+        if stream is None:
+            stream = torch.cuda.current_stream()
+            self._comm.broadcast(tensor, src=src, stream=stream)
+            return _StreamHandle(stream) if async_op else None
+        stream.wait_stream(torch.cuda.current_stream())  # the bucket is packed before it is sent
+        with torch.cuda.stream(stream):
+            self._comm.broadcast(tensor, src=src, stream=stream)
+        handle = _StreamHandle(stream)
+        if async_op:
+            return handle
+        handle.wait()
+        return None
 
     def broadcast_object(self, obj=None, src: int = 0):
         return self._pg.broadcast_obj(obj if self.rank == src else None, src=src)

@@ -38,9 +38,12 @@ from megatron_apo.rollout.sync_group import SyncEndpoint, open_sync_group
 __all__ = [
     "Bucket", "BufferRing", "EngineSyncState", "SyncEndpoint", "SyncResult", "SyncStats", "TrainerWeightSender",
     "WeightStore", "WeightSyncError", "bucket_checksum", "open_sync_group", "pack_bucket", "receive_weights",
-    "send_bucket", "send_end", "unpack_bucket",
+    "send_bucket", "send_end", "sync_dtype", "unpack_bucket",
 ]
 
+# The dtype each engine serves in: weights are sent in it unless rollout.sync_dtype says otherwise (bf16 for
+# vLLM halves the bytes of fp32 master weights; the CPU engine computes in fp32).
+ENGINE_DTYPES = {"cpu": "float32", "vllm": "bfloat16"}
 ALIGN = 4096  # bytes: tensor offsets and bucket sizes, so every dtype view and the checksum's 4 KiB rows line up
 DEFAULT_BUCKET_BYTES = 256 << 20
 
@@ -50,6 +53,16 @@ class WeightSyncError(RuntimeError):
 
 
 # ---- buckets and checksums ------------------------------------------------------------------------------
+
+
+def sync_dtype(rollout) -> torch.dtype:
+    """The dtype weights travel in: `rollout.sync_dtype`, else the engine's (ENGINE_DTYPES)."""
+    from megatron_apo.trainer.validation import DTYPE_NAMES
+
+    name = rollout.sync_dtype or ENGINE_DTYPES.get(rollout.engine, "float32")
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"rollout.sync_dtype={name!r} is unknown; use one of {sorted(DTYPE_NAMES)}")
+    return getattr(torch, DTYPE_NAMES[name])
 
 
 def bucket_checksum(flat: torch.Tensor) -> str:

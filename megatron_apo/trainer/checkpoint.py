@@ -154,16 +154,18 @@ def _model_sharded_state_dict(model_chunks: list) -> dict:
 
 
 def load_model_weights(path: str | Path, model_chunks: list) -> dict:
-    """Loads only the model weights (any TP/PP/DP layout) from an iteration folder or checkpoint dir."""
-    from megatron.core import dist_checkpointing
+    """Loads only the model weights (any TP/PP/DP layout, either layer spec) from an iteration folder or
+    checkpoint dir: a checkpoint converted or trained with the local spec loads into a Transformer Engine
+    model and back (models.spec_interchange)."""
+    from megatron_apo.models.spec_interchange import load_any_spec, load_state_checked
 
     it = resolve_checkpoint(path)
-    sd = dist_checkpointing.load(_model_sharded_state_dict(model_chunks), str(it / "model"))
+    sd, dropped = load_any_spec(_model_sharded_state_dict(model_chunks), it / "model")
     if len(model_chunks) == 1:
-        unwrap(model_chunks[0]).load_state_dict(sd, strict=True)
+        load_state_checked(unwrap(model_chunks[0]), sd, dropped, str(it))
     else:
         for i, m in enumerate(model_chunks):
-            unwrap(m).load_state_dict(sd[f"model{i}"], strict=True)
+            load_state_checked(unwrap(m), sd[f"model{i}"], [d for d in dropped if d.startswith(f"model{i}.")], str(it))
     return read_metadata(it)
 
 

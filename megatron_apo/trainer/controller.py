@@ -70,8 +70,12 @@ class Controller:
         """The trainer's end of the sync group; reopened whenever the fleet opened a new one (engine restart)."""
         from megatron_apo.rollout.sync_group import open_sync_group
 
-        ep = self.fleet.sync_endpoint(backend="nccl" if torch.cuda.is_available() else "gloo",
-                                      fresh=self._sync_group is None)
+        from megatron_apo.rollout.sync_group import rendezvous_host
+
+        # NCCL only where both ends are GPUs (vLLM engines); CPU engines join over gloo even from a GPU trainer
+        nccl = self.cfg.rollout.engine == "vllm" and torch.cuda.is_available()
+        ep = self.fleet.sync_endpoint(backend="nccl" if nccl else "gloo",
+                                      host=rendezvous_host(self.cfg.rollout.sync_host), fresh=self._sync_group is None)
         if ep is not self._sync_endpoint:
             if self._sync_group is not None:
                 self._sync_group.close()

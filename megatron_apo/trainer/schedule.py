@@ -7,6 +7,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from megatron_apo.parallel.devices import model_device, to_device
+
 
 def model_forward(model, batch: dict) -> torch.Tensor:
     """Runs a GPTModel chunk on a micro-batch dict (tokens, position_ids): hidden states or vocab-sharded logits."""
@@ -23,6 +25,7 @@ def forward_backward(
 ) -> list[dict]:
     """Runs every micro-batch through Megatron's schedule for the current PP layout.
 
+    Each micro-batch dict is moved (in place) to the model's device before its forward.
     `loss_fn(batch, logits) -> (scalar_loss, metrics)` runs on the last pipeline stage only; the
     schedule divides each micro-batch loss by the number of micro-batches (so gradients are the
     mean over micro-batches). Returns the per-micro-batch metric dicts on the last stage, [] elsewhere.
@@ -32,7 +35,7 @@ def forward_backward(
     batches = list(micro_batches)
 
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
+        batch = to_device(next(data_iterator), model_device(model))  # the one place batches reach the device
         output = model_forward(model, batch)
         return output, partial(_loss_wrapper, loss_fn, batch)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from megatron_apo.models import build_gpt_model, load_model_config
-from megatron_apo.parallel import ParallelConfig, init_distributed
+from megatron_apo.parallel import ParallelConfig, control_plane, init_distributed
 from megatron_apo.trainer.optim import OptimConfig, build_optimizer, wrap_ddp, zero_grads
 from megatron_apo.trainer.schedule import forward_backward, lm_batches, lm_loss
 
@@ -32,11 +32,9 @@ def smoke_train(tp: int = 2, pp: int = 1, steps: int = 30, model: str = "tiny", 
         out = forward_backward(chunks, list(lm_batches(tokens, micro_batch_size)), lm_loss,
                                seq_length=seq_length, micro_batch_size=micro_batch_size)
         opt.step()
-        loss = torch.tensor(sum(float(o["lm_loss"]) for o in out) / max(len(out), 1) if out else 0.0)
-        # the loss lives on the last stage; broadcast it so every rank reports the same number
-        last = parallel_state.get_pipeline_model_parallel_last_rank()
-        torch.distributed.broadcast(loss, src=last, group=parallel_state.get_pipeline_model_parallel_group())
-        losses.append(float(loss))
+        # the loss lives on the last stage; the control plane hands every rank the same number
+        loss = control_plane.mean_over_reporting_ranks(out)["lm_loss"]
+        losses.append(loss)
         if torch.distributed.get_rank() == 0:
-            print(f"step {step + 1:3d}/{steps}  lm_loss {loss.item():.4f}", flush=True)
+            print(f"step {step + 1:3d}/{steps}  lm_loss {loss:.4f}", flush=True)
     return losses

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from megatron_apo.config import RunConfig
 from megatron_apo.models import build_gpt_model, load_model_config
-from megatron_apo.parallel import ParallelConfig, init_distributed
+from megatron_apo.parallel import ParallelConfig, control_plane, init_distributed
 from megatron_apo.trainer.batch import RLBatch
 from megatron_apo.trainer.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
 from megatron_apo.trainer.optim import OptimConfig, build_optimizer, wrap_ddp, zero_grads
@@ -55,15 +55,11 @@ class _StopFlag:
         self.raised = True
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.raised else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return control_plane.any_true(self.raised)
 
 
 def _broadcast_batch(batch: RLBatch | None, metrics: dict | None):
-    obj = [(batch, metrics)]
-    dist.broadcast_object_list(obj, src=0)
-    return obj[0]
+    return control_plane.broadcast_object((batch, metrics), src=0)
 
 
 def _dp_shard(batch: RLBatch) -> RLBatch:
@@ -79,19 +75,7 @@ def _dp_shard(batch: RLBatch) -> RLBatch:
 
 def _gather_last_stage_metrics(per_mb: list[dict]) -> dict:
     """Means of the micro-batch metrics of the last pipeline stage, delivered to every rank."""
-    local = {}
-    if per_mb:
-        keys = per_mb[0].keys()
-        local = {k: sum(float(m[k]) for m in per_mb) / len(per_mb) for k in keys}
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, local)
-    merged: dict = {}
-    counts: dict = {}
-    for d in everyone:
-        for k, v in d.items():
-            merged[k] = merged.get(k, 0.0) + v
-            counts[k] = counts.get(k, 0) + 1
-    return {k: merged[k] / counts[k] for k in merged}
+    return control_plane.mean_over_reporting_ranks(per_mb)
 
 
 def train(cfg: RunConfig) -> list[dict]:
@@ -99,15 +83,17 @@ def train(cfg: RunConfig) -> list[dict]:
     model_cfg = validate_run_config(cfg)
     p = cfg.parallel
     init_distributed(ParallelConfig(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                                    p.virtual_pipeline_model_parallel_size), seed=cfg.seed)
+                                    p.virtual_pipeline_model_parallel_size), seed=cfg.seed,
+                     timeout_minutes=p.nccl_timeout_minutes, control_timeout_minutes=p.control_timeout_minutes)
     rank = dist.get_rank()
     dtype = getattr(torch, DTYPE_NAMES[cfg.model.params_dtype])
     t = cfg.trainer
 
-    policy = [wrap_ddp(build_gpt_model(model_cfg, params_dtype=dtype), use_distributed_optimizer=True)]
+    impl = cfg.model.transformer_impl
+    policy = [wrap_ddp(build_gpt_model(model_cfg, params_dtype=dtype, transformer_impl=impl), use_distributed_optimizer=True)]
     optimizer = build_optimizer(policy, OptimConfig(lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
                                                     clip_grad=t.clip_grad, use_distributed_optimizer=True))
-    reference = build_gpt_model(model_cfg, params_dtype=dtype)
+    reference = build_gpt_model(model_cfg, params_dtype=dtype, transformer_impl=impl)
     reference.requires_grad_(False)
     reference.eval()
     if t.ref_cpu_offload and torch.cuda.is_available():
@@ -133,9 +119,10 @@ def train(cfg: RunConfig) -> list[dict]:
         controller = Controller(cfg, model_cfg)
         if extra is not None:
             controller.load_state_dict(extra["controller"])
-    from megatron_apo.rollout.weight_sync import TrainerWeightSender
+    from megatron_apo.rollout.weight_sync import TrainerWeightSender, sync_dtype
 
-    sender = TrainerWeightSender(policy, model_cfg, bucket_bytes=cfg.rollout.sync_bucket_mb << 20)
+    sender = TrainerWeightSender(policy, model_cfg, bucket_bytes=cfg.rollout.sync_bucket_mb << 20,
+                                 dtype=sync_dtype(cfg.rollout))
     off_policy = cfg.rollout.one_step_off_policy
     settings = PassSettings(cfg.algorithm, vocab_size=model_cfg.vocab_size, temperature=cfg.rollout.temperature,
                             tis_cap=cfg.rollout.tis_cap if off_policy else None)
@@ -147,9 +134,11 @@ def train(cfg: RunConfig) -> list[dict]:
         if rank == 0:
             group = controller.sync_group()
             refs = controller.fleet.begin_weight_sync(version)
+            control_plane.barrier()  # the others wait here (gloo), not in the sender's NCCL transfers
             stats = sender.sync(group, version)
             controller.fleet.finish_weight_sync(refs, stats.checksum)
         else:
+            control_plane.barrier()
             sender.sync(None, version)
         return time.perf_counter() - t0
 
@@ -261,12 +250,7 @@ def _dp_size() -> int:
 
 
 def _all_finite(per_mb: list[dict]) -> bool:
-    bad = torch.tensor([0.0])
-    for m in per_mb:
-        if not math.isfinite(float(m["loss"])):
-            bad[0] = 1.0
-    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return bad.item() == 0.0
+    return control_plane.all_finite(m["loss"] for m in per_mb)
 
 
 def main_from_env(config_path: str | None, overrides: list[str]) -> None:

@@ -22,6 +22,15 @@ def validate_run_config(cfg: RunConfig, world_size: int | None = None) -> ModelC
     validate_algorithm_config(cfg.algorithm)
     if cfg.model.params_dtype not in DTYPE_NAMES:
         raise ValueError(f"model.params_dtype={cfg.model.params_dtype!r} is unknown; use one of {sorted(DTYPE_NAMES)}")
+    if cfg.model.transformer_impl not in (None, "transformer_engine", "local"):
+        raise ValueError(f"model.transformer_impl={cfg.model.transformer_impl!r} is unknown; use transformer_engine "
+                         "or local (or leave it unset: transformer_engine with CUDA, local without)")
+    if cfg.rollout.sync_dtype is not None and cfg.rollout.sync_dtype not in DTYPE_NAMES:
+        raise ValueError(f"rollout.sync_dtype={cfg.rollout.sync_dtype!r} is unknown; use one of {sorted(DTYPE_NAMES)} "
+                         "(or leave it unset: the engine's dtype)")
+    for key in ("nccl_timeout_minutes", "control_timeout_minutes"):
+        if getattr(cfg.parallel, key) < 1:
+            raise ValueError(f"parallel.{key} must be >= 1 (minutes), got {getattr(cfg.parallel, key)}")
     if not cfg.data.train_files:
         raise ValueError("data.train_files is empty: give at least one verl-schema parquet file")
     for f in cfg.data.train_files:
