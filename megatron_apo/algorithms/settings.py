@@ -13,13 +13,19 @@ from typing import Any
 
 from megatron_apo.config import AlgorithmConfig, ConfigError
 
-LOSS_MODES = ("vanilla", "apo_ratio", "casp")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_LOSS_TYPES = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
 APO_PULL_FORMS = ("ratio_clip", "ratio", "log")
 APO_PULL_WEIGHTS = ("abs_adv", "indicator")
 ADV_CALIBRATIONS = ("none", "inverse_success")
 ADV_STD_SCOPES = ("group", "batch")
+
+
+def registered_loss_modes() -> tuple[str, ...]:
+    """The loss modes of the registry in `losses.py` (one registered function per mode)."""
+    from megatron_apo.algorithms.losses import POLICY_LOSS_REGISTRY
+
+    return tuple(POLICY_LOSS_REGISTRY)
 
 
 def resolve_algorithm_config(config: Any) -> AlgorithmConfig:
@@ -69,7 +75,7 @@ def validate_algorithm_config(cfg: AlgorithmConfig) -> None:
         if not isinstance(getattr(cfg, key), bool):
             bad(key, "must be true or false")
 
-    choice("loss_mode", LOSS_MODES)
+    choice("loss_mode", registered_loss_modes())
     choice("loss_agg_mode", LOSS_AGG_MODES)
     number("clip_ratio_low", 0.0, 1.0, hi_open=True)
     number("clip_ratio_high", 0.0)
