@@ -134,8 +134,6 @@ class LossContext:
     safe: Optional[torch.Tensor] = None  # [B, T, K] bool: the safe manifold S
     log_mass: Optional[torch.Tensor] = None  # log M = log sum_S pi
     has_safe: Optional[torch.Tensor] = None  # S non-empty
-    cands: Optional[torch.Tensor] = None  # pi_old's Top-N ids (given), else None
-    cand_lp: Optional[torch.Tensor] = None  # log pi at those ids
     ref_topk_logprobs: Optional[torch.Tensor] = None
     old_anchor_logprobs: Optional[torch.Tensor] = None
     old_topk_logprobs: Optional[torch.Tensor] = None
@@ -195,8 +193,48 @@ def vanilla_loss(ctx: LossContext):
     return loss, {"pg_loss": loss.detach()}
 
 
-@register_policy_loss("apo_ratio", LossInputs(ref_topk=True))
+def _apo_inputs(cfg) -> LossInputs:
+    return LossInputs(ref_topk=True, ref_topk_logprobs=cfg.apo_rectification == "paper")
+
+
+@register_policy_loss("apo_ratio", _apo_inputs)
 def apo_ratio_loss(ctx: LossContext):
+    """APO: the paper's ratio rectification (default) or the split push + pull form (docs/algorithms.md)."""
+    if ctx.cfg.apo_rectification == "paper":
+        return _apo_paper(ctx)
+    return _apo_split(ctx)
+
+
+def _apo_paper(ctx: LossContext):
+    """A < 0: r~ = push*r - pull*M/Z_ref replaces r in the dual-clipped surrogate; A >= 0: vanilla."""
+    cfg, adv, neg, zeros, agg, k = ctx.cfg, ctx.adv, ctx.neg, ctx.zeros, ctx.agg, ctx.anchors.shape[-1]
+    rtl = ctx.ref_topk_logprobs
+    if tuple(rtl.shape[:-1]) != ctx.lead or rtl.shape[-1] < k:
+        raise ValueError(f"compute_policy_loss: ref_topk_logprobs has shape {tuple(rtl.shape)}, "
+                         f"expected {ctx.lead + (k,)} (log pi_ref at ref_topk_indices)")
+    ref_lp = torch.where(ctx.mask.unsqueeze(-1), rtl[..., :k].float(), torch.zeros_like(ctx.anchor_lp))
+    log_z_ref, _ = _masked_logsumexp(ref_lp, ctx.safe)
+    # r_anchor = sum_S (pi_ref/Z_ref)(pi/pi_ref) = M/Z_ref; 0 where S is empty (no pull there)
+    r_anchor = torch.where(ctx.has_safe, _ratio(ctx.log_mass, log_z_ref), zeros)
+    ratio = torch.exp(torch.clamp(ctx.logp - ctx.old, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
+    r_tilde = cfg.apo_push_coeff * ratio - cfg.apo_pull_coeff * r_anchor
+    lo, hi = 1.0 - cfg.clip_ratio_low, 1.0 + cfg.clip_ratio_high
+    rect = torch.maximum(-adv * r_tilde, -adv * torch.clamp(r_tilde, lo, hi))
+    rect = torch.minimum(rect, -adv * cfg.clip_ratio_c)
+    token_loss = torch.where(neg, rect, ctx.pg)
+    loss = agg(token_loss)
+    metrics = {
+        "pg_loss": loss.detach(),
+        "apo/rectified_loss": agg(torch.where(neg, rect, zeros)).detach(),
+        "apo/rectified_clipfrac": _mean(((r_tilde < lo) | (r_tilde > hi)).float(), neg),
+        "apo/anchor_ratio": _mean(r_anchor, neg & ctx.has_safe),
+        "apo/pulled_frac": _mean((neg & ctx.has_safe).float(), ctx.mask),
+    }
+    return loss, metrics
+
+
+def _apo_split(ctx: LossContext):
+    """A < 0: push*PG + pull*Pull, Pull a (clipped) ratio of the safe-manifold mass M / M_old."""
     cfg, adv, neg, zeros, agg, k = ctx.cfg, ctx.adv, ctx.neg, ctx.zeros, ctx.agg, ctx.anchors.shape[-1]
     if ctx.old_anchor_logprobs is not None:
         oal = ctx.old_anchor_logprobs
@@ -234,34 +272,41 @@ def apo_ratio_loss(ctx: LossContext):
 
 @register_policy_loss("casp", LossInputs(old_topn=True))
 def casp_loss(ctx: LossContext):
-    cfg, adv, neg, zeros, agg, mask, lead = ctx.cfg, ctx.adv, ctx.neg, ctx.zeros, ctx.agg, ctx.mask, ctx.lead
-    if ctx.cands is None:
-        cands, cand_lp = ctx.stats.topk_indices, ctx.stats.topk_logprobs
-    else:
-        cands, cand_lp = ctx.cands, ctx.cand_lp
-    n = cands.shape[-1]
-    log_mass_c = torch.logsumexp(cand_lp, dim=-1)
+    """CaSP as SimKO's public code: entropy-gated uniform Top-N smoothing of correct responses' gradient and a
+    stronger push on a wrong top-1 token, inside one PPO clip (docs/algorithms.md)."""
+    cfg, adv, zeros, agg, mask = ctx.cfg, ctx.adv, ctx.zeros, ctx.agg, ctx.mask
+    # this pass's own Top-N (recomputed from these logits); pi_old's Top-N log-probs rank by rank (SimKO)
+    top_lp, top_idx = ctx.stats.topk_logprobs, ctx.stats.topk_indices
+    n = top_lp.shape[-1]
     if ctx.old_topk_logprobs is not None:
         otl = ctx.old_topk_logprobs
-        if tuple(otl.shape[:-1]) != lead or otl.shape[-1] < n:
+        if tuple(otl.shape[:-1]) != ctx.lead or otl.shape[-1] < n:
             raise ValueError(f"compute_policy_loss: old_topk_logprobs has shape {tuple(otl.shape)}, "
-                             f"expected {lead + (n,)} (log pi_old at old_topk_indices)")
-        old_c = torch.where(mask.unsqueeze(-1), otl[..., :n].float(), cand_lp.detach())
-        log_mass_c_old = torch.logsumexp(old_c, dim=-1)
+                             f"expected {ctx.lead + (n,)} (pi_old's own Top-N log-probs)")
+        old_top = torch.where(mask.unsqueeze(-1), otl[..., :n].float(), top_lp.detach())
     else:
-        log_mass_c_old = log_mass_c.detach()
-    rho_c = _ratio(log_mass_c, log_mass_c_old)
-    spread = _clipped_ratio_term(adv, rho_c, cfg.clip_ratio_low, cfg.clip_ratio_high)
-    top1_wrong = neg & (ctx.ids == cands[..., 0])  # the sampled wrong token is pi_old's top-1 candidate
-    positive = (1.0 - cfg.casp_alpha) * ctx.pg + cfg.casp_alpha * spread
-    negative = (1.0 + cfg.casp_top1_gamma * top1_wrong.float()) * ctx.pg
-    token_loss = torch.where(adv >= 0, positive, negative)
+        old_top = top_lp.detach()
+    ratio = torch.exp(torch.clamp(ctx.logp - ctx.old, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
+    r_i = torch.exp(torch.clamp(top_lp - old_top, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
+    # value N*r, gradient r * sum_i grad log pi(c_i): the positive update spread uniformly over the Top-N
+    topk_sum = ((ratio.detach().unsqueeze(-1) / r_i.detach()) * r_i).sum(-1)
+    ent = ctx.stats.entropy.detach()
+    q = torch.nanquantile(torch.where(mask, ent, torch.full_like(ent, float("nan"))), cfg.casp_entropy_quantile,
+                          dim=-1, keepdim=True)  # per response, linear interpolation (torch.quantile's)
+    w = (mask & (ent > q)).float()  # high-entropy ("forking") tokens; NaN rows (no token) compare False
+    pos = adv > 0
+    a_w = cfg.casp_alpha * w
+    r_mix = torch.where(pos, (1.0 - a_w) * ratio + (a_w / n) * topk_sum, ratio)
+    top1 = ctx.neg & (ctx.ids == top_idx[..., 0])  # the sampled wrong token is pi's argmax
+    adv_mix = torch.where(ctx.neg, adv * (1.0 + cfg.casp_top1_gamma * w * top1.float()), adv)
+    token_loss = torch.maximum(-adv_mix * r_mix, -adv_mix * torch.clamp(r_mix, 1.0 - cfg.clip_ratio_low,
+                                                                        1.0 + cfg.clip_ratio_high))
     loss = agg(token_loss)
     metrics = {
         "pg_loss": loss.detach(),
-        "casp/spread_loss": agg(torch.where(adv >= 0, cfg.casp_alpha * spread, zeros)).detach(),
-        "casp/top1_wrong_frac": _mean(top1_wrong.float(), neg),
-        "casp/candidate_mass": _mean(log_mass_c.exp(), mask),
+        "casp/forking_frac": _mean(w, mask),
+        "casp/top1_wrong_frac": _mean((top1 & (w > 0)).float(), ctx.neg),
+        "casp/topn_mass": _mean(top_lp.detach().exp().sum(-1), mask),
     }
     return loss, metrics
 
@@ -334,17 +379,13 @@ def compute_policy_loss(
         _check_kdim("ref_topk_indices", ref_topk_indices, lead, cfg.apo_topk, "apo_topk")
         anchors = torch.where(mask.unsqueeze(-1), ref_topk_indices[..., : cfg.apo_topk].long(), 0)
         columns.append(anchors)
-    cands, on_policy_topn = None, 0
-    if needs.old_topn:
-        if old_topk_indices is None:  # on-policy: pi_old == pi, its Top-N comes from the same pass below
-            on_policy_topn, old_topk_logprobs = cfg.casp_topn, None
-        else:
-            _check_kdim("old_topk_indices", old_topk_indices, lead, cfg.casp_topn, "casp_topn")
-            cands = torch.where(mask.unsqueeze(-1), old_topk_indices[..., : cfg.casp_topn].long(), 0)
-            columns.append(cands)
+    # Top-N of this pass's own pi (CaSP recomputes it in every pass, as SimKO does)
+    topn = cfg.casp_topn if needs.old_topn else 0
+    if topn and old_topk_indices is not None:
+        _check_kdim("old_topk_indices", old_topk_indices, lead, topn, "casp_topn")
 
     stats = vocab_parallel_logprob_stats(
-        logits, torch.cat(columns, dim=-1), group, topk=on_policy_topn, vocab_size=vocab_size,
+        logits, torch.cat(columns, dim=-1), group, topk=topn, vocab_size=vocab_size,
         chunk_size=cfg.logprob_chunk_size, mask=mask, with_entropy=True,
     )
     logp = stats.logprobs[..., 0]
@@ -372,8 +413,6 @@ def compute_policy_loss(
         metrics["anchor/safe_mass_wrong"] = _mean(log_mass.exp(), neg & has_safe)
         metrics["anchor/sampled_in_topk"] = _mean(in_topk.any(-1).float(), mask)
         ctx.anchors, ctx.anchor_lp, ctx.safe, ctx.log_mass, ctx.has_safe = anchors, anchor_lp, safe, log_mass, has_safe
-    if cands is not None:
-        ctx.cands, ctx.cand_lp = cands, stats.logprobs[..., 1 + k : 1 + k + cands.shape[-1]]
 
     loss, mode_metrics = mode.fn(ctx)
     metrics.update(mode_metrics)

@@ -15,6 +15,7 @@ from megatron_apo.config import AlgorithmConfig, ConfigError
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_LOSS_TYPES = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
+APO_RECTIFICATIONS = ("paper", "split")
 APO_PULL_FORMS = ("ratio_clip", "ratio", "log")
 APO_PULL_WEIGHTS = ("abs_adv", "indicator")
 ADV_CALIBRATIONS = ("none", "inverse_success")
@@ -85,6 +86,7 @@ def validate_algorithm_config(cfg: AlgorithmConfig) -> None:
     number("apo_pull_coeff", 0.0)
     positive_int("apo_topk")
     boolean("apo_exclude_sampled")
+    choice("apo_rectification", APO_RECTIFICATIONS)
     choice("apo_pull_form", APO_PULL_FORMS)
     choice("apo_pull_weight", APO_PULL_WEIGHTS)
     boolean("use_kl_loss")
@@ -94,6 +96,8 @@ def validate_algorithm_config(cfg: AlgorithmConfig) -> None:
     positive_int("casp_topn")
     number("casp_alpha", 0.0, 1.0)
     number("casp_top1_gamma", 0.0)
+    number("casp_entropy_quantile", 0.0, 1.0)
+    boolean("anchor_metrics")
     boolean("norm_adv_by_std")
     choice("adv_std_scope", ADV_STD_SCOPES)
     choice("adv_calibration", ADV_CALIBRATIONS)

@@ -53,7 +53,7 @@ def _stats(settings: PassSettings, rl: torch.Tensor, batch: dict, ids: torch.Ten
 def reference_pass(settings: PassSettings):
     def loss_fn(batch: dict, logits: torch.Tensor):
         rl = _scaled_response_logits(logits, batch, settings.temperature)
-        k = settings.algorithm.apo_topk if settings.inputs.ref_topk else 0
+        k = settings.algorithm.apo_topk if settings.inputs.ref_topk or settings.algorithm.anchor_metrics else 0
         st = _stats(settings, rl, batch, batch["response_ids"].unsqueeze(-1), topk=k)
         batch["ref_logprobs"] = st.logprobs[..., 0].detach()
         if k:
