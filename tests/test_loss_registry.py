@@ -43,3 +43,9 @@ def test_a_new_mode_is_one_registered_function():
         POLICY_LOSS_REGISTRY.pop(name, None)
     with pytest.raises(ValueError, match="algorithm.loss_mode"):
         loss_inputs({"loss_mode": name})
+
+
+def test_builtin_names_match_the_registry():
+    from megatron_apo.algorithms.settings import BUILTIN_LOSS_MODES
+
+    assert set(BUILTIN_LOSS_MODES) <= set(POLICY_LOSS_REGISTRY)

@@ -22,11 +22,16 @@ ADV_CALIBRATIONS = ("none", "inverse_success")
 ADV_STD_SCOPES = ("group", "batch")
 
 
-def registered_loss_modes() -> tuple[str, ...]:
-    """The loss modes of the registry in `losses.py` (one registered function per mode)."""
-    from megatron_apo.algorithms.losses import POLICY_LOSS_REGISTRY
+BUILTIN_LOSS_MODES = ("vanilla", "apo_ratio", "casp")  # registered by losses.py when it is imported
 
-    return tuple(POLICY_LOSS_REGISTRY)
+
+def registered_loss_modes() -> tuple[str, ...]:
+    """The loss modes of the registry in `losses.py`. A mode registered elsewhere imports `losses` first, so
+    while `losses` is not loaded only the built-ins exist (and validation need not import torch)."""
+    import sys
+
+    losses = sys.modules.get("megatron_apo.algorithms.losses")
+    return tuple(losses.POLICY_LOSS_REGISTRY) if losses is not None else BUILTIN_LOSS_MODES
 
 
 def resolve_algorithm_config(config: Any) -> AlgorithmConfig:
