@@ -111,7 +111,14 @@ def criterion(results: dict, cfg: StudyConfig) -> dict:
     down = sp["heldout_hard"]["methods"][g]["diff_vs_" + ref]
     up_est, up_se = up["est"][0], up["se"][0]
     down_est, down_se = down["est"][-1], down["se"][-1]
-    return {"applicable": True,
+    beats = {}
+    for label in sp["trained"]["methods"]:
+        if label in (g, ref):
+            continue
+        held = sp["heldout_hard"]["methods"][label]["diff_vs_" + g]
+        tr = sp["trained"]["methods"][label]["diff_vs_" + g]
+        beats[label] = bool(held["est"][-1] > 2 * held["se"][-1] and tr["est"][0] > -2 * tr["se"][0])
+    return {"applicable": True, "beats_baseline": beats,
             "trained_pass1_gain": up_est, "trained_pass1_gain_se": up_se, "raises_trained_pass1": up_est > 2 * up_se,
             "heldout_hard_passn_change": down_est, "heldout_hard_passn_change_se": down_se,
             "lowers_heldout_hard_passn": -down_est > 2 * down_se,
@@ -230,7 +237,9 @@ def write_report(cfg: StudyConfig, results: dict, out: Path) -> None:
         lines += ["## Pre-registered criterion", "",
                   f"GRPO trained pass@1 − reference: {c['trained_pass1_gain']:+.3f} (SE {c['trained_pass1_gain_se']:.3f}); "
                   f"held-out hard pass@{results['n']} GRPO − reference: {c['heldout_hard_passn_change']:+.3f} "
-                  f"(SE {c['heldout_hard_passn_change_se']:.3f}). **Criterion met: {c['met']}.**", ""]
+                  f"(SE {c['heldout_hard_passn_change_se']:.3f}). **Criterion met: {c['met']}.**", "",
+                  f"Beats {cfg.baseline} (held-out hard pass@{results['n']} higher by > 2 SE, trained pass@1 not lower "
+                  "by > 2 SE): " + ", ".join(f"{m}: {'yes' if b else 'no'}" for m, b in c["beats_baseline"].items()), ""]
     for split in order:
         lines += [f"## {split} ({results['splits'][split]['num_prompts']} prompts)", "", results_table(results, split), ""]
     lines += ["![pass@k](pass_at_k.png)", "", "![dynamics](dynamics.png)", ""]
