@@ -202,6 +202,22 @@ def _run_demo(args) -> int:
     return 0
 
 
+def _add_study(sub) -> None:
+    p = sub.add_parser("study", help="methods x seeds RL study: pass@k with bootstrap CIs, report and plots")
+    p.add_argument("--config", required=True, help="study YAML (e.g. configs/study_toy.yaml)")
+    p.add_argument("--out", default=None, help="output folder (default: the config's out_dir)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. seeds=[1] trainer keys go in rl=[...]")
+    p.set_defaults(func=_run_study)
+
+
+def _run_study(args) -> int:
+    from megatron_apo.study import load_study_config
+    from megatron_apo.study.runner import run_study
+
+    run_study(load_study_config(args.config, args.overrides), args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-apo",
@@ -210,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(sub)
     _add_demo(sub)
+    _add_study(sub)
     add_convert_arguments(sub.add_parser("convert", help="checkpoint conversion Hugging Face <-> Megatron, any TP/PP"))
     _add_smoke(sub)
     _add_plan(sub)

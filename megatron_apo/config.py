@@ -33,15 +33,17 @@ class AlgorithmConfig:
     apo_pull_coeff: float = 0.1
     apo_topk: int = 8
     apo_exclude_sampled: bool = True
-    apo_pull_form: str = "ratio_clip"  # ratio_clip | ratio | log
+    apo_rectification: str = "paper"  # paper (ratio rectification r~ = push*r - pull*M/Z_ref) | split
+    apo_pull_form: str = "ratio_clip"  # ratio_clip | ratio | log  (split form only)
     apo_pull_weight: str = "abs_adv"  # abs_adv | indicator
     use_kl_loss: bool = False
     use_kl_loss_on_wrong: bool = False
     kl_loss_coef: float = 0.001
     kl_loss_type: str = "low_var_kl"  # kl (k1) | abs | mse (k2) | low_var_kl (k3)
-    casp_topn: int = 4
-    casp_alpha: float = 0.5
-    casp_top1_gamma: float = 0.5
+    casp_topn: int = 3
+    casp_alpha: float = 0.01
+    casp_top1_gamma: float = 0.1
+    casp_entropy_quantile: float = 0.8  # high-entropy ("forking") tokens: above this quantile of the response
     norm_adv_by_std: bool = True
     adv_std_scope: str = "group"  # group (GRPO) | batch (centre per group, divide by the batch std)
     adv_calibration: str = "none"  # none | inverse_success
@@ -51,6 +53,7 @@ class AlgorithmConfig:
     calib_memory_ngram: int = 3  # word n-grams of the reasoning in a memory signature
     calib_memory_similarity: float = 0.5  # Jaccard of n-gram sets at or above which two answers are one mode
     calib_memory_max_per_prompt: int = 64  # newest correct answers kept per prompt
+    anchor_metrics: bool = False  # log the reference Top-K (anchor) metrics for every loss mode (one Top-K more)
     logprob_chunk_size: int = 4096  # tokens per chunk in the vocab-parallel ops (bounds peak memory)
 
 

@@ -92,8 +92,10 @@ def test_frequent_correct_answer_gets_smaller_positive_advantage():
     cfg = {"adv_calibration_memory": True, "calib_memory_gamma": 0.5}
     mem = AnswerMemory.from_config(cfg)
     base = grpo_advantages(rewards, groups)
+    first = compute_advantages(rewards, groups, cfg, calibrator=mem, answers=answers, texts=texts)
+    assert torch.equal(first, base)  # a fresh prompt: frequencies are measured before the batch is added (0)
     got = compute_advantages(rewards, groups, cfg, calibrator=mem, answers=answers, texts=texts)
-    # three of the four correct answers are one mode (freq 3/4), the fourth is alone (1/4)
+    # in memory now: three of the four correct answers are one mode (freq 3/4), the fourth is alone (1/4)
     assert torch.allclose(got[:3], base[:3] * (1 - 0.5 * 0.75), atol=1e-6)
     assert torch.isclose(got[3], base[3] * (1 - 0.5 * 0.25), atol=1e-6)
     assert got[3] > got[0] > 0
@@ -116,7 +118,8 @@ def test_memory_persists_across_steps_and_survives_save_load():
     a = mem.calibrate(**step)
     b = restored.calibrate(**step)
     assert torch.equal(a, b)
-    assert torch.isclose(a[0], torch.tensor(0.8 * (1 - 0.5 * 4 / 5))) and torch.isclose(a[1], torch.tensor(0.8 * (1 - 0.5 / 5)))
+    # the memory before this batch: three COMMON answers -> freq 1 for COMMON, 0 for RARE
+    assert torch.isclose(a[0], torch.tensor(0.8 * (1 - 0.5))) and torch.isclose(a[1], torch.tensor(0.8))
     fresh = AnswerMemory().calibrate(**step)  # without the remembered history both are equally rare
     assert torch.equal(fresh[0], fresh[1])
     assert AnswerMemory().frequency("other", "42", COMMON) == 0.0

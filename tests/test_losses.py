@@ -1,4 +1,4 @@
-"""compute_policy_loss at TP 1 and 2 against a dense reference written here from shared/APO_MATH.md.
+"""compute_policy_loss at TP 1 and 2 against a dense reference written here from the spec (docs/algorithms.md).
 
 Tolerance: loss and every metric within 1e-5 x max(1, |dense|); gradient w.r.t. each rank's logits shard
 within 1e-5 x max(1, max|dense grad|) of that slice of the dense gradient (fp32).
@@ -66,41 +66,57 @@ def dense_policy_loss(case: dict):
             in_S = S_idx != y[..., None]
         probs = logp_all.exp().gather(-1, S_idx)
         M = (probs * in_S).sum(-1)
-        if case.get("old_anchor_logprobs") is not None:
-            M_old = (case["old_anchor_logprobs"][..., :K].exp() * in_S).sum(-1)
-        else:
-            M_old = M.detach()
         nonempty = in_S.any(-1)
-        logM = torch.log(torch.where(nonempty, M, torch.ones_like(M)))
-        logM_old = torch.log(torch.where(nonempty, M_old, torch.ones_like(M_old)))
-        rho = torch.exp(torch.clamp(logM - logM_old, -20, 20))
-        w = A.abs() if c["apo_pull_weight"] == "abs_adv" else torch.ones_like(A)
-        form = c["apo_pull_form"]
-        if form == "ratio_clip":
-            pull = torch.maximum(-w * rho, -w * torch.clamp(rho, 1 - lo, 1 + hi))
-        elif form == "ratio":
-            pull = -w * rho
+        if c["apo_rectification"] == "paper":
+            # r~ = push*r - pull*M/Z_ref in the dual-clipped surrogate, for A < 0 only
+            Z_ref = (case["ref_topk_logprobs"][..., :K].exp() * in_S).sum(-1)
+            r_anchor = torch.where(nonempty, M / torch.where(nonempty, Z_ref, torch.ones_like(Z_ref)),
+                                   torch.zeros_like(M))
+            rt = c["apo_push_coeff"] * r - c["apo_pull_coeff"] * r_anchor
+            rect = torch.minimum(torch.maximum(-A * rt, -A * torch.clamp(rt, 1 - lo, 1 + hi)), -A * c["clip_ratio_c"])
+            loss = agg(torch.where(A < 0, rect, pg))
+            sel_neg = (m > 0) & (A < 0)
+            metrics["apo/rectified_clipfrac"] = ((rt < 1 - lo) | (rt > 1 + hi))[sel_neg].float().mean()
+            metrics["apo/anchor_ratio"] = r_anchor[sel_neg & nonempty].mean()
         else:
-            pull = -w * logM
-        pull = torch.where((A < 0) & nonempty, pull, torch.zeros_like(pull))
-        token = torch.where(A < 0, c["apo_push_coeff"] * pg, pg)
-        loss = agg(token) + c["apo_pull_coeff"] * agg(pull)
+            if case.get("old_anchor_logprobs") is not None:
+                M_old = (case["old_anchor_logprobs"][..., :K].exp() * in_S).sum(-1)
+            else:
+                M_old = M.detach()
+            logM = torch.log(torch.where(nonempty, M, torch.ones_like(M)))
+            logM_old = torch.log(torch.where(nonempty, M_old, torch.ones_like(M_old)))
+            rho = torch.exp(torch.clamp(logM - logM_old, -20, 20))
+            w = A.abs() if c["apo_pull_weight"] == "abs_adv" else torch.ones_like(A)
+            form = c["apo_pull_form"]
+            if form == "ratio_clip":
+                pull = torch.maximum(-w * rho, -w * torch.clamp(rho, 1 - lo, 1 + hi))
+            elif form == "ratio":
+                pull = -w * rho
+            else:
+                pull = -w * logM
+            pull = torch.where((A < 0) & nonempty, pull, torch.zeros_like(pull))
+            token = torch.where(A < 0, c["apo_push_coeff"] * pg, pg)
+            loss = agg(token) + c["apo_pull_coeff"] * agg(pull)
         sel = (m > 0) & (A < 0) & nonempty
         metrics["anchor/safe_mass_wrong"] = M[sel].mean() if sel.any() else torch.tensor(0.0)
-    else:  # casp
+    else:  # casp, as SimKO: this pass's Top-N, pi_old's own Top-N log-probs rank by rank
         N = c["casp_topn"]
-        if case.get("old_topk_indices") is not None:
-            C = case["old_topk_indices"][..., :N]
-        else:  # on-policy: pi_old = pi
-            C = torch.sort(full[..., :VOCAB].detach(), dim=-1, descending=True, stable=True).indices[..., :N]
-        MC = logp_all.exp().gather(-1, C).sum(-1)
-        MC_old = case["old_topk_logprobs"][..., :N].exp().sum(-1) if case.get("old_topk_logprobs") is not None else MC.detach()
-        rho = torch.exp(torch.clamp(torch.log(MC) - torch.log(MC_old), -20, 20))
-        spread = torch.maximum(-A * rho, -A * torch.clamp(rho, 1 - lo, 1 + hi))
-        top1 = (y == C[..., 0]).float()
-        token = torch.where(A >= 0, (1 - c["casp_alpha"]) * pg + c["casp_alpha"] * spread,
-                            (1 + c["casp_top1_gamma"] * top1) * pg)
-        loss = agg(token)
+        top_lp, top_idx = torch.sort(logp_all, dim=-1, descending=True, stable=True)
+        top_lp, top_idx = top_lp[..., :N], top_idx[..., :N]
+        old_top = case["old_topk_logprobs"][..., :N] if case.get("old_topk_logprobs") is not None else top_lp.detach()
+        r_i = torch.exp(top_lp - old_top)
+        topk_sum = (r.detach()[..., None] / r_i.detach() * r_i).sum(-1)
+        H = -(logp_all.exp() * logp_all).sum(-1).detach()
+        w = torch.zeros_like(H)
+        for b in range(H.shape[0]):  # per response: torch.quantile of its unmasked tokens' entropy
+            q = torch.quantile(H[b][m[b] > 0], c["casp_entropy_quantile"])
+            w[b] = ((H[b] > q) & (m[b] > 0)).float()
+        r_mix = torch.where(A > 0, (1 - c["casp_alpha"] * w) * r + c["casp_alpha"] * w / N * topk_sum, r)
+        top1 = (y == top_idx[..., 0]).float()
+        A2 = torch.where(A < 0, A * (1 + c["casp_top1_gamma"] * w * top1), A)
+        loss = agg(torch.maximum(-A2 * r_mix, -A2 * torch.clamp(r_mix, 1 - lo, 1 + hi)))
+        metrics["casp/forking_frac"] = (w * m).sum() / m.sum()
+        metrics["casp/top1_wrong_frac"] = (w * top1)[(m > 0) & (A < 0)].mean()
     if c["use_kl_loss"] or c["use_kl_loss_on_wrong"]:
         kl = _kl(lp, case["ref_logprobs"], c["kl_loss_type"])
         if c["use_kl_loss_on_wrong"]:
@@ -141,12 +157,15 @@ def make_inputs(seed: int, config: dict, all_adv_nonneg: bool = False, with_old_
     mask[0, 4:] = 0
     mask[2, 5:] = 0
     old_topk = torch.sort(old_all, dim=-1, descending=True, stable=True).indices[..., :4]
-    ids[3, 1] = old_topk[3, 1, 0]  # a wrong response whose token is pi_old's top-1 (CaSP's extra penalty)
+    ids[3, 1] = old_topk[3, 1, 0]  # a wrong response whose token is pi_old's top-1
+    ids[1, 2:4] = logits[1, 2:4, :VOCAB].argmax(-1)  # wrong responses sampling pi's argmax (CaSP's extra push)
+    ids[3, 3:] = logits[3, 3:, :VOCAB].argmax(-1)
     case = dict(
         logits=logits, vocab_size=VOCAB, ids=ids, advantages=adv, mask=mask, config=config,
         old_logprobs=old_all.gather(-1, ids[..., None])[..., 0],
         ref_logprobs=ref_all.gather(-1, ids[..., None])[..., 0],
         ref_topk_indices=ref_topk,
+        ref_topk_logprobs=ref_all.gather(-1, ref_topk),
         old_anchor_logprobs=old_all.gather(-1, ref_topk) if with_old_anchor else None,
         old_topk_indices=old_topk if with_old_topk else None,
         old_topk_logprobs=old_all.gather(-1, old_topk) if with_old_topk else None,
@@ -161,18 +180,31 @@ CASES = {
     "vanilla_kl_k2": make_inputs(3, {"loss_mode": "vanilla", "use_kl_loss": True, "kl_loss_type": "mse", "kl_loss_coef": 0.1}),
     "vanilla_kl_k3": make_inputs(4, {"loss_mode": "vanilla", "use_kl_loss": True, "kl_loss_type": "low_var_kl", "kl_loss_coef": 0.1}),
     "kl_on_wrong": make_inputs(5, {"loss_mode": "vanilla", "use_kl_loss_on_wrong": True, "kl_loss_coef": 0.2}),
-    "apo_default": make_inputs(6, {"loss_mode": "apo_ratio"}),
-    "apo_ratio_indicator_onpolicy": make_inputs(7, {"loss_mode": "apo_ratio", "apo_pull_form": "ratio",
-                                                    "apo_pull_weight": "indicator", "apo_pull_coeff": 0.5},
-                                                with_old_anchor=False),
-    "apo_log_no_exclude_entropy": make_inputs(8, {"loss_mode": "apo_ratio", "apo_pull_form": "log",
-                                                  "apo_exclude_sampled": False, "entropy_coeff": 0.01, "apo_topk": 5}),
-    "apo_seq_mean_token_sum": make_inputs(9, {"loss_mode": "apo_ratio", "loss_agg_mode": "seq-mean-token-sum"}),
-    "apo_seq_mean_token_mean_kl": make_inputs(10, {"loss_mode": "apo_ratio", "loss_agg_mode": "seq-mean-token-mean",
-                                                   "use_kl_loss": True, "kl_loss_coef": 0.1}),
-    "apo_seq_mean_token_sum_norm": make_inputs(11, {"loss_mode": "apo_ratio", "loss_agg_mode": "seq-mean-token-sum-norm"}),
+    "apo_split": make_inputs(6, {"loss_mode": "apo_ratio", "apo_rectification": "split"}),
+    "apo_ratio_indicator_onpolicy": make_inputs(7, {"loss_mode": "apo_ratio", "apo_rectification": "split",
+                                                    "apo_pull_form": "ratio", "apo_pull_weight": "indicator",
+                                                    "apo_pull_coeff": 0.5}, with_old_anchor=False),
+    "apo_log_no_exclude_entropy": make_inputs(8, {"loss_mode": "apo_ratio", "apo_rectification": "split",
+                                                  "apo_pull_form": "log", "apo_exclude_sampled": False,
+                                                  "entropy_coeff": 0.01, "apo_topk": 5}),
+    "apo_seq_mean_token_sum": make_inputs(9, {"loss_mode": "apo_ratio", "apo_rectification": "split",
+                                              "loss_agg_mode": "seq-mean-token-sum"}),
+    "apo_seq_mean_token_mean_kl": make_inputs(10, {"loss_mode": "apo_ratio", "apo_rectification": "split",
+                                                   "loss_agg_mode": "seq-mean-token-mean", "use_kl_loss": True,
+                                                   "kl_loss_coef": 0.1}),
+    "apo_seq_mean_token_sum_norm": make_inputs(11, {"loss_mode": "apo_ratio", "apo_rectification": "split",
+                                                    "loss_agg_mode": "seq-mean-token-sum-norm"}),
+    "apo_default": make_inputs(14, {"loss_mode": "apo_ratio"}),  # the paper's ratio rectification
+    "apo_paper_strong_pull_no_exclude": make_inputs(15, {"loss_mode": "apo_ratio", "apo_pull_coeff": 0.4,
+                                                         "apo_exclude_sampled": False, "apo_topk": 5}),
+    "apo_paper_seq_mean_token_mean_kl": make_inputs(16, {"loss_mode": "apo_ratio", "loss_agg_mode": "seq-mean-token-mean",
+                                                         "use_kl_loss": True, "kl_loss_coef": 0.1, "entropy_coeff": 0.01}),
     "casp": make_inputs(12, {"loss_mode": "casp"}),
-    "casp_onpolicy_topn": make_inputs(13, {"loss_mode": "casp", "casp_topn": 3, "casp_alpha": 0.3}, with_old_topk=False),
+    "casp_onpolicy_low_quantile": make_inputs(13, {"loss_mode": "casp", "casp_topn": 4, "casp_alpha": 0.3,
+                                                   "casp_top1_gamma": 0.5, "casp_entropy_quantile": 0.3},
+                                              with_old_topk=False),
+    "casp_seq_mean_token_sum": make_inputs(17, {"loss_mode": "casp", "casp_alpha": 0.5, "casp_entropy_quantile": 0.5,
+                                                "loss_agg_mode": "seq-mean-token-sum"}),
 }
 
 
@@ -206,11 +238,16 @@ def test_tp2_equals_dense():
 def test_clipping_is_exercised():
     got = run_loss_case(CASES["apo_default"], 0, 1)["metrics"]
     assert 0 < got["pg_clipfrac"] < 1 and got["apo/pulled_frac"] > 0 and got["anchor/sampled_in_topk"] > 0
-    assert run_loss_case(CASES["casp"], 0, 1)["metrics"]["casp/top1_wrong_frac"] > 0
+    casp = run_loss_case(CASES["casp_onpolicy_low_quantile"], 0, 1)["metrics"]
+    assert casp["casp/top1_wrong_frac"] > 0 and 0 < casp["casp/forking_frac"] < 1
+    split = run_loss_case(CASES["apo_split"], 0, 1)["metrics"]
+    assert 0 < split["apo/pull_clipfrac"] < 1
+    paper = run_loss_case(CASES["apo_paper_strong_pull_no_exclude"], 0, 1)["metrics"]
+    assert 0 < paper["apo/rectified_clipfrac"] < 1 and paper["apo/anchor_ratio"] > 0
 
 
 # --------------------------------------------------------------------------------------------------------
-# properties from APO_MATH.md
+# properties from the spec
 
 
 def _loss_and_grad(case, config):
@@ -224,13 +261,15 @@ def test_apo_equals_vanilla_when_no_advantage_is_negative():
     assert torch.equal(apo["loss"], van["loss"]) and torch.equal(apo["grad"], van["grad"])
 
 
-def test_apo_with_no_pull_and_unit_push_is_vanilla():
+@pytest.mark.parametrize("form", ["paper", "split"])
+def test_apo_with_no_pull_and_unit_push_is_vanilla(form):
     case = make_inputs(21, {})
-    apo = _loss_and_grad(case, {"loss_mode": "apo_ratio", "apo_pull_coeff": 0.0, "apo_push_coeff": 1.0})
+    apo = _loss_and_grad(case, {"loss_mode": "apo_ratio", "apo_pull_coeff": 0.0, "apo_push_coeff": 1.0,
+                                "apo_rectification": form})
     van = _loss_and_grad(case, {"loss_mode": "vanilla"})
     assert torch.allclose(apo["loss"], van["loss"], rtol=0, atol=1e-7)
     assert torch.allclose(apo["grad"], van["grad"], rtol=0, atol=1e-7)
-    pushed = _loss_and_grad(case, {"loss_mode": "apo_ratio", "apo_pull_coeff": 0.0})
+    pushed = _loss_and_grad(case, {"loss_mode": "apo_ratio", "apo_pull_coeff": 0.0, "apo_rectification": form})
     assert not torch.allclose(pushed["loss"], van["loss"])  # the 1.05 push does change the loss
 
 
@@ -241,12 +280,41 @@ def _safe_mass_wrong(logits, case):
 @pytest.mark.parametrize("form", ["ratio_clip", "ratio", "log"])
 def test_pull_only_step_raises_safe_manifold_mass_on_wrong_responses(form):
     case = make_inputs(22, {}, with_old_anchor=False)  # on-policy: every form has the gradient -w grad log M
-    cfg = {"loss_mode": "apo_ratio", "apo_push_coeff": 0.0, "apo_pull_coeff": 1.0, "apo_pull_form": form}
+    cfg = {"loss_mode": "apo_ratio", "apo_rectification": "split", "apo_push_coeff": 0.0, "apo_pull_coeff": 1.0,
+           "apo_pull_form": form}
     before = _safe_mass_wrong(case["logits"], case)
     got = _loss_and_grad(case, cfg)
     stepped = case["logits"] - 5.0 * got["grad"]  # token-mean over ~20 tokens: small per-token gradients
     after = _safe_mass_wrong(stepped, case)
     assert after > before + 1e-3, (before, after)
+
+
+def test_paper_pull_raises_safe_manifold_mass_on_wrong_responses():
+    # at pi = pi_old = pi_ref, r~ = 1.05 - 0.1 = 0.95 lies inside the clip: the pull's gradient is the
+    # difference of the losses with and without it, and a step along it raises M on wrong responses
+    case = make_inputs(24, {})
+    lp = torch.log_softmax(case["logits"][..., :VOCAB], -1)
+    topk = torch.sort(lp, dim=-1, descending=True, stable=True).indices[..., :8]
+    case = {**case, "old_logprobs": lp.gather(-1, case["ids"][..., None])[..., 0], "ref_topk_indices": topk,
+            "ref_topk_logprobs": lp.gather(-1, topk)}
+    with_pull = _loss_and_grad(case, {"loss_mode": "apo_ratio"})
+    assert with_pull["metrics"]["apo/rectified_clipfrac"] == 0.0
+    assert abs(with_pull["metrics"]["apo/anchor_ratio"] - 1.0) < 1e-5
+    no_pull = _loss_and_grad(case, {"loss_mode": "apo_ratio", "apo_pull_coeff": 0.0})
+    before = _safe_mass_wrong(case["logits"], case)
+    after = _safe_mass_wrong(case["logits"] - 50.0 * (with_pull["grad"] - no_pull["grad"]), case)
+    assert after > before + 1e-3, (before, after)
+
+
+def test_paper_clip_removes_negative_gradients_when_pull_is_large():
+    # r~ = 1.05 - 0.5 = 0.55 < 1 - 0.2 at pi = pi_old = pi_ref: the clip holds every A < 0 token constant
+    case = make_inputs(25, {}, all_adv_nonneg=False)
+    lp = torch.log_softmax(case["logits"][..., :VOCAB], -1)
+    topk = torch.sort(lp, dim=-1, descending=True, stable=True).indices[..., :8]
+    case = {**case, "old_logprobs": lp.gather(-1, case["ids"][..., None])[..., 0], "ref_topk_indices": topk,
+            "ref_topk_logprobs": lp.gather(-1, topk), "advantages": -case["advantages"].abs()}
+    got = _loss_and_grad(case, {"loss_mode": "apo_ratio", "apo_pull_coeff": 0.5})
+    assert got["metrics"]["apo/rectified_clipfrac"] == 1.0 and got["grad"].abs().max() == 0
 
 
 def test_masked_positions_with_garbage_inputs_give_finite_loss_and_zero_grad():
@@ -299,8 +367,11 @@ def test_apo_without_reference_topk_names_the_argument():
 def test_accepts_the_dataclass_config():
     case = CASES["apo_default"]
     x = case["logits"][..., :PADDED].clone().requires_grad_()
+    with pytest.raises(ValueError, match="ref_topk_logprobs"):  # the default (paper) form needs Z_ref
+        compute_policy_loss(x, case["ids"], case["old_logprobs"], case["advantages"], case["mask"], AlgorithmConfig(),
+                            ref_topk_indices=case["ref_topk_indices"], vocab_size=VOCAB)
     loss, metrics = compute_policy_loss(
         x, case["ids"], case["old_logprobs"], case["advantages"], case["mask"], AlgorithmConfig(),
-        ref_topk_indices=case["ref_topk_indices"], vocab_size=VOCAB,
+        ref_topk_indices=case["ref_topk_indices"], ref_topk_logprobs=case["ref_topk_logprobs"], vocab_size=VOCAB,
     )
     assert loss.requires_grad and all(not torch.is_tensor(v) or not v.requires_grad for v in metrics.values())

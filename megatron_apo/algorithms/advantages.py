@@ -1,6 +1,6 @@
 """Advantages: GRPO group-relative scores, inverse-success calibration, and the answer memory hook.
 
-APO_MATH.md, "Advantages". Inputs are per response (one scalar reward per sampled response) plus the
+docs/algorithms.md, "Advantages". Inputs are per response (one scalar reward per sampled response) plus the
 index of the prompt group each response belongs to; `broadcast_to_tokens` spreads the result over the
 response tokens. All functions are pure torch on small [num_responses] tensors (CPU, any rank).
 """
@@ -154,11 +154,11 @@ class AnswerMemory:
 
     A correct response's signature is (normalised final answer, set of word n-gram hashes of its text).
     Two signatures are the same mode when the answers are equal and the n-gram sets' Jaccard similarity
-    is >= `similarity`. `calibrate` first records the batch's correct responses (keeping the newest
-    `max_per_prompt` per prompt), then scales each correct response's positive advantage by
-    `1 - gamma * freq`, freq = the share of the prompt's remembered correct answers in the same mode
-    (itself included). So within one batch the dominant mode is already damped, and across steps an
-    answer the policy keeps producing stays damped while a rare valid one keeps (almost) full weight.
+    is >= `similarity`. `calibrate` scales each correct response's positive advantage by `1 - gamma * freq`,
+    freq = the share of the prompt's remembered correct answers in the same mode, measured against the
+    memory as it was BEFORE this batch (a fresh prompt's first correct answer has freq 0); then it records
+    the batch's correct responses (keeping the newest `max_per_prompt` per prompt). So an answer the policy
+    keeps producing is damped from the next step on, while a rare valid one keeps (almost) full weight.
     """
 
     def __init__(self, gamma: float = 0.5, ngram: int = 3, similarity: float = 0.5, max_per_prompt: int = 64):
@@ -203,13 +203,13 @@ class AnswerMemory:
         if not (len(prompt_ids) == len(answers) == len(texts) == adv.numel() == ok.numel()):
             raise ValueError("AnswerMemory.calibrate: advantages, prompt_ids, answers, texts and correct "
                              "must all have one entry per response")
+        # freq against the memory as it was before this batch: a fresh prompt's first correct answer has freq 0
+        freq = [self.frequency(prompt_ids[i], answers[i], texts[i]) if ok[i] and adv[i] > 0 else 0.0
+                for i in range(adv.numel())]
         for i in range(adv.numel()):
             if ok[i]:
                 self.add(prompt_ids[i], answers[i], texts[i])
-        for i in range(adv.numel()):
-            if ok[i] and adv[i] > 0:
-                adv[i] = adv[i] * (1.0 - self.gamma * self.frequency(prompt_ids[i], answers[i], texts[i]))
-        return adv
+        return adv * (1.0 - self.gamma * torch.tensor(freq, dtype=adv.dtype))
 
     def state_dict(self) -> dict:
         """Plain lists and ints (safe for torch.save(weights_only=True) and JSON)."""

@@ -1,7 +1,8 @@
 """RL policy losses on vocab-sharded logits: vanilla PPO/GRPO (dual clip), APO (`apo_ratio`), CaSP, KL terms.
 
-Formulas: shared/APO_MATH.md (our specification built from the published descriptions of APO and CaSP;
-not bit-parity with any official code). Every per-token quantity that needs the vocabulary (log pi(y),
+Formulas and sources: docs/algorithms.md (our specification built from the published descriptions of APO
+and CaSP; not bit-parity with any official code). Each `loss_mode` is one function registered with
+`@register_policy_loss(name, inputs)`, declaring the inputs it needs; adding a method adds one function. Every per-token quantity that needs the vocabulary (log pi(y),
 log pi at the reference Top-K, entropy, top-1 probability) comes from ONE fused vocab-parallel pass
 (`vocab_parallel_logprob_stats`), so the loss is the same at any TP size and never all-gathers the
 vocabulary.
@@ -9,7 +10,9 @@ vocabulary.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -25,7 +28,7 @@ _LOG_RATIO_CLAMP = 20.0
 
 
 def aggregate_loss(values: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """Aggregates a per-token [B, T] term over the response mask (APO_MATH.md, "Aggregation")."""
+    """Aggregates a per-token [B, T] term over the response mask (docs/algorithms.md, "Aggregation")."""
     m = mask.to(values.dtype)
     masked = torch.where(mask.bool(), values, torch.zeros_like(values))  # garbage at padding never leaks
     if mode == "token-mean":
@@ -96,6 +99,219 @@ def _mean(values: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# the registry: one function per loss_mode, each declaring the inputs it needs (as verl's core_algos.py)
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """What a loss mode needs beyond the sampled tokens, old log-probs and advantages. The trainer's passes
+    compute exactly these (`trainer/passes.py`), and `compute_policy_loss` checks they were given."""
+
+    ref_logprobs: bool = False  # ref_logprobs [B, T]: log pi_ref(y) (also implied by the KL settings)
+    ref_topk: bool = False  # ref_topk_indices [B, T, apo_topk]: the reference pass's vocab-parallel Top-K
+    ref_topk_logprobs: bool = False  # log pi_ref at those ids (same pass, no extra cost)
+    old_topn: bool = False  # pi_old's Top-N (old_topk_indices / old_topk_logprobs, N = casp_topn)
+
+
+@dataclass
+class LossContext:
+    """The shared prologue's results, handed to the registered per-mode function."""
+
+    cfg: Any
+    mask: torch.Tensor  # [B, T] bool
+    adv: torch.Tensor  # [B, T] advantages, 0 at padding
+    neg: torch.Tensor  # A < 0 on response tokens
+    ids: torch.Tensor  # sampled ids, 0 at padding
+    logp: torch.Tensor  # log pi(y) (grad flows)
+    old: torch.Tensor  # log pi_old(y)
+    pg: torch.Tensor  # vanilla dual-clipped token loss
+    stats: Any  # LogProbStats of the fused pass (entropy, top-1, Top-N when requested)
+    zeros: torch.Tensor
+    agg: Callable[[torch.Tensor], torch.Tensor]
+    lead: tuple
+    anchors: Optional[torch.Tensor] = None  # [B, T, K] reference Top-K ids
+    anchor_lp: Optional[torch.Tensor] = None  # log pi at the anchors (grad flows)
+    safe: Optional[torch.Tensor] = None  # [B, T, K] bool: the safe manifold S
+    log_mass: Optional[torch.Tensor] = None  # log M = log sum_S pi
+    has_safe: Optional[torch.Tensor] = None  # S non-empty
+    ref_topk_logprobs: Optional[torch.Tensor] = None
+    old_anchor_logprobs: Optional[torch.Tensor] = None
+    old_topk_logprobs: Optional[torch.Tensor] = None
+
+
+PolicyLossFn = Callable[[LossContext], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    name: str
+    fn: PolicyLossFn
+    inputs: Any  # LossInputs, or a function of the algorithm config returning one
+
+    def needs(self, cfg) -> LossInputs:
+        return self.inputs(cfg) if callable(self.inputs) else self.inputs
+
+
+POLICY_LOSS_REGISTRY: dict[str, PolicyLoss] = {}
+
+
+def register_policy_loss(name: str, inputs: Any = LossInputs()):
+    """Decorator: `@register_policy_loss("vanilla")` makes `fn(ctx) -> (loss, metrics)` the `loss_mode=name`
+    loss. `inputs` (a LossInputs, or a function of the config returning one) declares what it needs."""
+
+    def deco(fn: PolicyLossFn) -> PolicyLossFn:
+        if name in POLICY_LOSS_REGISTRY:
+            raise ValueError(f"policy loss {name!r} is registered twice")
+        POLICY_LOSS_REGISTRY[name] = PolicyLoss(name, fn, inputs)
+        return fn
+
+    return deco
+
+
+def get_policy_loss(name: str) -> PolicyLoss:
+    if name not in POLICY_LOSS_REGISTRY:
+        raise ConfigError(f"algorithm.loss_mode={name!r}: must be one of {', '.join(POLICY_LOSS_REGISTRY)}")
+    return POLICY_LOSS_REGISTRY[name]
+
+
+def loss_inputs(config: Any) -> LossInputs:
+    """The inputs the configured loss mode declares (what the reference and old passes must compute)."""
+    cfg = resolve_algorithm_config(config)
+    needs = get_policy_loss(cfg.loss_mode).needs(cfg)
+    if cfg.use_kl_loss or cfg.use_kl_loss_on_wrong:
+        needs = dataclasses.replace(needs, ref_logprobs=True)
+    return needs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the losses
+
+
+@register_policy_loss("vanilla")
+def vanilla_loss(ctx: LossContext):
+    loss = ctx.agg(ctx.pg)
+    return loss, {"pg_loss": loss.detach()}
+
+
+def _apo_inputs(cfg) -> LossInputs:
+    return LossInputs(ref_topk=True, ref_topk_logprobs=cfg.apo_rectification == "paper")
+
+
+@register_policy_loss("apo_ratio", _apo_inputs)
+def apo_ratio_loss(ctx: LossContext):
+    """APO: the paper's ratio rectification (default) or the split push + pull form (docs/algorithms.md)."""
+    if ctx.cfg.apo_rectification == "paper":
+        return _apo_paper(ctx)
+    return _apo_split(ctx)
+
+
+def _apo_paper(ctx: LossContext):
+    """A < 0: r~ = push*r - pull*M/Z_ref replaces r in the dual-clipped surrogate; A >= 0: vanilla."""
+    cfg, adv, neg, zeros, agg, k = ctx.cfg, ctx.adv, ctx.neg, ctx.zeros, ctx.agg, ctx.anchors.shape[-1]
+    rtl = ctx.ref_topk_logprobs
+    if tuple(rtl.shape[:-1]) != ctx.lead or rtl.shape[-1] < k:
+        raise ValueError(f"compute_policy_loss: ref_topk_logprobs has shape {tuple(rtl.shape)}, "
+                         f"expected {ctx.lead + (k,)} (log pi_ref at ref_topk_indices)")
+    ref_lp = torch.where(ctx.mask.unsqueeze(-1), rtl[..., :k].float(), torch.zeros_like(ctx.anchor_lp))
+    log_z_ref, _ = _masked_logsumexp(ref_lp, ctx.safe)
+    # r_anchor = sum_S (pi_ref/Z_ref)(pi/pi_ref) = M/Z_ref; 0 where S is empty (no pull there)
+    r_anchor = torch.where(ctx.has_safe, _ratio(ctx.log_mass, log_z_ref), zeros)
+    ratio = torch.exp(torch.clamp(ctx.logp - ctx.old, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
+    r_tilde = cfg.apo_push_coeff * ratio - cfg.apo_pull_coeff * r_anchor
+    lo, hi = 1.0 - cfg.clip_ratio_low, 1.0 + cfg.clip_ratio_high
+    rect = torch.maximum(-adv * r_tilde, -adv * torch.clamp(r_tilde, lo, hi))
+    rect = torch.minimum(rect, -adv * cfg.clip_ratio_c)
+    token_loss = torch.where(neg, rect, ctx.pg)
+    loss = agg(token_loss)
+    metrics = {
+        "pg_loss": loss.detach(),
+        "apo/rectified_loss": agg(torch.where(neg, rect, zeros)).detach(),
+        "apo/rectified_clipfrac": _mean(((r_tilde < lo) | (r_tilde > hi)).float(), neg),
+        "apo/anchor_ratio": _mean(r_anchor, neg & ctx.has_safe),
+        "apo/pulled_frac": _mean((neg & ctx.has_safe).float(), ctx.mask),
+    }
+    return loss, metrics
+
+
+def _apo_split(ctx: LossContext):
+    """A < 0: push*PG + pull*Pull, Pull a (clipped) ratio of the safe-manifold mass M / M_old."""
+    cfg, adv, neg, zeros, agg, k = ctx.cfg, ctx.adv, ctx.neg, ctx.zeros, ctx.agg, ctx.anchors.shape[-1]
+    if ctx.old_anchor_logprobs is not None:
+        oal = ctx.old_anchor_logprobs
+        if tuple(oal.shape[:-1]) != ctx.lead or oal.shape[-1] < k:
+            raise ValueError(f"compute_policy_loss: old_anchor_logprobs has shape {tuple(oal.shape)}, "
+                             f"expected {ctx.lead + (k,)} (log pi_old at ref_topk_indices)")
+        old_anchor = torch.where(ctx.mask.unsqueeze(-1), oal[..., :k].float(), ctx.anchor_lp.detach())
+        log_mass_old, _ = _masked_logsumexp(old_anchor, ctx.safe)
+    else:
+        log_mass_old = ctx.log_mass.detach()
+    rho = _ratio(ctx.log_mass, log_mass_old)
+    w = adv.abs() if cfg.apo_pull_weight == "abs_adv" else torch.ones_like(adv)
+    if cfg.apo_pull_form == "ratio_clip":
+        pull = _clipped_ratio_term(w, rho, cfg.clip_ratio_low, cfg.clip_ratio_high)
+    elif cfg.apo_pull_form == "ratio":
+        pull = -w * rho
+    else:  # "log"
+        pull = -w * ctx.log_mass
+    pulled = neg & ctx.has_safe
+    pull = torch.where(pulled, pull, zeros)
+    push = torch.where(neg, cfg.apo_push_coeff * ctx.pg, zeros)
+    token_loss = torch.where(neg, cfg.apo_push_coeff * ctx.pg, ctx.pg)
+    pg_agg, pull_agg = agg(token_loss), agg(pull)
+    loss = pg_agg + cfg.apo_pull_coeff * pull_agg
+    metrics = {
+        "pg_loss": pg_agg.detach(),
+        "apo/push_loss": agg(push).detach(),
+        "apo/pull_loss": (cfg.apo_pull_coeff * pull_agg).detach(),
+        "apo/pull_ratio": _mean(rho, pulled),
+        "apo/pull_clipfrac": _mean(((rho < 1 - cfg.clip_ratio_low) | (rho > 1 + cfg.clip_ratio_high)).float(), pulled),
+        "apo/pulled_frac": _mean(pulled.float(), ctx.mask),
+    }
+    return loss, metrics
+
+
+@register_policy_loss("casp", LossInputs(old_topn=True))
+def casp_loss(ctx: LossContext):
+    """CaSP as SimKO's public code: entropy-gated uniform Top-N smoothing of correct responses' gradient and a
+    stronger push on a wrong top-1 token, inside one PPO clip (docs/algorithms.md)."""
+    cfg, adv, zeros, agg, mask = ctx.cfg, ctx.adv, ctx.zeros, ctx.agg, ctx.mask
+    # this pass's own Top-N (recomputed from these logits); pi_old's Top-N log-probs rank by rank (SimKO)
+    top_lp, top_idx = ctx.stats.topk_logprobs, ctx.stats.topk_indices
+    n = top_lp.shape[-1]
+    if ctx.old_topk_logprobs is not None:
+        otl = ctx.old_topk_logprobs
+        if tuple(otl.shape[:-1]) != ctx.lead or otl.shape[-1] < n:
+            raise ValueError(f"compute_policy_loss: old_topk_logprobs has shape {tuple(otl.shape)}, "
+                             f"expected {ctx.lead + (n,)} (pi_old's own Top-N log-probs)")
+        old_top = torch.where(mask.unsqueeze(-1), otl[..., :n].float(), top_lp.detach())
+    else:
+        old_top = top_lp.detach()
+    ratio = torch.exp(torch.clamp(ctx.logp - ctx.old, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
+    r_i = torch.exp(torch.clamp(top_lp - old_top, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
+    # value N*r, gradient r * sum_i grad log pi(c_i): the positive update spread uniformly over the Top-N
+    topk_sum = ((ratio.detach().unsqueeze(-1) / r_i.detach()) * r_i).sum(-1)
+    ent = ctx.stats.entropy.detach()
+    q = torch.nanquantile(torch.where(mask, ent, torch.full_like(ent, float("nan"))), cfg.casp_entropy_quantile,
+                          dim=-1, keepdim=True)  # per response, linear interpolation (torch.quantile's)
+    w = (mask & (ent > q)).float()  # high-entropy ("forking") tokens; NaN rows (no token) compare False
+    pos = adv > 0
+    a_w = cfg.casp_alpha * w
+    r_mix = torch.where(pos, (1.0 - a_w) * ratio + (a_w / n) * topk_sum, ratio)
+    top1 = ctx.neg & (ctx.ids == top_idx[..., 0])  # the sampled wrong token is pi's argmax
+    adv_mix = torch.where(ctx.neg, adv * (1.0 + cfg.casp_top1_gamma * w * top1.float()), adv)
+    token_loss = torch.maximum(-adv_mix * r_mix, -adv_mix * torch.clamp(r_mix, 1.0 - cfg.clip_ratio_low,
+                                                                        1.0 + cfg.clip_ratio_high))
+    loss = agg(token_loss)
+    metrics = {
+        "pg_loss": loss.detach(),
+        "casp/forking_frac": _mean(w, mask),
+        "casp/top1_wrong_frac": _mean((top1 & (w > 0)).float(), ctx.neg),
+        "casp/topn_mass": _mean(top_lp.detach().exp().sum(-1), mask),
+    }
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
 
 
 def compute_policy_loss(
@@ -112,19 +328,28 @@ def compute_policy_loss(
     group=None,
     *,
     old_topk_logprobs: Optional[torch.Tensor] = None,
+    ref_topk_logprobs: Optional[torch.Tensor] = None,
     vocab_size: Optional[int] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The policy loss of APO_MATH.md on this rank's vocab shard; returns (loss, metrics).
+    """The policy loss of the configured `loss_mode` (docs/algorithms.md) on this rank's vocab shard;
+    returns (loss, metrics).
+
+    A shared prologue runs one fused vocab-parallel pass (log pi at y, at the reference Top-K and at the old
+    Top-N; entropy; top-1) and the vanilla dual-clipped PG; the registered function of the loss mode
+    combines them; KL and entropy terms and the common metrics follow.
 
     logits [B, T, V/TP] (grad flows), response_ids / old_logprobs / advantages / response_mask [B, T];
     ref_logprobs [B, T] (KL terms); ref_topk_indices [B, T, >=apo_topk] global ids sorted by reference
-    probability (apo_ratio; also feeds the anchor metrics whenever given); old_anchor_logprobs [B, T, K]
-    log pi_old at those ids (else M_old = sg(M), exact on-policy); old_topk_indices [B, T, >=casp_topn]
-    pi_old's Top-N sorted by probability (casp; computed from `logits` when None, i.e. on-policy) and
-    old_topk_logprobs their log pi_old (else M_C_old = sg(M_C)). vocab_size: the true vocabulary (Megatron's
-    padded ids beyond it carry no probability). Metrics are detached scalars.
+    probability (apo_ratio; also feeds the anchor metrics whenever given) and ref_topk_logprobs their log
+    pi_ref; old_anchor_logprobs [B, T, K] log pi_old at those ids (else M_old = sg(M), exact on-policy);
+    old_topk_indices [B, T, >=casp_topn] pi_old's Top-N sorted by probability (casp; computed from `logits`
+    when None, i.e. on-policy) and old_topk_logprobs their log pi_old (else sg of the current values).
+    vocab_size: the true vocabulary (Megatron's padded ids beyond it carry no probability). Metrics are
+    detached scalars.
     """
     cfg = resolve_algorithm_config(config)
+    mode = get_policy_loss(cfg.loss_mode)
+    needs = mode.needs(cfg)
     lead = tuple(logits.shape[:-1])
     if logits.dim() != 3:
         raise ValueError(f"compute_policy_loss: logits must be [batch, seq, vocab/TP] (got shape {tuple(logits.shape)})")
@@ -142,24 +367,25 @@ def compute_policy_loss(
     # --- which global ids to gather log-probs at: [y | reference Top-K | pi_old Top-N]
     columns = [ids.unsqueeze(-1)]
     anchors = None
-    if cfg.loss_mode == "apo_ratio" and ref_topk_indices is None:
-        raise ConfigError("ref_topk_indices: algorithm.loss_mode=apo_ratio needs the reference model's Top-K ids "
-                          "[B, T, apo_topk] (vocab_parallel_topk on the reference logits)")
+    if needs.ref_topk and ref_topk_indices is None:
+        raise ConfigError(f"ref_topk_indices: algorithm.loss_mode={cfg.loss_mode} needs the reference model's Top-K "
+                          "ids [B, T, apo_topk] (vocab_parallel_topk on the reference logits)")
+    if needs.ref_logprobs and ref_logprobs is None:
+        raise ConfigError(f"ref_logprobs: algorithm.loss_mode={cfg.loss_mode} needs the reference model's log-probs [B, T]")
+    if needs.ref_topk_logprobs and ref_topk_logprobs is None:
+        raise ConfigError(f"ref_topk_logprobs: algorithm.loss_mode={cfg.loss_mode} needs log pi_ref at the reference "
+                          "Top-K [B, T, apo_topk] (the reference pass's vocab_parallel_topk returns them)")
     if ref_topk_indices is not None:
         _check_kdim("ref_topk_indices", ref_topk_indices, lead, cfg.apo_topk, "apo_topk")
         anchors = torch.where(mask.unsqueeze(-1), ref_topk_indices[..., : cfg.apo_topk].long(), 0)
         columns.append(anchors)
-    cands, on_policy_topn = None, 0
-    if cfg.loss_mode == "casp":
-        if old_topk_indices is None:  # on-policy: pi_old == pi, its Top-N comes from the same pass below
-            on_policy_topn, old_topk_logprobs = cfg.casp_topn, None
-        else:
-            _check_kdim("old_topk_indices", old_topk_indices, lead, cfg.casp_topn, "casp_topn")
-            cands = torch.where(mask.unsqueeze(-1), old_topk_indices[..., : cfg.casp_topn].long(), 0)
-            columns.append(cands)
+    # Top-N of this pass's own pi (CaSP recomputes it in every pass, as SimKO does)
+    topn = cfg.casp_topn if needs.old_topn else 0
+    if topn and old_topk_indices is not None:
+        _check_kdim("old_topk_indices", old_topk_indices, lead, topn, "casp_topn")
 
     stats = vocab_parallel_logprob_stats(
-        logits, torch.cat(columns, dim=-1), group, topk=on_policy_topn, vocab_size=vocab_size,
+        logits, torch.cat(columns, dim=-1), group, topk=topn, vocab_size=vocab_size,
         chunk_size=cfg.logprob_chunk_size, mask=mask, with_entropy=True,
     )
     logp = stats.logprobs[..., 0]
@@ -171,6 +397,9 @@ def compute_policy_loss(
     )
     agg = lambda v: aggregate_loss(v, mask, cfg.loss_agg_mode)  # noqa: E731
     metrics: dict[str, torch.Tensor] = {}
+    ctx = LossContext(cfg=cfg, mask=mask, adv=adv, neg=neg, ids=ids, logp=logp, old=old, pg=pg, stats=stats,
+                      zeros=zeros, agg=agg, lead=lead, ref_topk_logprobs=ref_topk_logprobs,
+                      old_anchor_logprobs=old_anchor_logprobs, old_topk_logprobs=old_topk_logprobs)
     k = anchors.shape[-1] if anchors is not None else 0
 
     # --- anchors: safe manifold S = ref Top-K minus y (apo_exclude_sampled), mass M = sum_S pi
@@ -183,66 +412,10 @@ def compute_policy_loss(
         metrics["anchor/safe_mass"] = _mean(log_mass.exp(), mask & has_safe)
         metrics["anchor/safe_mass_wrong"] = _mean(log_mass.exp(), neg & has_safe)
         metrics["anchor/sampled_in_topk"] = _mean(in_topk.any(-1).float(), mask)
+        ctx.anchors, ctx.anchor_lp, ctx.safe, ctx.log_mass, ctx.has_safe = anchors, anchor_lp, safe, log_mass, has_safe
 
-    if cfg.loss_mode == "vanilla":
-        token_loss = pg
-        loss = agg(token_loss)
-        metrics["pg_loss"] = loss.detach()
-    elif cfg.loss_mode == "apo_ratio":
-        if old_anchor_logprobs is not None:
-            if tuple(old_anchor_logprobs.shape[:-1]) != lead or old_anchor_logprobs.shape[-1] < k:
-                raise ValueError(f"compute_policy_loss: old_anchor_logprobs has shape {tuple(old_anchor_logprobs.shape)}, "
-                                 f"expected {lead + (k,)} (log pi_old at ref_topk_indices)")
-            old_anchor = torch.where(mask.unsqueeze(-1), old_anchor_logprobs[..., :k].float(), anchor_lp.detach())
-            log_mass_old, _ = _masked_logsumexp(old_anchor, safe)
-        else:
-            log_mass_old = log_mass.detach()
-        rho = _ratio(log_mass, log_mass_old)
-        w = adv.abs() if cfg.apo_pull_weight == "abs_adv" else torch.ones_like(adv)
-        if cfg.apo_pull_form == "ratio_clip":
-            pull = _clipped_ratio_term(w, rho, cfg.clip_ratio_low, cfg.clip_ratio_high)
-        elif cfg.apo_pull_form == "ratio":
-            pull = -w * rho
-        else:  # "log"
-            pull = -w * log_mass
-        pulled = neg & has_safe
-        pull = torch.where(pulled, pull, zeros)
-        push = torch.where(neg, cfg.apo_push_coeff * pg, zeros)
-        token_loss = torch.where(neg, cfg.apo_push_coeff * pg, pg)
-        pg_agg, pull_agg = agg(token_loss), agg(pull)
-        loss = pg_agg + cfg.apo_pull_coeff * pull_agg
-        metrics["pg_loss"] = pg_agg.detach()
-        metrics["apo/push_loss"] = agg(push).detach()
-        metrics["apo/pull_loss"] = (cfg.apo_pull_coeff * pull_agg).detach()
-        metrics["apo/pull_ratio"] = _mean(rho, pulled)
-        metrics["apo/pull_clipfrac"] = _mean(((rho < 1 - cfg.clip_ratio_low) | (rho > 1 + cfg.clip_ratio_high)).float(), pulled)
-        metrics["apo/pulled_frac"] = _mean(pulled.float(), mask)
-    else:  # casp
-        if cands is None:
-            cands, cand_lp = stats.topk_indices, stats.topk_logprobs
-        else:
-            cand_lp = stats.logprobs[..., 1 + k : 1 + k + cands.shape[-1]]
-        n = cands.shape[-1]
-        log_mass_c = torch.logsumexp(cand_lp, dim=-1)
-        if old_topk_logprobs is not None:
-            if tuple(old_topk_logprobs.shape[:-1]) != lead or old_topk_logprobs.shape[-1] < n:
-                raise ValueError(f"compute_policy_loss: old_topk_logprobs has shape {tuple(old_topk_logprobs.shape)}, "
-                                 f"expected {lead + (n,)} (log pi_old at old_topk_indices)")
-            old_c = torch.where(mask.unsqueeze(-1), old_topk_logprobs[..., :n].float(), cand_lp.detach())
-            log_mass_c_old = torch.logsumexp(old_c, dim=-1)
-        else:
-            log_mass_c_old = log_mass_c.detach()
-        rho_c = _ratio(log_mass_c, log_mass_c_old)
-        spread = _clipped_ratio_term(adv, rho_c, cfg.clip_ratio_low, cfg.clip_ratio_high)
-        top1_wrong = neg & (ids == cands[..., 0])  # the sampled wrong token is pi_old's top-1 candidate
-        positive = (1.0 - cfg.casp_alpha) * pg + cfg.casp_alpha * spread
-        negative = (1.0 + cfg.casp_top1_gamma * top1_wrong.float()) * pg
-        token_loss = torch.where(adv >= 0, positive, negative)
-        loss = agg(token_loss)
-        metrics["pg_loss"] = loss.detach()
-        metrics["casp/spread_loss"] = agg(torch.where(adv >= 0, cfg.casp_alpha * spread, zeros)).detach()
-        metrics["casp/top1_wrong_frac"] = _mean(top1_wrong.float(), neg)
-        metrics["casp/candidate_mass"] = _mean(log_mass_c.exp(), mask)
+    loss, mode_metrics = mode.fn(ctx)
+    metrics.update(mode_metrics)
 
     # --- KL to the reference (on every token, or only on wrong responses' tokens)
     if cfg.use_kl_loss or cfg.use_kl_loss_on_wrong:
@@ -284,4 +457,5 @@ def _check_kdim(name: str, t: torch.Tensor, lead: tuple, need: int, key: str) ->
                           f"compute it with k >= {need} or lower algorithm.{key}")
 
 
-__all__ = ["aggregate_loss", "compute_policy_loss", "dual_clip_pg", "kl_penalty"]
+__all__ = ["LossContext", "LossInputs", "POLICY_LOSS_REGISTRY", "aggregate_loss", "compute_policy_loss", "dual_clip_pg",
+           "get_policy_loss", "kl_penalty", "loss_inputs", "register_policy_loss"]

@@ -13,13 +13,25 @@ from typing import Any
 
 from megatron_apo.config import AlgorithmConfig, ConfigError
 
-LOSS_MODES = ("vanilla", "apo_ratio", "casp")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_LOSS_TYPES = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
+APO_RECTIFICATIONS = ("paper", "split")
 APO_PULL_FORMS = ("ratio_clip", "ratio", "log")
 APO_PULL_WEIGHTS = ("abs_adv", "indicator")
 ADV_CALIBRATIONS = ("none", "inverse_success")
 ADV_STD_SCOPES = ("group", "batch")
+
+
+BUILTIN_LOSS_MODES = ("vanilla", "apo_ratio", "casp")  # registered by losses.py when it is imported
+
+
+def registered_loss_modes() -> tuple[str, ...]:
+    """The loss modes of the registry in `losses.py`. A mode registered elsewhere imports `losses` first, so
+    while `losses` is not loaded only the built-ins exist (and validation need not import torch)."""
+    import sys
+
+    losses = sys.modules.get("megatron_apo.algorithms.losses")
+    return tuple(losses.POLICY_LOSS_REGISTRY) if losses is not None else BUILTIN_LOSS_MODES
 
 
 def resolve_algorithm_config(config: Any) -> AlgorithmConfig:
@@ -69,7 +81,7 @@ def validate_algorithm_config(cfg: AlgorithmConfig) -> None:
         if not isinstance(getattr(cfg, key), bool):
             bad(key, "must be true or false")
 
-    choice("loss_mode", LOSS_MODES)
+    choice("loss_mode", registered_loss_modes())
     choice("loss_agg_mode", LOSS_AGG_MODES)
     number("clip_ratio_low", 0.0, 1.0, hi_open=True)
     number("clip_ratio_high", 0.0)
@@ -79,6 +91,7 @@ def validate_algorithm_config(cfg: AlgorithmConfig) -> None:
     number("apo_pull_coeff", 0.0)
     positive_int("apo_topk")
     boolean("apo_exclude_sampled")
+    choice("apo_rectification", APO_RECTIFICATIONS)
     choice("apo_pull_form", APO_PULL_FORMS)
     choice("apo_pull_weight", APO_PULL_WEIGHTS)
     boolean("use_kl_loss")
@@ -88,6 +101,8 @@ def validate_algorithm_config(cfg: AlgorithmConfig) -> None:
     positive_int("casp_topn")
     number("casp_alpha", 0.0, 1.0)
     number("casp_top1_gamma", 0.0)
+    number("casp_entropy_quantile", 0.0, 1.0)
+    boolean("anchor_metrics")
     boolean("norm_adv_by_std")
     choice("adv_std_scope", ADV_STD_SCOPES)
     choice("adv_calibration", ADV_CALIBRATIONS)

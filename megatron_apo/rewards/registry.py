@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from megatron_apo.rewards.deadline import SampleTimeout
 from megatron_apo.rewards.math_reward import dapo_math_score, math_score
+from megatron_apo.rewards.codes import CODE_DATA_SOURCE, toy_code_score
 from megatron_apo.rewards.toy import TOY_DATA_SOURCE, toy_digit_sum_score
 
 ScoreFn = Callable[[str, str, "dict | None"], float]
@@ -73,3 +74,4 @@ for _name in ("math_dapo", "math_dapo_reasoning"):
 for _prefix in ("aime", "numina_", "deepscaler", "MATH"):
     register_reward(_prefix, math_score, prefix=True)
 register_reward(TOY_DATA_SOURCE, toy_digit_sum_score)
+register_reward(CODE_DATA_SOURCE + "/", toy_code_score, prefix=True)

@@ -112,9 +112,11 @@ class Controller:
                                  answers=texts, texts=texts)
         batch = build_batch(prompts, samples, rewards, adv)
         lengths = batch.response_mask.sum(1)
+        correct = {(p, texts[i].strip()) for i, (p, _) in enumerate(flat) if rewards[i] > 0}
         metrics = {
             "reward/mean": rewards.mean().item(),
             "reward/pass_rate": (rewards > 0).float().mean().item(),
+            "reward/distinct_correct": len(correct) / len(prompts),  # distinct correct answers per prompt
             "reward/timeouts": float(scored.num_timeouts),
             "response/length_mean": lengths.mean().item(),
             "response/length_max": lengths.max().item(),

@@ -3,11 +3,14 @@
 Each pass runs on the last pipeline stage with this rank's vocab shard of the logits and writes its
 results into the micro-batch dicts, so a later pass over the same micro-batches finds them there:
 
-  reference pass (frozen reference model, forward only): ref_logprobs [b,T] and the vocab-parallel global
-      Top-K of pi_ref, ref_topk_indices [b,T,K]  -- one pass gives both;
+  reference pass (frozen reference model, forward only): ref_logprobs [b,T] and, when the loss mode
+      declares it needs them, the vocab-parallel global Top-K of pi_ref, ref_topk_indices [b,T,K] and
+      their log-probs ref_topk_logprobs  -- one pass gives all;
   old pass (policy before the update, forward only):    old_logprobs, old_anchor_logprobs = log pi_old at
       ref_topk_indices, and for CaSP old_topk_indices (Top-N of pi_old);
   train pass (policy, forward + backward):              compute_policy_loss(...).
+
+Which optional inputs are computed follows the loss mode's registered declaration (`LossInputs`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_apo.algorithms.losses import compute_policy_loss
+from megatron_apo.algorithms.losses import LossInputs, compute_policy_loss, loss_inputs
 from megatron_apo.config import AlgorithmConfig
 from megatron_apo.ops.vocab_parallel import vocab_parallel_logprob_stats
 from megatron_apo.trainer.batch import response_logits
@@ -30,12 +33,9 @@ class PassSettings:
     tis_cap: float | None = None  # one-step-off-policy: truncated importance weights pi_old / pi_rollout
 
     @property
-    def needs_ref_topk(self) -> bool:
-        return self.algorithm.loss_mode == "apo_ratio"
-
-    @property
-    def needs_ref_logprobs(self) -> bool:
-        return self.algorithm.use_kl_loss or self.algorithm.use_kl_loss_on_wrong
+    def inputs(self) -> LossInputs:
+        """What the loss mode declared it needs (its `@register_policy_loss` inputs)."""
+        return loss_inputs(self.algorithm)
 
 
 def _scaled_response_logits(logits: torch.Tensor, batch: dict, temperature: float) -> torch.Tensor:
@@ -53,11 +53,11 @@ def _stats(settings: PassSettings, rl: torch.Tensor, batch: dict, ids: torch.Ten
 def reference_pass(settings: PassSettings):
     def loss_fn(batch: dict, logits: torch.Tensor):
         rl = _scaled_response_logits(logits, batch, settings.temperature)
-        k = settings.algorithm.apo_topk if settings.needs_ref_topk else 0
+        k = settings.algorithm.apo_topk if settings.inputs.ref_topk or settings.algorithm.anchor_metrics else 0
         st = _stats(settings, rl, batch, batch["response_ids"].unsqueeze(-1), topk=k)
         batch["ref_logprobs"] = st.logprobs[..., 0].detach()
         if k:
-            batch["ref_topk_indices"] = st.topk_indices
+            batch["ref_topk_indices"], batch["ref_topk_logprobs"] = st.topk_indices, st.topk_logprobs.detach()
         return rl.sum() * 0.0, {}
 
     return loss_fn
@@ -69,7 +69,7 @@ def old_policy_pass(settings: PassSettings):
         ids = batch["response_ids"].unsqueeze(-1)
         if "ref_topk_indices" in batch:  # log pi_old at the reference Top-K, for the APO pull ratio
             ids = torch.cat([ids, batch["ref_topk_indices"]], dim=-1)
-        casp = settings.algorithm.casp_topn if settings.algorithm.loss_mode == "casp" else 0
+        casp = settings.algorithm.casp_topn if settings.inputs.old_topn else 0
         st = _stats(settings, rl, batch, ids, topk=casp)
         batch["old_logprobs"] = st.logprobs[..., 0].detach()
         if "ref_topk_indices" in batch:
@@ -104,6 +104,7 @@ def train_pass(settings: PassSettings):
             settings.algorithm,
             ref_logprobs=batch.get("ref_logprobs"),
             ref_topk_indices=batch.get("ref_topk_indices"),
+            ref_topk_logprobs=batch.get("ref_topk_logprobs"),
             old_anchor_logprobs=batch.get("old_anchor_logprobs"),
             old_topk_indices=batch.get("old_topk_indices"),
             old_topk_logprobs=batch.get("old_topk_logprobs"),
