@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from megatron_apo.models import build_gpt_model, load_model_config
 from megatron_apo.parallel import ParallelConfig, init_distributed
@@ -18,8 +19,49 @@ def _lm_step(chunks, opt, tokens) -> list[float]:
     return [float(o["lm_loss"]) for o in out]
 
 
-def train_save_or_resume(tp: int, ckpt: str, save: bool) -> list[float]:
-    """save=True: 2 steps, checkpoint, 1 more step. save=False: resume from the checkpoint and run that step."""
+def optimizer_state(opt) -> dict:
+    """{name: {"param", "exp_avg", "exp_avg_sq": full flat fp32 array, "steps": {step}, "step_ids", "covered"}}.
+
+    The distributed optimizer holds one contiguous slice of each parameter per DP rank; the slices are gathered
+    over the data-parallel group, so the result is the same whatever the DP size (it is this TP/PP rank's view).
+    """
+    from megatron.core import parallel_state as ps
+
+    local = []
+    for sub in getattr(opt, "chained_optimizers", [opt]):
+        for gbuf_range_maps in sub.gbuf_ranges:
+            for buckets in gbuf_range_maps.values():
+                for bucket in buckets:
+                    for model_param, ranges in bucket["param_map"].items():
+                        r = ranges["param"]
+                        t = sub._get_main_param_and_optimizer_states(model_param)
+                        local.append((sub._param_name(model_param), model_param.numel(), r.start, r.end,
+                                      {k: v.detach().clone().float().reshape(-1) for k, v in t.items() if k != "step"},
+                                      float(t["step"]), id(t["step"])))
+    every = [None] * ps.get_data_parallel_world_size()
+    dist.all_gather_object(every, local, group=ps.get_data_parallel_group(with_context_parallel=True))
+    full: dict = {}
+    for pieces in every:
+        for name, numel, start, end, tensors, step, step_id in pieces:
+            entry = full.setdefault(name, {"steps": set(), "step_ids": set(), "covered": 0,
+                                           **{k: torch.full((numel,), float("nan")) for k in tensors}})
+            for k, v in tensors.items():
+                entry[k][start:end] = v
+            entry["steps"].add(step)
+            entry["step_ids"].add((dist.get_rank(), step_id))
+            entry["covered"] += end - start
+    for entry in full.values():  # numpy: torch tensors would cross the process boundary as shared memory
+        for k in ("param", "exp_avg", "exp_avg_sq"):
+            entry[k] = entry[k].numpy()
+    return full
+
+
+def train_save_or_resume(tp: int, ckpt: str, save: bool, after: int = 1, dp_state: bool = False):
+    """save=True: 2 steps, checkpoint, `after` more steps. save=False: resume from the checkpoint, `after` steps.
+
+    Returns the losses of the steps after the checkpoint, and with `dp_state` the optimizer state right after the
+    save / load (gathered over DP) and after the following steps.
+    """
     init_distributed(ParallelConfig(tp, 1), seed=1)
     chunks = [wrap_ddp(build_gpt_model(load_model_config("tiny")), use_distributed_optimizer=True)]
     opt = build_optimizer(chunks, OptimConfig(lr=1e-2, use_distributed_optimizer=True))
@@ -31,4 +73,8 @@ def train_save_or_resume(tp: int, ckpt: str, save: bool) -> list[float]:
     else:
         meta, _ = load_checkpoint(ckpt, chunks, opt)
         assert meta["step"] == 2
-    return _lm_step(chunks, opt, tokens)
+    at_ckpt = optimizer_state(opt) if dp_state else None
+    losses = [_lm_step(chunks, opt, tokens) for _ in range(after)]
+    if not dp_state:
+        return losses[0] if after == 1 else losses
+    return losses, at_ckpt, optimizer_state(opt)

@@ -169,6 +169,27 @@ def load_model_weights(path: str | Path, model_chunks: list) -> dict:
     return read_metadata(it)
 
 
+def _restore_adam_steps(optimizer) -> None:
+    """Gives every parameter its own Adam `step` again, equal to the checkpoint's.
+
+    With torch's Adam (no Apex/TE FusedAdam, as on CPU), megatron-core 0.16 checkpoints `step` only in the
+    param groups. Its loader puts ONE shared tensor into every parameter's state, and the `dp_reshardable`
+    parameter state then copies the dummy step of the freshly allocated state (1) into it. Left as is,
+    bias correction restarts at 1 after every resume, and the shared tensor is incremented once per parameter
+    at each update. The param groups still carry the saved step, so each parameter gets a fresh copy of it.
+    """
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = sub.optimizer
+        for group in inner.param_groups:
+            if group.get("step") is None:
+                continue
+            for p in group["params"]:
+                st = inner.state.get(p)
+                if st is not None and isinstance(st.get("step"), torch.Tensor):  # FusedAdam has no per-param step
+                    old = st["step"]
+                    st["step"] = torch.tensor(float(group["step"]), dtype=old.dtype, device=old.device)
+
+
 def load_checkpoint(path: str | Path, model_chunks: list, optimizer=None) -> tuple[dict, Any]:
     """Restores model, optimizer and (same world size only) RNG states. Returns (metadata, extra)."""
     from megatron.core import dist_checkpointing
@@ -185,6 +206,7 @@ def load_checkpoint(path: str | Path, model_chunks: list, optimizer=None) -> tup
         loaded = dist_checkpointing.load({"optimizer": optim_sd}, str(it / "optim"))
         with torch.no_grad():  # fp32 params: the main params are views of the (grad-requiring) model params
             optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     rng_file = it / "rng" / f"rank_{rank:05d}.pt"
