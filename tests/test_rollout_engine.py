@@ -154,8 +154,12 @@ def test_adopted_weights_are_served_without_a_copy_and_the_store_alternates():
     for _ in range(4):
         store.begin_sync()
         ptrs.append([store.take(nbytes, "cpu")[1].data_ptr() for nbytes in (8192, 4096)])
+        store.commit()  # the sync verified and was adopted
     assert set(ptrs[0]).isdisjoint(ptrs[1])  # a sync never writes where the previous (served) one landed
     assert ptrs[2] == ptrs[0] and ptrs[3] == ptrs[1]  # and two sets are reused, nothing allocated per sync
+    for _ in range(2):  # rejected syncs (never committed), even several in a row, leave the served set alone
+        store.begin_sync()
+        assert set(store.take(nbytes, "cpu")[1].data_ptr() for nbytes in (8192, 4096)).isdisjoint(ptrs[3])
 
 
 def test_from_pretrained_folder(tmp_path):
