@@ -58,12 +58,12 @@ def test_sampler_follows_the_processed_distribution():
 
 
 def test_logprob_mismatch_metric():
-    engine = torch.tensor([[-0.1, -0.2, -0.3]])
-    trainer = torch.tensor([[-0.3, -0.2, -9.0]])
-    m = logprob_mismatch(engine, trainer, torch.tensor([[1, 1, 0]]))
-    assert m["rollout/logprob_diff_mean"] == pytest.approx(0.1)
-    assert m["rollout/logprob_diff_abs_max"] == pytest.approx(0.2)
-    assert m["rollout/prob_ratio_mean"] == pytest.approx((math.exp(-0.2) + 1) / 2)
+    engine = torch.tensor([[-1.0, -2.0, -3.0]])
+    trainer = torch.tensor([[-1.2, -2.0, -9.0]])
+    m = logprob_mismatch(engine, trainer, torch.tensor([[1, 1, 0]]))  # the third token is masked out
+    assert float(m["rollout/logprob_abs_diff"]) == pytest.approx(0.1)
+    assert float(m["rollout/logprob_diff_mean"]) == pytest.approx(0.1)
+    assert float(m["rollout/prob_ratio_mean"]) == pytest.approx((math.exp(-0.2) + 1) / 2)
 
 
 @pytest.fixture(scope="module")

@@ -70,6 +70,9 @@ class RolloutEngine(ABC):
     def weights_version(self) -> int:
         """The version of the weights being served (-1 before any update)."""
 
+    def close(self) -> None:
+        """Releases what the engine started outside its own process (vLLM: the engine core); default: nothing."""
+
 
 ENGINES = ("cpu", "vllm")
 

@@ -136,6 +136,7 @@ class RolloutFleet:
         if self.restarts >= self.max_restarts:
             raise FleetError(f"rollout fleet: more than {self.max_restarts} engine restarts; giving up")
         self.restarts += 1
+        ray.wait([self._actors[slot].close.remote()], timeout=30)  # a live actor whose engine core died
         try:
             ray.kill(self._actors[slot], no_restart=True)
         except Exception:  # noqa: BLE001 - it is already dead
@@ -309,6 +310,7 @@ class RolloutFleet:
     def shutdown(self) -> None:
         import ray
 
+        ray.wait([a.close.remote() for a in self._actors], num_returns=len(self._actors), timeout=60)
         for a in self._actors:
             try:
                 ray.kill(a, no_restart=True)

@@ -116,6 +116,22 @@ class VLLMEngine(RolloutEngine):
 
         return [p.pid for p in psutil.Process().children(recursive=True)]
 
+    def close(self) -> None:
+        """Shuts the engine core and its workers down (killing the actor alone could leave them running)."""
+        import psutil
+
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        except Exception:  # noqa: BLE001 - already dead
+            pass
+        children = psutil.Process().children(recursive=True)
+        for p in children:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(children, timeout=10)
+
     # ---- weights ----------------------------------------------------------------------------------------
 
     def weights_version(self) -> int:
