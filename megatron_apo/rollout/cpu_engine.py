@@ -38,15 +38,28 @@ def build_hf_model(hf_config: dict, dtype: torch.dtype = torch.float32) -> torch
 class CPUEngine(RolloutEngine):
     def __init__(
         self,
-        hf_config: dict,
+        hf_config: dict | None = None,
         named_tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
         version: int = -1,
         dtype: torch.dtype = torch.float32,
         max_batch_size: int = 64,
         num_threads: int | None = 1,
+        model_path: str | None = None,
     ):
+        """Weights: `named_tensors`, or `model_path` (an HF folder read here, version 0 unless given), or
+        random until the first update or sync."""
         if num_threads:
             torch.set_num_threads(num_threads)
+        if model_path is not None:
+            from megatron_apo.models.safetensors_io import HFCheckpoint
+
+            if hf_config is not None or named_tensors is not None:
+                raise ValueError("CPUEngine: give model_path alone, or hf_config (+ named_tensors)")
+            ckpt = HFCheckpoint(model_path)
+            hf_config, named_tensors = ckpt.config, ((n, ckpt.get(n)) for n in ckpt.tensors)
+            version = max(version, 0)
+        if hf_config is None:
+            raise ValueError("CPUEngine: give hf_config or model_path")
         self.hf_config = dict(hf_config)
         self.model = build_hf_model(hf_config, dtype)
         self.max_batch_size = max_batch_size
@@ -89,16 +102,14 @@ class CPUEngine(RolloutEngine):
         `adopt`: the tensors' memory belongs to this engine (its `WeightStore`), so a parameter of the same
         dtype is pointed at it instead of copied into (a tied head shares the embedding's Parameter).
         """
+        named_tensors = list(named_tensors)
+        self._check_tensors(named_tensors)  # everything first: a bad entry must not leave a half-loaded model
         loaded = []
         with torch.no_grad():
             for name, tensor in named_tensors:
                 if name == "lm_head.weight" and self._tied:
                     continue  # the tied head is the embedding, loaded under its own name
-                param = self._params.get(name)
-                if param is None:
-                    raise KeyError(f"CPUEngine: unknown HF parameter {name!r} (model has e.g. {next(iter(self._params))!r})")
-                if tuple(param.shape) != tuple(tensor.shape):
-                    raise ValueError(f"CPUEngine: {name}: shape {tuple(tensor.shape)} does not match the model's {tuple(param.shape)}")
+                param = self._params[name]
                 if adopt and tensor.dtype == param.dtype and tensor.device == param.device:
                     param.data = tensor
                 else:
@@ -106,13 +117,27 @@ class CPUEngine(RolloutEngine):
                 loaded.append(name)
         return loaded
 
+    def _check_tensors(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+        for name, tensor in named_tensors:
+            if name == "lm_head.weight" and self._tied:
+                continue
+            param = self._params.get(name)
+            if param is None:
+                raise KeyError(f"CPUEngine: unknown HF parameter {name!r} (model has e.g. {next(iter(self._params))!r})")
+            if tuple(param.shape) != tuple(tensor.shape):
+                raise ValueError(f"CPUEngine: {name}: shape {tuple(tensor.shape)} does not match the model's {tuple(param.shape)}")
+
     def update_weights(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        loaded = set(self.load_hf_tensors(named_tensors))
-        self._sync.check_complete(loaded, self._expected_names())
+        """All or nothing: an incomplete set of tensors is refused before any is loaded."""
+        named_tensors = list(named_tensors)
+        self._check_tensors(named_tensors)
+        self._sync.check_complete({n for n, _ in named_tensors}, self._expected_names())
+        self.load_hf_tensors(named_tensors)
         self._sync.mark_loaded(version)
 
     def export_weights(self) -> list[tuple[str, torch.Tensor]]:
-        """The served weights by HF name (used to bring a restarted engine to the fleet's version)."""
+        """The served weights by HF name (diagnostics); refused while the engine refuses to serve."""
+        self._sync.check_serving()
         return [(n, p.detach().clone()) for n, p in self._params.items()]
 
     def _expected_names(self) -> set[str]:
@@ -123,9 +148,17 @@ class CPUEngine(RolloutEngine):
         self._sync.group = open_sync_group(endpoint, rank)
 
     def receive_weights(self, version: int) -> dict:
-        """Receives one sync over the group; verifies every bucket's checksum before loading it."""
-        result = receive_weights(self._sync.group, lambda tensors: self.load_hf_tensors(tensors, adopt=True),
-                                 expected_version=version, ring=self._store)
+        """Receives one sync over the group; the weights change only if every bucket and the whole sync verify.
+
+        All-new or all-old: verified buckets are staged in the `WeightStore` (buffers the served weights do
+        not use) and adopted together at the end, so a rejected sync leaves the served weights untouched
+        (the engine still refuses to serve until a later sync verifies).
+        """
+        staged: list[tuple[str, torch.Tensor]] = []
+        result = receive_weights(self._sync.group, staged.extend, expected_version=version, ring=self._store)
+        if result.ok and self._sync.check_complete(set(result.loaded), self._expected_names(), raise_error=False):
+            self.load_hf_tensors(staged, adopt=True)
+            self._store.commit()
         self._sync.apply(result, self._expected_names())
         return result.as_dict()
 

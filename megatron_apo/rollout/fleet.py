@@ -1,16 +1,17 @@
 """A fleet of rollout engines as Ray actors: spreads prompts, gathers results in order, survives engine deaths.
 
-Fault tolerance: work goes out in chunks of prompts; when an actor dies (`RayActorError`), it is
-replaced by a new actor, the new one is brought to the fleet's current weights, and only the chunks
-that had not returned are resubmitted. Results are keyed by (prompt index, sample index), so no sample
-is lost or counted twice.
+Fault tolerance: work goes out in chunks of prompts; when an actor dies (`RayActorError`) or its
+inference process does (`EngineDied`, e.g. vLLM's engine core), it is replaced by a new actor and only
+the chunks that had not returned are resubmitted. Results are keyed by (prompt index, sample index), so
+no sample is lost or counted twice.
 
-Weights for a restarted engine: we re-request them from a live engine (`export_weights` -> Ray object
-store -> `update_weights` on the new actor) instead of keeping a copy on the driver: the driver is the
-trainer's rank 0 and must not hold a second full model; the live engines' weights are exactly the
-verified current version. If no engine is alive the fleet raises and the trainer must sync again.
-A restart also invalidates the weight-sync group (its membership changed): the next
-`sync_endpoint()` opens a new one.
+Weights for a replacement engine come from the trainer, by a weight sync; never from a peer engine and
+never through Ray's object store (a peer may hold a rejected sync's weights, and the object store would
+carry a whole model). Until that sync the replacement gets no work: the live engines that hold the
+current weights take its chunks. When none is left (e.g. `num_engines=1`), `generate` raises
+`FleetNeedsSync`; the trainer syncs (which opens a new sync group, the membership having changed) and
+calls `generate` again with the same prompts, which resumes: samples already returned are kept, not
+regenerated. An engine whose weights were loaded from files at construction (eval) is current at once.
 """
 
 from __future__ import annotations
@@ -21,13 +22,17 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from megatron_apo.rollout.engine import Sample, SamplingParams
+from megatron_apo.rollout.engine import EngineDied, Sample, SamplingParams
 from megatron_apo.rollout.sync_group import SyncEndpoint
 from megatron_apo.rollout.weight_sync import WeightSyncError
 
 
 class FleetError(RuntimeError):
     pass
+
+
+class FleetNeedsSync(FleetError):
+    """No live engine holds the fleet's weights: run a weight sync, then call `generate` again (it resumes)."""
 
 
 @dataclass
@@ -41,7 +46,6 @@ class EngineSpec:
     sync_ranks_per_engine: int = 1  # processes per engine in the sync group (vLLM: its TP workers)
     env_vars: dict = field(default_factory=dict)
     placement_bundles: list[dict] | None = None  # one placement group per engine (vLLM TP>1: a GPU bundle per rank)
-    restore_from_peer: bool = True  # a restarted engine copies a live engine's weights (CPU); else waits for a sync
 
     def resolve_cls(self):
         if isinstance(self.engine_cls, str):
@@ -82,14 +86,18 @@ class RolloutFleet:
         self.chunk_size = chunk_size
         self.max_restarts = max_restarts
         self.restarts = 0
-        self._version = spec.kwargs.get("version", -1) if spec.kwargs.get("named_tensors") is not None else -1
+        self._version = -1
         self._pgs: dict = {}
         self._actors = [self._new_actor(i) for i in range(num_engines)]
         self._incarnation = [0] * num_engines
         self._stale = [False] * num_engines  # restarted but not yet at the fleet's weights: gets no work
         self._endpoint: SyncEndpoint | None = None
         self._join_refs: list = []
+        self._partial: tuple | None = None  # (request key, results so far) of a generate cut short by FleetNeedsSync
+        self.duplicates_dropped = 0
         self.wait_ready()
+        versions = self.engine_versions()
+        self._version = versions[0] if len(set(versions)) == 1 else -1  # engines built with weights (files)
 
     # ---- actors -----------------------------------------------------------------------------------------
 
@@ -105,7 +113,7 @@ class RolloutFleet:
 
             if self._pgs.get(slot) is not None:
                 remove_placement_group(self._pgs[slot])
-            pg = placement_group(self.spec.placement_bundles, strategy="PACK")
+            pg = placement_group(self.spec.placement_bundles, strategy="STRICT_PACK")  # one engine, one node
             ray.get(pg.ready())
             self._pgs[slot] = pg
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
@@ -122,47 +130,46 @@ class RolloutFleet:
         return list(self._actors)
 
     def _restart(self, slot: int) -> None:
+        """A new actor in `slot`; it gets work once it holds the fleet's weights (from files or the next sync)."""
         import ray
 
         if self.restarts >= self.max_restarts:
             raise FleetError(f"rollout fleet: more than {self.max_restarts} engine restarts; giving up")
         self.restarts += 1
+        ray.wait([self._actors[slot].close.remote()], timeout=30)  # a live actor whose engine core died
         try:
             ray.kill(self._actors[slot], no_restart=True)
         except Exception:  # noqa: BLE001 - it is already dead
             pass
         new = self._new_actor(slot)
-        source = self._live_actor(exclude=slot) if self._version >= 0 else None
-        if self._version >= 0 and source is None:
-            raise FleetError("rollout fleet: an engine died and no live engine holds the current weights; "
-                             "run a weight sync to bring the fleet back")
-        if self._version >= 0 and self.spec.restore_from_peer:
-            ray.get(new.update_weights.remote(self._version, source.export_weights.remote()))
-        else:
-            ray.get(new.weights_version.remote())
-            # vLLM: weights are sharded and fused inside the engine; it serves again after the next sync
-            self._stale[slot] = self._version >= 0
+        version = ray.get(new.weights_version.remote())
+        self._stale[slot] = self._version >= 0 and version != self._version
         self._actors[slot] = new
         self._incarnation[slot] += 1
         self._endpoint = None  # the sync group's membership changed: the next sync opens a new group
 
-    def _live_actor(self, exclude: int):
+    def replace_dead_engines(self) -> list[int]:
+        """Replaces every engine actor that has died since it was last used; returns their slots."""
         import ray
 
-        for i, a in enumerate(self._actors):
-            if i == exclude:
-                continue
+        dead = []
+        for slot, ref in enumerate([a.weights_version.remote() for a in self._actors]):
             try:
-                ray.get(a.weights_version.remote(), timeout=60)
-                return a
+                ray.get(ref)
             except ray.exceptions.RayActorError:
-                continue
-        return None
+                dead.append(slot)
+        for slot in dead:
+            self._restart(slot)
+        return dead
 
     # ---- generation -------------------------------------------------------------------------------------
 
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Sample]]:
-        """Every prompt's `params.n` samples, in prompt order, each exactly once (engine deaths included)."""
+        """Every prompt's `params.n` samples, in prompt order, each exactly once (engine deaths included).
+
+        Raises `FleetNeedsSync` when no live engine holds the fleet's weights; after a sync, the same call
+        resumes where it stopped.
+        """
         import ray
 
         prompts = [list(p) for p in prompt_token_ids]
@@ -170,26 +177,41 @@ class RolloutFleet:
             return []
         chunk = self.chunk_size or math.ceil(len(prompts) / self.num_engines)
         chunks = [(a, min(a + chunk, len(prompts))) for a in range(0, len(prompts), chunk)]
+        key = (repr(prompts), repr(params), chunk)
+        results: dict[tuple[int, int], Sample] = {}
+        if self._partial is not None and self._partial[0] == key:
+            results = self._partial[1]
+        else:
+            self.duplicates_dropped = 0
+        self._partial = None
+        done = {ci for ci, (a, b) in enumerate(chunks) if all((p, s) in results for p in range(a, b) for s in range(params.n))}
         inflight: dict = {}
+        queued: list[int] = []  # chunks waiting for an engine that holds the current weights
 
         def submit(ci: int, slot: int) -> None:
             if self._stale[slot]:
-                slot = next(i for i in range(self.num_engines) if not self._stale[i])
+                live = [i for i in range(self.num_engines) if not self._stale[i]]
+                if not live:
+                    queued.append(ci)
+                    return
+                slot = min(live, key=lambda i: sum(s == i for _, s, _ in inflight.values()))
             a, b = chunks[ci]
             ref = self._actors[slot].generate.remote(prompts[a:b], params, request_ids=list(range(a, b)))
             inflight[ref] = (ci, slot, self._incarnation[slot])
 
         for ci in range(len(chunks)):
-            submit(ci, ci % self.num_engines)
-        results: dict[tuple[int, int], Sample] = {}
-        self.duplicates_dropped = 0
+            if ci not in done:
+                submit(ci, ci % self.num_engines)
         while inflight:
             ready, _ = ray.wait(list(inflight), num_returns=1)
             ref = ready[0]
             ci, slot, incarnation = inflight.pop(ref)
             try:
                 out = ray.get(ref)
-            except ray.exceptions.RayActorError:
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                dead = isinstance(e, ray.exceptions.RayActorError) or isinstance(getattr(e, "cause", None), EngineDied)
+                if not dead:
+                    raise
                 if incarnation == self._incarnation[slot]:
                     self._restart(slot)
                 submit(ci, slot)  # only this unfinished chunk goes again
@@ -197,12 +219,17 @@ class RolloutFleet:
             a, _ = chunks[ci]
             for i, samples in enumerate(out):
                 for s in samples:
-                    key = (a + i, s.sample_index)
-                    if key in results:
+                    key_ps = (a + i, s.sample_index)
+                    if key_ps in results:
                         self.duplicates_dropped += 1
                         continue
                     s.prompt_index = a + i
-                    results[key] = s
+                    results[key_ps] = s
+        if queued:
+            self._partial = (key, results)
+            raise FleetNeedsSync(f"rollout fleet: {len(queued)} chunk(s) wait for an engine that serves weights "
+                                 f"v{self._version}: every engine was replaced or refuses to serve after a rejected "
+                                 "sync; run a weight sync")
         missing = [(p, s) for p in range(len(prompts)) for s in range(params.n) if (p, s) not in results]
         if missing:
             raise FleetError(f"rollout fleet: {len(missing)} samples missing, e.g. {missing[:3]}")
@@ -223,13 +250,9 @@ class RolloutFleet:
 
         return ray.get([a.sync_state.remote() for a in self._actors])
 
-    def update_weights(self, version: int, named_tensors) -> None:
-        """Loads HF-named tensors into every engine through Ray's object store (no collective group)."""
-        import ray
-
-        ref = ray.put([(n, t.detach().cpu()) for n, t in named_tensors])
-        ray.get([a.update_weights.remote(version, ref) for a in self._actors])
-        self._version = version
+    def needs_sync(self) -> bool:
+        """Some engine was replaced and does not hold the fleet's weights yet."""
+        return any(self._stale)
 
     def logits(self, token_ids) -> list:
         """Every engine's probe logits (parity checks)."""
@@ -245,6 +268,7 @@ class RolloutFleet:
         The engines start joining at once (asynchronously); the trainer's rank 0 joins as sync rank 0
         with `open_sync_group(endpoint, 0)`, which completes the rendezvous.
         """
+        self.replace_dead_engines()  # a dead member would fail the sync; its replacement joins the new group
         if self._endpoint is not None and self._endpoint.backend == backend and not fresh:
             return self._endpoint
         world = 1 + self.num_engines * self.spec.sync_ranks_per_engine
@@ -276,6 +300,8 @@ class RolloutFleet:
             errors += [f"engine {i}: checksum {r['checksum']} != trainer's {expected_checksum}"
                        for i, r in enumerate(results) if r["checksum"] != expected_checksum]
         if errors:
+            # every engine refuses to serve until a sync verifies: none gets work, none is a source of weights
+            self._stale = [True] * self.num_engines
             raise WeightSyncError("weight sync rejected: " + "; ".join(errors))
         self._version = results[0]["version"]
         self._stale = [False] * self.num_engines
@@ -284,6 +310,7 @@ class RolloutFleet:
     def shutdown(self) -> None:
         import ray
 
+        ray.wait([a.close.remote() for a in self._actors], num_returns=len(self._actors), timeout=60)
         for a in self._actors:
             try:
                 ray.kill(a, no_restart=True)

@@ -63,18 +63,18 @@ def sample_tokens(
 
 
 def logprob_mismatch(engine_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor, mask: torch.Tensor) -> dict:
-    """Rollout-vs-trainer log-prob mismatch over response tokens (a metric, not a loss).
+    """Rollout-vs-trainer log-prob mismatch over response tokens (metrics, not a loss), as 0-d tensors.
 
     `engine_logprobs` come from the sampled (processed) distribution, `trainer_logprobs` from the trainer's
     recomputation (temperature, no truncation). With top-k/top-p the engine's are >= the trainer's by the
-    log of the kept mass; with neither, the gap is numerical noise plus weight staleness.
+    log of the kept mass; with neither, the gap is numerical noise (bf16 engines) plus weight staleness.
+    The trainer logs these every step (its old-policy pass).
     """
-    m = mask.bool()
-    diff = (engine_logprobs - trainer_logprobs)[m].float()
-    if diff.numel() == 0:
-        return {"rollout/logprob_diff_mean": 0.0, "rollout/logprob_diff_abs_max": 0.0, "rollout/prob_ratio_mean": 1.0}
+    m = mask.to(engine_logprobs.dtype)
+    n = m.sum().clamp(min=1)
+    diff = (engine_logprobs - trainer_logprobs).float() * m
     return {
-        "rollout/logprob_diff_mean": float(diff.mean()),
-        "rollout/logprob_diff_abs_max": float(diff.abs().max()),
-        "rollout/prob_ratio_mean": float(torch.exp(-diff).mean()),  # E[pi_trainer / pi_engine] on sampled tokens
+        "rollout/logprob_abs_diff": (diff.abs().sum() / n).detach(),
+        "rollout/logprob_diff_mean": (diff.sum() / n).detach(),
+        "rollout/prob_ratio_mean": ((torch.exp(-diff) * m).sum() / n).detach(),  # E[pi_trainer / pi_engine]
     }

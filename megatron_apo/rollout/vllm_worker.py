@@ -1,39 +1,68 @@
 """Methods added to every vLLM worker (`worker_extension_cls`), called through `LLM.collective_rpc`.
 
-Kept in its own module so vLLM workers import only this (and the protocol), not the engine or Ray fleet.
-`self.device` and `self.model_runner` come from the vLLM worker this class is mixed into.
+vLLM V1 runs its engine core (and, on CPU or with TP > 1, its workers) in other processes, and
+`collective_rpc` arguments and results cross that boundary with msgpack, decoded WITHOUT type
+information: a tensor arrives as a `[dtype, shape, data]` list, a dataclass as a dict. So every method
+here takes and returns only small plain values (ints, floats, strings, lists/dicts of them); the weights
+themselves travel over the weight-sync group (gloo on CPU, NCCL on GPU), never as RPC arguments.
+
+One code path for both transports: `open_sync_group` picks gloo or NCCL from the endpoint's backend, and
+`receive_weights` (the same bucket/checksum protocol the CPU engine uses, `weight_sync.py`) verifies
+every bucket's checksum and the per-sync checksum before and after loading. `self.device`, `self.rank`
+and `self.model_runner` come from the vLLM worker this class is mixed into.
 """
 
 from __future__ import annotations
 
 import torch
 
-from megatron_apo.rollout.sync_group import open_sync_group
+from megatron_apo.rollout.sync_group import SyncEndpoint, measure_broadcast_bandwidth, open_sync_group
 from megatron_apo.rollout.weight_sync import BufferRing, receive_weights
 
 
 class SyncWorkerExtension:
-    def join_sync_group(self, endpoint, rank_offset: int) -> None:
-        from vllm.distributed.parallel_state import get_world_group
-
-        self._weight_sync_group = open_sync_group(endpoint, rank_offset + get_world_group().rank, device=self.device)
+    def join_sync_group(self, host: str, port: int, world_size: int, backend: str, timeout_s: float,
+                        rank_offset: int) -> int:
+        """Joins as sync rank `rank_offset + this worker's vLLM rank`; blocks until the group is complete."""
+        endpoint = SyncEndpoint(str(host), int(port), int(world_size), str(backend), float(timeout_s))
+        old = getattr(self, "_weight_sync_group", None)
+        if old is not None:
+            old.close()
+        rank = int(rank_offset) + int(self.rank)
+        self._weight_sync_group = open_sync_group(endpoint, rank, device=self.device)
+        return rank
 
     def receive_weights(self, version: int) -> dict:
+        """Receives one sync into the model (`load_weights` with HF names, each bucket once it verifies).
+
+        Returns the plain `SyncResult.as_dict()` plus `missing`: the model parameters no bucket updated
+        (vLLM's own, fused names), so a partial sync cannot pass as a complete one.
+        """
         model = self.model_runner.model
         if not hasattr(self, "_weight_sync_ring"):
-            self._weight_sync_ring = BufferRing()  # receive buffers reused across syncs
-        result = receive_weights(getattr(self, "_weight_sync_group", None),
-                                 lambda tensors: model.load_weights(weights=tensors), expected_version=version,
-                                 ring=self._weight_sync_ring)
-        torch.cuda.synchronize()
-        return result.as_dict()
+            self._weight_sync_ring = BufferRing()  # two receive buffers, reused across syncs
+        updated: set[str] = set()
 
-    def load_hf_tensors(self, named) -> int:
-        model = self.model_runner.model
-        model.load_weights(weights=[(n, t.to(self.device)) for n, t in named])
-        return len(named)
+        def load(tensors):
+            updated.update(model.load_weights(weights=tensors) or ())
+
+        result = receive_weights(getattr(self, "_weight_sync_group", None), load, expected_version=int(version),
+                                 ring=self._weight_sync_ring)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        out = result.as_dict()
+        out["missing"] = sorted(set(dict(model.named_parameters())) - updated)[:5] if result.ok else []
+        return out
 
     def sync_group_bandwidth(self, nbytes: int) -> float:
-        from megatron_apo.rollout.sync_group import measure_broadcast_bandwidth
+        return float(measure_broadcast_bandwidth(self._weight_sync_group, int(nbytes)))
 
-        return measure_broadcast_bandwidth(self._weight_sync_group, nbytes)
+    def load_weights_file(self, path: str) -> int:
+        """HF-named tensors from a safetensors file (a path crosses the RPC, the bytes are read here)."""
+        from safetensors import safe_open
+
+        model = self.model_runner.model
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names = list(f.keys())
+            model.load_weights(weights=((n, f.get_tensor(n)) for n in names))
+        return len(names)

@@ -178,18 +178,23 @@ class BufferRing:
 class WeightStore:
     """Receive buffers that stay an engine's weights: loading is pointing parameters at them, not a copy.
 
-    Bucket i of a sync lands in buffer i of one of two sets, alternating per sync, so a sync only ever
-    writes into the set that the served (last verified) weights do not use: a sync that fails
-    verification leaves them untouched. Costs one extra copy of the model's memory and saves copying
-    every weight on every sync (the CPU engine uses it; vLLM copies in its own `load_weights`).
+    Bucket i of a sync lands in buffer i of one of two sets: always the set that the served (last
+    committed) weights do not use, so a sync that fails verification, or several in a row, never
+    touches them; `commit()` after adopting a verified sync makes its set the served one. Costs one
+    extra copy of the model's memory and saves copying every weight on every sync (the CPU engine uses
+    it; vLLM copies in its own `load_weights`).
     """
 
     def __init__(self):
         self._sets: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
-        self._active, self._next = 1, 0
+        self._served, self._active, self._next = 1, 0, 0
 
     def begin_sync(self) -> None:
-        self._active, self._next = 1 - self._active, 0
+        self._active, self._next = 1 - self._served, 0
+
+    def commit(self) -> None:
+        """The set this sync wrote now holds the served weights."""
+        self._served = self._active
 
     def take(self, nbytes: int, device) -> tuple[int, torch.Tensor]:
         bufs, index = self._sets[self._active], self._next
@@ -306,11 +311,14 @@ class EngineSyncState:
             raise WeightSyncError(f"engine refuses to serve: the last weight sync failed verification ({self.failure}); "
                                   "it serves again after a sync that verifies")
 
-    def check_complete(self, loaded: set[str], expected: set[str]) -> None:
+    def check_complete(self, loaded: set[str], expected: set[str], raise_error: bool = True) -> bool:
         missing = sorted(expected - set(loaded))
+        if missing and not raise_error:
+            return False
         if missing:
             self.serving, self.failure = False, f"{len(missing)} parameters not updated, e.g. {missing[:3]}"
             raise WeightSyncError(f"weight update incomplete: {self.failure}")
+        return True
 
     def mark_loaded(self, version: int, checksum: str = "") -> None:
         self.version, self.serving, self.failure, self.last_checksum = version, True, "", checksum

@@ -20,12 +20,6 @@ from megatron_apo.rewards.pool import RewardItem, RewardPool
 from megatron_apo.rollout.engine import SamplingParams
 from megatron_apo.trainer.batch import RLBatch, build_batch
 
-ENGINE_CLASSES = {
-    "cpu": "megatron_apo.rollout.cpu_engine:CPUEngine",
-    "vllm": "megatron_apo.rollout.vllm_engine:VLLMEngine",
-}
-
-
 @dataclass
 class Rollout:
     batch: RLBatch
@@ -46,24 +40,18 @@ class Controller:
         self._sync_group = None
         self._sync_endpoint = None
         self._val = None
+        self._pending_idx = None
 
     # ---- fleet ------------------------------------------------------------------------------------------
 
     def _start_fleet(self):
         from megatron_apo.models.hf_mapping import hf_config_from_model_config
-        from megatron_apo.rollout.fleet import EngineSpec, RolloutFleet
+        from megatron_apo.rollout.engine import make_engine_spec
+        from megatron_apo.rollout.fleet import RolloutFleet
 
         r = self.cfg.rollout
-        if r.engine not in ENGINE_CLASSES:
-            raise ValueError(f"rollout.engine={r.engine!r} is unknown; use one of {sorted(ENGINE_CLASSES)}")
-        hf_config = hf_config_from_model_config(self.model_cfg)
-        if r.engine == "vllm":  # one placement group of engine_tp GPUs per engine, one sync rank per TP worker
-            from megatron_apo.rollout.vllm_engine import vllm_engine_spec
-
-            spec = vllm_engine_spec(r.engine_tp, hf_config=hf_config, gpu_memory_utilization=r.gpu_memory_utilization,
-                                    seed=self.cfg.seed)
-        else:
-            spec = EngineSpec(ENGINE_CLASSES[r.engine], kwargs={"hf_config": hf_config}, num_cpus=0.5)
+        spec = make_engine_spec(r.engine, hf_config=hf_config_from_model_config(self.model_cfg), engine_tp=r.engine_tp,
+                                gpu_memory_utilization=r.gpu_memory_utilization, seed=self.cfg.seed)
         return RolloutFleet(spec, r.num_engines, ray_address=r.ray_address)
 
     def sync_group(self):
@@ -96,10 +84,13 @@ class Controller:
 
     def rollout(self, step: int) -> Rollout:
         t0 = time.perf_counter()
-        idx = self.sampler.next_indices(self.cfg.data.train_batch_size)
+        # after FleetNeedsSync the same prompts again: the fleet resumes that request instead of starting over
+        idx = self._pending_idx or self.sampler.next_indices(self.cfg.data.train_batch_size)
+        self._pending_idx = idx
         items = [self.dataset[i] for i in idx]
         prompts = [it.prompt_ids for it in items]
         samples = self.fleet.generate(prompts, self.sampling_params(step))
+        self._pending_idx = None
         t_gen = time.perf_counter() - t0
         flat = [(p, s) for p, group in enumerate(samples) for s in group]
         texts = [self.tokenizer.decode(_strip_stop(s.token_ids, self.tokenizer.stop_token_ids)) for _, s in flat]

@@ -22,6 +22,7 @@ import torch
 from megatron_apo.algorithms.losses import LossInputs, compute_policy_loss, loss_inputs
 from megatron_apo.config import AlgorithmConfig
 from megatron_apo.ops.vocab_parallel import vocab_parallel_logprob_stats
+from megatron_apo.rollout.sampling import logprob_mismatch
 from megatron_apo.trainer.batch import response_logits
 
 
@@ -78,7 +79,7 @@ def old_policy_pass(settings: PassSettings):
             batch["old_topk_indices"], batch["old_topk_logprobs"] = st.topk_indices, st.topk_logprobs.detach()
         m = batch["response_mask"]
         gap = batch["old_logprobs"] - batch["rollout_logprobs"]
-        metrics = {"rollout/logprob_abs_diff": ((gap.abs() * m).sum() / m.sum().clamp(min=1)).detach()}
+        metrics = logprob_mismatch(batch["rollout_logprobs"], batch["old_logprobs"], m)
         if settings.tis_cap is not None:
             # The rollouts came from the previous weights: scaling A by the truncated ratio scales every
             # A-linear loss term (the dual-clipped PG, its clip bound, the APO pull weight |A|) by it.
