@@ -129,6 +129,35 @@ def test_pool_soft_and_hard_timeouts_score_zero_and_are_counted(reward_file):
         assert len(pool._workers) == 2 and all(w.process.is_alive() for w in pool._workers)
 
 
+_SCORE_IN_A_THREAD = r"""
+import threading, time
+from megatron_apo.rewards import RewardItem, RewardPool
+
+items = [RewardItem("math", r"\boxed{10^{10^{10^{10}}}}", "5"), RewardItem("math", r"\boxed{2}", "2")]
+result = {}
+with RewardPool(num_workers=0, timeout_s=1.0, hard_grace_s=1.0, on_error="zero") as pool:
+    t = threading.Thread(target=lambda: result.update(batch=pool.score(items)), daemon=True)
+    t.start()
+    t.join()
+print(result["batch"].timed_out, result["batch"].scores, flush=True)
+"""
+
+
+def test_limit_holds_when_scoring_runs_off_the_main_thread():
+    """The one-step-off-policy trainer scores its prefetched rollout in a thread, where no timer signal works:
+    a pathological answer (a power tower math-verify tries to evaluate) still ends as a timeout, in a worker.
+    (Run in a child process: without the limit the scoring thread holds the GIL for minutes.)"""
+    import subprocess
+    import sys
+
+    try:
+        out = subprocess.run([sys.executable, "-c", _SCORE_IN_A_THREAD], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("scoring in a thread ran without a time limit (no result after 120 s)")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[True, False] [0.0, 1.0]"
+
+
 def test_pool_errors_raise_with_sample_index_or_count(reward_file):
     items = [RewardItem("x", "ok", "ok"), RewardItem("x", "boom", "ok")]
     with RewardPool(num_workers=1, timeout_s=2.0, reward_fn=f"{reward_file}:behaving") as pool:

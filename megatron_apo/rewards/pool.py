@@ -10,6 +10,7 @@ restarts) and load the custom reward function, if any, themselves.
 from __future__ import annotations
 
 import multiprocessing as mp
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -101,7 +102,8 @@ class _Worker:
 class RewardPool:
     """`with RewardPool(num_workers=4, timeout_s=5) as pool: batch = pool.score(items)`.
 
-    num_workers=0 scores in the calling process (soft limit only, main thread). `reward_fn` is a
+    num_workers=0 scores in the calling process (soft limit, main thread); called from another thread, where
+    no timer can interrupt the scoring, it uses one worker process instead, so the limit always holds. `reward_fn` is a
     'file.py:fn' spec with verl's signature used for every item instead of the data_source registry.
     on_error='raise' raises on the first failing sample (naming its index); 'zero' scores it 0.0 and counts it.
     """
@@ -190,19 +192,21 @@ class RewardPool:
                     raise ValueError(f"reward of sample {idx} (data_source={items[idx].data_source!r}) failed: {err}")
                 errors[idx] = err
 
-        if self.num_workers == 0 or n == 0:
+        in_main = threading.current_thread() is threading.main_thread()
+        num_workers = self.num_workers or (0 if in_main else 1)  # off the main thread only a process is limited
+        if num_workers == 0 or n == 0:
             for i, item in enumerate(items):
                 record(i, *score_item(item, self._local_fn, self.timeout_s))
             return RewardBatch(scores, timed_out, errors, time.monotonic() - t0)
 
-        while len(self._workers) < self.num_workers:
+        while len(self._workers) < num_workers:
             self._workers.append(self._spawn())
         pending = deque(range(n))
         busy: dict[Connection, _Worker] = {}
         hard_limit = self.timeout_s + self.hard_grace_s
         try:
             while pending or busy:
-                for w in self._workers:
+                for w in self._workers[:num_workers]:
                     if w.task is None and pending:
                         w.task, w.started = pending.popleft(), time.monotonic()
                         try:
