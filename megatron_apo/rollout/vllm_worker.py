@@ -35,19 +35,33 @@ class SyncWorkerExtension:
     def receive_weights(self, version: int) -> dict:
         """Receives one sync into the model (`load_weights` with HF names, each bucket once it verifies).
 
-        Returns the plain `SyncResult.as_dict()` plus `missing`: the model parameters no bucket updated
-        (vLLM's own, fused names), so a partial sync cannot pass as a complete one.
+        Loading goes through vLLM's in-place reload (`initialize_layerwise_reload` ... `finalize_layerwise_reload`):
+        after start-up vLLM may have repacked a layer's weights into kernel formats (the CPU backend does),
+        which plain `load_weights` cannot write into; the reload restores each layer's loadable form, loads
+        it, and re-runs that processing once the layer is complete (a layer that got nothing keeps its
+        tensors). Returns the plain `SyncResult.as_dict()` plus `missing`: the model parameters no bucket
+        updated (vLLM's own, fused names), so a partial sync cannot pass as a complete one.
         """
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
         model = self.model_runner.model
         if not hasattr(self, "_weight_sync_ring"):
             self._weight_sync_ring = BufferRing()  # two receive buffers, reused across syncs
         updated: set[str] = set()
 
         def load(tensors):
-            updated.update(model.load_weights(weights=tensors) or ())
+            # the reload buffers a layer's tensors until the layer is complete, possibly past the reuse of
+            # this receive buffer: hand it copies
+            updated.update(model.load_weights(weights=[(n, t.clone()) for n, t in tensors]) or ())
 
-        result = receive_weights(getattr(self, "_weight_sync_group", None), load, expected_version=int(version),
-                                 ring=self._weight_sync_ring)
+        with set_current_vllm_config(self.vllm_config):
+            initialize_layerwise_reload(model)
+            try:
+                result = receive_weights(getattr(self, "_weight_sync_group", None), load,
+                                         expected_version=int(version), ring=self._weight_sync_ring)
+            finally:
+                finalize_layerwise_reload(model, self.model_runner.model_config)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         out = result.as_dict()
@@ -61,8 +75,7 @@ class SyncWorkerExtension:
         """HF-named tensors from a safetensors file (a path crosses the RPC, the bytes are read here)."""
         from safetensors import safe_open
 
-        model = self.model_runner.model
         with safe_open(str(path), framework="pt", device="cpu") as f:
             names = list(f.keys())
-            model.load_weights(weights=((n, f.get_tensor(n)) for n in names))
+            self.reload_weights(weights_iterator=((n, f.get_tensor(n)) for n in names), is_checkpoint_format=True)
         return len(names)
