@@ -34,6 +34,7 @@ if [ -z "$py" ]; then
     py=.venv/bin/python
     # the gpu extra's pins, read from pyproject.toml; TE must build against the torch installed above
     mapfile -t gpu_reqs < <("$py" -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["gpu"]))')
+    "$py" -m pip install -q --disable-pip-version-check ninja pybind11 setuptools wheel  # TE's build needs them
     for req in "${gpu_reqs[@]}"; do
       "$py" -m pip install -q --disable-pip-version-check --no-build-isolation "$req"
     done

@@ -200,3 +200,31 @@ def sync_dtype_body(dtype_name: str) -> dict:
     return {"host": endpoint.host, "ok": got.pop("__ok__"), "bytes": stats.bytes,
             "dtypes": sorted({str(t.dtype) for t in got.values()}),
             "equal": set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want)}
+
+
+def schedule_device_body() -> dict:
+    """Runs a real tiny GPTModel through the schedule with a recording wrapper around the device helper."""
+    from megatron_apo.models import build_gpt_model, load_model_config
+    from megatron_apo.parallel import ParallelConfig, init_distributed
+    from megatron_apo.trainer import schedule
+
+    init_distributed(ParallelConfig(), seed=2)
+    model = build_gpt_model(load_model_config("tiny"))
+    calls = []
+    real = schedule.to_device
+
+    def recording(batch, device):
+        calls.append((id(batch), str(device)))
+        return real(batch, device)
+
+    schedule.to_device = recording
+    tokens = torch.randint(0, 50, (4, 9))
+    batches = list(schedule.lm_batches(tokens, 2))
+
+    def loss(batch, logits):
+        batch["seen"] = logits.detach().sum()  # written into the caller's dict
+        return schedule.lm_loss(batch, logits)
+
+    with torch.no_grad():
+        schedule.forward_backward([model], batches, loss, seq_length=8, micro_batch_size=2, forward_only=True)
+    return {"calls": calls, "ids": [id(b) for b in batches], "seen": all("seen" in b for b in batches)}

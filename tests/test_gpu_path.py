@@ -32,14 +32,11 @@ def test_to_device_moves_every_tensor_in_place():
     assert model_device(torch.nn.Identity()).type == "cpu"
 
 
-def test_schedule_moves_batches_through_the_helper():
-    """The one call site: Megatron's forward step hands the model `to_device(batch, model_device(model))`."""
-    import inspect
-
-    from megatron_apo.trainer import schedule
-
-    src = inspect.getsource(schedule.forward_backward)
-    assert "to_device(next(data_iterator), model_device(model))" in src
+def test_schedule_moves_each_micro_batch_once_in_place():
+    """The one call site: the forward step hands every micro-batch dict to the device helper with the model's
+    device, and the loss function's writes land in the caller's dicts."""
+    out = run_distributed(bodies.schedule_device_body, 1, timeout=180)[0]
+    assert out["calls"] == [(i, "cpu") for i in out["ids"]] and out["seen"]
 
 
 def test_control_plane_outlives_the_default_group_timeout():

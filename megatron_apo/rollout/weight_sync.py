@@ -604,7 +604,8 @@ class TrainerWeightSender:
             cache = {}
             bucket, slot = self._zero_copy_bucket(plan, local, cache, group.device), None
             if bucket is None:
-                slot, flat = self._ring.take(plan.nbytes, group.device)
+                # packed where the pieces live (the trainer ranks' p2p runs over their own, NCCL on GPU, group)
+                slot, flat = self._ring.take(plan.nbytes, _device())
                 views = dict(unpack_bucket(flat, plan.entries))
                 receives, uses = [], {}
                 for src in sorted({p.src for p in plan.pieces} & self._shm_sources):  # "write into `slot`"
@@ -628,6 +629,8 @@ class TrainerWeightSender:
                         dst.copy_(buf)
                 gather_s += time.perf_counter() - tg
                 bucket = Bucket(plan.entries, flat, bucket_checksum(flat))
+                if flat.device != torch.device(group.device):  # a GPU trainer feeding CPU (gloo) engines
+                    bucket = Bucket(plan.entries, flat.to(group.device), bucket.checksum)
             handle = _Keep(send_bucket(group, bucket, version, index, async_op=True), bucket)
             if slot is None:
                 zero_copy.append(handle)
