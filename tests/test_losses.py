@@ -19,7 +19,7 @@ TOL = 1e-5
 
 
 # --------------------------------------------------------------------------------------------------------
-# dense reference (full vocabulary, plain autograd), straight from APO_MATH.md
+# dense reference (full vocabulary, plain autograd), straight from the spec (docs/algorithms.md)
 
 
 def _agg(v, m, mode):
