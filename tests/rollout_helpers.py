@@ -55,13 +55,14 @@ class CrashingCPUEngine(CPUEngine):
 _GROUPS = {}
 
 
-def sync_from_driver(fleet, version, named, corrupt_bucket=None, bucket_bytes=64 << 10):
+def sync_from_driver(fleet, version, named, corrupt_bucket=None, bucket_bytes=64 << 10, fresh=False):
     """The pytest process plays the trainer's rank 0: sync rank 0, buckets straight from HF tensors.
 
-    `corrupt_bucket`: flip one bit of that bucket on the wire, after its checksum was taken."""
+    `corrupt_bucket`: flip one bit of that bucket on the wire, after its checksum was taken. `fresh`: a new
+    group (needed after another process, e.g. a spawned trainer, was the group's rank 0)."""
     from megatron_apo.rollout.weight_sync import open_sync_group, pack_bucket, send_bucket, send_end
 
-    endpoint = fleet.sync_endpoint("gloo", timeout_s=120)
+    endpoint = fleet.sync_endpoint("gloo", timeout_s=120, fresh=fresh)
     if endpoint not in _GROUPS:  # the trainer opens its end once per endpoint and reuses it
         _GROUPS[endpoint] = open_sync_group(endpoint, 0)
     group = _GROUPS[endpoint]

@@ -164,7 +164,8 @@ def test_corrupted_bucket_rejected_by_every_engine_until_a_verified_sync(vfleet)
     from megatron_apo.rollout.weight_sync import WeightSyncError
 
     fleet, _ = vfleet
-    refs, total, _ = sync_from_driver(fleet, 20, random_hf_state(2, CFG), corrupt_bucket=2)
+    # fresh: the previous group's rank 0 was the spawned trainer of the test before
+    refs, total, _ = sync_from_driver(fleet, 20, random_hf_state(2, CFG), corrupt_bucket=2, fresh=True)
     with pytest.raises(WeightSyncError, match="engine 0: .*bucket 2: checksum mismatch.*engine 1: .*bucket 2"):
         fleet.finish_weight_sync(refs, expected_checksum=total)
     with pytest.raises(FleetNeedsSync, match="refuses to serve"):
@@ -185,6 +186,9 @@ def test_killed_engine_core_mid_generate_every_sample_once_and_identical(vfleet)
     import ray
 
     fleet, _ = vfleet
+    weights = random_hf_state(4, CFG)
+    refs, total, _ = sync_from_driver(fleet, 30, weights, fresh=True)
+    fleet.finish_weight_sync(refs, expected_checksum=total)
     params = SamplingParams(n=3, temperature=1.0, top_p=0.9, max_new_tokens=24, seed=8)
     undisturbed = fleet.generate(PROMPTS, params)
     restarts = fleet.restarts
@@ -196,10 +200,9 @@ def test_killed_engine_core_mid_generate_every_sample_once_and_identical(vfleet)
     assert [[s.token_ids for s in g] for g in out] == [[s.token_ids for s in g] for g in undisturbed]
     assert [[s.logprobs for s in g] for g in out] == [[s.logprobs for s in g] for g in undisturbed]
     assert fleet.needs_sync()  # the replacement holds dummy weights until the trainer syncs
-    weights = random_hf_state(3, CFG)  # the fleet's current weights (v21, from the previous test)
-    refs, total, _ = sync_from_driver(fleet, 21, weights)
+    refs, total, _ = sync_from_driver(fleet, 30, weights)  # the trainer's current weights, to every engine
     fleet.finish_weight_sync(refs, expected_checksum=total)
-    assert fleet.engine_versions() == [21, 21] and not fleet.needs_sync()
+    assert fleet.engine_versions() == [30, 30] and not fleet.needs_sync()
     assert fleet.generate(PROMPTS, params) == undisturbed
 
 

@@ -57,7 +57,12 @@ def open_engine(hf_dir: Path, engines: int = 0, ray_address: str | None = None, 
     spec = make_engine_spec(engine, model_path=str(hf_dir), engine_tp=engine_tp,
                             gpu_memory_utilization=gpu_memory_utilization)
     if engines <= 0:
-        yield spec.resolve_cls()(**spec.kwargs)
+        kwargs = {k: v for k, v in spec.kwargs.items() if k != "exit_on_engine_death"}  # not in this process
+        engine = spec.resolve_cls()(**kwargs)
+        try:
+            yield engine
+        finally:
+            engine.close()
         return
     from megatron_apo.rollout.fleet import RolloutFleet
 

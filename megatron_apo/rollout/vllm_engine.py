@@ -34,6 +34,19 @@ from megatron_apo.rollout.weight_sync import EngineSyncState, SyncEndpoint, Weig
 WORKER_EXTENSION = "megatron_apo.rollout.vllm_worker.SyncWorkerExtension"
 
 
+def _check_cpu_head_dim(model_path: str) -> None:
+    """vLLM's CPU attention kernels exist for some head sizes only; say so before the engine core dies of it."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    with open(os.path.join(model_path, "config.json")) as f:
+        cfg = json.load(f)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim not in supported:
+        raise ValueError(f"rollout.engine=vllm on CPU: vLLM's CPU attention supports head_dim {supported}, this model "
+                         f"has {head_dim} (e.g. model_configs/tiny-h32.yaml instead of tiny); or use rollout.engine=cpu")
+
+
 def _on_cpu() -> bool:
     from vllm.platforms import current_platform
 
@@ -56,6 +69,7 @@ class VLLMEngine(RolloutEngine):
         kv_cache_bytes: int = 256 << 20,  # CPU only: the KV cache's size
         seed: int = 0,
         version: int | None = None,  # the version of the weights in `model_path` (default 0; -1 for dummy weights)
+        exit_on_engine_death: bool = False,  # in a fleet's actor: its engine core dying ends the actor
         **llm_kwargs,
     ):
         from vllm import LLM
@@ -77,29 +91,58 @@ class VLLMEngine(RolloutEngine):
             # the CPU backend would otherwise reserve gpu_memory_utilization x the host's memory for its KV cache
             llm_kwargs.setdefault("kv_cache_memory_bytes", kv_cache_bytes)
             gpu_memory_utilization = min(gpu_memory_utilization, 0.05)
-        try:
-            self.llm = LLM(
-                model=model_path,
-                skip_tokenizer_init=True,  # token ids in, token ids out
-                tensor_parallel_size=tensor_parallel_size,
-                distributed_executor_backend="ray" if tensor_parallel_size > 1 and not cpu else None,
-                dtype=dtype,
-                gpu_memory_utilization=gpu_memory_utilization,
-                max_model_len=max_model_len,
-                enforce_eager=cpu if enforce_eager is None else enforce_eager,
-                seed=seed,
-                worker_extension_cls=WORKER_EXTENSION,
-                logprobs_mode="processed_logprobs",
-                max_logprobs=-1,  # prompt_logprobs(full=True) returns whole distributions (parity checks)
-                **llm_kwargs,
-            )
-        except RuntimeError as e:
-            if "head_dim" in str(e) and cpu:
-                raise ValueError(f"vLLM's CPU attention does not support this model's head size ({e}); "
-                                 "it supports head_dim 32, 64, 80, ... 256") from e
-            raise
+            _check_cpu_head_dim(model_path)
+        self.llm = LLM(
+            model=model_path,
+            skip_tokenizer_init=True,  # token ids in, token ids out
+            tensor_parallel_size=tensor_parallel_size,
+            distributed_executor_backend="ray" if tensor_parallel_size > 1 and not cpu else None,
+            dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            enforce_eager=cpu if enforce_eager is None else enforce_eager,
+            seed=seed,
+            worker_extension_cls=WORKER_EXTENSION,
+            logprobs_mode="processed_logprobs",
+            max_logprobs=-1,  # prompt_logprobs(full=True) returns whole distributions (parity checks)
+            **llm_kwargs,
+        )
         self.tensor_parallel_size = tensor_parallel_size
         self._sync = EngineSyncState(version=version)
+        self._closing = False
+        if exit_on_engine_death:
+            self._watch_engine_core()
+
+    def _watch_engine_core(self) -> None:
+        """Ends this actor when the engine core process dies, so the fleet replaces it.
+
+        vLLM 0.32 notices the death (its monitor marks the engine dead and shuts the client down) but a
+        `generate` or `collective_rpc` already waiting for the engine core's output then waits forever.
+        """
+        import threading
+        import time
+
+        import psutil
+
+        cores = [p for p in psutil.Process().children(recursive=False)
+                 if "EngineCore" in " ".join([p.name(), *p.cmdline()])]
+
+        def alive(p) -> bool:
+            try:
+                return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return False
+
+        def watch():
+            while not self._closing:
+                if not all(alive(p) for p in cores):
+                    if not self._closing:
+                        print("VLLMEngine: the vLLM engine core died; ending this engine actor", flush=True)
+                        os._exit(1)
+                time.sleep(0.2)
+
+        if cores:
+            threading.Thread(target=watch, daemon=True, name="engine-core-watchdog").start()
 
     def _rpc(self, method: str, *args) -> list:
         """`collective_rpc` on every worker with plain arguments; a dead engine core raises EngineDied."""
@@ -119,6 +162,8 @@ class VLLMEngine(RolloutEngine):
     def close(self) -> None:
         """Shuts the engine core and its workers down (killing the actor alone could leave them running)."""
         import psutil
+
+        self._closing = True
 
         try:
             self.llm.llm_engine.engine_core.shutdown()
@@ -259,7 +304,7 @@ def vllm_engine_spec(tensor_parallel_size: int = 1, **engine_kwargs):
     env = {"VLLM_CPU_OMP_THREADS_BIND": "nobind"} if cpu else {}
     return EngineSpec(
         VLLMEngine,
-        dict(tensor_parallel_size=tensor_parallel_size, **engine_kwargs),
+        dict(tensor_parallel_size=tensor_parallel_size, exit_on_engine_death=True, **engine_kwargs),
         num_cpus=0.5 if cpu else 0,
         num_gpus=0 if cpu else 1 if tensor_parallel_size == 1 else 0,
         sync_ranks_per_engine=tensor_parallel_size,
