@@ -8,7 +8,9 @@ from megatron_apo.algorithms.settings import validate_algorithm_config
 from megatron_apo.config import load_config
 from megatron_apo.models.config import load_model_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+ALL = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+STUDIES = [p for p in ALL if p.name.startswith("study_")]  # `megatron-apo study` configs
+CONFIGS = [p for p in ALL if p not in STUDIES]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -22,3 +24,15 @@ def test_run_config_is_consistent(path):
 
 def test_configs_exist():
     assert {p.name for p in CONFIGS} >= {"apo_qwen2.5_32b.yaml", "apo_qwen2.5_7b.yaml"}
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
+def test_study_config_is_consistent(path):
+    from megatron_apo.study import load_study_config
+    from megatron_apo.study.runner import run_overrides
+
+    cfg = load_study_config(path)
+    paths = {"model": cfg.task.model, "train": "t.parquet", "val": "v.parquet", "tokenizer": "tok"}
+    for method in cfg.methods:  # every run's RunConfig loads and its algorithm settings validate
+        run = load_config(None, run_overrides(cfg, paths, "ckpt", Path("/tmp/x"), method, cfg.seeds[0]))
+        validate_algorithm_config(run.algorithm)
