@@ -90,6 +90,7 @@ def transformer_config(
         recompute_method="uniform" if recompute else None,
         recompute_num_layers=1 if recompute else None,
         transformer_impl=resolve_transformer_impl(transformer_impl),
+        cuda_graph_scope=[],  # megatron-core's default "full" is deprecated (and warns); [] means the same
     )
     kwargs.update(cpu_compat.transformer_config_overrides())
     return TransformerConfig(**kwargs)

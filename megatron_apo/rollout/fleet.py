@@ -17,6 +17,7 @@ regenerated. An engine whose weights were loaded from files at construction (eva
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -71,6 +72,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
     # address=None would attach to any cluster already running on this machine; "local" starts our own,
     # bound to the loopback interface (a local fleet never needs another address).
     local = {} if address else {"_node_ip_address": "127.0.0.1"}
+    if not address:
+        # Ray turns token auth on for every new local cluster and logs a warning about it each time (RAY_AUTH_MODE
+        # cannot be set here instead: Ray reads it when imported). Auth stays on; only the notice is dropped.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(address=address or "local", num_cpus=None if address else num_cpus, include_dashboard=False, **local,
              runtime_env=runtime_env, **kwargs)
 
