@@ -4,6 +4,7 @@ All tests share one local Ray cluster (`ray_cluster` fixture, 2 CPUs) and, where
 """
 
 import glob
+import time
 
 import pytest
 import torch
@@ -151,7 +152,12 @@ def test_rejected_sync_leaves_old_weights_and_a_refusing_engine_is_never_a_sourc
                 ray.get(actor.export_weights.remote())
         with pytest.raises(FleetNeedsSync, match="refuses to serve"):
             f.generate(PROMPTS, PARAMS)
-        ray.kill(f.actors[0], no_restart=True)
+        victim = f.actors[0]
+        ray.kill(victim, no_restart=True)  # asynchronous: wait until the actor is really gone
+        with pytest.raises(ray.exceptions.RayActorError):
+            for _ in range(600):
+                ray.get(victim.weights_version.remote())
+                time.sleep(0.1)
         assert f.replace_dead_engines() == [0]  # (the next sync_endpoint() does this by itself)
         assert f.restarts == 1 and f.engine_versions() == [0, 3]  # the replacement: its own v0, not a peer's
         held = dict(ray.get(f.actors[0].__ray_call__.remote(served)))

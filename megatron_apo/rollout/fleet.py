@@ -189,7 +189,8 @@ class RolloutFleet:
         else:
             self.duplicates_dropped = 0
         self._partial = None
-        done = {ci for ci, (a, b) in enumerate(chunks) if all((p, s) in results for p in range(a, b) for s in range(params.n))}
+        done = {ci for ci, (a, b) in enumerate(chunks)
+                if all((p, s) in results for p in range(a, b) for s in range(params.n))}
         inflight: dict = {}
         queued: list[int] = []  # chunks waiting for an engine that holds the current weights
 

@@ -85,7 +85,9 @@ class Controller:
     def rollout(self, step: int) -> Rollout:
         t0 = time.perf_counter()
         # after FleetNeedsSync the same prompts again: the fleet resumes that request instead of starting over
-        idx = self._pending_idx or self.sampler.next_indices(self.cfg.data.train_batch_size)
+        idx = self._pending_idx
+        if idx is None:
+            idx = self.sampler.next_indices(self.cfg.data.train_batch_size)
         self._pending_idx = idx
         items = [self.dataset[i] for i in idx]
         prompts = [it.prompt_ids for it in items]
