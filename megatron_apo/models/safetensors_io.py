@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_apo.dtypes import DTYPE_NAMES, torch_dtype
+
 SAFE_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -25,12 +27,6 @@ TORCH_TO_SAFE = {v: k for k, v in SAFE_DTYPES.items()}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
-DTYPE_NAMES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
-
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name is None or isinstance(name, torch.dtype):
@@ -38,7 +34,7 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     key = str(name).lower().replace("torch.", "")
     if key not in DTYPE_NAMES:
         raise ValueError(f"--dtype {name!r} is not supported; use one of float32, bfloat16, float16")
-    return DTYPE_NAMES[key]
+    return torch_dtype(key)
 
 
 def parse_size(size: str | int) -> int:
