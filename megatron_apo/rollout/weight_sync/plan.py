@@ -69,7 +69,8 @@ def build_plan(chunks, model_cfg, dtype: torch.dtype | None,
     owners: dict[str, dict] = {}  # global name -> the first stage holding it (a tied output copy is skipped)
     for stage, tp_rank, rank, params, _ in sorted(everyone, key=lambda x: (x[0], x[1])):
         for name, shape, pdtype, pdim in params:
-            owner = owners.setdefault(name, {"stage": stage, "ranks": {}, "shape": shape, "dtype": pdtype, "pdim": pdim})
+            owner = owners.setdefault(name, {"stage": stage, "ranks": {}, "shape": shape, "dtype": pdtype,
+                                             "pdim": pdim})
             if owner["stage"] == stage:
                 owner["ranks"][tp_rank] = rank
 

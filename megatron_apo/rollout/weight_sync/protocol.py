@@ -118,7 +118,8 @@ class EngineSyncState:
 
     def check_serving(self) -> None:
         if not self.serving:
-            raise WeightSyncError(f"engine refuses to serve: the last weight sync failed verification ({self.failure}); "
+            raise WeightSyncError("engine refuses to serve: the last weight sync failed verification "
+                                  f"({self.failure}); "
                                   "it serves again after a sync that verifies")
 
     def check_complete(self, loaded: set[str], expected: set[str], raise_error: bool = True) -> bool:
@@ -141,4 +142,5 @@ class EngineSyncState:
         self.mark_loaded(result.version, result.checksum)
 
     def as_dict(self) -> dict:
-        return {"version": self.version, "serving": self.serving, "checksum": self.last_checksum, "failure": self.failure}
+        return {"version": self.version, "serving": self.serving, "checksum": self.last_checksum,
+                "failure": self.failure}

@@ -89,7 +89,8 @@ class TrainerWeightSender:
 
         rank = dist.get_rank()
         if rank == 0 and group is None:
-            raise WeightSyncError("TrainerWeightSender.sync: global rank 0 needs the sync group (open_sync_group(endpoint, 0))")
+            raise WeightSyncError("TrainerWeightSender.sync: global rank 0 needs the sync group "
+                                  "(open_sync_group(endpoint, 0))")
         if self._plan is None:
             self._plan, self._hosts = build_plan(self.chunks, self.cfg, self.dtype, self.bucket_bytes)
             self._open_shared_buffers()
@@ -116,10 +117,12 @@ class TrainerWeightSender:
                 go = torch.empty(2, dtype=torch.int64)
                 dist.recv(go, src=0)
                 if int(go[0]) != index:
-                    raise WeightSyncError(f"weight sync: rank {rank} expected bucket {index}, rank 0 is on {int(go[0])}")
+                    raise WeightSyncError(f"weight sync: rank {rank} expected bucket {index}, "
+                                          f"rank 0 is on {int(go[0])}")
                 views = dict(unpack_bucket(self._shm_slots[int(go[1])], bucket.entries))
                 for p in mine:
-                    views[p.hf_name].narrow(p.dim, p.start, p.length).copy_(self._pieces_of(local, p.global_name, cache)[p.index])
+                    piece = self._pieces_of(local, p.global_name, cache)[p.index]
+                    views[p.hf_name].narrow(p.dim, p.start, p.length).copy_(piece)
                 dist.send(go, dst=0)
                 continue
             sends = []
@@ -190,7 +193,8 @@ class TrainerWeightSender:
                     receives.append((dist.irecv(buf, src=p.src), buf, dst))
                 for p in plan.pieces:
                     if p.src == 0:
-                        views[p.hf_name].narrow(p.dim, p.start, p.length).copy_(self._pieces_of(local, p.global_name, cache)[p.index])
+                        piece = self._pieces_of(local, p.global_name, cache)[p.index]
+                        views[p.hf_name].narrow(p.dim, p.start, p.length).copy_(piece)
                 tg = time.perf_counter()
                 for work, buf, dst in receives:
                     work.wait()
