@@ -89,6 +89,13 @@ def layer_index(global_name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def stacked_name(global_name: str) -> str:
+    """The name Megatron stores a layer's tensor under, with a leading layer axis: `decoder.layers.<i>.<p>`
+    -> `decoder.layers.<p>`; other names are unchanged."""
+    m = _LAYER.match(global_name)
+    return f"decoder.layers.{m.group(2)}" if m else global_name
+
+
 def hf_sources(cfg: ModelConfig, global_name: str) -> list[str]:
     """The HF tensor names a Megatron tensor is made of (and that megatron_to_hf returns, except
     `output_layer.weight` with tied embeddings, which reads the embedding and returns nothing)."""

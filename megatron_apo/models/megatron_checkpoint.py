@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from megatron_apo.models.config import ModelConfig
-from megatron_apo.models.hf_mapping import EMBEDDING, FINAL_NORM, OUTPUT_LAYER, megatron_shape
+from megatron_apo.models.hf_mapping import EMBEDDING, FINAL_NORM, OUTPUT_LAYER, layer_index, megatron_shape, stacked_name
 from megatron_apo.models.spec_interchange import local_spelling
 
 METADATA_FILE = "megatron_apo.json"
@@ -189,7 +189,7 @@ class DistCheckpointReader:
                                  f"{list(want)} (num_layers first; config and weights do not match)")
 
     def tensor_bytes(self, global_name: str) -> int:
-        key = re.sub(r"^decoder\.layers\.\d+\.", "decoder.layers.", global_name)
+        key = stacked_name(global_name)
         md = self.meta[key]
         n = 1
         for s in md.size[1:] if key != global_name else md.size:
@@ -233,21 +233,19 @@ class DistCheckpointReader:
         """Reads the named full tensors (a layer's names read only that layer's slice of the storage)."""
         state, offsets = {}, {}
         for name in global_names:
-            m = re.match(r"^decoder\.layers\.(\d+)\.(.+)$", name)
-            key = self._stored[f"decoder.layers.{m.group(2)}" if m else name]
-            md = self.meta[f"decoder.layers.{m.group(2)}" if m else name]
-            if m:
+            layer, stacked = layer_index(name), stacked_name(name)
+            key, md = self._stored[stacked], self.meta[stacked]
+            if layer is not None:
                 state[key] = torch.empty((1, *md.size[1:]), dtype=md.properties.dtype)
-                offsets[key] = (int(m.group(1)),) + (0,) * (len(md.size) - 1)
+                offsets[key] = (layer,) + (0,) * (len(md.size) - 1)
             else:
                 state[key] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
                 offsets[key] = (0,) * len(md.size)
         self._dcp_load(state, offsets, global_names)
         out = {}
         for name in global_names:
-            m = re.match(r"^decoder\.layers\.(\d+)\.(.+)$", name)
-            key = self._stored[f"decoder.layers.{m.group(2)}" if m else name]
-            out[name] = state.pop(key)[0] if m else state.pop(key)
+            key = self._stored[stacked_name(name)]
+            out[name] = state.pop(key)[0] if layer_index(name) is not None else state.pop(key)
         return out
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_apo.dtypes import DTYPE_NAMES, torch_dtype
+
 SAFE_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -25,12 +27,6 @@ TORCH_TO_SAFE = {v: k for k, v in SAFE_DTYPES.items()}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
-DTYPE_NAMES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
-
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name is None or isinstance(name, torch.dtype):
@@ -38,7 +34,7 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     key = str(name).lower().replace("torch.", "")
     if key not in DTYPE_NAMES:
         raise ValueError(f"--dtype {name!r} is not supported; use one of float32, bfloat16, float16")
-    return DTYPE_NAMES[key]
+    return torch_dtype(key)
 
 
 def parse_size(size: str | int) -> int:
@@ -133,7 +129,8 @@ class HFCheckpoint:
             for name, fname in weight_map.items():
                 if name not in self.tensors or self.tensors[name].file != fname:
                     raise ValueError(f"{index}: tensor {name} is mapped to {fname} but that file does not hold it")
-        self._handles: dict = {}
+        self._handles: dict = {}  # plain files, for whole-tensor reads
+        self._slices: dict = {}  # safe_open handles, for row-range reads
 
     def dtype(self) -> torch.dtype:
         """The floating dtype most of the weights are stored in (by bytes)."""
@@ -169,31 +166,29 @@ class HFCheckpoint:
         return out
 
     def get_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows [start, stop) of a tensor, reading only their bytes (vocab tensors are the largest); into `out`
-        (contiguous, same dtype, rows clipped to the tensor) when given, so no second copy exists."""
+        """Rows [start, stop) of a tensor, reading only their bytes (vocab tensors are the largest), through
+        safetensors' `get_slice`; copied into `out` (contiguous, same dtype, rows clipped to the tensor) when given."""
         info = self.tensors.get(name)
         if info is None:
             raise ValueError(f"{self.folder}: tensor {name} not found")
         stop = min(stop, info.shape[0])
         shape = (max(0, stop - start), *info.shape[1:])
-        if out is None:
-            out = torch.empty(shape, dtype=info.dtype)
-        elif tuple(out.shape) != shape or out.dtype != info.dtype or not out.is_contiguous():
+        if out is not None and (tuple(out.shape) != shape or out.dtype != info.dtype or not out.is_contiguous()):
             raise ValueError(f"{name}: cannot read rows {start}:{stop} into a {tuple(out.shape)} {out.dtype} tensor")
-        if out.numel() == 0:
-            return out
-        if info.file not in self._handles:
-            self._handles[info.file] = open(self.folder / info.file, "rb")
-        f = self._handles[info.file]
-        f.seek(info.offset + start * (info.nbytes // info.shape[0]))
-        if f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy())) != out.numel() * out.element_size():
-            raise ValueError(f"{self.folder / info.file}: tensor {name} is truncated")
-        return out
+        if shape[0] == 0:
+            return out if out is not None else torch.empty(shape, dtype=info.dtype)
+        if info.file not in self._slices:
+            from safetensors import safe_open
+
+            self._slices[info.file] = safe_open(str(self.folder / info.file), framework="pt")
+        rows = self._slices[info.file].get_slice(name)[start:stop]
+        return rows if out is None else out.copy_(rows)
 
     def close(self) -> None:
         for f in self._handles.values():
             f.close()
         self._handles.clear()
+        self._slices.clear()  # safe_open's memory maps go with their handles
 
 
 class ShardedSafetensorsWriter:

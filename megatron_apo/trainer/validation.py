@@ -6,9 +6,10 @@ from pathlib import Path
 
 from megatron_apo.algorithms.settings import validate_algorithm_config
 from megatron_apo.config import RunConfig
+from megatron_apo.dtypes import DTYPE_NAMES
 from megatron_apo.models.config import ModelConfig, load_model_config
 
-DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+__all__ = ["DTYPE_NAMES", "validate_run_config"]  # DTYPE_NAMES re-exported: trainer/train.py imports it from here
 
 
 def validate_run_config(cfg: RunConfig, world_size: int | None = None) -> ModelConfig:

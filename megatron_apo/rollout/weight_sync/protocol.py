@@ -1,0 +1,146 @@
+"""The send-receive protocol over one sync group (sync rank 0 sends, every engine process receives).
+
+    for each bucket:  header {"type": "bucket", version, index, entries, nbytes, checksum}  (object broadcast)
+                      payload: one flat uint8 buffer of `nbytes`                              (tensor broadcast)
+    finally:          header {"type": "end", version, num_buckets, num_tensors, checksum}
+
+`receive_weights` verifies each bucket's checksum before loading it; a bad bucket is not loaded, the
+rest of the sync is still drained (the sender must not hang), and the engine refuses to serve until a
+later sync verifies (`EngineSyncState`). The per-sync checksum (over the bucket checksums) is reported
+back so the fleet can check that every engine got the same bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from megatron_apo.rollout.weight_sync.buckets import Bucket, bucket_checksum, combine_checksums, unpack_bucket
+from megatron_apo.rollout.weight_sync.buffers import BufferRing, WeightStore
+
+
+class WeightSyncError(RuntimeError):
+    pass
+
+
+def send_bucket(group, bucket: Bucket, version: int, index: int, async_op: bool = False):
+    """Header, then payload; with `async_op` the payload's handle is returned (keep `bucket.flat` until it is done)."""
+    group.broadcast_object({"type": "bucket", "version": version, "index": index, "entries": bucket.entries,
+                            "nbytes": bucket.nbytes, "checksum": bucket.checksum}, src=0)
+    return group.broadcast(bucket.flat, src=0, async_op=async_op)
+
+
+def send_end(group, version: int, checksums: list[str], num_tensors: int) -> str:
+    """The closing header; returns the per-sync checksum it carries."""
+    total = combine_checksums(checksums)
+    group.broadcast_object({"type": "end", "version": version, "num_buckets": len(checksums),
+                            "num_tensors": num_tensors, "checksum": total}, src=0)
+    return total
+
+
+@dataclass
+class SyncResult:
+    version: int
+    ok: bool
+    checksum: str  # the sender's per-sync checksum
+    num_buckets: int
+    num_tensors: int
+    loaded: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("loaded")
+        return d
+
+
+def receive_weights(group, load_fn: Callable[[list[tuple[str, torch.Tensor]]], object],
+                    expected_version: int | None = None, ring: BufferRing | WeightStore | None = None) -> SyncResult:
+    """Receives one whole sync; loads each bucket whose checksum verifies, drains the rest on errors.
+
+    Pipelined: bucket k+1 is already on the wire while bucket k is checked and loaded. `ring` gives the
+    receive buffers: a `BufferRing` (two, reused; `load_fn` must copy) or a `WeightStore` (`load_fn` may
+    keep the tensors it gets, they are views of buffers this sync owns until the sync after next).
+    """
+    if group is None:
+        raise WeightSyncError("receive_weights: this engine has not joined a sync group (join_sync_group first)")
+    ring = ring or BufferRing()
+    ring.begin_sync()
+    checksums, loaded, errors = [], [], []
+    counts = {"tensors": 0}
+
+    def process(header, buf, handle):
+        handle.wait()
+        got = bucket_checksum(buf)
+        checksums.append(got)
+        counts["tensors"] += len(header["entries"])
+        if expected_version is not None and header["version"] != expected_version:
+            errors.append(f"bucket {header['index']}: version {header['version']} != expected {expected_version}")
+        elif got != header["checksum"]:
+            errors.append(f"bucket {header['index']}: checksum mismatch (received {got}, sender {header['checksum']})")
+        else:
+            tensors = unpack_bucket(buf, header["entries"])
+            load_fn(tensors)
+            loaded.extend(n for n, _ in tensors)
+
+    prev = None
+    while True:
+        header = group.broadcast_object(None, src=0)
+        if header["type"] == "end":
+            break
+        _, buf = ring.take(header["nbytes"], group.device)
+        handle = group.broadcast(buf, src=0, async_op=True)
+        if prev is not None:
+            process(*prev)
+        prev = (header, buf, handle)
+    if prev is not None:
+        process(*prev)
+    num_tensors = counts["tensors"]
+    if len(checksums) != header["num_buckets"] or num_tensors != header["num_tensors"]:
+        errors.append(f"received {len(checksums)} buckets / {num_tensors} tensors, sender sent "
+                      f"{header['num_buckets']} / {header['num_tensors']}")
+    if not errors and combine_checksums(checksums) != header["checksum"]:
+        errors.append("per-sync checksum mismatch")
+    return SyncResult(header["version"], not errors, header["checksum"], len(checksums), num_tensors, loaded, errors)
+
+
+@dataclass
+class EngineSyncState:
+    """What an engine knows about its weights: version, and whether it may serve rollouts."""
+
+    version: int = -1
+    serving: bool = True
+    last_checksum: str = ""
+    failure: str = ""
+    group: object = None
+
+    def check_serving(self) -> None:
+        if not self.serving:
+            raise WeightSyncError("engine refuses to serve: the last weight sync failed verification "
+                                  f"({self.failure}); "
+                                  "it serves again after a sync that verifies")
+
+    def check_complete(self, loaded: set[str], expected: set[str], raise_error: bool = True) -> bool:
+        missing = sorted(expected - set(loaded))
+        if missing and not raise_error:
+            return False
+        if missing:
+            self.serving, self.failure = False, f"{len(missing)} parameters not updated, e.g. {missing[:3]}"
+            raise WeightSyncError(f"weight update incomplete: {self.failure}")
+        return True
+
+    def mark_loaded(self, version: int, checksum: str = "") -> None:
+        self.version, self.serving, self.failure, self.last_checksum = version, True, "", checksum
+
+    def apply(self, result: SyncResult, expected: set[str]) -> None:
+        if not result.ok:
+            self.serving, self.failure = False, "; ".join(result.errors)
+            raise WeightSyncError(f"weight sync v{result.version} rejected: {self.failure}")
+        self.check_complete(set(result.loaded), expected)
+        self.mark_loaded(result.version, result.checksum)
+
+    def as_dict(self) -> dict:
+        return {"version": self.version, "serving": self.serving, "checksum": self.last_checksum,
+                "failure": self.failure}
