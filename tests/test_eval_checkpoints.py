@@ -49,5 +49,5 @@ def test_eval_megatron_checkpoint_matches_hf(setup):
 def test_eval_through_ray_fleet_matches_in_process(setup):
     root, model, data, ref = setup
     res = _eval(model, data, root / "fleet_eval", "fleet", "--engines", 1)
-    assert res["meta"]["engine"] == "ray fleet of 1 CPUEngine(s)"
+    assert res["meta"]["engine"] == "ray fleet of 1 cpu engine(s)"
     assert res["per_prompt"] == ref["per_prompt"] and res["examples"] == ref["examples"]
