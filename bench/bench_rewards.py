@@ -14,6 +14,7 @@ import time
 
 from megatron_apo.rewards import RewardItem, RewardPool
 
+
 def make_items(n: int, seed: int) -> list[RewardItem]:
     """Distinct answers (math-verify caches parses, so repeats would flatter the in-process baseline)."""
     rng = random.Random(seed)

@@ -94,13 +94,14 @@ def megatron_logits_from_checkpoint(ckpt: str, tp: int, pp: int, tokens: torch.T
 def megatron_logits_from_hf_mapping(hf_dir: str, tokens: torch.Tensor) -> dict:
     """Rank body (TP=1/PP=1): fills a Megatron model through hf_to_megatron straight from the HF safetensors,
     returns its logits and its parameter names/shapes (to check the mapping's name list)."""
+    import json
+
     from safetensors import safe_open
 
     from megatron_apo.models import build_gpt_model
     from megatron_apo.models.hf_mapping import hf_to_megatron, model_config_from_hf_config
     from megatron_apo.models.sharding import iter_local_params
     from megatron_apo.parallel import ParallelConfig, init_distributed
-    import json
 
     init_distributed(ParallelConfig(1, 1))
     cfg = model_config_from_hf_config(json.loads((Path(hf_dir) / "config.json").read_text()))

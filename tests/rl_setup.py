@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 
-
 def toy_env(root: Path, num_train_prompts: int = 32, num_val_prompts: int = 4, answers_per_prompt: int = 1,
             seed: int = 7, model: str = "tiny") -> dict:
     """The digit-sum toy task (data/toy.py) as parquet, a character tokenizer trained on it, SFT pairs, and the

@@ -1,11 +1,11 @@
 """dist_checkpointing training checkpoints: resume with a different data-parallel size continues exactly."""
 
-import pytest
 import numpy as np
+import pytest
+from checkpoint_bodies import train_save_or_resume
 
 from megatron_apo.parallel import run_distributed
 from megatron_apo.trainer.checkpoint import latest_checkpoint, list_checkpoints, read_metadata, resolve_checkpoint
-from checkpoint_bodies import train_save_or_resume
 
 
 def test_resume_with_a_different_dp_size(tmp_path):

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_models import build_hf_model, convert_then_run, sample_tokens
 from safetensors.torch import load_file
 
 from megatron_apo.models.convert import convert_megatron_to_hf
-
 from megatron_apo.parallel import run_distributed
-from hf_models import build_hf_model, convert_then_run, sample_tokens
 
 KINDS = ("qwen2", "qwen2-tied", "llama31")
 

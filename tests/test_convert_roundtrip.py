@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_models import build_hf_model, sample_tokens, save_hf_model, save_tiny_tokenizer
 from safetensors.torch import load_file
 
 from megatron_apo.models.convert import convert_hf_to_megatron, convert_megatron_to_hf
 from megatron_apo.models.megatron_checkpoint import resolve_checkpoint
-from hf_models import build_hf_model, sample_tokens, save_hf_model, save_tiny_tokenizer
 
 CLI = [sys.executable, "-m", "megatron_apo.cli", "convert"]
 

@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 import torch
+from hf_models import SEQ, build_hf_model, hf_config, megatron_logits_from_hf_mapping, sample_tokens
 
 from megatron_apo.models import load_model_config
 from megatron_apo.models.hf_mapping import (
@@ -20,7 +21,6 @@ from megatron_apo.models.hf_mapping import (
     split_qkv,
 )
 from megatron_apo.parallel import run_distributed
-from hf_models import SEQ, build_hf_model, hf_config, megatron_logits_from_hf_mapping, sample_tokens
 
 
 def test_qkv_interleaving_matches_per_group_reference():

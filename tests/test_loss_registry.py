@@ -3,8 +3,13 @@
 import pytest
 import torch
 
-from megatron_apo.algorithms.losses import (POLICY_LOSS_REGISTRY, LossInputs, compute_policy_loss, loss_inputs,
-                                            register_policy_loss)
+from megatron_apo.algorithms.losses import (
+    POLICY_LOSS_REGISTRY,
+    LossInputs,
+    compute_policy_loss,
+    loss_inputs,
+    register_policy_loss,
+)
 from megatron_apo.config import AlgorithmConfig
 from megatron_apo.trainer.passes import PassSettings
 

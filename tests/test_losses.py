@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from vocab_parallel_bodies import loss_body, run_loss_case
 
 from megatron_apo.algorithms.losses import compute_policy_loss
 from megatron_apo.config import AlgorithmConfig
 from megatron_apo.parallel import run_distributed
-from vocab_parallel_bodies import loss_body, run_loss_case
 
 B, T, VOCAB, PADDED = 4, 6, 37, 40
 TOL = 1e-5

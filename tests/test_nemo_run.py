@@ -8,8 +8,9 @@ import pytest
 
 run = pytest.importorskip("nemo_run", reason="nemo-run is in the dev and launch extras: pip install -e '.[dev]'")
 
-from megatron_apo.launch import nemo_run_recipes as R  # noqa: E402
 from slurm_util import REPO, ensure_local_slurm  # noqa: E402
+
+from megatron_apo.launch import nemo_run_recipes as R  # noqa: E402
 
 ENV = {"PYTHONPATH": str(REPO), "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
 
@@ -74,9 +75,8 @@ def test_slurm_executor_runs_smoke_training_on_local_slurm(nemorun_home):
 
 def test_local_executor_runs_tiny_training(nemorun_home, tmp_path):
     """`megatron-apo train` on the toy task, two ranks under NeMo-Run's torchrun launcher."""
-    from rl_setup import overrides, toy_env
-
     from omegaconf import OmegaConf
+    from rl_setup import overrides, toy_env
 
     ov = [o for o in overrides(toy_env(tmp_path / "toy"), tmp_path / "out", steps=1) if not o.startswith("parallel.")]
     # a config file rather than list-valued overrides on the command line (torchx re-quotes "[...]" arguments)

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from model_parity import loss_and_grads, tp1_pp_logits
 
 from megatron_apo.parallel import run_distributed
-from model_parity import loss_and_grads, tp1_pp_logits
 
 
 def test_tp2_logits_equal_tp1():

@@ -2,15 +2,22 @@
 layouts our Slurm examples use."""
 
 import pytest
+from planner_ranks import local_param_count
 
 from megatron_apo.cli import main as cli_main
 from megatron_apo.launch.planner import (
-    GIB, Cluster, Workload, count_parameters, fleet_engine, params_per_rank, plan, stage_parameters,
+    GIB,
+    Cluster,
+    Workload,
+    count_parameters,
+    fleet_engine,
+    params_per_rank,
+    plan,
+    stage_parameters,
     trainer_memory,
 )
 from megatron_apo.models import available_model_configs, load_model_config
 from megatron_apo.parallel import run_distributed
-from planner_ranks import local_param_count
 
 
 def test_parameter_counts_by_hand():

@@ -13,9 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
-
 from slurm_util import (
-    REPO, TRAIN_SBATCH, ensure_local_slurm, job_env, sacct_states, sbatch, squeue_state,
+    REPO,
+    TRAIN_SBATCH,
+    ensure_local_slurm,
+    job_env,
+    sacct_states,
+    sbatch,
+    squeue_state,
     wait_gone,
 )
 

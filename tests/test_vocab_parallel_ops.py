@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from vocab_parallel_bodies import ops_body, ops_body_explicit_group, run_ops_case
 
 from megatron_apo.ops.vocab_parallel import vocab_parallel_logprobs, vocab_parallel_topk
 from megatron_apo.parallel import run_distributed
-from vocab_parallel_bodies import ops_body, ops_body_explicit_group, run_ops_case
 
 PADDED_VOCAB = 48  # divisible by 1, 2, 4: shard widths 48, 24, 12
 TOL = 1e-5

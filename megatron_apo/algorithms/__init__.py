@@ -18,4 +18,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'megatron_apo.algorithms' has no attribute {name!r}")
 
 
-__all__ = sorted([*_LAZY, "resolve_algorithm_config", "validate_algorithm_config"])
+__all__ = [
+    "AnswerMemory", "aggregate_loss", "broadcast_to_tokens", "compute_advantages", "compute_policy_loss",
+    "grpo_advantages", "inverse_success_weights", "kl_penalty", "resolve_algorithm_config", "validate_algorithm_config",
+]

@@ -274,7 +274,7 @@ def _apo_split(ctx: LossContext):
 def casp_loss(ctx: LossContext):
     """CaSP as SimKO's public code: entropy-gated uniform Top-N smoothing of correct responses' gradient and a
     stronger push on a wrong top-1 token, inside one PPO clip (docs/algorithms.md)."""
-    cfg, adv, zeros, agg, mask = ctx.cfg, ctx.adv, ctx.zeros, ctx.agg, ctx.mask
+    cfg, adv, agg, mask = ctx.cfg, ctx.adv, ctx.agg, ctx.mask
     # this pass's own Top-N (recomputed from these logits); pi_old's Top-N log-probs rank by rank (SimKO)
     top_lp, top_idx = ctx.stats.topk_logprobs, ctx.stats.topk_indices
     n = top_lp.shape[-1]

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from megatron_apo.models.config import ModelConfig
 from megatron_apo.parallel import cpu_compat
 
-
 TRANSFORMER_IMPLS = ("transformer_engine", "local")
 
 

@@ -29,9 +29,9 @@ from megatron_apo.models.config import ModelConfig
 from megatron_apo.models.hf_mapping import (
     OUTPUT_LAYER,
     VOCAB_PADDED,
-    hf_sources,
     hf_config_from_model_config,
     hf_shapes,
+    hf_sources,
     hf_to_megatron,
     megatron_to_hf,
     model_config_from_hf_config,

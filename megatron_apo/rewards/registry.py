@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from megatron_apo.rewards.codes import CODE_DATA_SOURCE, toy_code_score
 from megatron_apo.rewards.deadline import SampleTimeout
 from megatron_apo.rewards.math_reward import dapo_math_score, math_score
-from megatron_apo.rewards.codes import CODE_DATA_SOURCE, toy_code_score
 from megatron_apo.rewards.toy import TOY_DATA_SOURCE, toy_digit_sum_score
 
 ScoreFn = Callable[[str, str, "dict | None"], float]

@@ -17,7 +17,13 @@ import torch
 from megatron_apo.rollout.engine import RolloutEngine, Sample, SamplingParams
 from megatron_apo.rollout.sampling import request_seed, sample_tokens
 from megatron_apo.rollout.sync_group import measure_broadcast_bandwidth
-from megatron_apo.rollout.weight_sync import EngineSyncState, SyncEndpoint, WeightStore, open_sync_group, receive_weights
+from megatron_apo.rollout.weight_sync import (
+    EngineSyncState,
+    SyncEndpoint,
+    WeightStore,
+    open_sync_group,
+    receive_weights,
+)
 
 
 def build_hf_model(hf_config: dict, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

@@ -49,8 +49,14 @@ def prepare_task(cfg: StudyConfig, out: Path) -> dict:
                 "model": cfg.task.model, "pairs": None, "pad_id": None}
     import yaml
 
-    from megatron_apo.data.collapse_task import (CodeTaskConfig, behaviour_valid_prob, eval_rows, make_categories,
-                                                 sft_pairs, train_rows)
+    from megatron_apo.data.collapse_task import (
+        CodeTaskConfig,
+        behaviour_valid_prob,
+        eval_rows,
+        make_categories,
+        sft_pairs,
+        train_rows,
+    )
     from megatron_apo.data.parquet import write_verl_parquet
     from megatron_apo.data.tokenizer import load_tokenizer
     from megatron_apo.models import load_model_config
