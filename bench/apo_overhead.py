@@ -95,7 +95,8 @@ def main() -> None:
     out = {"apo_over_grpo_kl": med["apo"] / med["grpo_kl"], "apo_over_grpo": med["apo"] / med["grpo"],
            "apo_s": med["apo"], "grpo_kl_s": med["grpo_kl"], "grpo_s": med["grpo"], "tp": args.tp,
            "tokens": args.batch * (args.prompt + args.response), "vocab": args.vocab}
-    print(f"APO step / GRPO+KL step = {out['apo_over_grpo_kl']:.3f}x;  APO / GRPO (no reference) = {out['apo_over_grpo']:.3f}x")
+    print(f"APO step / GRPO+KL step = {out['apo_over_grpo_kl']:.3f}x;  "
+          f"APO / GRPO (no reference) = {out['apo_over_grpo']:.3f}x")
     print(json.dumps(out))
 
 

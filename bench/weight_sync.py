@@ -65,7 +65,8 @@ def main(argv=None) -> dict:
     p.add_argument("--baseline-mb", type=float, default=512)
     p.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
     p.add_argument("--engine", default="cpu", choices=["cpu", "vllm"], help="rollout engine (rollout.engine)")
-    p.add_argument("--dtype", default=None, help="dtype on the wire (default: bfloat16 for vllm, the trainer's for cpu)")
+    p.add_argument("--dtype", default=None,
+                   help="dtype on the wire (default: bfloat16 for vllm, the trainer's for cpu)")
     args = p.parse_args(argv)
     dtype = args.dtype or ("bfloat16" if args.engine == "vllm" else None)
 
@@ -112,8 +113,10 @@ def main(argv=None) -> dict:
     print(f"model {cfg.name} ({cfg.num_layers} layers), TP={args.tp} trainer -> {args.engines} {args.engine} engines, "
           f"{args.backend}, {result['dtype']} on the wire")
     via = "shared memory" if result["shared_memory_ranks"] else "point-to-point"
-    print(f"  sync          {result['sync_s']:8.3f} s   best of {result['all_sync_s'][2:]} ({result['bytes'] / 2**20:.0f} MiB in "
-          f"{result['buckets']} buckets, {result['tensors']} tensors; waiting for TP shards ({via}) {result['gather_s']:.3f} s)")
+    print(f"  sync          {result['sync_s']:8.3f} s   best of {result['all_sync_s'][2:]} "
+          f"({result['bytes'] / 2**20:.0f} MiB in "
+          f"{result['buckets']} buckets, {result['tensors']} tensors; "
+          f"waiting for TP shards ({via}) {result['gather_s']:.3f} s)")
     print(f"  bandwidth     {result['broadcast_GBps']:8.3f} GB/s plain broadcast of {args.baseline_mb:.0f} MiB")
     print(f"  limit         {result['bandwidth_limit_s']:8.3f} s   bytes / bandwidth")
     print(f"  ratio         {result['ratio_to_bandwidth_limit']:8.3f} x")

@@ -10,7 +10,8 @@ warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not ins
 # its reduce-scatter/all-gather and checkpoint-loading APIs, and dist_checkpointing's ShardedTensor.
 warnings.filterwarnings("ignore", category=FutureWarning,
                         message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated")
-warnings.filterwarnings("ignore", category=FutureWarning, message=r"`load_state_dict` is deprecated and will be removed")
+warnings.filterwarnings("ignore", category=FutureWarning,
+                        message=r"`load_state_dict` is deprecated and will be removed")
 warnings.filterwarnings("ignore", category=FutureWarning, message=r"Please use DTensor instead and we are deprecating")
 # The DistributedOptimizer reads `.grad` of its fp32 main params, which on CPU (no separate master copy) are views of
 # the model params; the gradient it needs is copied in explicitly, so the non-leaf `.grad` read is harmless.

@@ -145,4 +145,5 @@ def save_tiny_tokenizer(folder: Path, vocab_size: int) -> None:
 
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="w1", eos_token="w2", unk_token="w0").save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="w1", eos_token="w2",
+                            unk_token="w0").save_pretrained(folder)

@@ -112,7 +112,8 @@ class CrashingVLLMEngine(VLLMEngine):
 
 
 def _probe_logits(chunks, cfg, probe: list[list[int]]):
-    """Full-vocab fp32 logits of the trainer on `probe` through Megatron's schedule (any TP/PP); None off the last stage."""
+    """Full-vocab fp32 logits of the trainer on `probe` through Megatron's schedule (any TP/PP);
+    None off the last stage."""
     from megatron.core import parallel_state as ps
 
     from megatron_apo.models.sharding import tp_gather
@@ -122,7 +123,8 @@ def _probe_logits(chunks, cfg, probe: list[list[int]]):
     batch = {"tokens": tokens, "position_ids": torch.arange(tokens.shape[1]).expand_as(tokens).contiguous()}
 
     def capture(_batch, logits):
-        full = tp_gather(logits.detach().float(), partition_dim=logits.dim() - 1, group=ps.get_tensor_model_parallel_group())
+        full = tp_gather(logits.detach().float(), partition_dim=logits.dim() - 1,
+                         group=ps.get_tensor_model_parallel_group())
         return logits.sum() * 0, {"logits": full[..., : cfg.vocab_size]}
 
     with torch.no_grad():

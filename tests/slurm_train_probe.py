@@ -82,7 +82,8 @@ def main() -> int:
         ray.init(address=o["rollout.ray_address"], logging_level="ERROR", log_to_driver=False)
         # one entry per node: its megatron-apo role resources ("apo_rollout_node", "apo_trainer_node") and GPUs
         ray_nodes = sorted(
-            "+".join(sorted(k for k in n["Resources"] if k.startswith("apo_"))) + f":gpu={n['Resources'].get('GPU', 0):g}"
+            "+".join(sorted(k for k in n["Resources"] if k.startswith("apo_")))
+            + f":gpu={n['Resources'].get('GPU', 0):g}"
             for n in ray.nodes() if n.get("Alive")
         )
         ray.shutdown()

@@ -74,7 +74,8 @@ def test_inverse_success_without_informative_groups_is_identity():
 
 def test_broadcast_to_tokens():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    assert torch.equal(broadcast_to_tokens(torch.tensor([2.0, -1.0]), mask), torch.tensor([[2.0, 2.0, 0.0], [-1.0, 0.0, 0.0]]))
+    assert torch.equal(broadcast_to_tokens(torch.tensor([2.0, -1.0]), mask),
+                       torch.tensor([[2.0, 2.0, 0.0], [-1.0, 0.0, 0.0]]))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -82,7 +82,8 @@ def test_llama31_tp2_checkpoint_exports_bit_exact_and_bf16_export_reports_downca
     assert sorted(a) == sorted(b) and "lm_head.weight" in b
     assert all(torch.equal(a[n], b[n]) for n in a)
     cfg = json.loads((tmp_path / "back" / "config.json").read_text())
-    assert cfg["rope_scaling"]["rope_type"] == "llama3" and cfg["rope_scaling"]["original_max_position_embeddings"] == 16
+    assert (cfg["rope_scaling"]["rope_type"] == "llama3"
+            and cfg["rope_scaling"]["original_max_position_embeddings"] == 16)
     assert cfg["rms_norm_eps"] == 1e-5
 
     rep = convert_megatron_to_hf(meg, tmp_path / "bf16", dtype="bf16", progress=False)

@@ -125,7 +125,8 @@ def test_bad_input_is_one_line_error_and_no_output(tmp_path):
     with pytest.raises(ValueError, match=r"architectures=\['MistralForCausalLM'\] is not supported"):
         convert_hf_to_megatron(hf, out, progress=False)
     (hf / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=96)))
-    with pytest.raises(ValueError, match=r"mlp.gate_proj.weight has shape \[128, 64\] but config.json implies \[96, 64\]"):
+    with pytest.raises(ValueError,
+                       match=r"mlp.gate_proj.weight has shape \[128, 64\] but config.json implies \[96, 64\]"):
         convert_hf_to_megatron(hf, out, progress=False)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         convert_megatron_to_hf(tmp_path / "nowhere", out, progress=False)

@@ -66,7 +66,8 @@ def test_config_overrides_and_errors(tmp_path):
 
 
 def test_cli_help_lists_subcommands():
-    out = subprocess.run([sys.executable, "-m", "megatron_apo.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "megatron_apo.cli", "--help"], capture_output=True, text=True,
+                         check=True).stdout
     for cmd in ("train", "eval", "convert", "plan", "demo", "smoke"):
         assert cmd in out
 

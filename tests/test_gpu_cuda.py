@@ -133,7 +133,8 @@ def load_on_gpu_body(folder: str) -> dict:
     from megatron_apo.trainer.checkpoint import load_model_weights
 
     init_distributed(ParallelConfig(), seed=10)
-    model = build_gpt_model(load_model_config("tiny"), params_dtype=torch.bfloat16, transformer_impl="transformer_engine")
+    model = build_gpt_model(load_model_config("tiny"), params_dtype=torch.bfloat16,
+                            transformer_impl="transformer_engine")
     load_model_weights(folder, [model])
     return _cpu({k: v for k, v in model.state_dict().items() if torch.is_tensor(v) and not k.endswith("_extra_state")})
 

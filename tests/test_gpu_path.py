@@ -26,7 +26,8 @@ def test_to_device_moves_every_tensor_in_place():
     batch = {"tokens": torch.ones(2, 3, dtype=torch.long), "advantages": torch.zeros(2, 3), "note": "kept"}
     same = to_device(batch, "meta")
     assert same is batch  # the RL passes write results into these dicts: a copy would lose them
-    assert {k: v.device.type for k, v in batch.items() if torch.is_tensor(v)} == {"tokens": "meta", "advantages": "meta"}
+    assert ({k: v.device.type for k, v in batch.items() if torch.is_tensor(v)}
+            == {"tokens": "meta", "advantages": "meta"})
     assert batch["note"] == "kept" and batch["tokens"].dtype == torch.long
     assert model_device(torch.nn.Linear(2, 2).to("meta")).type == "meta"
     assert model_device(torch.nn.Identity()).type == "cpu"
@@ -124,7 +125,8 @@ def test_spellings():
     te = "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight"
     assert local_spelling(te) == "decoder.layers.3.input_layernorm.weight"
     assert te_spelling(local_spelling(te)) == te and other_spelling(te) == local_spelling(te)
-    assert other_spelling("decoder.layers.pre_mlp_layernorm.weight") == "decoder.layers.mlp.linear_fc1.layer_norm_weight"
+    assert (other_spelling("decoder.layers.pre_mlp_layernorm.weight")
+            == "decoder.layers.mlp.linear_fc1.layer_norm_weight")
     assert other_spelling("decoder.final_layernorm.weight") is None  # both specs spell it alike
 
 

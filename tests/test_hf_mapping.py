@@ -41,8 +41,8 @@ def test_qkv_interleaving_matches_per_group_reference():
     assert torch.equal(bias, torch.cat(rows)[:, 0])
 
 
-@pytest.mark.parametrize("name,te_spec,tie", [("tiny", False, False), ("tiny", True, True), ("llama3-tiny", False, True),
-                                              ("llama3-tiny", True, False)])
+@pytest.mark.parametrize("name,te_spec,tie", [("tiny", False, False), ("tiny", True, True),
+                                              ("llama3-tiny", False, True), ("llama3-tiny", True, False)])
 def test_hf_megatron_hf_round_trip_is_bit_exact(name, te_spec, tie):
     cfg = dataclasses.replace(load_model_config(name), tie_word_embeddings=tie)
     gen = torch.Generator().manual_seed(0)

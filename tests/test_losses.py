@@ -175,10 +175,14 @@ def make_inputs(seed: int, config: dict, all_adv_nonneg: bool = False, with_old_
 
 CASES = {
     "vanilla": make_inputs(0, {"loss_mode": "vanilla"}),
-    "vanilla_kl_k1": make_inputs(1, {"loss_mode": "vanilla", "use_kl_loss": True, "kl_loss_type": "kl", "kl_loss_coef": 0.1}),
-    "vanilla_kl_abs": make_inputs(2, {"loss_mode": "vanilla", "use_kl_loss": True, "kl_loss_type": "abs", "kl_loss_coef": 0.1}),
-    "vanilla_kl_k2": make_inputs(3, {"loss_mode": "vanilla", "use_kl_loss": True, "kl_loss_type": "mse", "kl_loss_coef": 0.1}),
-    "vanilla_kl_k3": make_inputs(4, {"loss_mode": "vanilla", "use_kl_loss": True, "kl_loss_type": "low_var_kl", "kl_loss_coef": 0.1}),
+    "vanilla_kl_k1": make_inputs(1, {"loss_mode": "vanilla", "use_kl_loss": True, "kl_loss_type": "kl",
+                                     "kl_loss_coef": 0.1}),
+    "vanilla_kl_abs": make_inputs(2, {"loss_mode": "vanilla", "use_kl_loss": True, "kl_loss_type": "abs",
+                                      "kl_loss_coef": 0.1}),
+    "vanilla_kl_k2": make_inputs(3, {"loss_mode": "vanilla", "use_kl_loss": True, "kl_loss_type": "mse",
+                                     "kl_loss_coef": 0.1}),
+    "vanilla_kl_k3": make_inputs(4, {"loss_mode": "vanilla", "use_kl_loss": True, "kl_loss_type": "low_var_kl",
+                                     "kl_loss_coef": 0.1}),
     "kl_on_wrong": make_inputs(5, {"loss_mode": "vanilla", "use_kl_loss_on_wrong": True, "kl_loss_coef": 0.2}),
     "apo_split": make_inputs(6, {"loss_mode": "apo_ratio", "apo_rectification": "split"}),
     "apo_ratio_indicator_onpolicy": make_inputs(7, {"loss_mode": "apo_ratio", "apo_rectification": "split",
@@ -197,8 +201,10 @@ CASES = {
     "apo_default": make_inputs(14, {"loss_mode": "apo_ratio"}),  # the paper's ratio rectification
     "apo_paper_strong_pull_no_exclude": make_inputs(15, {"loss_mode": "apo_ratio", "apo_pull_coeff": 0.4,
                                                          "apo_exclude_sampled": False, "apo_topk": 5}),
-    "apo_paper_seq_mean_token_mean_kl": make_inputs(16, {"loss_mode": "apo_ratio", "loss_agg_mode": "seq-mean-token-mean",
-                                                         "use_kl_loss": True, "kl_loss_coef": 0.1, "entropy_coeff": 0.01}),
+    "apo_paper_seq_mean_token_mean_kl": make_inputs(16, {"loss_mode": "apo_ratio",
+                                                         "loss_agg_mode": "seq-mean-token-mean",
+                                                         "use_kl_loss": True, "kl_loss_coef": 0.1,
+                                                         "entropy_coeff": 0.01}),
     "casp": make_inputs(12, {"loss_mode": "casp"}),
     "casp_onpolicy_low_quantile": make_inputs(13, {"loss_mode": "casp", "casp_topn": 4, "casp_alpha": 0.3,
                                                    "casp_top1_gamma": 0.5, "casp_entropy_quantile": 0.3},
@@ -274,7 +280,8 @@ def test_apo_with_no_pull_and_unit_push_is_vanilla(form):
 
 
 def _safe_mass_wrong(logits, case):
-    return run_loss_case({**case, "logits": logits, "config": {"loss_mode": "apo_ratio"}}, 0, 1)["metrics"]["anchor/safe_mass_wrong"]
+    return run_loss_case({**case, "logits": logits, "config": {"loss_mode": "apo_ratio"}},
+                         0, 1)["metrics"]["anchor/safe_mass_wrong"]
 
 
 @pytest.mark.parametrize("form", ["ratio_clip", "ratio", "log"])

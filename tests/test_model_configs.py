@@ -6,7 +6,8 @@ from model_parity import meta_param_counts
 from megatron_apo.models import ModelConfig, available_model_configs, load_model_config
 from megatron_apo.parallel import run_distributed
 
-EXPECTED = {"qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b", "qwen2.5-32b", "qwen2.5-72b", "llama3.1-8b", "llama3.1-70b", "tiny"}
+EXPECTED = {"qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b", "qwen2.5-32b", "qwen2.5-72b", "llama3.1-8b", "llama3.1-70b",
+            "tiny"}
 
 
 def test_configs_present():

@@ -144,7 +144,8 @@ def test_adopted_weights_are_served_without_a_copy_and_the_store_alternates():
     new = random_hf_state(3)
     probe = [[3, 1, 4, 1, 5, 9, 2, 6]]
     eng.load_hf_tensors(new, adopt=True)
-    assert eng._params["model.layers.0.mlp.up_proj.weight"].data_ptr() == dict(new)["model.layers.0.mlp.up_proj.weight"].data_ptr()
+    assert (eng._params["model.layers.0.mlp.up_proj.weight"].data_ptr()
+            == dict(new)["model.layers.0.mlp.up_proj.weight"].data_ptr())
     assert (eng.logits(probe) - reference_logits(new, probe)).abs().max() <= 1e-6
     doubles = [(n, t.double()) for n, t in random_hf_state(4)]  # another dtype: copied, not adopted
     eng.load_hf_tensors(doubles, adopt=True)

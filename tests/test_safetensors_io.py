@@ -24,7 +24,8 @@ def test_writer_out_of_order_and_row_blocks_read_back_by_safetensors(tmp_path):
     w.close()
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
-    assert len(files) > 1 and index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert len(files) > 1 and index["metadata"]["total_size"] == sum(t.numel() * t.element_size()
+                                                                     for t in tensors.values())
     back = {}
     for f in files:
         back.update(load_file(tmp_path / f))  # the reference reader accepts our files

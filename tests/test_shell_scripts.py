@@ -9,7 +9,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(str(p.relative_to(REPO)) for p in [*REPO.glob("slurm/*.sbatch"), *REPO.glob("slurm/lib/*.sh"),
-                                                     REPO / "scripts" / "slurm_local.sh", REPO / "scripts" / "gpu_check.sh"])
+                                                     REPO / "scripts" / "slurm_local.sh",
+                                                     REPO / "scripts" / "gpu_check.sh"])
 
 
 def test_the_scripts_exist():

@@ -177,7 +177,8 @@ def test_corrupted_bucket_rejected_by_every_engine_until_a_verified_sync(vfleet)
     refs, total, _ = sync_from_driver(fleet, 21, good)
     fleet.finish_weight_sync(refs, expected_checksum=total)
     assert fleet.engine_versions() == [21, 21]
-    _assert_engines_match(fleet, _prompt_logprobs(reference_logits(good, PROBE, CFG), PROBE), _bf16_tolerance(good, PROBE))
+    _assert_engines_match(fleet, _prompt_logprobs(reference_logits(good, PROBE, CFG), PROBE),
+                          _bf16_tolerance(good, PROBE))
 
 
 def test_killed_engine_core_mid_generate_every_sample_once_and_identical(vfleet):

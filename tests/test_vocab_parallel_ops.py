@@ -109,7 +109,8 @@ def check_against_dense(name: str, case: dict, per_rank: list[dict]) -> None:
             got = res[op]
             assert torch.isfinite(got["values"]).all() and torch.isfinite(got["grad"]).all(), f"{name}/{op}: NaN or inf"
             # identical on every rank, bit for bit
-            assert torch.equal(got["values"], per_rank[0][op]["values"]), f"{name}/{op}: rank {rank} differs from rank 0"
+            assert torch.equal(got["values"], per_rank[0][op]["values"]), \
+                f"{name}/{op}: rank {rank} differs from rank 0"
             _close(got["values"], ref[op]["values"], TOL, f"{name}/{op} values (TP={tp}, rank {rank})")
             if op == "topk":
                 idx, want = got["indices"], ref[op]["indices"]

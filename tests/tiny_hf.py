@@ -23,13 +23,15 @@ def build_char_tokenizer(out_dir: Path, chat_template: str | None = None, extra_
     return hf
 
 
-def build_tiny_qwen2(out_dir: Path, vocab_size: int, seed: int = 0, hidden_size: int = 32, num_attention_heads: int = 4):
+def build_tiny_qwen2(out_dir: Path, vocab_size: int, seed: int = 0, hidden_size: int = 32,
+                     num_attention_heads: int = 4):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                      num_hidden_layers=2, num_attention_heads=num_attention_heads, num_key_value_heads=2, max_position_embeddings=128,
+                      num_hidden_layers=2, num_attention_heads=num_attention_heads, num_key_value_heads=2,
+                      max_position_embeddings=128,
                       tie_word_embeddings=True, eos_token_id=1, pad_token_id=0, bos_token_id=None)
     model = Qwen2ForCausalLM(cfg)
     model.save_pretrained(str(out_dir))

@@ -48,7 +48,8 @@ def run_ops_case(case: dict, rank: int, tp: int, group=None) -> dict:
         res = fn(x)
         vals = res[1] if isinstance(res, tuple) else res
         (vals * weights).sum().backward()
-        assert torch.allclose(x.detach(), before, rtol=0, atol=0, equal_nan=True), f"{name} modified the caller's logits"
+        assert torch.allclose(x.detach(), before, rtol=0, atol=0, equal_nan=True), \
+            f"{name} modified the caller's logits"
         out[name] = {"values": vals.detach(), "grad": pick(leaf.grad).float()}
         if isinstance(res, tuple):
             out[name]["indices"] = res[0]
@@ -92,7 +93,8 @@ def run_loss_case(case: dict, rank: int, tp: int) -> dict:
     loss, metrics = compute_policy_loss(
         x, case["ids"], case["old_logprobs"], case["advantages"], case["mask"], case["config"],
         ref_logprobs=case.get("ref_logprobs"), ref_topk_indices=case.get("ref_topk_indices"),
-        ref_topk_logprobs=case.get("ref_topk_logprobs"), old_anchor_logprobs=case.get("old_anchor_logprobs"), old_topk_indices=case.get("old_topk_indices"),
+        ref_topk_logprobs=case.get("ref_topk_logprobs"), old_anchor_logprobs=case.get("old_anchor_logprobs"),
+        old_topk_indices=case.get("old_topk_indices"),
         old_topk_logprobs=case.get("old_topk_logprobs"), vocab_size=case["vocab_size"],
     )
     loss.backward()

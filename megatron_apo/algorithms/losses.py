@@ -2,7 +2,8 @@
 
 Formulas and sources: docs/algorithms.md (our specification built from the published descriptions of APO
 and CaSP; not bit-parity with any official code). Each `loss_mode` is one function registered with
-`@register_policy_loss(name, inputs)`, declaring the inputs it needs; adding a method adds one function. Every per-token quantity that needs the vocabulary (log pi(y),
+`@register_policy_loss(name, inputs)`, declaring the inputs it needs; adding a method adds one function.
+Every per-token quantity that needs the vocabulary (log pi(y),
 log pi at the reference Top-K, entropy, top-1 probability) comes from ONE fused vocab-parallel pass
 (`vocab_parallel_logprob_stats`), so the loss is the same at any TP size and never all-gathers the
 vocabulary.
@@ -352,11 +353,13 @@ def compute_policy_loss(
     needs = mode.needs(cfg)
     lead = tuple(logits.shape[:-1])
     if logits.dim() != 3:
-        raise ValueError(f"compute_policy_loss: logits must be [batch, seq, vocab/TP] (got shape {tuple(logits.shape)})")
+        raise ValueError("compute_policy_loss: logits must be [batch, seq, vocab/TP] "
+                         f"(got shape {tuple(logits.shape)})")
     for name, t in (("response_ids", response_ids), ("old_logprobs", old_logprobs), ("advantages", advantages),
                     ("response_mask", response_mask), ("ref_logprobs", ref_logprobs)):
         if t is not None and tuple(t.shape) != lead:
-            raise ValueError(f"compute_policy_loss: {name} has shape {tuple(t.shape)}, expected {lead} (= logits.shape[:-1])")
+            raise ValueError(f"compute_policy_loss: {name} has shape {tuple(t.shape)}, "
+                             f"expected {lead} (= logits.shape[:-1])")
 
     mask = response_mask.bool()
     zeros = torch.zeros(lead, dtype=torch.float32, device=logits.device)
@@ -371,7 +374,8 @@ def compute_policy_loss(
         raise ConfigError(f"ref_topk_indices: algorithm.loss_mode={cfg.loss_mode} needs the reference model's Top-K "
                           "ids [B, T, apo_topk] (vocab_parallel_topk on the reference logits)")
     if needs.ref_logprobs and ref_logprobs is None:
-        raise ConfigError(f"ref_logprobs: algorithm.loss_mode={cfg.loss_mode} needs the reference model's log-probs [B, T]")
+        raise ConfigError(f"ref_logprobs: algorithm.loss_mode={cfg.loss_mode} "
+                          "needs the reference model's log-probs [B, T]")
     if needs.ref_topk_logprobs and ref_topk_logprobs is None:
         raise ConfigError(f"ref_topk_logprobs: algorithm.loss_mode={cfg.loss_mode} needs log pi_ref at the reference "
                           "Top-K [B, T, apo_topk] (the reference pass's vocab_parallel_topk returns them)")

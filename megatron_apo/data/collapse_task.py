@@ -74,17 +74,17 @@ def make_categories(cfg: CodeTaskConfig) -> list[Category]:
     for i in range(cfg.num_categories):
         if i in hard:
             letters = rng.sample(RARE_LETTERS, 3)
-            valid = tuple(f"{l}{rng.choice(DIGITS)}" for l in letters)
+            valid = tuple(f"{letter}{rng.choice(DIGITS)}" for letter in letters)
             demos = [(f"{POPULAR}{d}", cfg.hard_popular_mass / 10) for d in DIGITS]
             demos += [(c, (1 - cfg.hard_popular_mass) / 3) for c in valid]
         else:
             a_codes = [f"{POPULAR}{d}" for d in rng.sample(DIGITS, 3)]
             letters = rng.sample(RARE_LETTERS, 2)
-            rare = [f"{l}{rng.choice(DIGITS)}" for l in letters]
+            rare = [f"{letter}{rng.choice(DIGITS)}" for letter in letters]
             valid = tuple(a_codes + rare)
             demos = [(c, cfg.easy_popular_mass / 3) for c in a_codes]
             # rare-letter attempts: the letter is right, the digit a guess (valid 1 time in 10)
-            demos += [(f"{l}{d}", (1 - cfg.easy_popular_mass) / 20) for l in letters for d in DIGITS]
+            demos += [(f"{letter}{d}", (1 - cfg.easy_popular_mass) / 20) for letter in letters for d in DIGITS]
         cats.append(Category(i, i in hard, i in trained, valid, tuple(demos)))
     return cats
 

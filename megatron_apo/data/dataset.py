@@ -40,7 +40,8 @@ class PromptDataset:
                            " ..." if len(self.report.too_long_rows) > 10 else "")
         if not self.items:
             raise InvalidDataError(f"no prompts left after filtering: {self.report.summary()}"
-                                   + (f"; raise max_prompt_length (now {max_prompt_length})" if max_prompt_length else ""))
+                                   + (f"; raise max_prompt_length (now {max_prompt_length})"
+                                      if max_prompt_length else ""))
 
     @classmethod
     def from_parquet(cls, path: str | Path, tokenizer: Tokenizer, max_prompt_length: int | None = None,

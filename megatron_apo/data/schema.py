@@ -91,7 +91,8 @@ def parse_row(index: int, raw: dict[str, Any]) -> tuple[PromptRow | None, list[R
     rm = raw.get("reward_model")
     ground_truth, style = None, "rule"
     if not isinstance(rm, dict):
-        issues.append(RowIssue(index, "reward_model", f"expected a struct/dict with 'ground_truth', got {_type_name(rm)}"))
+        issues.append(RowIssue(index, "reward_model",
+                               f"expected a struct/dict with 'ground_truth', got {_type_name(rm)}"))
     else:
         gt = rm.get("ground_truth")
         style = rm.get("style") or "rule"

@@ -110,7 +110,8 @@ def load_tokenizer(path: str | Path, template: str = "auto") -> Tokenizer:
     if not any((path / f).is_file() for f in hf_files):
         if (path / "tokenizer.model").is_file():
             return load_tokenizer(path / "tokenizer.model", template)
-        raise FileNotFoundError(f"{path}: no tokenizer files ({', '.join(hf_files)} or tokenizer.model); pass --tokenizer")
+        raise FileNotFoundError(f"{path}: no tokenizer files ({', '.join(hf_files)} or tokenizer.model); "
+                                "pass --tokenizer")
     return HFTokenizer(_load_hf_tokenizer(path), template)
 
 

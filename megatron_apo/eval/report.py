@@ -37,7 +37,8 @@ def _curve(summary: dict, ks: list[int]) -> tuple[list[int], list[float]]:
 
 
 def plot_pass_at_k(runs: Mapping[str, dict], path: str | Path, title: str | None = None) -> Path:
-    """One curve per run (label -> results dict): overall pass@k, plus a panel per data source when there are several."""
+    """One curve per run (label -> results dict): overall pass@k, plus a panel per data source
+    when there are several."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,7 +81,7 @@ def plot_pass_at_k(runs: Mapping[str, dict], path: str | Path, title: str | None
 def format_table(runs: Mapping[str, dict]) -> str:
     """A plain-text pass@k table (rows: runs, columns: k), for logs and the CLI."""
     ks = sorted({k for r in runs.values() for k in r["k_values"]})
-    width = max(8, max(len(l) for l in runs) + 2)
+    width = max(8, max(len(label) for label in runs) + 2)
     lines = ["run".ljust(width) + "".join(f"pass@{k}".rjust(10) for k in ks)]
     for label, res in runs.items():
         cells = [res["overall"].get(f"pass@{k}") for k in ks]

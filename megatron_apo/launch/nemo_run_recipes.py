@@ -35,7 +35,8 @@ def train_recipe(config: Optional[str], tp: int = 1, pp: int = 1, checkpoint_dir
                  save_interval: Optional[int] = None, total_steps: Optional[int] = None,
                  ray_address: Optional[str] = None, overrides: Optional[list[str]] = None,
                  python: str = PYTHON) -> run.Script:
-    """`megatron-apo train --config CONFIG` with the launch-level overrides (the same keys slurm/train_apo.sbatch sets)."""
+    """`megatron-apo train --config CONFIG` with the launch-level overrides
+    (the same keys slurm/train_apo.sbatch sets)."""
     args = ["train"] + (["--config", config] if config else []) + [
         f"parallel.tensor_model_parallel_size={tp}", f"parallel.pipeline_model_parallel_size={pp}"]
     if checkpoint_dir:

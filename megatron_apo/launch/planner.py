@@ -148,7 +148,8 @@ class Plan:
 
 def layer_parameters(cfg: ModelConfig) -> tuple[int, int]:
     """(TP-split parameters, replicated parameters) of one transformer layer."""
-    h, q, kv, f = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_query_groups * cfg.head_dim, cfg.ffn_hidden_size
+    h, q, kv, f = (cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_query_groups * cfg.head_dim,
+                   cfg.ffn_hidden_size)
     split = h * (q + 2 * kv) + q * h + 3 * h * f  # QKV, attention output, SwiGLU fc1 (gate+up) and fc2
     if cfg.qkv_bias:
         split += q + 2 * kv

@@ -148,7 +148,8 @@ def merge_qkv(cfg: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             raise ValueError(f"{name} has {t.shape[0]} rows; {cfg.name} needs {rows} "
                              f"(heads={cfg.num_attention_heads}, kv heads={groups}, head_dim={d})")
     rest = q.shape[1:]
-    fused = torch.cat([q.reshape(groups, q_rows, *rest), k.reshape(groups, d, *rest), v.reshape(groups, d, *rest)], dim=1)
+    fused = torch.cat([q.reshape(groups, q_rows, *rest), k.reshape(groups, d, *rest), v.reshape(groups, d, *rest)],
+                      dim=1)
     return fused.reshape(groups * (q_rows + 2 * d), *rest)
 
 

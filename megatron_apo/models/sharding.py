@@ -93,12 +93,14 @@ def merge_tp_shards(parts: list[torch.Tensor], partition_dim: int | None, gated:
     return torch.cat(parts, dim=partition_dim)
 
 
-def tp_slice(full: torch.Tensor, partition_dim: int | None, tp_rank: int, tp_size: int, gated: bool = False) -> torch.Tensor:
+def tp_slice(full: torch.Tensor, partition_dim: int | None, tp_rank: int, tp_size: int,
+             gated: bool = False) -> torch.Tensor:
     """This TP rank's slice of a full tensor (the inverse of tp_gather)."""
     if partition_dim is None or tp_size == 1:
         return full
     if gated:
         gate, up = full.chunk(2, dim=partition_dim)
-        return torch.cat([gate.chunk(tp_size, dim=partition_dim)[tp_rank], up.chunk(tp_size, dim=partition_dim)[tp_rank]],
+        return torch.cat([gate.chunk(tp_size, dim=partition_dim)[tp_rank],
+                          up.chunk(tp_size, dim=partition_dim)[tp_rank]],
                          dim=partition_dim)
     return full.chunk(tp_size, dim=partition_dim)[tp_rank]

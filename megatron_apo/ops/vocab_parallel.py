@@ -113,7 +113,8 @@ class _Rows:
         self.chunk = chunk
         if mask is not None:
             if tuple(mask.shape) != self.lead_shape:
-                raise ValueError(f"{op}: mask shape {tuple(mask.shape)} must equal logits.shape[:-1] = {self.lead_shape}")
+                raise ValueError(f"{op}: mask shape {tuple(mask.shape)} "
+                                 f"must equal logits.shape[:-1] = {self.lead_shape}")
             m = mask.reshape(-1).to(torch.bool)
             self.ids = None if bool(m.all()) else m.nonzero().squeeze(1).to(logits.device)
         else:
@@ -429,7 +430,8 @@ def vocab_parallel_logprobs(
     Targets at masked positions may be anything (-100, pad ids)."""
     op = "vocab_parallel_logprobs"
     if tuple(targets.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(f"{op}: targets shape {tuple(targets.shape)} must equal logits.shape[:-1] = {tuple(logits.shape[:-1])}")
+        raise ValueError(f"{op}: targets shape {tuple(targets.shape)} "
+                         f"must equal logits.shape[:-1] = {tuple(logits.shape[:-1])}")
     idx = targets.long().unsqueeze(-1)
     if mask is not None and tuple(mask.shape) == tuple(targets.shape):
         idx = torch.where(mask.bool().unsqueeze(-1), idx, torch.zeros_like(idx))

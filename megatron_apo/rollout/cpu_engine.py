@@ -90,7 +90,8 @@ class CPUEngine(RolloutEngine):
             raise FileNotFoundError(f"{path}: not a Hugging Face model folder (no config.json)")
         with open(os.path.join(path, "config.json")) as f:
             hf_config = json.load(f)
-        src = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=kwargs.get("dtype", torch.float32))
+        src = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
+                                                   dtype=kwargs.get("dtype", torch.float32))
         kwargs.setdefault("version", 0)
         return cls(hf_config, named_tensors=list(src.named_parameters()), **kwargs)
 
@@ -129,9 +130,11 @@ class CPUEngine(RolloutEngine):
                 continue
             param = self._params.get(name)
             if param is None:
-                raise KeyError(f"CPUEngine: unknown HF parameter {name!r} (model has e.g. {next(iter(self._params))!r})")
+                raise KeyError(f"CPUEngine: unknown HF parameter {name!r} "
+                               f"(model has e.g. {next(iter(self._params))!r})")
             if tuple(param.shape) != tuple(tensor.shape):
-                raise ValueError(f"CPUEngine: {name}: shape {tuple(tensor.shape)} does not match the model's {tuple(param.shape)}")
+                raise ValueError(f"CPUEngine: {name}: shape {tuple(tensor.shape)} "
+                                 f"does not match the model's {tuple(param.shape)}")
 
     def update_weights(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """All or nothing: an incomplete set of tensors is refused before any is loaded."""
@@ -212,7 +215,8 @@ class CPUEngine(RolloutEngine):
     def _cache_of(self, out):
         return out["cache"] if self._cache_kw == "cache" else out.past_key_values
 
-    def _generate_rows(self, prompts: list[list[int]], params: SamplingParams, gens: list[torch.Generator]) -> list[Sample]:
+    def _generate_rows(self, prompts: list[list[int]], params: SamplingParams,
+                       gens: list[torch.Generator]) -> list[Sample]:
         b = len(prompts)
         width = max(len(p) for p in prompts)
         ids = torch.zeros(b, width, dtype=torch.long)
@@ -245,4 +249,5 @@ class CPUEngine(RolloutEngine):
             out = self.model(input_ids=tok.unsqueeze(-1), attention_mask=mask, position_ids=last_pos.unsqueeze(-1),
                              use_cache=True, **{self._cache_kw: past})
             past, next_logits = self._cache_of(out), out.logits[:, -1].float()
-        return [Sample(-1, -1, tokens[i], logps[i], finish[i], {"logprob_space": params.logprob_space()}) for i in range(b)]
+        return [Sample(-1, -1, tokens[i], logps[i], finish[i], {"logprob_space": params.logprob_space()})
+                for i in range(b)]

@@ -39,10 +39,12 @@ class SyncEndpoint:
         if self.backend not in BACKENDS:
             raise ValueError(f"weight sync backend {self.backend!r} is unknown; use one of {BACKENDS}")
         if self.world_size < 2:
-            raise ValueError(f"weight sync group needs the sender and at least one engine, got world_size={self.world_size}")
+            raise ValueError("weight sync group needs the sender and at least one engine, "
+                             f"got world_size={self.world_size}")
 
     @classmethod
-    def new(cls, world_size: int, backend: str = "gloo", host: str | None = None, timeout_s: float = 300.0) -> "SyncEndpoint":
+    def new(cls, world_size: int, backend: str = "gloo", host: str | None = None,
+            timeout_s: float = 300.0) -> "SyncEndpoint":
         """A fresh endpoint on a free port of this host (the sender's host hosts the store).
 
         `host`: the address the engines connect to; None = `rendezvous_host()` (Ray's node IP of this process).
@@ -87,7 +89,8 @@ class GlooSyncGroup:
         self.rank, self.world_size, self.device = rank, endpoint.world_size, torch.device("cpu")
         self._store = dist.TCPStore(endpoint.host, endpoint.port, endpoint.world_size, is_master=rank == 0,
                                     timeout=timeout, wait_for_workers=False)
-        self._pg = dist.ProcessGroupGloo(dist.PrefixStore("weight_sync", self._store), rank, endpoint.world_size, timeout)
+        self._pg = dist.ProcessGroupGloo(dist.PrefixStore("weight_sync", self._store), rank, endpoint.world_size,
+                                         timeout)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0, async_op: bool = False):
         """With `async_op`, returns a handle whose `wait()` completes it (gloo runs it on its own threads)."""
@@ -119,14 +122,16 @@ class GlooSyncGroup:
 
 
 class NcclSyncGroup:
-    """vLLM's StatelessProcessGroup + PyNcclCommunicator (see the pinned vLLM's examples/offline_inference/rlhf_utils.py)."""
+    """vLLM's StatelessProcessGroup + PyNcclCommunicator
+    (see the pinned vLLM's examples/offline_inference/rlhf_utils.py)."""
 
     def __init__(self, endpoint: SyncEndpoint, rank: int, device: torch.device | int | None = None):
         from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
         from vllm.distributed.utils import StatelessProcessGroup
 
         self.rank, self.world_size = rank, endpoint.world_size
-        self.device = torch.device("cuda", torch.cuda.current_device() if device is None else torch.device(device).index or 0)
+        self.device = torch.device("cuda",
+                                   torch.cuda.current_device() if device is None else torch.device(device).index or 0)
         self._pg = StatelessProcessGroup.create(host=endpoint.host, port=endpoint.port, rank=rank,
                                                 world_size=endpoint.world_size,
                                                 store_timeout=int(endpoint.timeout_s))

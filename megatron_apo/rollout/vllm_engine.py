@@ -44,7 +44,8 @@ def _check_cpu_head_dim(model_path: str) -> None:
     supported = CPUAttentionBackend.get_supported_head_sizes()
     if head_dim not in supported:
         raise ValueError(f"rollout.engine=vllm on CPU: vLLM's CPU attention supports head_dim {supported}, this model "
-                         f"has {head_dim} (e.g. model_configs/tiny-h32.yaml instead of tiny); or use rollout.engine=cpu")
+                         f"has {head_dim} (e.g. model_configs/tiny-h32.yaml instead of tiny); "
+                         "or use rollout.engine=cpu")
 
 
 def _on_cpu() -> bool:
@@ -309,5 +310,6 @@ def vllm_engine_spec(tensor_parallel_size: int = 1, **engine_kwargs):
         num_gpus=0 if cpu else 1 if tensor_parallel_size == 1 else 0,
         sync_ranks_per_engine=tensor_parallel_size,
         env_vars=env,
-        placement_bundles=[{"GPU": 1, "CPU": 1}] * tensor_parallel_size if tensor_parallel_size > 1 and not cpu else None,
+        placement_bundles=([{"GPU": 1, "CPU": 1}] * tensor_parallel_size
+                           if tensor_parallel_size > 1 and not cpu else None),
     )

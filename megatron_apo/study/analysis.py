@@ -59,7 +59,7 @@ def load_counts(cfg: StudyConfig, out: Path) -> tuple[dict, list[int], list[str]
     # only seeds every label has: the bootstrap pairs over them
     seeds = [s for s in cfg.seeds if all(s in per for per in counts.values())]
     labels = [cfg.reference_label] + [m for m in cfg.methods if m in counts]
-    return {l: counts[l] for l in labels if l in counts}, seeds, labels
+    return {label: counts[label] for label in labels if label in counts}, seeds, labels
 
 
 def analyse(cfg: StudyConfig, out: Path) -> dict:
@@ -79,22 +79,24 @@ def analyse(cfg: StudyConfig, out: Path) -> dict:
     for gname, members in groups.items():
         grow = [r for r in rows if source[r] in members]
         P = len(grow)
-        A = {l: np.stack([table[[counts[l][s][r][1] for r in grow]] for s in seeds]) for l in labels}  # [S, P, n]
+        A = {label: np.stack([table[[counts[label][s][r][1] for r in grow]] for s in seeds])
+             for label in labels}  # [S, P, n]
         ws = rng.multinomial(S, [1 / S] * S, size=cfg.bootstrap).astype(float)  # [B, S] seed draw counts
         wp = rng.multinomial(P, [1 / P] * P, size=cfg.bootstrap).astype(float)  # [B, P]
-        boot = {l: np.einsum("bs,spk,bp->bk", ws, a, wp) / (S * P) for l, a in A.items()}
+        boot = {label: np.einsum("bs,spk,bp->bk", ws, a, wp) / (S * P) for label, a in A.items()}
         split = {"num_prompts": P, "methods": {}}
-        for l in labels:
-            est = A[l].mean(axis=(0, 1))
-            entry = {"pass_at_k": est.tolist(), "ci_low": np.percentile(boot[l], 2.5, axis=0).tolist(),
-                     "ci_high": np.percentile(boot[l], 97.5, axis=0).tolist(), "se": boot[l].std(axis=0).tolist()}
+        for label in labels:
+            est = A[label].mean(axis=(0, 1))
+            entry = {"pass_at_k": est.tolist(), "ci_low": np.percentile(boot[label], 2.5, axis=0).tolist(),
+                     "ci_high": np.percentile(boot[label], 97.5, axis=0).tolist(),
+                     "se": boot[label].std(axis=0).tolist()}
             for other in (cfg.baseline, cfg.reference_label):
-                d = boot[l] - boot[other]
+                d = boot[label] - boot[other]
                 entry[f"diff_vs_{other}"] = {"est": (est - A[other].mean(axis=(0, 1))).tolist(),
                                              "ci_low": np.percentile(d, 2.5, axis=0).tolist(),
                                              "ci_high": np.percentile(d, 97.5, axis=0).tolist(),
                                              "se": d.std(axis=0).tolist()}
-            split["methods"][l] = entry
+            split["methods"][label] = entry
         results["splits"][gname] = split
     results["criterion"] = criterion(results, cfg)
     return results
@@ -235,12 +237,15 @@ def write_report(cfg: StudyConfig, results: dict, out: Path) -> None:
              f"intervals over prompts and seeds ({cfg.bootstrap} resamples). Complete: {results['complete']}.", ""]
     if c.get("applicable"):
         lines += ["## Pre-registered criterion", "",
-                  f"GRPO trained pass@1 − reference: {c['trained_pass1_gain']:+.3f} (SE {c['trained_pass1_gain_se']:.3f}); "
+                  f"GRPO trained pass@1 − reference: {c['trained_pass1_gain']:+.3f} "
+                  f"(SE {c['trained_pass1_gain_se']:.3f}); "
                   f"held-out hard pass@{results['n']} GRPO − reference: {c['heldout_hard_passn_change']:+.3f} "
                   f"(SE {c['heldout_hard_passn_change_se']:.3f}). **Criterion met: {c['met']}.**", "",
                   f"Beats {cfg.baseline} (held-out hard pass@{results['n']} higher by > 2 SE, trained pass@1 not lower "
-                  "by > 2 SE): " + ", ".join(f"{m}: {'yes' if b else 'no'}" for m, b in c["beats_baseline"].items()), ""]
+                  "by > 2 SE): " + ", ".join(f"{m}: {'yes' if b else 'no'}"
+                                             for m, b in c["beats_baseline"].items()), ""]
     for split in order:
-        lines += [f"## {split} ({results['splits'][split]['num_prompts']} prompts)", "", results_table(results, split), ""]
+        lines += [f"## {split} ({results['splits'][split]['num_prompts']} prompts)", "",
+                  results_table(results, split), ""]
     lines += ["![pass@k](pass_at_k.png)", "", "![dynamics](dynamics.png)", ""]
     (out / "report.md").write_text("\n".join(lines))

@@ -68,7 +68,8 @@ def prepare_task(cfg: StudyConfig, out: Path) -> dict:
     write_verl_parquet(train_rows(cats), data / "train.parquet")
     write_verl_parquet(eval_rows(cats), data / "val.parquet")
     pairs_text = sft_pairs(cats, cfg.reference.sft_per_category, cfg.reference.seed)
-    tok_file = train_char_tokenizer([f"{p} {a}" for p, a in pairs_text] + [f"{c.prompt} {v}" for c in cats for v in c.valid],
+    tok_file = train_char_tokenizer([f"{p} {a}" for p, a in pairs_text]
+                                    + [f"{c.prompt} {v}" for c in cats for v in c.valid],
                                     data / "toy_sp")
     tok = load_tokenizer(tok_file)
     eos = tok.stop_token_ids[0]
@@ -113,7 +114,8 @@ def run_overrides(cfg: StudyConfig, paths: dict, ref_ckpt: str, run_dir: Path, m
     base = [
         f"model.config={paths['model']}", f"parallel.tensor_model_parallel_size={cfg.tp}", f"seed={seed}",
         f"out_dir={run_dir}", f"checkpoint.load={ref_ckpt}", "checkpoint.save_interval=0", "checkpoint.keep_last=1",
-        f"data.train_files=[{paths['train']}]", f"data.val_files=[{paths['val']}]", f"data.tokenizer={paths['tokenizer']}",
+        f"data.train_files=[{paths['train']}]", f"data.val_files=[{paths['val']}]",
+        f"data.tokenizer={paths['tokenizer']}",
         f"trainer.eval_n={cfg.eval_n}", "trainer.eval_max_prompts=100000", "trainer.tensorboard=false",
         "trainer.progress=false",
     ]

@@ -67,6 +67,7 @@ def sft_train(cfg: SFTConfig, tokens: torch.Tensor, loss_mask: torch.Tensor, out
         losses.append(loss)
         if dist.get_rank() == 0 and (step + 1) % max(1, cfg.steps // 10) == 0:
             print(f"sft step {step + 1}/{cfg.steps}  loss {loss:.4f}", flush=True)
-    save_checkpoint(out_dir, cfg.steps, chunks, optimizer=None, metadata={"model_config": model_cfg.to_dict(), "sft": True},
+    save_checkpoint(out_dir, cfg.steps, chunks, optimizer=None,
+                    metadata={"model_config": model_cfg.to_dict(), "sft": True},
                     keep_last=1)
     return losses
