@@ -99,8 +99,13 @@ def headline(table: dict, n: int) -> str:
         return ""
     p1 = lambda r: r["trained"]["pass@1"][0]  # noqa: E731
     pn = lambda r: r["heldout_hard"][f"pass@{n}"][0]  # noqa: E731
-    s = (f"The figure shows GRPO sharpening: trained pass@1 {p1(ref):.2f} -> {p1(grpo):.2f} while held-out hard "
-         f"pass@{n} falls {pn(ref):.2f} -> {pn(grpo):.2f}")
+    def moves(a: float, b: float) -> str:  # the sentence follows the numbers, whichever way they went
+        verb = "rises" if b > a + 0.005 else "falls" if b < a - 0.005 else "stays"
+        return f"{verb} {a:.2f} -> {b:.2f}"
+
+    sharpens = p1(grpo) > p1(ref) + 0.005 and pn(grpo) < pn(ref) - 0.005
+    s = (f"The figure shows {'GRPO sharpening and collapsing' if sharpens else 'GRPO'}: trained pass@1 "
+         f"{moves(p1(ref), p1(grpo))} while held-out hard pass@{n} {moves(pn(ref), pn(grpo))}")
     if "apo" in table:
         s += f"; APO: trained pass@1 {p1(table['apo']):.2f}, held-out hard pass@{n} {pn(table['apo']):.2f}"
     return s + " (95% bootstrap CIs over prompts in the table; one seed)."
