@@ -121,7 +121,7 @@ class TrainerSection:
 @dataclass
 class CheckpointSection:
     dir: Optional[str] = None  # default: <out_dir>/checkpoints
-    save_interval: int = 0  # steps; 0 = only at the end (and on SIGTERM/SIGUSR1)
+    save_interval: int = 20  # steps between checkpoints (docs/reliability.md); 0 = only at the end and on SIGTERM/SIGUSR1
     keep_last: int = 2
     load: Optional[str] = None  # initial weights (policy and reference) from a Megatron checkpoint
     resume: bool = True  # continue from the latest checkpoint in `dir` when there is one

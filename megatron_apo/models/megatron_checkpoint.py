@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_apo.models.checksums import verify_checkpoint
 from megatron_apo.models.config import ModelConfig
 from megatron_apo.models.hf_mapping import EMBEDDING, FINAL_NORM, OUTPUT_LAYER, megatron_shape
 
@@ -144,8 +145,13 @@ class DistCheckpointReader:
         self.cfg = cfg
         if not (self.folder / ".metadata").is_file():
             raise FileNotFoundError(f"{self.folder} is not a torch_dist checkpoint (no .metadata file)")
+        verify_checkpoint(self.folder.parent, prefix=f"{self.folder.name}/", collective=False)
         self._reader = dcp.FileSystemReader(str(self.folder))
-        md = self._reader.read_metadata()
+        try:
+            md = self._reader.read_metadata()
+        except Exception as e:  # noqa: BLE001 - a truncated pickle raises EOFError/UnpicklingError
+            raise ValueError(f"{self.folder / '.metadata'} is damaged or truncated ({type(e).__name__}: "
+                             f"{str(e).strip()[:200]})") from None
         tensors = {k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
         emb = [k for k in tensors if k.endswith(EMBEDDING)]
         if not emb:
