@@ -211,6 +211,10 @@ def _add_demo(sub) -> None:
 def _run_demo(args) -> int:
     from megatron_apo.trainer.demo import DemoConfig, run_demo
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is an existing file; give a folder (it is created if missing)")
+    if args.rl_steps is not None and args.rl_steps < 1:
+        raise ValueError(f"--rl-steps must be >= 1, got {args.rl_steps}")
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
     if args.rl_steps is not None:
         cfg.rl_steps = args.rl_steps

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 
@@ -152,9 +152,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            layers.append(OmegaConf.load(p))
+            loaded = OmegaConf.load(p)
         except Exception as e:  # noqa: BLE001 - YAML parse errors
             raise ConfigError(f"{p}: not valid YAML ({_first_line(e)})") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (model:, data:, trainer:, ...), "
+                              f"not a {type(loaded).__name__.replace('Config', '').lower()}")
+        layers.append(loaded)
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} must look like key=value (e.g. algorithm.apo_topk=16)")

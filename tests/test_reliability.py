@@ -164,3 +164,66 @@ def test_stale_tmp_folders_removed_and_out_dir_locked(tmp_path):
     holder.wait()
     assert (tmp_path / ".megatron-apo.lock").is_file()
     claim_run_dirs(tmp_path, ckpt).release()
+
+
+def _one_line_error(args: list[str], code: int = 2) -> str:
+    r = subprocess.run([sys.executable, "-m", "megatron_apo.cli", *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == code, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    return r.stderr
+
+
+def test_hf_export_checksums_catch_a_flipped_byte(three_saves, tmp_path):
+    """megatron-to-hf records CRC32s of its safetensors shards; hf-to-megatron refuses a shard with a flipped byte."""
+    hf = tmp_path / "hf"
+    subprocess.run([sys.executable, "-m", "megatron_apo.cli", "convert", "megatron-to-hf", "--megatron",
+                    str(three_saves[0]), "--out", str(hf), "--quiet"], check=True, capture_output=True, timeout=300)
+    shard = sorted(hf.glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-7] ^= 0x04
+    shard.write_bytes(bytes(data))
+    err = _one_line_error(["convert", "hf-to-megatron", "--hf", str(hf), "--out", str(tmp_path / "m"), "--quiet"])
+    assert str(shard) in err and "CRC32" in err, err
+
+
+def test_corrupt_safetensors_header_names_the_file(tmp_path):
+    import struct
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    raw = b"\xff\xfe{not a header"
+    (hf / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    err = _one_line_error(["convert", "hf-to-megatron", "--hf", str(hf), "--out", str(tmp_path / "m"), "--quiet"])
+    assert str(hf / "model.safetensors") in err and "corrupt safetensors header" in err, err
+
+
+def test_truncated_metadata_is_one_line(three_saves, tmp_path):
+    it = _copy(three_saves[0] / "iter_0000003", tmp_path / "it")
+    (it / "checksums.json").unlink()  # a checkpoint without checksums: the .metadata reader itself must say it
+    md = it / "model" / ".metadata"
+    md.write_bytes(md.read_bytes()[:50])
+    err = _one_line_error(["convert", "megatron-to-hf", "--megatron", str(it), "--out", str(tmp_path / "hf"), "--quiet"])
+    assert f"{md} is damaged or truncated" in err, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--config", "LIST"], "the top level must be a mapping of sections"),
+    (["plan", "--model", "BADYAML", "--gpus", "8"], "not valid YAML"),
+    (["demo", "--out", "FILE"], "is an existing file"),
+    (["demo", "--out", "DIR", "--rl-steps", "-1"], "--rl-steps must be >= 1"),
+])
+def test_cli_mistakes_are_one_line(tmp_path, args, message):
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    (tmp_path / "bad.yaml").write_text("num_layers: [\n")
+    (tmp_path / "file").write_text("x")
+    subst = {"LIST": str(tmp_path / "list.yaml"), "BADYAML": str(tmp_path / "bad.yaml"), "FILE": str(tmp_path / "file"),
+             "DIR": str(tmp_path / "demo")}
+    assert message in _one_line_error([subst.get(a, a) for a in args])
+    assert not (tmp_path / "demo").exists()
+
+
+def test_eval_error_leaves_no_empty_out_folder(tmp_path):
+    _one_line_error(["eval", "--model", str(tmp_path / "missing"), "--data", str(tmp_path / "x.parquet"),
+                     "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

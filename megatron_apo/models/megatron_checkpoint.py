@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_apo.models.checksums import verify_checkpoint
+from megatron_apo.models.checksums import CHECKSUM_FILE, checksum_files, verify_checkpoint
 from megatron_apo.models.config import ModelConfig
 from megatron_apo.models.hf_mapping import EMBEDDING, FINAL_NORM, OUTPUT_LAYER, megatron_shape
 
@@ -85,6 +85,11 @@ def save_model(model, folder: str | Path) -> None:
         target.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(target))
+    # CRC32s of model/'s files (collective), verified whenever this checkpoint is loaded or converted
+    sums = {f"{MODEL_SUBDIR}/{k}": v for k, v in checksum_files(target).items()}
+    if dist.get_rank() == 0:
+        (Path(folder) / CHECKSUM_FILE).write_text(json.dumps({"algorithm": "crc32", "files": sums}, indent=1) + "\n")
+    dist.barrier()
 
 
 def load_megatron_model(folder: str | Path, params_dtype: torch.dtype | None = None):
@@ -108,6 +113,7 @@ def load_megatron_model(folder: str | Path, params_dtype: torch.dtype | None = N
         # Vocab padding depends on TP: read the vocabulary tensors whole and re-pad them for this layout.
         for key in [k for k in sharded if k.endswith((EMBEDDING, OUTPUT_LAYER))]:
             del sharded[key]
+    verify_checkpoint(ckpt, prefix=f"{MODEL_SUBDIR}/")  # the CRC32s recorded at save, when there are any
     state = dist_checkpointing.load(sharded, str(ckpt / MODEL_SUBDIR))
     model.load_state_dict(state, strict=False)
     if repad:
