@@ -227,3 +227,28 @@ def test_eval_error_leaves_no_empty_out_folder(tmp_path):
     _one_line_error(["eval", "--model", str(tmp_path / "missing"), "--data", str(tmp_path / "x.parquet"),
                      "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_ranks_do_not_outlive_a_killed_launcher(tmp_path):
+    """The launcher's ranks get SIGTERM from the kernel when it dies, even by SIGKILL (no orphans training on)."""
+    script = ("import signal, time\nfrom megatron_apo.parallel import run_distributed\n"
+              "if __name__ == '__main__':\n"
+              "    run_distributed(time.sleep, 2, 600, timeout=900, forward_signals=(signal.SIGTERM, signal.SIGUSR1))\n")
+    (tmp_path / "launcher.py").write_text(script)
+    p = subprocess.Popen([sys.executable, str(tmp_path / "launcher.py")])
+    deadline = time.time() + 120
+    children: list[str] = []
+    while time.time() < deadline and len(children) < 2:
+        children = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+        time.sleep(0.2)
+    time.sleep(2)  # the ranks are past start-up (prctl done)
+    children = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) >= 2, children
+    p.kill()
+    p.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(Path(f"/proc/{c}").exists() for c in children):
+        time.sleep(0.2)
+    alive = [c for c in children if Path(f"/proc/{c}").exists()
+             and "zombie" not in Path(f"/proc/{c}/status").read_text().lower()]
+    assert not alive, f"ranks {alive} outlived the launcher"

@@ -23,9 +23,9 @@ class DistributedError(RuntimeError):
 
 
 def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict, q, threads: int,
-           parent_death_signal: int = 0) -> None:
+           parent_death_signal: int = 0, parent_pid: int = 0) -> None:
     if parent_death_signal:
-        _set_parent_death_signal(parent_death_signal)
+        _set_parent_death_signal(parent_death_signal, parent_pid)
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -47,7 +47,7 @@ def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwa
             pass
 
 
-def _set_parent_death_signal(sig: int) -> None:
+def _set_parent_death_signal(sig: int, parent_pid: int) -> None:
     """Linux: the kernel sends `sig` to this process when its parent dies (even by SIGKILL): no orphaned ranks."""
     try:
         import ctypes
@@ -55,7 +55,7 @@ def _set_parent_death_signal(sig: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
     except (OSError, AttributeError):
         pass
-    if os.getppid() == 1:  # the parent died before prctl took effect
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect (we were re-parented)
         os.kill(os.getpid(), sig)
 
 
@@ -93,7 +93,7 @@ def _run_once(fn, world_size, args, kwargs, timeout, threads_per_process, forwar
     threads = threads_per_process or max(1, (os.cpu_count() or 1) // world_size)
     procs = [
         ctx.Process(target=_child, args=(r, world_size, port, fn, args, kwargs, q, threads,
-                                         forward_signals[0] if forward_signals else 0), daemon=False)
+                                         forward_signals[0] if forward_signals else 0, os.getpid()), daemon=False)
         for r in range(world_size)
     ]
     previous = {}
