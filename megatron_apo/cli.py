@@ -180,7 +180,7 @@ def _run_train(args) -> int:
         from megatron_apo.trainer.train import train
 
         train(cfg)
-        return exit_code()
+        return exit_code(int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))))
     from megatron_apo.parallel import run_distributed
     from megatron_apo.trainer.lifecycle import train_rank
 

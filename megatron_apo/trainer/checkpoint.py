@@ -117,7 +117,8 @@ def save_checkpoint(
     tmp = Path(_broadcast_str(str(ckpt_dir / f"{final.name}.tmp-{os.getpid()}")))
     rank = dist.get_rank() if dist.is_initialized() else 0
     try:
-        _save_into(tmp, rank, model_chunks, optimizer)
+        with _stop_signals_deferred():
+            _save_into(tmp, rank, model_chunks, optimizer)
         sums = checksum_files(tmp)
     except (KeyboardInterrupt, SystemExit):
         raise
@@ -150,6 +151,15 @@ def save_checkpoint(
                 shutil.rmtree(old, ignore_errors=True)
     _raise_if_any_rank_failed(err)
     return final
+
+
+def _stop_signals_deferred():
+    """torch DCP's writer and queue-manager processes have no signal handler: started with SIGTERM/SIGUSR1
+    blocked they survive a preemption signal sent to the whole job step (Slurm), which would otherwise kill
+    them mid-save (a BrokenPipeError). The trainer's own handler runs right after the save."""
+    from megatron_apo.trainer.lifecycle import signals_blocked
+
+    return signals_blocked()
 
 
 def _save_into(tmp: Path, rank: int, model_chunks: list, optimizer) -> None:

@@ -6,6 +6,8 @@ pool, the Ray rollout fleet and the weight-sync group's sending end, and the ans
 
 from __future__ import annotations
 
+import signal
+
 import time
 from dataclasses import dataclass
 
@@ -64,7 +66,12 @@ class Controller:
                                     seed=self.cfg.seed)
         else:
             spec = EngineSpec(ENGINE_CLASSES[r.engine], kwargs={"hf_config": hf_config}, num_cpus=0.5)
-        return RolloutFleet(spec, r.num_engines, ray_address=r.ray_address)
+        from megatron_apo.trainer.lifecycle import signals_blocked
+
+        # Ray's processes (GCS, raylet, engine workers) inherit SIGUSR1 blocked: Slurm's time-limit signal reaches
+        # every process of the step, and without a handler they would die of it while the trainer checkpoints.
+        with signals_blocked((signal.SIGUSR1,)):
+            return RolloutFleet(spec, r.num_engines, ray_address=r.ray_address)
 
     def sync_group(self):
         """The trainer's end of the sync group; reopened whenever the fleet opened a new one (engine restart)."""

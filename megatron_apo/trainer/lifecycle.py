@@ -9,6 +9,9 @@ Exit codes of `megatron-apo train` (documented in docs/reliability.md):
 
 from __future__ import annotations
 
+import contextlib
+import signal
+
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 75
@@ -26,8 +29,11 @@ def stopped_at() -> int | None:
     return _stopped_at
 
 
-def exit_code() -> int:
-    return EXIT_PREEMPTED if _stopped_at is not None else EXIT_OK
+def exit_code(rank: int = 0) -> int:
+    """Rank 0 carries the preemption code; the other ranks exit 0. srun's `--kill-on-bad-exit` ends a step at the
+    first non-zero exit: the other ranks, done with their checkpoint part, must not cut short rank 0's shutdown
+    of the rollout fleet (srun would then report their 143, not 75)."""
+    return EXIT_PREEMPTED if _stopped_at is not None and rank == 0 else EXIT_OK
 
 
 def train_rank(cfg) -> tuple[list[dict], int | None]:
@@ -36,3 +42,18 @@ def train_rank(cfg) -> tuple[list[dict], int | None]:
 
     history = train(cfg)
     return history, stopped_at()
+
+
+@contextlib.contextmanager
+def signals_blocked(sigs=(signal.SIGTERM, signal.SIGUSR1)):
+    """Blocks `sigs` in this thread for the block; processes started meanwhile inherit the blocked mask.
+
+    Slurm (and `kill` of a process group) delivers a preemption signal to every process of a job step, helpers
+    included; helpers without a handler would die of it. Blocked signals stay pending in this process and
+    reach the trainer's handler when the block ends.
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, set(sigs))
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
