@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 
-
 def _add_smoke(sub) -> None:
     p = sub.add_parser("smoke", help="TP/PP language-model smoke training of the tiny model on local processes")
     p.add_argument("--tp", type=int, default=2, help="tensor parallel size (default 2)")
@@ -164,28 +163,44 @@ def _add_train(sub) -> None:
 
 def _run_train(args) -> int:
     import os
+    import signal
 
     from megatron_apo.config import load_config
-    from megatron_apo.trainer.validation import validate_run_config  # torch-free: bad configs fail in well under 1 s
+    from megatron_apo.trainer.lifecycle import EXIT_OK, EXIT_PREEMPTED, exit_code
+    from megatron_apo.trainer.preflight import preflight  # torch-free: bad input fails in well under 1 s
+    from megatron_apo.trainer.validation import validate_run_config
 
     cfg = load_config(args.config, args.overrides)
     launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ  # torchrun / srun: this process is one rank
+    if args.nproc is not None and args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) if launched else (
         args.nproc or cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size)
     validate_run_config(cfg, world)
-    from megatron_apo.trainer.train import train
-
+    if not launched or int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+        preflight(cfg)  # data, tokenizer, engine, out_dir lock: before any rank starts
     if launched:
-        train(cfg)
-        return 0
-    from megatron_apo.parallel import run_distributed
+        from megatron_apo.trainer.train import train
 
-    history = run_distributed(train, world, cfg, timeout=24 * 3600)[0]
+        train(cfg)
+        return exit_code(int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))))
+    from megatron_apo.parallel import run_distributed
+    from megatron_apo.trainer.lifecycle import train_rank
+
+    # SIGTERM/SIGUSR1 to this launcher reach every rank (they checkpoint and stop); if the launcher itself is
+    # killed, the ranks get SIGTERM from the kernel: they never go on training as orphans.
+    results = run_distributed(train_rank, world, cfg, timeout=24 * 3600,
+                              forward_signals=(signal.SIGTERM, signal.SIGUSR1))
+    history, stopped_at = results[0]
     if history:
         last = history[-1]
         print(f"train: {len(history)} steps; last reward {last.get('reward/mean', float('nan')):.3f}, "
               f"loss {last.get('loss', float('nan')):.4f}; metrics in {cfg.out_dir}/metrics.jsonl")
-    return 0
+    if stopped_at is not None:
+        print(f"train: stopped by a signal after step {stopped_at} (checkpointed); exit code {EXIT_PREEMPTED}: "
+              "run the same command again to resume", flush=True)
+        return EXIT_PREEMPTED
+    return EXIT_OK
 
 
 def _add_demo(sub) -> None:
@@ -199,6 +214,10 @@ def _add_demo(sub) -> None:
 def _run_demo(args) -> int:
     from megatron_apo.trainer.demo import DemoConfig, run_demo
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is an existing file; give a folder (it is created if missing)")
+    if args.rl_steps is not None and args.rl_steps < 1:
+        raise ValueError(f"--rl-steps must be >= 1, got {args.rl_steps}")
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
     if args.rl_steps is not None:
         cfg.rl_steps = args.rl_steps

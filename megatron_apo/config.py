@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 
@@ -130,7 +130,7 @@ class TrainerSection:
 @dataclass
 class CheckpointSection:
     dir: Optional[str] = None  # default: <out_dir>/checkpoints
-    save_interval: int = 0  # steps; 0 = only at the end (and on SIGTERM/SIGUSR1)
+    save_interval: int = 20  # steps between checkpoints (docs/reliability.md); 0 = only at the end and on SIGTERM/SIGUSR1
     keep_last: int = 2
     load: Optional[str] = None  # initial weights (policy and reference) from a Megatron checkpoint
     resume: bool = True  # continue from the latest checkpoint in `dir` when there is one
@@ -161,9 +161,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            layers.append(OmegaConf.load(p))
+            loaded = OmegaConf.load(p)
         except Exception as e:  # noqa: BLE001 - YAML parse errors
             raise ConfigError(f"{p}: not valid YAML ({_first_line(e)})") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (model:, data:, trainer:, ...), "
+                              f"not a {type(loaded).__name__.replace('Config', '').lower()}")
+        layers.append(loaded)
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} must look like key=value (e.g. algorithm.apo_topk=16)")

@@ -78,3 +78,47 @@ def train_save_or_resume(tp: int, ckpt: str, save: bool, after: int = 1, dp_stat
     if not dp_state:
         return losses[0] if after == 1 else losses
     return losses, at_ckpt, optimizer_state(opt)
+
+
+def save_steps(ckpt: str, steps: list[int], keep_last: int = 3) -> dict:
+    """World of 1: a tiny model saved at each of `steps` (one Adam update before each). Returns {step: weights}."""
+    init_distributed(ParallelConfig(1, 1), seed=1)
+    chunks = [wrap_ddp(build_gpt_model(load_model_config("tiny")), use_distributed_optimizer=True)]
+    opt = build_optimizer(chunks, OptimConfig(lr=1e-2, use_distributed_optimizer=True))
+    tokens = torch.randint(0, 200, (4, 9), generator=torch.Generator().manual_seed(3))
+    weights = {}
+    for s in steps:
+        _lm_step(chunks, opt, tokens)
+        save_checkpoint(ckpt, s, chunks, opt, metadata={"model_config": load_model_config("tiny").to_dict()},
+                        extra={"step": s}, keep_last=keep_last)
+        weights[s] = {n: p.detach().clone().numpy() for n, p in chunks[0].named_parameters()}
+    return weights
+
+
+def save_until_error(ckpt: str, steps: int) -> str:
+    """Saves step 1, 2, ... until a save fails; returns the error as 'Type: message'."""
+    init_distributed(ParallelConfig(1, 1), seed=1)
+    chunks = [wrap_ddp(build_gpt_model(load_model_config("tiny")), use_distributed_optimizer=True)]
+    opt = build_optimizer(chunks, OptimConfig(lr=1e-2, use_distributed_optimizer=True))
+    tokens = torch.randint(0, 200, (4, 9), generator=torch.Generator().manual_seed(3))
+    for s in range(1, steps + 1):
+        _lm_step(chunks, opt, tokens)
+        try:
+            save_checkpoint(ckpt, s, chunks, opt, metadata={}, keep_last=10)
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def resume_newest_intact(ckpt: str):
+    """World of 1: resume_checkpoint into a fresh model; returns (metadata step, extra, weights)."""
+    from megatron_apo.trainer.checkpoint import resume_checkpoint
+
+    init_distributed(ParallelConfig(1, 1), seed=2)
+    chunks = [wrap_ddp(build_gpt_model(load_model_config("tiny")), use_distributed_optimizer=True)]
+    opt = build_optimizer(chunks, OptimConfig(lr=1e-2, use_distributed_optimizer=True))
+    try:
+        meta, extra = resume_checkpoint(ckpt, chunks, opt)
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}", None, None
+    return meta["step"], extra, {n: p.detach().clone().numpy() for n, p in chunks[0].named_parameters()}

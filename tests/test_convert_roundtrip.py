@@ -155,6 +155,10 @@ def test_megatron_to_hf_errors_leave_no_output(qwen_tied_round_trip, tmp_path):
     shutil.copytree(root / "meg", ckpt)
     for f in (ckpt / "model").glob("*.distcp"):
         f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(ValueError, match="distcp is damaged .its CRC32 differs"):  # the checksums catch it upfront
+        convert_megatron_to_hf(ckpt, tmp_path / "out", progress=False)
+    assert _no_leftovers(tmp_path, "out")
+    (ckpt / "checksums.json").unlink()  # a checkpoint without checksums: the failure comes while writing
     with pytest.raises(ValueError, match="cannot read embedding.word_embeddings.weight"):
         convert_megatron_to_hf(ckpt, tmp_path / "out", progress=False)
     assert _no_leftovers(tmp_path, "out")

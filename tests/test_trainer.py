@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -12,12 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+from rl_setup import overrides, toy_env
 
 from megatron_apo.config import load_config
 from megatron_apo.parallel import run_distributed
 from megatron_apo.trainer.checkpoint import latest_checkpoint, list_checkpoints, read_metadata
 from megatron_apo.trainer.metrics import read_metrics
-from rl_setup import overrides, toy_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -188,6 +187,8 @@ def test_nan_loss_skips_the_step_and_training_continues(env, tmp_path):
     (["algorithm.apo_topkk=3"], "unknown config key 'algorithm.apo_topkk'"),
     (["data.train_files=[/nonexistent/train.parquet]"], "/nonexistent/train.parquet does not exist"),
     (["parallel.tensor_model_parallel_size=3"], "does not divide num_query_groups"),
+    (["parallel.tensor_model_parallel_size=0"], "parallel.tensor_model_parallel_size must be >= 1, got 0"),
+    (["parallel.virtual_pipeline_model_parallel_size=2"], "needs pipeline_model_parallel_size > 1"),
 ])
 def test_bad_config_fails_fast_with_one_line(env, tmp_path, extra, message):
     t0 = time.time()
@@ -198,3 +199,65 @@ def test_bad_config_fails_fast_with_one_line(env, tmp_path, extra, message):
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert elapsed < 1.0, f"bad config took {elapsed:.2f}s to be rejected (including interpreter start)"
+
+
+def _bad_parquet(tmp_path: Path, kind: str) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / f"{kind}.parquet"
+    if kind == "no_prompt_column":
+        pq.write_table(pa.table({"question": ["1+1?"], "data_source": ["math"]}), f)
+    else:  # text that is not UTF-8, in a string column
+        bad = pa.array([b"\xff\xfe not utf-8"], type=pa.binary()).view(pa.string())
+        pq.write_table(pa.table({"prompt": bad, "reward_model": [{"ground_truth": "2", "style": "rule"}],
+                                 "data_source": ["math"]}), f)
+    return f
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_prompt_column", "missing column(s) ['prompt', 'reward_model']"),
+    ("not_utf8", "not valid UTF-8"),
+    ("engine", "rollout.engine='tpu' is unknown"),
+    ("tokenizer", "data.tokenizer: "),
+])
+def test_bad_input_is_one_line_before_any_rank_starts(env, tmp_path, case, message):
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{not json")  # a damaged tokenizer file
+    extra = {"engine": ["rollout.engine=tpu"], "tokenizer": [f"data.tokenizer={tmp_path / 'tok'}"]}.get(case, [])
+    if case in ("no_prompt_column", "not_utf8"):
+        extra = [f"data.train_files=[{_bad_parquet(tmp_path, case)}]"]
+    r = subprocess.run([sys.executable, "-m", "megatron_apo.cli", "train", *overrides(env, tmp_path / "out"), *extra],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    if case != "tokenizer":
+        assert ".parquet" in r.stderr or "rollout.engine" in r.stderr  # names the file or the key
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()  # no rank ever started
+
+
+def test_launcher_forwards_sigterm_and_locks_out_dir(env, tmp_path):
+    """SIGTERM to the `megatron-apo train` launcher alone (not its process group): its ranks checkpoint and stop,
+    it exits with the documented preemption code 75, and no rank outlives it. A second trainer started in the
+    same out_dir meanwhile is refused with one line."""
+    out = tmp_path / "run"
+    args = overrides(env, out, tp=2, steps=50)
+    p = _cli(args)
+    deadline = time.time() + 400
+    while time.time() < deadline and not (out / "metrics.jsonl").is_file():
+        assert p.poll() is None, p.stdout.read()
+        time.sleep(0.2)
+    second = subprocess.run([sys.executable, "-m", "megatron_apo.cli", "train", *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and "is in use by another trainer (pid " in second.stderr, second.stderr
+    children = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+    assert children
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=300) == 75, p.stdout.read()
+    log = p.stdout.read()
+    assert "stopped by a signal after step" in log
+    stopped = read_metadata(latest_checkpoint(out / "checkpoints"))["step"]
+    assert 1 <= stopped < 50 and read_metrics(out / "metrics.jsonl")[-1]["step"] == stopped
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()

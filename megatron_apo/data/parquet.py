@@ -73,7 +73,11 @@ def read_verl_parquet(path: str | Path, on_invalid: str = "error") -> tuple[list
         )
     report = DataReport(str(path), total_rows=table.num_rows)
     rows: list[PromptRow] = []
-    for i, raw in enumerate(table.to_pylist()):
+    try:
+        raws = table.to_pylist()
+    except (UnicodeDecodeError, pa.ArrowException) as e:
+        raise InvalidDataError(f"{path}: text that is not valid UTF-8 ({type(e).__name__}: {e})") from None
+    for i, raw in enumerate(raws):
         row, issues = parse_row(i, raw)
         if issues:
             report.issues.extend(issues)

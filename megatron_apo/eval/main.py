@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,8 +35,6 @@ class EvalJob:
 
 def run_eval(job: EvalJob) -> dict[str, dict]:
     """Evaluate (if a model is given), then write JSON + PNG into job.out; returns label -> results of every run."""
-    from megatron_apo.data import PromptDataset, load_tokenizer
-    from megatron_apo.rewards import RewardPool
 
     runs: dict[str, dict] = {}
     for p in job.overlay:
@@ -44,7 +42,20 @@ def run_eval(job: EvalJob) -> dict[str, dict]:
         runs[res.get("label") or Path(p).stem] = res
     if job.model is None and not runs:
         raise ValueError("eval: give --model and --data to evaluate, and/or --overlay results.json ... to plot")
+    created = not job.out.exists()
     job.out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _evaluate_into(job, runs)
+    except BaseException:
+        if created:  # an error leaves no empty (or half-written) output folder behind
+            shutil.rmtree(job.out, ignore_errors=True)
+        raise
+
+
+def _evaluate_into(job: EvalJob, runs: dict[str, dict]) -> dict[str, dict]:
+    from megatron_apo.data import PromptDataset, load_tokenizer
+    from megatron_apo.rewards import RewardPool
+
     if job.model is not None:
         if job.data is None:
             raise ValueError("eval: --data FILE.parquet is required with --model")

@@ -109,6 +109,15 @@ def load_model_config(name_or_path: str | Path) -> ModelConfig:
         raise FileNotFoundError(
             f"model config {name_or_path!r} not found (looked for {path}); available: {available_model_configs()}"
         )
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not valid YAML ({first})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text (UTF-8) YAML file") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a model config is a mapping of keys (num_layers: ..., hidden_size: ...), "
+                         f"got a {type(data).__name__}")
     return ModelConfig.from_dict(data, source=str(path))

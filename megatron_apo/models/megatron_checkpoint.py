@@ -18,8 +18,16 @@ from pathlib import Path
 
 import torch
 
+from megatron_apo.models.checksums import CHECKSUM_FILE, checksum_files, verify_checkpoint
 from megatron_apo.models.config import ModelConfig
-from megatron_apo.models.hf_mapping import EMBEDDING, FINAL_NORM, OUTPUT_LAYER, layer_index, megatron_shape, stacked_name
+from megatron_apo.models.hf_mapping import (
+    EMBEDDING,
+    FINAL_NORM,
+    OUTPUT_LAYER,
+    layer_index,
+    megatron_shape,
+    stacked_name,
+)
 from megatron_apo.models.spec_interchange import local_spelling
 
 METADATA_FILE = "megatron_apo.json"
@@ -85,6 +93,11 @@ def save_model(model, folder: str | Path) -> None:
         target.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(target))
+    # CRC32s of model/'s files (collective), verified whenever this checkpoint is loaded or converted
+    sums = {f"{MODEL_SUBDIR}/{k}": v for k, v in checksum_files(target).items()}
+    if dist.get_rank() == 0:
+        (Path(folder) / CHECKSUM_FILE).write_text(json.dumps({"algorithm": "crc32", "files": sums}, indent=1) + "\n")
+    dist.barrier()
 
 
 def load_megatron_model(folder: str | Path, params_dtype: torch.dtype | None = None, transformer_impl: str | None = None):
@@ -109,6 +122,7 @@ def load_megatron_model(folder: str | Path, params_dtype: torch.dtype | None = N
         # Vocab padding depends on TP: read the vocabulary tensors whole and re-pad them for this layout.
         for key in [k for k in sharded if k.endswith((EMBEDDING, OUTPUT_LAYER))]:
             del sharded[key]
+    verify_checkpoint(ckpt, prefix=f"{MODEL_SUBDIR}/")  # the CRC32s recorded at save, when there are any
     state, _ = load_any_spec(sharded, ckpt / MODEL_SUBDIR)  # written by either layer spec
     model.load_state_dict(state, strict=False)
     if repad:
@@ -146,8 +160,13 @@ class DistCheckpointReader:
         self.cfg = cfg
         if not (self.folder / ".metadata").is_file():
             raise FileNotFoundError(f"{self.folder} is not a torch_dist checkpoint (no .metadata file)")
+        verify_checkpoint(self.folder.parent, prefix=f"{self.folder.name}/", collective=False)
         self._reader = dcp.FileSystemReader(str(self.folder))
-        md = self._reader.read_metadata()
+        try:
+            md = self._reader.read_metadata()
+        except Exception as e:  # noqa: BLE001 - a truncated pickle raises EOFError/UnpicklingError
+            raise ValueError(f"{self.folder / '.metadata'} is damaged or truncated ({type(e).__name__}: "
+                             f"{str(e).strip()[:200]})") from None
         tensors = {k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
         emb = [k for k in tensors if k.endswith(EMBEDDING)]
         if not emb:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from megatron_apo.dtypes import DTYPE_NAMES, torch_dtype
+from megatron_apo.models.checksums import CHECKSUM_FILE, CheckpointCorrupt, checksum_files, verify_checkpoint
 
 SAFE_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -62,9 +63,14 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
             raise ValueError(f"{path}: not a safetensors file (header size {n})")
         try:
             header = json.loads(f.read(n))
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
+    for name, entry in header.items():
+        if not (isinstance(entry, dict) and {"dtype", "shape", "data_offsets"} <= entry.keys()):
+            raise ValueError(f"{path}: corrupt safetensors header (entry {name!r} lacks dtype/shape/data_offsets)")
     return header, 8 + n
 
 
@@ -100,6 +106,11 @@ class HFCheckpoint:
             self.config = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+        try:  # folders this project exported carry CRC32s of their shards (others have none to check)
+            verify_checkpoint(self.folder, collective=False)
+        except CheckpointCorrupt as e:
+            raise CheckpointCorrupt(f"{e}; if the weights were replaced on purpose, delete "
+                                    f"{self.folder / CHECKSUM_FILE}") from None
         self.tensors: dict[str, TensorInfo] = {}
         index = self.folder / INDEX_FILE
         if index.is_file():
@@ -274,6 +285,9 @@ class ShardedSafetensorsWriter:
             raise ValueError(f"HF export incomplete: {len(missing)} tensors never written (first: {missing[0]})")
         index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
         (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        # CRC32 of each shard, verified when this folder is read back (HFCheckpoint): a flipped byte is named
+        sums = checksum_files(self.folder, only=sorted(self._files), collective=False)
+        (self.folder / CHECKSUM_FILE).write_text(json.dumps({"algorithm": "crc32", "files": sums}, indent=1) + "\n")
 
     def abort(self) -> None:
         for f in self._files.values():

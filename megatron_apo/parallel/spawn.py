@@ -14,6 +14,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import signal
 import time
 import traceback
 from typing import Any, Callable
@@ -26,9 +27,11 @@ class DistributedError(RuntimeError):
 
 
 def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict, q, threads: int,
-           host_only: bool = False) -> None:
+           host_only: bool = False, parent_death_signal: int = 0, parent_pid: int = 0) -> None:
     if host_only:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initialises CUDA in this process
+    if parent_death_signal:
+        _set_parent_death_signal(parent_death_signal, parent_pid)
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -50,6 +53,18 @@ def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwa
             pass
 
 
+def _set_parent_death_signal(sig: int, parent_pid: int) -> None:
+    """Linux: the kernel sends `sig` to this process when its parent dies (even by SIGKILL): no orphaned ranks."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect (we were re-parented)
+        os.kill(os.getpid(), sig)
+
+
 def run_distributed(
     fn: Callable[..., Any],
     world_size: int,
@@ -57,6 +72,7 @@ def run_distributed(
     timeout: float = 300.0,
     threads_per_process: int | None = None,
     host_only: bool = False,
+    forward_signals: tuple[int, ...] = (),
     **kwargs: Any,
 ) -> list[Any]:
     """Calls `fn(*args, **kwargs)` on `world_size` spawned processes; returns the results by rank.
@@ -64,25 +80,42 @@ def run_distributed(
     `fn` must be importable (module level). It calls `init_distributed(...)` itself with the layout it needs.
     The rendezvous port is picked free, but another process can take it before rank 0 binds it: that
     failure (EADDRINUSE) is retried with a new port, twice at most.
+
+    `forward_signals` (the `megatron-apo train` launcher: SIGTERM, SIGUSR1): while the ranks run, those signals
+    sent to this process are passed on to every rank, and the ranks get the first of them if this process dies.
     """
     for attempt in range(3):
         try:
-            return _run_once(fn, world_size, args, kwargs, timeout, threads_per_process, host_only)
+            return _run_once(fn, world_size, args, kwargs, timeout, threads_per_process, host_only, forward_signals)
         except DistributedError as e:
             if "EADDRINUSE" not in str(e) or attempt == 2:
                 raise
     raise AssertionError("unreachable")
 
 
-def _run_once(fn, world_size, args, kwargs, timeout, threads_per_process, host_only=False) -> list[Any]:
+def _run_once(fn, world_size, args, kwargs, timeout, threads_per_process, host_only=False,
+              forward_signals=()) -> list[Any]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = find_free_port()
     threads = threads_per_process or max(1, (os.cpu_count() or 1) // world_size)
     procs = [
-        ctx.Process(target=_child, args=(r, world_size, port, fn, args, kwargs, q, threads, host_only), daemon=False)
+        ctx.Process(target=_child, args=(r, world_size, port, fn, args, kwargs, q, threads, host_only,
+                                         forward_signals[0] if forward_signals else 0, os.getpid()), daemon=False)
         for r in range(world_size)
     ]
+    previous = {}
+
+    def _forward(signum, frame):
+        for p in procs:
+            if p.pid is not None and p.exitcode is None:
+                try:
+                    os.kill(p.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    for sig in forward_signals:
+        previous[sig] = signal.signal(sig, _forward)
     hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
     try:
         if host_only:  # the spawned interpreter inherits it before its first import of torch
@@ -121,6 +154,8 @@ def _run_once(fn, world_size, args, kwargs, timeout, threads_per_process, host_o
             if failures:
                 break  # the others are probably stuck in a collective with the failed rank
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         for p in procs:
             p.join(timeout=5 if not failures else 0.5)
         for p in procs:

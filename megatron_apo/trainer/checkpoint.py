@@ -9,7 +9,13 @@ Layout (shared with `megatron-apo convert`):
     <dir>/iter_0000012/extra.pt       controller state (data position, answer memory, fleet version)
 
 A save writes into `iter_X.tmp-<pid>` and renames it when every rank has finished, then updates `latest`
-atomically: a crash (even SIGKILL) during a save leaves the previous checkpoint intact and loadable.
+atomically: a crash (even SIGKILL) during a save leaves the previous checkpoint intact and loadable. A failed
+save (a full disk) removes its temporary folder and says why, naming the path; temporary folders left by a
+killed run are removed when the next run starts (`clean_stale_tmp`, under the out_dir lock).
+
+Every file of an iteration folder has a CRC32 in `<iter>/checksums.json`, computed at save (in parallel over the
+ranks) and verified before a load: a damaged file is named, and a resume falls back to the newest intact
+checkpoint (`resume_checkpoint`), saying so.
 """
 
 from __future__ import annotations
@@ -26,12 +32,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_apo.models.checksums import CHECKSUM_FILE, CheckpointCorrupt, checksum_files, verify_checkpoint
 from megatron_apo.models.megatron_checkpoint import METADATA_FILE as META_FILE
 from megatron_apo.models.megatron_checkpoint import resolve_checkpoint
 from megatron_apo.models.sharding import unwrap
+from megatron_apo.trainer.diskio import DiskError, describe_os_error, find_os_error
 
 OPTIM_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}  # any DP on load (same TP/PP)
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
+_TMP_RE = re.compile(r"^(iter_\d{7}|\.latest)\.tmp-\d+$")
 
 
 def iter_dir_name(step: int) -> str:
@@ -98,40 +107,155 @@ def save_checkpoint(
     extra: dict | None = None,
     keep_last: int = 2,
 ) -> Path:
-    """Collective: every trainer rank calls it. Returns the final iteration folder."""
-    from megatron.core import dist_checkpointing
+    """Collective: every trainer rank calls it. Returns the final iteration folder.
 
+    Raises DiskError (one line: the path and e.g. "No space left on device") when the save fails; the temporary
+    folder is removed then and the previous checkpoint stays `latest`.
+    """
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / iter_dir_name(step)
     tmp = Path(_broadcast_str(str(ckpt_dir / f"{final.name}.tmp-{os.getpid()}")))
     rank = dist.get_rank() if dist.is_initialized() else 0
+    try:
+        with _stop_signals_deferred():
+            _save_into(tmp, rank, model_chunks, optimizer)
+        sums = checksum_files(tmp)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - torch's CheckpointException is a BaseException; collective
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a partial folder would keep a full disk full
+        raise DiskError(getattr(find_os_error(e), "errno", None) or 0,
+                        describe_os_error(e, tmp, f"checkpoint of step {step} not saved ({tmp.name} removed):"
+                                          " writing")) from e
+    err = None
     if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        for sub in ("rng", "model", "optim"):
-            (tmp / sub).mkdir(parents=True)
-    _barrier()
+        try:
+            meta = dict(metadata or {}, step=step, world_size=dist.get_world_size() if dist.is_initialized() else 1)
+            if extra is not None:
+                torch.save(extra, tmp / "extra.pt")
+            with open(tmp / META_FILE, "w") as f:
+                json.dump(meta, f, indent=2, default=str)
+            sums.update(checksum_files(tmp, only=["extra.pt", META_FILE]))
+            _write_json_atomic(tmp / CHECKSUM_FILE, {"algorithm": "crc32", "files": dict(sorted(sums.items()))})
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_latest(ckpt_dir, step)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            err = DiskError(e.errno, describe_os_error(e, tmp, f"checkpoint of step {step} not saved ({tmp.name} "
+                                                           "removed): writing"))
+        else:
+            for old in list_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+    _raise_if_any_rank_failed(err)
+    return final
+
+
+def _stop_signals_deferred():
+    """torch DCP's writer and queue-manager processes have no signal handler: started with SIGTERM/SIGUSR1
+    blocked they survive a preemption signal sent to the whole job step (Slurm), which would otherwise kill
+    them mid-save (a BrokenPipeError). The trainer's own handler runs right after the save."""
+    from megatron_apo.trainer.lifecycle import signals_blocked
+
+    return signals_blocked()
+
+
+def _save_into(tmp: Path, rank: int, model_chunks: list, optimizer) -> None:
+    from megatron.core import dist_checkpointing
+
+    err = None
+    if rank == 0:
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            for sub in ("rng", "model", "optim"):
+                (tmp / sub).mkdir(parents=True)
+        except OSError as e:
+            err = e
+    if _broadcast_str(str(err) if err else None) is not None:
+        raise err if err is not None else OSError(f"rank 0 could not create {tmp}")
     model_sd = _model_sharded_state_dict(model_chunks)
     dist_checkpointing.save(model_sd, str(tmp / "model"))
     if optimizer is not None and _has_state(optimizer):  # no update yet (e.g. every step skipped): nothing to save
         optim_sd = optimizer.sharded_state_dict(_model_sharded_state_dict(model_chunks), metadata=OPTIM_SHARDING)
         dist_checkpointing.save({"optimizer": optim_sd}, str(tmp / "optim"))
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
-    _barrier()
-    if rank == 0:
-        meta = dict(metadata or {}, step=step, world_size=dist.get_world_size() if dist.is_initialized() else 1)
-        if extra is not None:
-            torch.save(extra, tmp / "extra.pt")
-        with open(tmp / META_FILE, "w") as f:
-            json.dump(meta, f, indent=2, default=str)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_latest(ckpt_dir, step)
-        for old in list_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
+    err = None
+    try:
+        torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    except OSError as e:
+        err = e
+    _raise_if_any_rank_failed(err)
+
+
+def _raise_if_any_rank_failed(err: BaseException | None) -> None:
+    """Collective: every rank raises when one failed (a lone failure would leave the others in a barrier)."""
+    msgs = [str(err) if err else None]
+    if dist.is_initialized():
+        msgs = [None] * dist.get_world_size()
+        dist.all_gather_object(msgs, str(err) if err else None)
+    if err is not None:
+        raise err
+    failed = [(r, m) for r, m in enumerate(msgs) if m]
+    if failed:
+        raise OSError(f"rank {failed[0][0]}: {failed[0][1]}")
+
+
+def resume_checkpoint(ckpt_dir: str | Path, model_chunks: list, optimizer=None) -> tuple[dict | None, Any]:
+    """Loads the newest intact checkpoint of `ckpt_dir`: (metadata, extra), or (None, None) when there is none.
+
+    A damaged `latest` (a file that fails its checksum, or a part that does not load) is reported, naming the
+    file, and the next older checkpoint is tried; the message says which one training resumes from.
+    """
+    latest = latest_checkpoint(ckpt_dir)
+    if latest is None:
+        return None, None
+    candidates = [latest] + [p for p in reversed(list_checkpoints(ckpt_dir)) if p != latest]
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    problems = []
+    for it in candidates:
+        try:
+            meta, extra = load_checkpoint(it, model_chunks, optimizer)
+        except CheckpointCorrupt as e:
+            problems.append(f"checkpoint {it.name}: {e}")
+        else:
+            if problems and rank == 0:
+                print(f"checkpoint: {problems[-1]}; resuming from the newest intact checkpoint, {it.name} "
+                      f"(step {meta['step']})", flush=True)
+            return meta, extra
+        if rank == 0:
+            print(f"checkpoint: {problems[-1]}", flush=True)
+    raise CheckpointCorrupt(f"no intact checkpoint in {ckpt_dir}: " + "; ".join(problems)
+                            + "; move the damaged folders away (or set checkpoint.resume=false) to start afresh")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[-1][:300] if text else ""
+
+
+def clean_stale_tmp(ckpt_dir: str | Path) -> list[Path]:
+    """Removes temporary folders/files left by saves that never finished (a killed run or a full disk).
+
+    Call it only while holding the out_dir lock: a live trainer's save in progress looks the same.
+    """
+    d = Path(ckpt_dir)
+    removed = []
+    for p in sorted(d.iterdir()) if d.is_dir() else []:
+        if _TMP_RE.match(p.name):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    if removed:
+        print(f"checkpoint: removed {len(removed)} unfinished save(s) left by an earlier run: "
+              f"{', '.join(p.name for p in removed)}", flush=True)
+    return removed
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def _has_state(optimizer) -> bool:
@@ -153,20 +277,52 @@ def _model_sharded_state_dict(model_chunks: list) -> dict:
     return sd
 
 
-def load_model_weights(path: str | Path, model_chunks: list) -> dict:
+def load_model_weights(path: str | Path, model_chunks: list, verify: bool = True) -> dict:
     """Loads only the model weights (any TP/PP/DP layout, either layer spec) from an iteration folder or
     checkpoint dir: a checkpoint converted or trained with the local spec loads into a Transformer Engine
-    model and back (models.spec_interchange)."""
+    model and back (models.spec_interchange). `verify` checks the CRC32s recorded at save first."""
     from megatron_apo.models.spec_interchange import load_any_spec, load_state_checked
 
     it = resolve_checkpoint(path)
-    sd, dropped = load_any_spec(_model_sharded_state_dict(model_chunks), it / "model")
+    if verify:
+        verify_checkpoint(it, prefix="model/")
+    sd, dropped = _dcp_load(_model_sharded_state_dict(model_chunks), it / "model", loader=load_any_spec)
     if len(model_chunks) == 1:
         load_state_checked(unwrap(model_chunks[0]), sd, dropped, str(it))
     else:
         for i, m in enumerate(model_chunks):
             load_state_checked(unwrap(m), sd[f"model{i}"], [d for d in dropped if d.startswith(f"model{i}.")], str(it))
     return read_metadata(it)
+
+
+def _dcp_load(sharded: dict, folder: Path, loader=None):
+    """dist_checkpointing.load (or `loader(sharded, folder)`), with a damaged file reported as CheckpointCorrupt
+    naming the folder."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        return loader(sharded, folder) if loader is not None else dist_checkpointing.load(sharded, str(folder))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - torch DCP wraps a rank's read error in a CheckpointException
+        if not _looks_damaged(e):
+            raise
+        raise CheckpointCorrupt(f"{folder} does not load ({type(e).__name__}: {_first_line(e)}); a file in it is "
+                                "truncated or damaged") from e
+
+
+_DAMAGE_HINTS = ("EOFError", "UnpicklingError", "truncated", "unexpected end", "invalid load key", "corrupt")
+
+
+def _looks_damaged(e: BaseException) -> bool:
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, EOFError) or type(e).__name__ == "UnpicklingError":
+            return True
+        if any(h.lower() in f"{type(e).__name__}: {e}".lower() for h in _DAMAGE_HINTS):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 def _restore_adam_steps(optimizer) -> None:
@@ -190,12 +346,16 @@ def _restore_adam_steps(optimizer) -> None:
                     st["step"] = torch.tensor(float(group["step"]), dtype=old.dtype, device=old.device)
 
 
-def load_checkpoint(path: str | Path, model_chunks: list, optimizer=None) -> tuple[dict, Any]:
-    """Restores model, optimizer and (same world size only) RNG states. Returns (metadata, extra)."""
-    from megatron.core import dist_checkpointing
+def load_checkpoint(path: str | Path, model_chunks: list, optimizer=None, verify: bool = True) -> tuple[dict, Any]:
+    """Restores model, optimizer and (same world size only) RNG states. Returns (metadata, extra).
+
+    With `verify`, every file is first checked against the checksums recorded at save (CheckpointCorrupt).
+    """
 
     it = resolve_checkpoint(path)
-    meta = load_model_weights(it, model_chunks)
+    if verify:
+        verify_checkpoint(it)
+    meta = load_model_weights(it, model_chunks, verify=False)
     if optimizer is not None and (it / "optim" / "metadata.json").is_file():
         # A fresh Adam has no per-param state (no "step") yet; megatron needs it allocated before a load.
         for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
@@ -203,7 +363,7 @@ def load_checkpoint(path: str | Path, model_chunks: list, optimizer=None) -> tup
                 sub._init_optimizer_states_with_dummy_values()
         optim_sd = optimizer.sharded_state_dict(_model_sharded_state_dict(model_chunks), is_loading=True,
                                                 metadata=OPTIM_SHARDING)
-        loaded = dist_checkpointing.load({"optimizer": optim_sd}, str(it / "optim"))
+        loaded = _dcp_load({"optimizer": optim_sd}, it / "optim")
         with torch.no_grad():  # fp32 params: the main params are views of the (grad-requiring) model params
             optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_steps(optimizer)

@@ -6,6 +6,7 @@ pool, the Ray rollout fleet and the weight-sync group's sending end, and the ans
 
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from megatron_apo.models.config import ModelConfig
 from megatron_apo.rewards.pool import RewardItem, RewardPool
 from megatron_apo.rollout.engine import SamplingParams
 from megatron_apo.trainer.batch import RLBatch, build_batch
+
 
 @dataclass
 class Rollout:
@@ -52,13 +54,16 @@ class Controller:
         r = self.cfg.rollout
         spec = make_engine_spec(r.engine, hf_config=hf_config_from_model_config(self.model_cfg), engine_tp=r.engine_tp,
                                 gpu_memory_utilization=r.gpu_memory_utilization, seed=self.cfg.seed)
-        return RolloutFleet(spec, r.num_engines, ray_address=r.ray_address)
+        from megatron_apo.trainer.lifecycle import signals_blocked
+
+        # Ray's processes (GCS, raylet, engine workers) inherit SIGUSR1 blocked: Slurm's time-limit signal reaches
+        # every process of the step, and without a handler they would die of it while the trainer checkpoints.
+        with signals_blocked((signal.SIGUSR1,)):
+            return RolloutFleet(spec, r.num_engines, ray_address=r.ray_address)
 
     def sync_group(self):
         """The trainer's end of the sync group; reopened whenever the fleet opened a new one (engine restart)."""
-        from megatron_apo.rollout.sync_group import open_sync_group
-
-        from megatron_apo.rollout.sync_group import rendezvous_host
+        from megatron_apo.rollout.sync_group import open_sync_group, rendezvous_host
 
         # NCCL only where both ends are GPUs (vLLM engines); CPU engines join over gloo even from a GPU trainer
         nccl = self.cfg.rollout.engine == "vllm" and torch.cuda.is_available()

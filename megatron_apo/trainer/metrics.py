@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
+from megatron_apo.trainer.diskio import describe_os_error
+
 
 class MetricsLogger:
-    """Rank-0 only. `log(step, metrics)` appends one JSON line per step to <out_dir>/metrics.jsonl."""
+    """Rank-0 only. `log(step, metrics)` appends one JSON line per step to <out_dir>/metrics.jsonl.
+
+    Each record goes to the file in one `write(2)` with O_APPEND, and a record the disk had no room for is cut
+    back off, so the file only ever holds whole lines. A torn last line left by a crash in an older version
+    (or a kill mid-write on a filesystem without atomic appends) is removed when the file is opened.
+    """
 
     def __init__(self, out_dir: str | Path, total_steps: int, start_step: int = 0, tensorboard: bool = True,
                  wandb_project: str | None = None, progress: bool = True, run_name: str = "megatron-apo"):
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        self.path = self.dir / "metrics.jsonl"
+        repair_torn_tail(self.path)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self.tb = None
         if tensorboard:
             try:
@@ -40,7 +50,7 @@ class MetricsLogger:
 
     def log(self, step: int, metrics: dict) -> None:
         record = {"step": step, "time": time.time(), **{k: _scalar(v) for k, v in metrics.items()}}
-        self.jsonl.write(json.dumps(record) + "\n")
+        self._append((json.dumps(record) + "\n").encode())
         if self.tb is not None:
             for k, v in record.items():
                 if k not in ("step", "time") and isinstance(v, (int, float)):
@@ -58,7 +68,41 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
-        self.jsonl.close()
+        os.close(self._fd)
+
+    def _append(self, data: bytes) -> None:
+        size = os.fstat(self._fd).st_size
+        try:
+            written = os.write(self._fd, data)
+            if written != len(data):  # a short write: the disk filled up part-way
+                raise OSError(28, os.strerror(28))
+        except OSError as e:
+            os.ftruncate(self._fd, size)  # never leave half a record behind
+            raise OSError(e.errno, describe_os_error(e, self.path, "writing the metrics")) from None
+
+
+def repair_torn_tail(path: str | Path) -> bool:
+    """Cuts an unfinished last line (no newline, or not JSON) off a JSONL file; True when it did."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb+") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - (1 << 20)))
+        tail = f.read()
+        cut = tail.rfind(b"\n", 0, len(tail) - 1) + 1  # start of the last line within `tail`
+        last = tail[cut:]
+        try:
+            whole = last.endswith(b"\n") and isinstance(json.loads(last), dict)
+        except ValueError:
+            whole = False
+        if whole:
+            return False
+        f.truncate(size - len(tail) + cut)
+    print(f"metrics: removed a torn last record from {path} ({len(last)} bytes, written by an interrupted run)",
+          flush=True)
+    return True
 
 
 def _scalar(v):
@@ -71,8 +115,14 @@ def read_metrics(path: str | Path) -> list[dict]:
     """The metrics of the newest attempt at each step (a resumed run re-logs steps after its checkpoint)."""
     by_step: dict[int, dict] = {}
     with open(path) as f:
-        for line in f:
-            if line.strip():
+        lines = f.read().split("\n")
+    for i, line in enumerate(lines):
+        if line.strip():
+            try:
                 rec = json.loads(line)
-                by_step[rec["step"]] = rec
+            except ValueError:
+                if i == len(lines) - 1:  # a torn last record (a run killed mid-write): the next run removes it
+                    break
+                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+            by_step[rec["step"]] = rec
     return [by_step[s] for s in sorted(by_step)]

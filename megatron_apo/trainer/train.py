@@ -23,14 +23,17 @@ import torch
 import torch.distributed as dist
 
 from megatron_apo.config import RunConfig
-from megatron_apo.models import build_gpt_model, load_model_config
+from megatron_apo.models import build_gpt_model
 from megatron_apo.parallel import ParallelConfig, control_plane, init_distributed
 from megatron_apo.trainer.batch import RLBatch
-from megatron_apo.trainer.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
+from megatron_apo.trainer.checkpoint import load_model_weights, resume_checkpoint, save_checkpoint
+from megatron_apo.trainer.lifecycle import note_stopped
 from megatron_apo.trainer.optim import OptimConfig, build_optimizer, wrap_ddp, zero_grads
 from megatron_apo.trainer.passes import PassSettings, old_policy_pass, reference_pass, train_pass
+from megatron_apo.trainer.runlock import claim_run_dirs
 from megatron_apo.trainer.schedule import forward_backward
 from megatron_apo.trainer.validation import DTYPE_NAMES, validate_run_config
+
 
 def lr_at(step: int, t) -> float:
     """Warmup then constant/linear/cosine decay to min_lr over total_steps; a pure function of the step."""
@@ -100,6 +103,7 @@ def train(cfg: RunConfig) -> list[dict]:
         reference.cpu()
 
     ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.out_dir) / "checkpoints")
+    run_lock = claim_run_dirs(cfg.out_dir, ckpt_dir) if rank == 0 else None  # one live trainer per out_dir
     if cfg.checkpoint.load:
         load_model_weights(cfg.checkpoint.load, policy)
         load_model_weights(cfg.checkpoint.load, [reference])
@@ -107,9 +111,8 @@ def train(cfg: RunConfig) -> list[dict]:
         reference.load_state_dict(policy[0].module.state_dict())
 
     start_step, extra = 0, None
-    resume_from = latest_checkpoint(ckpt_dir) if cfg.checkpoint.resume else None
-    if resume_from is not None:
-        meta, extra = load_checkpoint(resume_from, policy, optimizer)
+    meta, extra = resume_checkpoint(ckpt_dir, policy, optimizer) if cfg.checkpoint.resume else (None, None)
+    if meta is not None:  # the newest intact checkpoint (a damaged `latest` is reported and skipped)
         start_step = int(meta["step"])
 
     controller = None
@@ -224,6 +227,7 @@ def train(cfg: RunConfig) -> list[dict]:
                 logger.log(step, metrics)
                 history.append({"step": step, **metrics})
             if stopping:
+                note_stopped(step)  # `megatron-apo train` exits with lifecycle.EXIT_PREEMPTED
                 if rank == 0:
                     print(f"train: stop signal received; checkpointed step {step} in {ckpt_dir}", flush=True)
                 break
@@ -236,6 +240,8 @@ def train(cfg: RunConfig) -> list[dict]:
             logger.close()
         if controller is not None:
             controller.shutdown()
+        if run_lock is not None:
+            run_lock.release()
     return history
 
 

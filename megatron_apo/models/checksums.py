@@ -1,0 +1,82 @@
+"""CRC32 checksums of a checkpoint's files: recorded at save in `<iter>/checksums.json`, verified before a load.
+
+A truncated or bit-flipped `.distcp` otherwise loads as a bare `EOFError` deep in torch.distributed.checkpoint,
+or silently as wrong weights. Verification is shared out over the ranks when a process group is up.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+CHECKSUM_FILE = "checksums.json"
+
+
+class CheckpointCorrupt(ValueError):
+    """A file of a checkpoint is missing or does not match the checksum recorded when it was saved."""
+
+
+def crc32_file(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def _gather(obj):
+    import torch.distributed as dist
+
+    rank, world = _rank_world()
+    if world == 1:
+        return [obj]
+    every = [None] * world
+    dist.all_gather_object(every, obj)
+    return every
+
+
+def checksum_files(folder: Path, only: list[str] | None = None, collective: bool = True) -> dict[str, str]:
+    """{path relative to folder: crc32}; the files are shared out over the ranks when `collective`."""
+    if only is not None:
+        return {n: crc32_file(folder / n) for n in only if (folder / n).is_file()}
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    rank, world = _rank_world() if collective else (0, 1)
+    mine = {n: crc32_file(folder / n) for n in names[rank::world]}
+    if world > 1:
+        for d in _gather(mine):
+            mine.update(d)
+    return mine
+
+
+def verify_checkpoint(it: str | Path, prefix: str = "", collective: bool = True) -> None:
+    """Raises CheckpointCorrupt naming a file (under `prefix`, e.g. "model/") whose CRC32 differs from the one
+    recorded at save, or that is missing. A checkpoint saved without checksums passes unverified."""
+    it = Path(it)
+    manifest = it / CHECKSUM_FILE
+    if not manifest.is_file():
+        return
+    try:
+        recorded = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, OSError):
+        raise CheckpointCorrupt(f"{manifest} is damaged (not the JSON written at save)") from None
+    names = sorted(n for n in recorded if n.startswith(prefix))
+    rank, world = _rank_world() if collective else (0, 1)
+    bad = []
+    for name in names[rank::world]:
+        f = it / name
+        if not f.is_file():
+            bad.append(f"{f} is missing")
+        elif crc32_file(f) != recorded[name]:
+            bad.append(f"{f} is damaged (its CRC32 differs from the one recorded at save)")
+    if world > 1:
+        bad = [b for lst in _gather(bad) for b in lst]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise CheckpointCorrupt(f"{sorted(bad)[0]}{more}")

@@ -1,0 +1,59 @@
+"""How a training run ends, as seen from outside: exit codes, and the stop-signal record.
+
+Exit codes of `megatron-apo train` (documented in docs/reliability.md):
+    0   every step trained (or nothing left to train)
+    2   a configuration or input error, reported in one line before any rank starts
+    75  stopped by SIGTERM/SIGUSR1 after writing a checkpoint: the run is incomplete and resumes from it
+        (75 is EX_TEMPFAIL: "try again later"; `slurm/train_apo.sbatch` requeues on it)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+
+EXIT_OK = 0
+EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75
+
+_stopped_at: int | None = None
+
+
+def note_stopped(step: int) -> None:
+    """Called by every trainer rank when it leaves the loop on a stop signal (after the checkpoint)."""
+    global _stopped_at
+    _stopped_at = step
+
+
+def stopped_at() -> int | None:
+    return _stopped_at
+
+
+def exit_code(rank: int = 0) -> int:
+    """Rank 0 carries the preemption code; the other ranks exit 0. srun's `--kill-on-bad-exit` ends a step at the
+    first non-zero exit: the other ranks, done with their checkpoint part, must not cut short rank 0's shutdown
+    of the rollout fleet (srun would then report their 143, not 75)."""
+    return EXIT_PREEMPTED if _stopped_at is not None and rank == 0 else EXIT_OK
+
+
+def train_rank(cfg) -> tuple[list[dict], int | None]:
+    """The local launcher's rank body: `train(cfg)`, plus whether this rank stopped on a signal."""
+    from megatron_apo.trainer.train import train
+
+    history = train(cfg)
+    return history, stopped_at()
+
+
+@contextlib.contextmanager
+def signals_blocked(sigs=(signal.SIGTERM, signal.SIGUSR1)):
+    """Blocks `sigs` in this thread for the block; processes started meanwhile inherit the blocked mask.
+
+    Slurm (and `kill` of a process group) delivers a preemption signal to every process of a job step, helpers
+    included; helpers without a handler would die of it. Blocked signals stay pending in this process and
+    reach the trainer's handler when the block ends.
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, set(sigs))
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)

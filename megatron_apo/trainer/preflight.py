@@ -1,0 +1,55 @@
+"""Checks `megatron-apo train` runs before it starts any rank: the data, the tokenizer, the reward function, the
+rollout engine and the out_dir lock. Each failure is one line naming the file or key (a ValueError or
+FileNotFoundError the CLI prints), instead of nested tracebacks from spawned ranks after start-up.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from megatron_apo.config import RunConfig
+
+ENGINE_PACKAGES = {"vllm": "vllm"}  # engine -> the package it needs beyond the base install
+
+
+def preflight(cfg: RunConfig) -> None:
+    from megatron_apo.trainer.controller import ENGINE_CLASSES
+    from megatron_apo.trainer.runlock import check_out_dir_free
+
+    r = cfg.rollout
+    if r.engine not in ENGINE_CLASSES:
+        raise ValueError(f"rollout.engine={r.engine!r} is unknown; use one of {sorted(ENGINE_CLASSES)}")
+    pkg = ENGINE_PACKAGES.get(r.engine)
+    if pkg and importlib.util.find_spec(pkg) is None:
+        raise ValueError(f"rollout.engine={r.engine} needs the {pkg} package, which is not installed; "
+                         "install it (GPU machines) or use rollout.engine=cpu")
+    if r.num_engines < 1:
+        raise ValueError(f"rollout.num_engines must be >= 1, got {r.num_engines}")
+    check_out_dir_free(cfg.out_dir)
+    tokenizer = _tokenizer(cfg.data.tokenizer)
+    from megatron_apo.data.parquet import read_verl_parquet
+
+    for key, files in (("data.train_files", cfg.data.train_files), ("data.val_files", cfg.data.val_files)):
+        for f in files:
+            rows, _ = read_verl_parquet(f, on_invalid=cfg.data.on_invalid)  # InvalidDataError names file and rows
+            try:
+                tokenizer.encode_prompt(rows[0].messages)
+            except Exception as e:  # noqa: BLE001 - whatever the tokenizer raises, say where
+                raise ValueError(f"{key}: {f}: the tokenizer {cfg.data.tokenizer} cannot encode its first prompt "
+                                 f"({type(e).__name__}: {e})") from None
+    if cfg.data.reward_fn:
+        from megatron_apo.rewards.loader import load_reward_fn
+
+        load_reward_fn(cfg.data.reward_fn)
+
+
+def _tokenizer(path):
+    from megatron_apo.data.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"data.tokenizer: {e}") from None
+    except Exception as e:  # noqa: BLE001 - transformers/sentencepiece errors name neither key nor file
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"data.tokenizer: {path} does not load ({type(e).__name__}: {msg})") from None
