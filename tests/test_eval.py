@@ -166,6 +166,17 @@ def test_cli_eval_errors_are_one_line(model_dir, tmp_path, capsys):
     assert "row 0: reward_model.ground_truth: null" in err and "--skip-invalid" in err
     assert "--overlay" in run("--out", tmp_path / "o")
     assert "not a megatron-apo pass@k results file" in run("--overlay", ok, "--out", tmp_path / "o")
+    # a model the engines cannot load: one line naming its config.json, and no --out left behind
+    other = tmp_path / "gpt_neox"
+    other.mkdir()
+    for f in model_dir.iterdir():
+        if f.is_file():
+            (other / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPTNeoXForCausalLM"]}))
+    err = run("--model", other, "--data", ok, "--out", tmp_path / "o_arch")
+    assert "config.json: architectures=['GPTNeoXForCausalLM'] is not supported" in err
+    assert not (tmp_path / "o_arch").exists()
 
 
 def test_plot_overlays_runs_with_a_panel_per_data_source(tmp_path):

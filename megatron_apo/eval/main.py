@@ -52,6 +52,18 @@ def run_eval(job: EvalJob) -> dict[str, dict]:
         raise
 
 
+def _check_architecture(hf_dir: Path) -> None:
+    """One line naming config.json for a model the engines cannot load (instead of a weight-sync traceback)."""
+    import json
+
+    from megatron_apo.models.hf_mapping import model_config_from_hf_config
+
+    config = hf_dir / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{hf_dir}: no config.json (a Hugging Face model folder has one)")
+    model_config_from_hf_config(json.loads(config.read_text()), source=str(config))
+
+
 def _evaluate_into(job: EvalJob, runs: dict[str, dict]) -> dict[str, dict]:
     from megatron_apo.data import PromptDataset, load_tokenizer
     from megatron_apo.rewards import RewardPool
@@ -63,6 +75,7 @@ def _evaluate_into(job: EvalJob, runs: dict[str, dict]) -> dict[str, dict]:
 
         with contextlib.ExitStack() as stack:
             hf_dir = stack.enter_context(hf_folder_for(Path(job.model), job.out))
+            _check_architecture(Path(hf_dir))
             tokenizer = load_tokenizer(job.tokenizer or hf_dir, job.template)
             dataset = PromptDataset.from_parquet(job.data, tokenizer, job.max_prompt_length,
                                                  on_invalid="skip" if job.skip_invalid else "error")
