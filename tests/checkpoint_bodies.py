@@ -14,7 +14,8 @@ from megatron_apo.trainer.schedule import forward_backward, lm_batches, lm_loss
 
 def _lm_step(chunks, opt, tokens) -> list[float]:
     zero_grads(chunks, opt)
-    out = forward_backward(chunks, list(lm_batches(tokens, 2)), lm_loss, seq_length=tokens.shape[1] - 1, micro_batch_size=2)
+    out = forward_backward(chunks, list(lm_batches(tokens, 2)), lm_loss, seq_length=tokens.shape[1] - 1,
+                           micro_batch_size=2)
     opt.step()
     return [float(o["lm_loss"]) for o in out]
 

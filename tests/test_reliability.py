@@ -203,7 +203,8 @@ def test_truncated_metadata_is_one_line(three_saves, tmp_path):
     (it / "checksums.json").unlink()  # a checkpoint without checksums: the .metadata reader itself must say it
     md = it / "model" / ".metadata"
     md.write_bytes(md.read_bytes()[:50])
-    err = _one_line_error(["convert", "megatron-to-hf", "--megatron", str(it), "--out", str(tmp_path / "hf"), "--quiet"])
+    err = _one_line_error(["convert", "megatron-to-hf", "--megatron", str(it), "--out", str(tmp_path / "hf"),
+                           "--quiet"])
     assert f"{md} is damaged or truncated" in err, err
 
 
@@ -233,7 +234,8 @@ def test_ranks_do_not_outlive_a_killed_launcher(tmp_path):
     """The launcher's ranks get SIGTERM from the kernel when it dies, even by SIGKILL (no orphans training on)."""
     script = ("import signal, time\nfrom megatron_apo.parallel import run_distributed\n"
               "if __name__ == '__main__':\n"
-              "    run_distributed(time.sleep, 2, 600, timeout=900, forward_signals=(signal.SIGTERM, signal.SIGUSR1))\n")
+              "    run_distributed(time.sleep, 2, 600, timeout=900, "
+              "forward_signals=(signal.SIGTERM, signal.SIGUSR1))\n")
     (tmp_path / "launcher.py").write_text(script)
     p = subprocess.Popen([sys.executable, str(tmp_path / "launcher.py")])
     deadline = time.time() + 120

@@ -43,8 +43,9 @@ def test_rl_steps_tp2_log_loss_reward_and_diagnostics(env, tmp_path):
     assert [h["step"] for h in history] == [1, 2, 3]
     rows = read_metrics(tmp_path / "metrics.jsonl")
     for r in rows:
-        for key in ("loss", "reward/mean", "reward/pass_rate", "entropy", "pg_clipfrac", "ppo_kl", "time/rollout_total_s",
-                    "time/reference_s", "time/train_s", "time/sync_s", "throughput/tokens_per_s", "fleet/weights_version"):
+        for key in ("loss", "reward/mean", "reward/pass_rate", "entropy", "pg_clipfrac", "ppo_kl",
+                    "time/rollout_total_s", "time/reference_s", "time/train_s", "time/sync_s",
+                    "throughput/tokens_per_s", "fleet/weights_version"):
             assert key in r and math.isfinite(r[key]), key
         # the fleet serves the trainer's weights: its sampling log-probs equal the trainer's old log-probs
         assert r["rollout/logprob_abs_diff"] < 1e-4
@@ -100,7 +101,8 @@ def test_sigkill_at_a_fixed_step_and_resume_gives_identical_metrics(env, tmp_pat
     ref_out, run_out = tmp_path / "uninterrupted", tmp_path / "killed"
     reward = _parity_reward(tmp_path)  # non-zero advantages, so every step really updates the weights
     args = lambda out: overrides(env, out, tp=2, steps=steps,  # noqa: E731
-                                 extra=[f"checkpoint.save_interval={kill_at}", f"data.reward_fn={reward}:compute_score"])
+                                 extra=[f"checkpoint.save_interval={kill_at}",
+                                        f"data.reward_fn={reward}:compute_score"])
     ref = _cli(args(ref_out))
     assert ref.wait(timeout=600) == 0, ref.stdout.read()
     p = _cli(args(run_out))
@@ -117,7 +119,8 @@ def test_sigkill_at_a_fixed_step_and_resume_gives_identical_metrics(env, tmp_pat
     assert len(read_metrics(run_out / "metrics.jsonl")) < steps
     resumed = _cli(args(run_out))
     assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
-    want, got = _reproducible(read_metrics(ref_out / "metrics.jsonl")), _reproducible(read_metrics(run_out / "metrics.jsonl"))
+    want = _reproducible(read_metrics(ref_out / "metrics.jsonl"))
+    got = _reproducible(read_metrics(run_out / "metrics.jsonl"))
     assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, steps + 1))
     assert all(r["train/grad_norm"] > 0 for r in want)
     for w, g in zip(want[kill_at:], got[kill_at:]):

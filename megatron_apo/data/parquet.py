@@ -85,7 +85,8 @@ def read_verl_parquet(path: str | Path, on_invalid: str = "error") -> tuple[list
         else:
             rows.append(row)
     if report.issues:
-        msg = f"{path}: {len(report.invalid_rows)} invalid row(s) of {report.total_rows}: {_format_issues(report.issues)}"
+        msg = (f"{path}: {len(report.invalid_rows)} invalid row(s) of {report.total_rows}: "
+               f"{_format_issues(report.issues)}")
         if on_invalid == "error":
             raise InvalidDataError(msg + " (pass on_invalid='skip' / --skip-invalid to drop them)")
         logger.warning("skipping " + msg)

@@ -100,7 +100,8 @@ def save_model(model, folder: str | Path) -> None:
     dist.barrier()
 
 
-def load_megatron_model(folder: str | Path, params_dtype: torch.dtype | None = None, transformer_impl: str | None = None):
+def load_megatron_model(folder: str | Path, params_dtype: torch.dtype | None = None,
+                        transformer_impl: str | None = None):
     """Builds the model for the current TP/PP layout and loads a checkpoint written at any TP/PP and either spec.
 
     Returns (model, ModelConfig). Collective over all ranks (Megatron parallel state must be initialised).
@@ -193,13 +194,15 @@ class DistCheckpointReader:
         for name in [FINAL_NORM] + [n for n in (OUTPUT_LAYER,) if n in self.meta]:
             want = megatron_shape(cfg, name)
             got = tuple(self.meta[name].size)
-            if got[1:] != want[1:] or (name != FINAL_NORM and got[0] != self.vocab_rows) or (name == FINAL_NORM and got != want):
+            if (got[1:] != want[1:] or (name != FINAL_NORM and got[0] != self.vocab_rows)
+                    or (name == FINAL_NORM and got != want)):
                 raise ValueError(f"{where}: tensor {name} has shape {list(got)}, the config implies {list(want)}")
         needed = {"self_attention.linear_proj.weight", "self_attention.linear_qkv.weight", "mlp.linear_fc1.weight",
                   "mlp.linear_fc2.weight"} | ({"self_attention.linear_qkv.bias"} if cfg.qkv_bias else set())
         missing = needed - set(self.layer_suffixes)
         if missing:
-            raise ValueError(f"{where}: decoder tensors {sorted(missing)} are missing (config and weights do not match)")
+            raise ValueError(f"{where}: decoder tensors {sorted(missing)} are missing "
+                             f"(config and weights do not match)")
         for suffix in self.layer_suffixes:
             size = tuple(self.meta["decoder.layers." + suffix].size)
             want = (cfg.num_layers,) + megatron_shape(cfg, f"decoder.layers.0.{suffix}")

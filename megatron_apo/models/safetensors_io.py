@@ -120,7 +120,8 @@ class HFCheckpoint:
         elif (self.folder / SINGLE_FILE).is_file():
             weight_map, files, where = None, [SINGLE_FILE], ""
         else:
-            raise FileNotFoundError(f"{self.folder} has no {SINGLE_FILE} or {INDEX_FILE} (only safetensors is supported)")
+            raise FileNotFoundError(f"{self.folder} has no {SINGLE_FILE} or {INDEX_FILE} "
+                                    f"(only safetensors is supported)")
         for fname in files:
             path = self.folder / fname
             if not path.is_file():
@@ -232,7 +233,8 @@ class ShardedSafetensorsWriter:
             for name in names:
                 shape, dtype = specs[name]
                 nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
-                header[name] = {"dtype": TORCH_TO_SAFE[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+                header[name] = {"dtype": TORCH_TO_SAFE[dtype], "shape": list(shape),
+                                "data_offsets": [offset, offset + nbytes]}
                 offset += nbytes
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)  # 8-byte aligned data, as the safetensors library writes it
@@ -264,7 +266,8 @@ class ShardedSafetensorsWriter:
             raise ValueError(f"tensor {name} is not part of the planned HF checkpoint")
         shape, dtype = self.specs[name]
         full_rows = shape[0] if shape else 1
-        if tuple(rows.shape[1:]) != tuple(shape[1:]) or rows.dtype != dtype or row_start + (rows.shape[0] if shape else 1) > full_rows:
+        if (tuple(rows.shape[1:]) != tuple(shape[1:]) or rows.dtype != dtype
+                or row_start + (rows.shape[0] if shape else 1) > full_rows):
             raise ValueError(f"tensor {name}: got rows {row_start}+{tuple(rows.shape)} {rows.dtype}, planned "
                              f"{tuple(shape)} {dtype}")
         fname, offset, nbytes = self._where[name]

@@ -143,7 +143,8 @@ def _run_once(fn, world_size, args, kwargs, timeout, threads_per_process, host_o
             try:
                 rank, ok, payload = q.get(timeout=min(remaining, 1.0))
             except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results and r not in failures]
+                dead = [r for r, p in enumerate(procs)
+                        if p.exitcode not in (None, 0) and r not in results and r not in failures]
                 if dead:
                     time.sleep(0.5)  # a message may still be in flight
                     if q.empty():

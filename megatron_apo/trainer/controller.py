@@ -101,7 +101,8 @@ class Controller:
         t_gen = time.perf_counter() - t0
         flat = [(p, s) for p, group in enumerate(samples) for s in group]
         texts = [self.tokenizer.decode(_strip_stop(s.token_ids, self.tokenizer.stop_token_ids)) for _, s in flat]
-        reward_items = [RewardItem(items[p].row.data_source, texts[i], items[p].row.ground_truth, items[p].row.extra_info)
+        reward_items = [RewardItem(items[p].row.data_source, texts[i], items[p].row.ground_truth,
+                                   items[p].row.extra_info)
                         for i, (p, _) in enumerate(flat)]
         scored = self.rewards.score(reward_items)
         rewards = torch.tensor(scored.scores, dtype=torch.float32)

@@ -47,7 +47,8 @@ def validate_run_config(cfg: RunConfig, world_size: int | None = None) -> ModelC
         if not Path(f).is_file():
             raise FileNotFoundError(f"data.train_files: {f} does not exist")
     if cfg.data.tokenizer is None or not Path(cfg.data.tokenizer).exists():
-        raise FileNotFoundError(f"data.tokenizer: {cfg.data.tokenizer!r} does not exist (an HF folder or a sentencepiece .model)")
+        raise FileNotFoundError(f"data.tokenizer: {cfg.data.tokenizer!r} does not exist "
+                                f"(an HF folder or a sentencepiece .model)")
     t = cfg.trainer
     for key in ("total_steps", "ppo_epochs", "micro_batch_size"):
         if getattr(t, key) < 1:
