@@ -17,7 +17,8 @@ def test_resume_with_a_different_dp_size(tmp_path):
     for r in resumed:
         assert r == pytest.approx(after_save, rel=1e-4, abs=0)
     assert read_metadata(ckpt)["step"] == 2 and latest_checkpoint(ckpt).name == "iter_0000002"
-    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "2"  # Megatron-LM's convention: the step
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "2"  # the step
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"  # Megatron-LM's name
     assert [p.name for p in list_checkpoints(ckpt)] == ["iter_0000002"]
 
 

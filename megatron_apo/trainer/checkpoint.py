@@ -1,7 +1,8 @@
 """Training checkpoints with megatron.core.dist_checkpointing: atomic, keep-last-N, resharding on load.
 
 Layout (shared with `megatron-apo convert`):
-    <dir>/latest                      text file: the newest complete step (Megatron-LM's convention)
+    <dir>/latest                      text file: the newest complete step
+    <dir>/latest_checkpointed_iteration.txt  the same, under the name Megatron-LM's tools read
     <dir>/iter_0000012/megatron_apo.json   {"model_config": ..., "step": ..., "run_config": ..., ...}
     <dir>/iter_0000012/model/         dist checkpoint of the policy (GPTModel.sharded_state_dict())
     <dir>/iter_0000012/optim/         dist checkpoint of the optimizer (dp_reshardable: any DP size on load, same TP/PP)
@@ -40,7 +41,7 @@ from megatron_apo.trainer.diskio import DiskError, describe_os_error, find_os_er
 
 OPTIM_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}  # any DP on load (same TP/PP)
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
-_TMP_RE = re.compile(r"^(iter_\d{7}|\.latest)\.tmp-\d+$")
+_TMP_RE = re.compile(r"^(iter_\d{7}|\.latest|\.latest_checkpointed_iteration\.txt)\.tmp-\d+$")
 
 
 def iter_dir_name(step: int) -> str:
@@ -263,9 +264,11 @@ def _has_state(optimizer) -> bool:
 
 
 def _write_latest(ckpt_dir: Path, step: int) -> None:
-    tmp = ckpt_dir / f".latest.tmp-{os.getpid()}"
-    tmp.write_text(f"{step}\n")
-    os.replace(tmp, ckpt_dir / "latest")
+    # `latest_checkpointed_iteration.txt` is the name Megatron-LM's own tools look for; `latest` is ours
+    for name in ("latest", "latest_checkpointed_iteration.txt"):
+        tmp = ckpt_dir / f".{name}.tmp-{os.getpid()}"
+        tmp.write_text(f"{step}\n")
+        os.replace(tmp, ckpt_dir / name)
 
 
 def _model_sharded_state_dict(model_chunks: list) -> dict:

@@ -270,14 +270,3 @@ def _dp_size() -> int:
 
 def _all_finite(per_mb: list[dict]) -> bool:
     return control_plane.all_finite(m["loss"] for m in per_mb)
-
-
-def main_from_env(config_path: str | None, overrides: list[str]) -> None:
-    """Entry point under torchrun/srun: each process runs the same config."""
-    from megatron_apo.config import load_config
-
-    cfg = load_config(config_path, overrides)
-    train(cfg)
-    from megatron_apo.parallel import destroy_distributed
-
-    destroy_distributed()
