@@ -13,12 +13,12 @@ ENGINE_PACKAGES = {"vllm": "vllm"}  # engine -> the package it needs beyond the 
 
 
 def preflight(cfg: RunConfig) -> None:
-    from megatron_apo.trainer.controller import ENGINE_CLASSES
+    from megatron_apo.rollout.engine import ENGINES
     from megatron_apo.trainer.runlock import check_out_dir_free
 
     r = cfg.rollout
-    if r.engine not in ENGINE_CLASSES:
-        raise ValueError(f"rollout.engine={r.engine!r} is unknown; use one of {sorted(ENGINE_CLASSES)}")
+    if r.engine not in ENGINES:
+        raise ValueError(f"rollout.engine={r.engine!r} is unknown; use one of {', '.join(ENGINES)}")
     pkg = ENGINE_PACKAGES.get(r.engine)
     if pkg and importlib.util.find_spec(pkg) is None:
         raise ValueError(f"rollout.engine={r.engine} needs the {pkg} package, which is not installed; "
