@@ -224,12 +224,10 @@ def _run(args: list[str], timeout: int) -> subprocess.CompletedProcess:
 
 
 def test_train_cli_with_vllm_engine_runs_three_rl_steps(tmp_path):
-    from megatron_apo.trainer.demo import DemoConfig, prepare_data
     from megatron_apo.trainer.metrics import read_metrics
-    from tests.rl_setup import overrides
+    from tests.rl_setup import overrides, toy_env
 
-    env = prepare_data(DemoConfig(model="tiny-h32", num_train_prompts=32, num_val_prompts=4, sft_answers_per_prompt=1),
-                       tmp_path / "toy")
+    env = toy_env(tmp_path / "toy", num_train_prompts=32, num_val_prompts=4, answers_per_prompt=1, model="tiny-h32")
     args = overrides(env, tmp_path / "run", tp=1, steps=3, extra=["rollout.engine=vllm", "trainer.tensorboard=false"])
     proc = _run(["train", "--nproc", "1", *args], timeout=900)
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
