@@ -7,7 +7,7 @@
 # compilers Transformer Engine's PyTorch extension needs. Its own torch build and everything compiled
 # against it (TE, apex, flash-attn, torch-tensorrt ...) is removed first: vLLM ships binaries for the stock
 # torch 2.13.0 wheel, and extensions built for another torch fail at import (docs/gpu.md, "The image").
-# Every Python package pinned here must match pyproject.toml (tests/test_dockerfile.py checks it).
+# Every Python package pinned here must match pyproject.toml (tests/unit/test_dockerfile.py checks it).
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.10-py3
 FROM ${BASE_IMAGE}
 

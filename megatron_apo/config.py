@@ -66,12 +66,39 @@ class ModelSection:
 
 
 @dataclass
-class ParallelSection:
+class ParallelConfig:
+    """How the trainer's ranks are split (docs/architecture.md). One class for the run config and
+    `megatron_apo.parallel.init_distributed`."""
+
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None
+    expert_model_parallel_size: int = 1  # MoE models: experts split over this many ranks (docs/models.md)
     nccl_timeout_minutes: int = 30  # the default group (NCCL on GPU) and Megatron's groups
     control_timeout_minutes: int = 360  # the gloo control plane: ranks wait there while rank 0 rolls out
+
+    def validate(self, world_size: int) -> None:
+        """The one TP x PP (x EP) divisibility check; ConfigError names the keys and the fix."""
+        tp, pp, ep = (self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
+                      self.expert_model_parallel_size)
+        for key, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
+                           ("expert_model_parallel_size", ep)):
+            if value < 1:
+                raise ConfigError(f"parallel.{key}={value} must be >= 1")
+        vpp = self.virtual_pipeline_model_parallel_size
+        if vpp is not None and (vpp < 1 or pp == 1):
+            raise ConfigError(f"parallel.virtual_pipeline_model_parallel_size={vpp} needs "
+                              "pipeline_model_parallel_size > 1 and a value >= 1; remove it or raise PP")
+        if world_size % (tp * pp):
+            raise ConfigError(f"parallel: world size {world_size} is not divisible by TP*PP = {tp * pp}; "
+                              f"launch a multiple of {tp * pp} processes or change the parallel sizes")
+        # Megatron-Core's expert grid: world = PP x expert-TP (= TP) x EP x expert-DP.
+        if (world_size // pp) % (tp * ep):
+            raise ConfigError(f"parallel: world size {world_size} / PP {pp} is not divisible by TP*EP = {tp * ep}; "
+                              "change parallel.expert_model_parallel_size or the number of processes")
+
+
+ParallelSection = ParallelConfig  # the run config's name for it
 
 
 @dataclass
@@ -140,7 +167,7 @@ class CheckpointSection:
 @dataclass
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
-    parallel: ParallelSection = field(default_factory=ParallelSection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     data: DataSection = field(default_factory=DataSection)
     rollout: RolloutSection = field(default_factory=RolloutSection)

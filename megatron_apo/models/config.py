@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "model_configs"  # package data: wheels ship it
-ARCHITECTURES = ("qwen2", "llama")
+ARCHITECTURES = ("qwen2", "llama", "qwen3", "qwen3_moe")
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class RopeScaling:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
-    architecture: str  # "qwen2" (Qwen2/Qwen2.5) or "llama" (Llama-3/3.1)
+    architecture: str  # "qwen2" (Qwen2/Qwen2.5), "llama" (Llama-3/3.1), "qwen3" (dense), "qwen3_moe"
     num_layers: int
     hidden_size: int
     ffn_hidden_size: int
@@ -40,8 +40,20 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     make_vocab_size_divisible_by: int = 128
     kv_channels: int | None = None  # head dim; hidden_size // num_attention_heads when None
+    qk_layernorm: bool = False  # RMSNorm on each head's query and key (Qwen3)
+    # Mixture of experts (Qwen3-MoE): every layer's MLP is `num_moe_experts` experts of width
+    # `moe_ffn_hidden_size`, `moe_router_topk` of them per token (softmax, then top-k, then renormalised
+    # when `moe_norm_topk_prob`). None/0: a dense MLP of width ffn_hidden_size.
+    num_moe_experts: int | None = None
+    moe_ffn_hidden_size: int | None = None
+    moe_router_topk: int = 0
+    moe_norm_topk_prob: bool = True
     published_params: float | None = None  # the published parameter count, for the size check
     extra: dict = field(default_factory=dict)
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.num_moe_experts)
 
     @property
     def head_dim(self) -> int:

@@ -11,31 +11,13 @@ from __future__ import annotations
 import datetime
 import os
 import random
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_apo.config import ParallelConfig
 from megatron_apo.parallel import control_plane, cpu_compat
-
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: int | None = None
-
-    def validate(self, world_size: int) -> None:
-        mp = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
-        if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
-            raise ValueError("parallel: tensor_model_parallel_size and pipeline_model_parallel_size must be >= 1")
-        if world_size % mp:
-            raise ValueError(
-                f"parallel: world size {world_size} is not divisible by TP*PP = {mp}; "
-                f"launch a multiple of {mp} processes or change the parallel sizes"
-            )
-
 
 DEFAULT_TIMEOUT_MINUTES = 30  # the default (data-plane) group: every rank is busy in lockstep there
 DEFAULT_CONTROL_TIMEOUT_MINUTES = 360  # the control plane: ranks 1..N wait while rank 0 rolls out / evaluates
@@ -87,6 +69,7 @@ def init_distributed(
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
             pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+            expert_model_parallel_size=parallel.expert_model_parallel_size,
             distributed_timeout_minutes=timeout_minutes,
         )
     control_plane.init(control_timeout_minutes)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from megatron_apo.config import RunConfig
 from megatron_apo.models import build_gpt_model
-from megatron_apo.parallel import ParallelConfig, control_plane, init_distributed
+from megatron_apo.parallel import control_plane, init_distributed
 from megatron_apo.trainer.batch import RLBatch
 from megatron_apo.trainer.checkpoint import load_model_weights, resume_checkpoint, save_checkpoint
 from megatron_apo.trainer.lifecycle import note_stopped
@@ -85,8 +85,7 @@ def train(cfg: RunConfig) -> list[dict]:
     """Runs on every trainer rank. Returns the per-step metrics on rank 0 (an empty list elsewhere)."""
     model_cfg = validate_run_config(cfg)
     p = cfg.parallel
-    init_distributed(ParallelConfig(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                                    p.virtual_pipeline_model_parallel_size), seed=cfg.seed,
+    init_distributed(p, seed=cfg.seed,
                      timeout_minutes=p.nccl_timeout_minutes, control_timeout_minutes=p.control_timeout_minutes)
     rank = dist.get_rank()
     dtype = getattr(torch, DTYPE_NAMES[cfg.model.params_dtype])

@@ -15,20 +15,12 @@ __all__ = ["DTYPE_NAMES", "validate_run_config"]  # DTYPE_NAMES re-exported: tra
 def validate_run_config(cfg: RunConfig, world_size: int | None = None) -> ModelConfig:
     """Everything checkable before a process group starts; raises ValueError/FileNotFoundError (one line)."""
     p = cfg.parallel
-    for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
-        if getattr(p, key) < 1:
-            raise ValueError(f"parallel.{key} must be >= 1, got {getattr(p, key)}")
-    vpp = p.virtual_pipeline_model_parallel_size
-    if vpp is not None and (vpp < 1 or p.pipeline_model_parallel_size == 1):
-        raise ValueError(f"parallel.virtual_pipeline_model_parallel_size={vpp} needs pipeline_model_parallel_size > 1 "
-                         "and a value >= 1; remove it or raise the PP size")
     if world_size is not None and world_size < 1:
         raise ValueError(f"{world_size} processes: launch at least one (--nproc / WORLD_SIZE)")
+    p.validate(world_size if world_size is not None else
+               p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.expert_model_parallel_size)
     model_cfg = load_model_config(cfg.model.config)
     model_cfg.validate(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, source=f"model {model_cfg.name}")
-    mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
-    if world_size is not None and world_size % mp:
-        raise ValueError(f"parallel: {world_size} processes do not divide into TP*PP = {mp}; launch a multiple of {mp}")
     validate_algorithm_config(cfg.algorithm)
     if cfg.model.params_dtype not in DTYPE_NAMES:
         raise ValueError(f"model.params_dtype={cfg.model.params_dtype!r} is unknown; use one of {sorted(DTYPE_NAMES)}")

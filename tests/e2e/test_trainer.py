@@ -1,0 +1,266 @@
+"""The RL trainer end to end on CPU: TP=2 and PP=2 steps with the Ray CPU fleet, kill/resume, NaN steps, bad config."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_apo.config import load_config
+from megatron_apo.parallel import run_distributed
+from megatron_apo.trainer.checkpoint import latest_checkpoint, list_checkpoints, read_metadata
+from megatron_apo.trainer.metrics import read_metrics
+from tests.helpers.rl_setup import overrides, toy_env
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return toy_env(tmp_path_factory.mktemp("toy"))
+
+
+def _train(cfg):
+    from megatron_apo.trainer.train import train
+
+    return train(cfg)
+
+
+def _cli(args: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "megatron_apo.cli", "train", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+
+
+def test_rl_steps_tp2_log_loss_reward_and_diagnostics(env, tmp_path):
+    cfg = load_config(None, overrides(env, tmp_path, tp=2, steps=3, extra=["algorithm.loss_mode=apo_ratio"]))
+    history = run_distributed(_train, 2, cfg, timeout=400)[0]
+    assert [h["step"] for h in history] == [1, 2, 3]
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    for r in rows:
+        for key in ("loss", "reward/mean", "reward/pass_rate", "entropy", "pg_clipfrac", "ppo_kl",
+                    "time/rollout_total_s", "time/reference_s", "time/train_s", "time/sync_s",
+                    "throughput/tokens_per_s", "fleet/weights_version"):
+            assert key in r and math.isfinite(r[key]), key
+        # the fleet serves the trainer's weights: its sampling log-probs equal the trainer's old log-probs
+        assert r["rollout/logprob_abs_diff"] < 1e-4
+    assert rows[-1]["fleet/weights_version"] == 2.0  # synced after each step
+    assert any(k.startswith("apo/") or "anchor" in k or "manifold" in k for k in rows[0])  # APO diagnostics
+    assert list((tmp_path / "tensorboard").iterdir())
+    assert read_metadata(latest_checkpoint(tmp_path / "checkpoints"))["step"] == 3
+
+
+def test_rl_step_pp2(env, tmp_path):
+    cfg = load_config(None, overrides(env, tmp_path, tp=1, pp=2, steps=1, extra=["algorithm.loss_mode=vanilla"]))
+    history = run_distributed(_train, 2, cfg, timeout=300)[0]
+    assert len(history) == 1 and math.isfinite(history[0]["loss"])
+    assert history[0]["rollout/logprob_abs_diff"] < 1e-4
+
+
+def _parity_reward(tmp_path: Path) -> Path:
+    """A random model never solves the toy task (every advantage 0, no update): reward something that varies."""
+    reward = tmp_path / "parity_reward.py"
+    reward.write_text("def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
+                      "    return float(len(solution_str) % 2)\n")
+    return reward
+
+
+def test_one_step_off_policy_overlaps_rollout_and_applies_tis(env, tmp_path):
+    reward = _parity_reward(tmp_path)
+    cfg = load_config(None, overrides(env, tmp_path, tp=2, steps=3,
+                                      extra=["rollout.one_step_off_policy=true", "rollout.tis_cap=2.0",
+                                             f"data.reward_fn={reward}:compute_score"]))
+    history = run_distributed(_train, 2, cfg, timeout=400)[0]
+    assert [h["step"] for h in history] == [1, 2, 3]
+    # step 1's rollouts come from the initial weights (on-policy); later ones from weights one update older
+    assert history[0]["rollout/logprob_abs_diff"] < 1e-4
+    assert all(h["rollout/logprob_abs_diff"] > 1e-4 for h in history[1:])
+    for h in history:
+        assert 0 < h["rollout/tis_weight_mean"] <= 2.0 and 0 <= h["rollout/tis_truncated_frac"] <= 1
+
+
+_NOT_REPRODUCIBLE = ("time/", "throughput/")  # wall-clock measurements
+
+
+def _reproducible(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "time" and not k.startswith(_NOT_REPRODUCIBLE)} for r in rows]
+
+
+def test_sigkill_at_a_fixed_step_and_resume_gives_identical_metrics(env, tmp_path):
+    """Killed right after the step-3 checkpoint of a 6-step run, the resumed steps 4-6 equal the uninterrupted run's.
+
+    Step 4 alone would not show a wrong optimizer state (its loss is computed before its update): steps 5 and 6
+    are trained from weights that the first update after the resume produced.
+    """
+    steps, kill_at = 6, 3
+    ref_out, run_out = tmp_path / "uninterrupted", tmp_path / "killed"
+    reward = _parity_reward(tmp_path)  # non-zero advantages, so every step really updates the weights
+    args = lambda out: overrides(env, out, tp=2, steps=steps,  # noqa: E731
+                                 extra=[f"checkpoint.save_interval={kill_at}",
+                                        f"data.reward_fn={reward}:compute_score"])
+    ref = _cli(args(ref_out))
+    assert ref.wait(timeout=600) == 0, ref.stdout.read()
+    p = _cli(args(run_out))
+    deadline = time.time() + 600
+    while time.time() < deadline:  # the step-3 record is written after the step-3 checkpoint
+        m = run_out / "metrics.jsonl"
+        if m.is_file() and len(m.read_text().splitlines()) >= kill_at:
+            break
+        assert p.poll() is None, p.stdout.read()
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert read_metadata(latest_checkpoint(run_out / "checkpoints"))["step"] == kill_at
+    assert len(read_metrics(run_out / "metrics.jsonl")) < steps
+    resumed = _cli(args(run_out))
+    assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
+    want = _reproducible(read_metrics(ref_out / "metrics.jsonl"))
+    got = _reproducible(read_metrics(run_out / "metrics.jsonl"))
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, steps + 1))
+    assert all(r["train/grad_norm"] > 0 for r in want)
+    for w, g in zip(want[kill_at:], got[kill_at:]):
+        assert g == w  # bit-identical: loss, rewards, grad norm, KL, entropy, every diagnostic
+
+
+_SLOW_SAVE = r"""
+import sys, time, torch
+from megatron_apo.parallel import init_distributed
+from megatron_apo.models import build_gpt_model, load_model_config
+from megatron_apo.trainer import checkpoint as ck
+from megatron.core import dist_checkpointing
+
+if __name__ == "__main__":
+    init_distributed()
+    model = build_gpt_model(load_model_config("tiny"))
+    ck.save_checkpoint(sys.argv[1], 1, [model], metadata={"step": 1})
+    real_save = dist_checkpointing.save
+    def slow_save(*a, **k):  # the second save is killed while it writes
+        print("saving", flush=True)
+        time.sleep(60)
+        return real_save(*a, **k)
+    dist_checkpointing.save = slow_save
+    ck.save_checkpoint(sys.argv[1], 2, [model], metadata={"step": 2})
+"""
+
+
+def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
+    script = tmp_path / "slow_save.py"
+    script.write_text(_SLOW_SAVE)
+    ckpt = tmp_path / "ckpt"
+    p = subprocess.Popen([sys.executable, str(script), str(ckpt)], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                         start_new_session=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert p.stdout.readline().strip() == "saving"
+    assert any(d.name.startswith("iter_0000002.tmp") for d in ckpt.iterdir())
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert [c.name for c in list_checkpoints(ckpt)] == ["iter_0000001"]
+    assert latest_checkpoint(ckpt).name == "iter_0000001"
+    out = run_distributed(_load_tiny, 1, str(ckpt), timeout=120)[0]
+    assert out == 1
+
+
+def _load_tiny(ckpt: str) -> int:
+    from megatron_apo.models import build_gpt_model, load_model_config
+    from megatron_apo.parallel import init_distributed
+    from megatron_apo.trainer.checkpoint import load_checkpoint
+
+    init_distributed()
+    meta, _ = load_checkpoint(ckpt, [build_gpt_model(load_model_config("tiny"))])
+    return meta["step"]
+
+
+def test_nan_loss_skips_the_step_and_training_continues(env, tmp_path):
+    reward = tmp_path / "nan_reward.py"
+    reward.write_text("import math\n"
+                      "def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
+                      "    return float('nan') if len(solution_str) % 2 else 1.0\n")
+    cfg = load_config(None, overrides(env, tmp_path, tp=2, steps=2,
+                                      extra=[f"data.reward_fn={reward}:compute_score", "algorithm.loss_mode=vanilla"]))
+    history = run_distributed(_train, 2, cfg, timeout=300)[0]
+    assert len(history) == 2
+    assert all(h["train/skipped_updates"] >= 1 for h in history)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["algorithm.apo_topkk=3"], "unknown config key 'algorithm.apo_topkk'"),
+    (["data.train_files=[/nonexistent/train.parquet]"], "/nonexistent/train.parquet does not exist"),
+    (["parallel.tensor_model_parallel_size=3"], "does not divide num_query_groups"),
+    (["parallel.tensor_model_parallel_size=0"], "parallel.tensor_model_parallel_size=0 must be >= 1"),
+    (["parallel.virtual_pipeline_model_parallel_size=2"], "needs pipeline_model_parallel_size > 1"),
+])
+def test_bad_config_fails_fast_with_one_line(env, tmp_path, extra, message):
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "megatron_apo.cli", "train", *overrides(env, tmp_path), *extra],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    elapsed = time.time() - t0
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert elapsed < 1.0, f"bad config took {elapsed:.2f}s to be rejected (including interpreter start)"
+
+
+def _bad_parquet(tmp_path: Path, kind: str) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / f"{kind}.parquet"
+    if kind == "no_prompt_column":
+        pq.write_table(pa.table({"question": ["1+1?"], "data_source": ["math"]}), f)
+    else:  # text that is not UTF-8, in a string column
+        bad = pa.array([b"\xff\xfe not utf-8"], type=pa.binary()).view(pa.string())
+        pq.write_table(pa.table({"prompt": bad, "reward_model": [{"ground_truth": "2", "style": "rule"}],
+                                 "data_source": ["math"]}), f)
+    return f
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_prompt_column", "missing column(s) ['prompt', 'reward_model']"),
+    ("not_utf8", "not valid UTF-8"),
+    ("engine", "rollout.engine='tpu' is unknown"),
+    ("tokenizer", "data.tokenizer: "),
+])
+def test_bad_input_is_one_line_before_any_rank_starts(env, tmp_path, case, message):
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{not json")  # a damaged tokenizer file
+    extra = {"engine": ["rollout.engine=tpu"], "tokenizer": [f"data.tokenizer={tmp_path / 'tok'}"]}.get(case, [])
+    if case in ("no_prompt_column", "not_utf8"):
+        extra = [f"data.train_files=[{_bad_parquet(tmp_path, case)}]"]
+    r = subprocess.run([sys.executable, "-m", "megatron_apo.cli", "train", *overrides(env, tmp_path / "out"), *extra],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    if case != "tokenizer":
+        assert ".parquet" in r.stderr or "rollout.engine" in r.stderr  # names the file or the key
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()  # no rank ever started
+
+
+def test_launcher_forwards_sigterm_and_locks_out_dir(env, tmp_path):
+    """SIGTERM to the `megatron-apo train` launcher alone (not its process group): its ranks checkpoint and stop,
+    it exits with the documented preemption code 75, and no rank outlives it. A second trainer started in the
+    same out_dir meanwhile is refused with one line."""
+    out = tmp_path / "run"
+    args = overrides(env, out, tp=2, steps=50)
+    p = _cli(args)
+    deadline = time.time() + 400
+    while time.time() < deadline and not (out / "metrics.jsonl").is_file():
+        assert p.poll() is None, p.stdout.read()
+        time.sleep(0.2)
+    second = subprocess.run([sys.executable, "-m", "megatron_apo.cli", "train", *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and "is in use by another trainer (pid " in second.stderr, second.stderr
+    children = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+    assert children
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=300) == 75, p.stdout.read()
+    log = p.stdout.read()
+    assert "stopped by a signal after step" in log
+    stopped = read_metadata(latest_checkpoint(out / "checkpoints"))["step"]
+    assert 1 <= stopped < 50 and read_metrics(out / "metrics.jsonl")[-1]["step"] == stopped
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()

