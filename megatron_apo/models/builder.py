@@ -51,6 +51,7 @@ def transformer_config(
     recompute: bool = False,
     sequence_parallel: bool = False,
     transformer_impl: str | None = None,
+    moe_aux_loss_coeff: float = 0.0,
 ):
     from megatron.core import parallel_state
     from megatron.core.transformer import TransformerConfig
@@ -90,18 +91,45 @@ def transformer_config(
         recompute_num_layers=1 if recompute else None,
         transformer_impl=resolve_transformer_impl(transformer_impl),
         cuda_graph_scope=[],  # megatron-core's default "full" is deprecated (and warns); [] means the same
+        qk_layernorm=cfg.qk_layernorm,
     )
+    if cfg.is_moe:
+        kwargs.update(moe_config(cfg, moe_aux_loss_coeff))
     kwargs.update(cpu_compat.transformer_config_overrides())
     return TransformerConfig(**kwargs)
+
+
+def moe_config(cfg: ModelConfig, aux_loss_coeff: float = 0.0) -> dict:
+    """TransformerConfig keys for a Qwen3-MoE router and experts (docs/models.md).
+
+    Qwen3 routes softmax -> top-k -> renormalise (norm_topk_prob). Softmax over the top-k logits is the
+    same distribution, which is megatron-core's default (softmax after top-k); without renormalisation
+    the softmax runs over all experts first (pre-softmax). No shared expert, no capacity limit (no token
+    dropping), the all-to-all dispatcher (it runs on gloo too).
+    """
+    return dict(
+        num_moe_experts=cfg.num_moe_experts,
+        moe_ffn_hidden_size=cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size,
+        moe_router_topk=cfg.moe_router_topk,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not cfg.moe_norm_topk_prob,
+        moe_router_load_balancing_type="aux_loss" if aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=aux_loss_coeff,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+    )
 
 
 def layer_spec(cfg: ModelConfig, transformer_impl: str | None = None):
     """The layer spec of `transformer_impl` (resolve_transformer_impl: TE with CUDA, local without)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
+    experts = cfg.num_moe_experts if cfg.is_moe else None
     if resolve_transformer_impl(transformer_impl) == "transformer_engine":
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=experts, moe_grouped_gemm=False, qk_layernorm=cfg.qk_layernorm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False,
+                                                    qk_layernorm=cfg.qk_layernorm, normalization="RMSNorm")
 
 
 def build_gpt_model(
