@@ -13,11 +13,14 @@ from typing import Iterator
 import torch
 
 _LAYER_RE = re.compile(r"^(.*?decoder\.layers\.)(\d+)(\..*)$")
+_EXPERT_RE = re.compile(r"^(.*\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
 
 
 @dataclass
 class LocalParam:
-    global_name: str  # name in the unsharded TP=1/PP=1 model, e.g. "decoder.layers.17.mlp.linear_fc1.weight"
+    # name in the unsharded TP=1/PP=1/EP=1 model, e.g. "decoder.layers.17.mlp.linear_fc1.weight"; an expert's
+    # weight carries its global expert index ("decoder.layers.3.mlp.experts.local_experts.42.linear_fc2.weight")
+    global_name: str
     tensor: torch.nn.Parameter
     partition_dim: int | None  # TP split dimension, None if replicated across TP ranks
     gated: bool = False  # SwiGLU fc1: each TP shard is [gate_r; up_r], not a contiguous slice of [gate; up]
@@ -42,26 +45,48 @@ def layer_offset(model: torch.nn.Module, vp_stage: int | None = None) -> int:
     return get_transformer_layer_offset(unwrap(model).config, vp_stage=vp_stage)
 
 
-def global_param_name(local_name: str, offset: int) -> str:
+def expert_offset(model: torch.nn.Module) -> int:
+    """The global index of this rank's first local expert (0 for dense models and EP=1)."""
+    from megatron.core import parallel_state
+
+    cfg = unwrap(model).config
+    if not cfg.num_moe_experts:
+        return 0
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    return ep_rank * (cfg.num_moe_experts // parallel_state.get_expert_model_parallel_world_size())
+
+
+def global_param_name(local_name: str, offset: int, experts_offset: int = 0) -> str:
+    """`local_name` with the pipeline layer offset (and the expert-parallel expert offset) applied."""
     m = _LAYER_RE.match(local_name)
     if not m:
         return local_name
-    return f"{m.group(1)}{int(m.group(2)) + offset}{m.group(3)}"
+    name = f"{m.group(1)}{int(m.group(2)) + offset}{m.group(3)}"
+    e = _EXPERT_RE.match(name)
+    if e and experts_offset:
+        name = f"{e.group(1)}{int(e.group(2)) + experts_offset}{e.group(3)}"
+    return name
+
+
+def is_expert_param(global_name: str) -> bool:
+    """Expert weights are split over the expert-parallel group (and TP'd over the expert-TP group)."""
+    return _EXPERT_RE.match(global_name) is not None
 
 
 def iter_local_params(model: torch.nn.Module, vp_stage: int | None = None) -> Iterator[LocalParam]:
     """Every parameter of this rank's model chunk with its global name and TP split dim."""
     inner = unwrap(model)
     offset = layer_offset(inner, vp_stage)
+    experts = expert_offset(inner)
     for name, p in inner.named_parameters():
         split = getattr(p, "partition_dim", -1) if getattr(p, "tensor_model_parallel", False) else None
-        gname = global_param_name(name, offset)
+        gname = global_param_name(name, offset, experts)
         gated = bool(inner.config.gated_linear_unit) and is_fc1(gname)
         yield LocalParam(gname, p, split if split is not None and split >= 0 else None, gated)
 
 
 def is_fc1(global_name: str) -> bool:
-    return ".mlp.linear_fc1." in global_name
+    return global_name.endswith("linear_fc1.weight") and ".mlp." in global_name
 
 
 def tp_gather(tensor: torch.Tensor, partition_dim: int | None, group=None, gated: bool = False) -> torch.Tensor:
