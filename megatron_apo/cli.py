@@ -69,7 +69,7 @@ def _run_convert(args) -> int:
 
 
 def _add_plan(sub) -> None:
-    p = sub.add_parser("plan", help="recommend TP/PP/DP and trainer/fleet GPU split for a model and cluster")
+    p = sub.add_parser("plan", help="recommend TP/PP/EP/DP and trainer/fleet GPU split for a model and cluster")
     p.add_argument("--model", required=True,
                    help="a name from megatron_apo/model_configs/ or a YAML path (e.g. qwen2.5-32b)")
     p.add_argument("--gpus", type=int, required=True, help="total GPUs (trainer + fleet)")
@@ -82,6 +82,9 @@ def _add_plan(sub) -> None:
     p.add_argument("--recompute", choices=["none", "full"], default="none")
     p.add_argument("--no-reference", action="store_true", help="no frozen reference model (e.g. plain GRPO)")
     p.add_argument("--reference-offload", action="store_true", help="reference weights live on the host")
+    p.add_argument("--optimizer-offload", action="store_true",
+                   help="fp32 main params and Adam states on the host (Megatron-Core optimizer_cpu_offload; what-if, "
+                        "see docs/models.md)")
     p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--fleet-gpus", type=int, default=None, help="GPUs for the vLLM fleet (default: a third)")
     p.add_argument("--fleet-fraction", type=float, default=1 / 3)
@@ -99,6 +102,7 @@ def _run_plan(args) -> int:
     workload = Workload(seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
                         num_micro_batches=args.num_micro_batches, recompute=args.recompute,
                         reference_model=not args.no_reference, reference_offload=args.reference_offload,
+                        optimizer_offload=args.optimizer_offload,
                         vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization)
     result = plan(cfg, cluster, workload, fleet_fraction=args.fleet_fraction, fleet_gpus=args.fleet_gpus)
     print(format_plan(result, show_all=args.all))

@@ -6,7 +6,8 @@ from megatron_apo.models import ModelConfig, available_model_configs, load_model
 from megatron_apo.parallel import run_distributed
 from tests.helpers.model_parity import meta_param_counts
 
-QWEN3 = {"qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b", "qwen3-14b", "qwen3-32b", "qwen3-30b-a3b", "qwen3-235b-a22b"}
+QWEN3 = {"qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b", "qwen3-14b", "qwen3-32b",
+         "qwen3-30b-a3b", "qwen3-235b-a22b"}
 EXPECTED = {"qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b", "qwen2.5-32b", "qwen2.5-72b", "llama3.1-8b", "llama3.1-70b",
             "tiny", "tiny-qwen3-moe"} | QWEN3
 # The Hub's safetensors totals (exact) for the Qwen3 checkpoints; 0.6B and 1.7B store the tied lm_head again,

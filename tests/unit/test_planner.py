@@ -8,10 +8,13 @@ from megatron_apo.launch.planner import (
     GIB,
     Cluster,
     Workload,
+    active_parameters,
     count_parameters,
     fleet_engine,
+    format_plan,
     params_per_rank,
     plan,
+    stage_dense_and_expert_parameters,
     stage_parameters,
     trainer_memory,
 )
@@ -141,3 +144,93 @@ def test_plan_cli_prints_the_table(capsys):
     out = capsys.readouterr().out
     assert "recommended: trainer TP=8 PP=2 DP=2 on 32 GPUs, fleet 8 x vLLM TP=2 on 16 GPUs" in out
     assert "  8   1   4 " in out and " no" in out  # the PP=1 row is shown and does not fit
+
+
+# ---------------------------------------------------------------- MoE (Qwen3-30B-A3B, Qwen3-235B-A22B)
+
+QWEN3_30B = dict(h=2048, q=32 * 128, kv=4 * 128, experts=128, fe=768, k=8, layers=48, vocab=151936)
+
+
+def test_moe_parameter_counts_by_hand():
+    h, q, kv, e, fe = (QWEN3_30B[x] for x in ("h", "q", "kv", "experts", "fe"))
+    attention = h * (q + 2 * kv) + q * h                       # QKV, output projection (no bias)
+    replicated = 2 * h + 2 * 128 + e * h                       # 2 RMSNorms, QK-norm (head_dim each), router
+    experts = e * 3 * h * fe                                   # SwiGLU experts
+    total = 48 * (attention + replicated + experts) + 2 * 151936 * h + h
+    cfg = load_model_config("qwen3-30b-a3b")
+    assert count_parameters(cfg) == total == 30_532_122_624
+    # active: 8 of 128 experts per token (the card: 3.3B activated)
+    assert active_parameters(cfg) == total - 48 * experts * 120 // 128 == 3_353_032_704
+    assert abs(active_parameters(load_model_config("qwen3-235b-a22b")) / 22e9 - 1) < 0.01  # the card: 22B
+
+
+@pytest.mark.slow  # 4 spawned ranks building megatron MoE layers: ~50 s on a 2-core machine
+def test_moe_stage_parameters_equal_a_real_megatron_model():
+    """TP=2 x EP=2 tiny Qwen3-MoE (4 gloo ranks): each rank holds exactly the parameters the planner says --
+    its 2 of the 4 experts, each split over expert-TP = TP, the replicated router, norms and QK-norms."""
+    cfg = load_model_config("tiny-qwen3-moe")
+    got = run_distributed(local_param_count, 4, 2, 1, "tiny-qwen3-moe", 2, timeout=300)
+    dense, expert = stage_dense_and_expert_parameters(cfg, 2, 1, 0, ep=2)
+    assert expert == 2 * 2 * 3 * 64 * 32 // 2  # 2 layers x 2 local experts x SwiGLU(64, 32) / TP
+    assert [n for *_, n in got] == [dense + expert] * 4
+    # the 4 ranks hold every expert once per TP half and the non-expert weights once per EP replica
+    assert sum(n for *_, n in got) == 2 * 2 * dense + 2 * 4 * 3 * 64 * 32
+
+
+def test_moe_trainer_memory_30b_by_hand():
+    cfg = load_model_config("qwen3-30b-a3b")
+    w = Workload(seq_length=4096, reference_offload=True, optimizer_offload=True)
+    m = trainer_memory(cfg, 2, 1, 2, w, ep=2)
+    h, k = 2048, 8
+    embed = 152064 * h // 2  # 151936 padded to a multiple of 128 * TP
+    dense = 48 * ((h * (4096 + 1024) + 4096 * h) // 2 + 2 * h + 256 + 128 * h) + 2 * embed + h
+    expert = 48 * 64 * 3 * h * 768 // 2  # 64 experts per EP rank, split over TP=2
+    assert (m.params_per_rank, m.expert_params_per_rank) == (dense + expert, expert) == (8_024_963_072, 7_247_757_312)
+    assert m.weights == 2 * (dense + expert) and m.grads == 4 * (dense + expert)
+    assert m.optimizer == 0 and m.reference == 0  # both offloaded
+    assert m.host_optimizer == 12 * dense // 2 + 12 * expert // 1  # dense over DP=2, experts over expert-DP=1
+    # all-to-all: dispatch k*h per token (all-gathered over expert-TP) + combine k*h/TP, bf16, 48 layers
+    assert m.all_to_all == 48 * 4096 * 2 * (k * h + k * h // 2)
+    # norm1 in, QKV in, Q, K+V, attention out, norm2 in, Q and K before QK-norm, router in, experts (bf16);
+    # the router logits (fp32)
+    per_token_layer = 2 * (h + h + 4096 + 2 * 512 + 4096 + h + (4096 + 512) + h + k * 3 * 768) + 4 * 128
+    assert m.activations == 48 * (4096 * per_token_layer // 2)
+    assert m.fits and abs(m.total / GIB - 66.0) < 0.05
+    # without the offloads the fp32 Adam state of 7.2B expert parameters alone (81 GiB) exceeds the GPU
+    assert not trainer_memory(cfg, 2, 1, 2, Workload(seq_length=4096), ep=2).fits
+    with pytest.raises(ValueError, match="expert parallel size 3"):
+        trainer_memory(cfg, 2, 1, 6, w, ep=3)
+    with pytest.raises(ValueError, match="expert parallel size 2"):
+        trainer_memory(load_model_config("qwen2.5-7b"), 2, 1, 2, w, ep=2)
+
+
+def test_plan_moe_examples():
+    # Qwen3-30B-A3B on one node of 8 x H100-80GB: with GPU-resident fp32 Adam nothing fits next to a fleet
+    p = plan(load_model_config("qwen3-30b-a3b"), Cluster(num_gpus=8), Workload(seq_length=4096))
+    assert p.recommended is None and p.smallest_fitting_gpus == 24
+    off = Workload(seq_length=4096, reference_offload=True, optimizer_offload=True)
+    p = plan(load_model_config("qwen3-30b-a3b"), Cluster(num_gpus=8), off)
+    r = p.recommended
+    assert (p.trainer_gpus, r.tp, r.pp, r.ep, r.dp, p.fleet.tp, p.fleet_engines) == (4, 2, 1, 2, 2, 2, 2)
+    # Qwen3-235B-A22B on 64: the default 40/24 split has no layout (5 trainer nodes: EP can only reach 8),
+    # so the planner takes 32/32; the fleet keeps to one node per engine (TP=8, 61 sequences of KV cache)
+    off = Workload(seq_length=4096, reference_offload=True, optimizer_offload=True, recompute="full")
+    p = plan(load_model_config("qwen3-235b-a22b"), Cluster(num_gpus=64), off)
+    r = p.recommended
+    assert not p.default_split_fits and (p.trainer_gpus, p.fleet_gpus) == (32, 32)
+    assert (r.tp, r.pp, r.ep, r.dp, r.edp) == (2, 1, 16, 16, 1) and r.fits
+    assert p.fleet.tp == 8 and p.fleet_engines == 4 and p.fleet.kv_tokens // 4096 == 61
+    assert p.recommended.host_optimizer / GIB < 90  # x 8 GPUs: ~660 GiB of host memory per trainer node
+    assert "EP" in format_plan(p) and "expert-DP = DP / EP = 1" in format_plan(p)
+    # dense models are unchanged: no EP column
+    assert " EP " not in format_plan(plan(load_model_config("qwen2.5-7b"), Cluster(num_gpus=8)))
+
+
+def test_plan_cli_prints_the_moe_examples(capsys):
+    assert cli_main(["plan", "--model", "qwen3-30b-a3b", "--gpus", "8"]) == 1
+    out = capsys.readouterr().out
+    assert "128 experts, top-8" in out and " EP " in out and "smallest cluster that fits" in out
+    assert cli_main(["plan", "--model", "qwen3-235b-a22b", "--gpus", "64", "--optimizer-offload",
+                     "--reference-offload", "--recompute", "full"]) == 0
+    out = capsys.readouterr().out
+    assert "recommended: trainer TP=2 PP=1 EP=16 DP=16 on 32 GPUs, fleet 4 x vLLM TP=8 on 32 GPUs" in out
