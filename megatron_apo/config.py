@@ -147,6 +147,9 @@ class TrainerSection:
     weight_decay: float = 0.0
     clip_grad: float = 1.0
     ref_cpu_offload: bool = False  # keep the reference model's weights on the host between uses (GPU)
+    # none | full: keep only each layer's input and recompute the layer in backward (Megatron's full uniform
+    # recompute, one layer at a time): activation memory for compute; `megatron-apo plan --recompute full`
+    recompute: str = "none"
     eval_n: int = 0  # >0: pass@k eval with this many samples per prompt on data.val_files, at start and end
     eval_max_prompts: int = 64
     tensorboard: bool = True

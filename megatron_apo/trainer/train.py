@@ -92,7 +92,11 @@ def train(cfg: RunConfig) -> list[dict]:
     t = cfg.trainer
 
     impl = cfg.model.transformer_impl
-    policy = [wrap_ddp(build_gpt_model(model_cfg, params_dtype=dtype, transformer_impl=impl),
+    if t.recompute == "full" and not torch.cuda.is_available():
+        raise ValueError("trainer.recompute=full needs a GPU (Megatron snapshots CUDA RNG states in every recomputed "
+                         "layer); set trainer.recompute=none on CPU")
+    policy = [wrap_ddp(build_gpt_model(model_cfg, params_dtype=dtype, transformer_impl=impl,
+                                       recompute=t.recompute == "full"),
                        use_distributed_optimizer=True)]
     optimizer = build_optimizer(policy, OptimConfig(lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
                                                     clip_grad=t.clip_grad, use_distributed_optimizer=True))

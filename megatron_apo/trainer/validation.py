@@ -49,6 +49,8 @@ def validate_run_config(cfg: RunConfig, world_size: int | None = None) -> ModelC
         raise ValueError("data.train_batch_size and rollout.n must be >= 1")
     if cfg.rollout.one_step_off_policy and cfg.rollout.tis_cap < 1.0:
         raise ValueError(f"rollout.tis_cap={cfg.rollout.tis_cap} must be >= 1 (it truncates pi_old / pi_rollout)")
+    if t.recompute not in ("none", "full"):
+        raise ValueError(f"trainer.recompute={t.recompute!r}; use none or full")
     if t.lr_decay_style not in ("constant", "linear", "cosine"):
         raise ValueError(f"trainer.lr_decay_style={t.lr_decay_style!r}; use constant, linear or cosine")
     if cfg.checkpoint.load is not None and not Path(cfg.checkpoint.load).exists():

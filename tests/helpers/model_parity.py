@@ -50,7 +50,8 @@ def tp1_pp_logits(tp: int, model_name: str = "tiny") -> torch.Tensor:
     return full[..., : cfg.vocab_size]
 
 
-def loss_and_grads(tp: int, pp: int, num_micro_batches: int = 4, model_name: str = "tiny") -> dict:
+def loss_and_grads(tp: int, pp: int, num_micro_batches: int = 4, model_name: str = "tiny",
+                   recompute: bool = False) -> dict:
     """Loss and full (gathered) gradients after one forward-backward through Megatron's schedule."""
     from megatron.core import parallel_state as ps
 
@@ -58,7 +59,7 @@ def loss_and_grads(tp: int, pp: int, num_micro_batches: int = 4, model_name: str
 
     init_distributed(ParallelConfig(tp, pp))
     cfg = load_model_config(model_name)
-    model = build_gpt_model(cfg)
+    model = build_gpt_model(cfg, recompute=recompute)
     set_fixed_weights(model)
     mbs, seq = 2, 16
     tokens = fixed_tokens(cfg.vocab_size, mbs * num_micro_batches, seq + 1)

@@ -23,7 +23,33 @@ def test_run_config_is_consistent(path):
 
 
 def test_configs_exist():
-    assert {p.name for p in CONFIGS} >= {"apo_qwen2.5_32b.yaml", "apo_qwen2.5_7b.yaml"}
+    assert {p.name for p in CONFIGS} >= {"apo_qwen2.5_32b.yaml", "apo_qwen2.5_7b.yaml", "qwen3_30b_a3b_apo.yaml",
+                                         "qwen3_235b_a22b_apo.yaml"}
+
+
+# the MoE examples: the cluster each header names and the planner settings it matches (trainer settings agree)
+MOE_EXAMPLES = {
+    "qwen3_30b_a3b_apo.yaml": (24, {}),
+    "qwen3_235b_a22b_apo.yaml": (72, {"reference_offload": True, "recompute": "full"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MOE_EXAMPLES))
+def test_moe_configs_are_the_planners_recommendation(name):
+    from megatron_apo.launch.planner import Cluster, Workload, plan
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / name)
+    gpus, settings = MOE_EXAMPLES[name]
+    seq = cfg.data.max_prompt_length + cfg.data.max_response_length
+    p = plan(load_model_config(cfg.model.config), Cluster(num_gpus=gpus), Workload(seq_length=seq, **settings))
+    r, par = p.recommended, cfg.parallel
+    assert (r.tp, r.pp, r.ep) == (par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
+                                  par.expert_model_parallel_size)
+    assert (p.fleet_engines, p.fleet.tp) == (cfg.rollout.num_engines, cfg.rollout.engine_tp)
+    par.validate(p.trainer_gpus)  # Megatron's TP x PP x EP grid on the trainer's ranks
+    assert cfg.trainer.ref_cpu_offload == settings.get("reference_offload", False)
+    assert cfg.trainer.recompute == settings.get("recompute", "none")
+    assert f"--gpus {gpus}" in (Path(__file__).resolve().parents[2] / "configs" / name).read_text()
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
