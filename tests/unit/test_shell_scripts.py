@@ -15,7 +15,7 @@ SCRIPTS = sorted(str(p.relative_to(REPO)) for p in [*REPO.glob("slurm/*.sbatch")
 
 def test_the_scripts_exist():
     assert {"slurm/train_apo.sbatch", "slurm/convert.sbatch", "slurm/eval.sbatch", "slurm/lib/ray_cluster.sh",
-            "scripts/slurm_local.sh"} <= set(SCRIPTS)
+            "slurm/qwen3_235b_a22b_apo.sbatch", "scripts/slurm_local.sh"} <= set(SCRIPTS)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -34,7 +34,7 @@ def test_shellcheck_clean():
 
 def test_sbatch_scripts_are_edited_only_at_the_top():
     """Every #SBATCH line and every user setting sits above the 'edit here' end marker."""
-    for name in ("train_apo", "convert", "eval"):
+    for name in ("train_apo", "convert", "eval", "qwen3_235b_a22b_apo"):
         lines = (REPO / "slurm" / f"{name}.sbatch").read_text().splitlines()
         marks = [i for i, ln in enumerate(lines) if ln.startswith("# ====")]
         assert len(marks) == 2, name
@@ -42,3 +42,23 @@ def test_sbatch_scripts_are_edited_only_at_the_top():
         assert not any(ln.startswith("#SBATCH") for ln in body), name
         assert not any(ln.startswith(': "${') for ln in body), name
         assert any("--account=CHANGE_ME" in ln for ln in lines[:marks[1]]), name
+
+
+def test_qwen3_235b_sbatch_is_its_config_and_plan():
+    """The 235B example's variables are the run config's layout and the nodes the planner's split needs."""
+    import re
+
+    from megatron_apo.config import load_config
+
+    text = (REPO / "slurm" / "qwen3_235b_a22b_apo.sbatch").read_text()
+    var = {k: v for k, v in re.findall(r'^: "\$\{(\w+):=([^}]*)\}"', text, re.M)}
+    cfg = load_config(REPO / var["CONFIG"])
+    p = cfg.parallel
+    assert (int(var["TP"]), int(var["PP"]), int(var["EP"])) == (
+        p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_model_parallel_size)
+    nodes = int(re.search(r"^#SBATCH --nodes=(\d+)", text, re.M).group(1))
+    trainer, fleet = int(var["TRAINER_NODES"]), int(var["ROLLOUT_NODES"])
+    assert trainer + fleet == nodes and fleet * 8 == cfg.rollout.num_engines * cfg.rollout.engine_tp
+    p.validate(trainer * 8)
+    # train_apo.sbatch passes EP on to the trainer
+    assert '"parallel.expert_model_parallel_size=$EP"' in (REPO / "slurm" / "train_apo.sbatch").read_text()
