@@ -161,6 +161,7 @@ class Plan:
     moe: str = ""                      # "128 experts, top-8" for MoE models
     default_split_fits: bool = True    # False: the fraction-based split did not fit and another split was taken
     smallest_fitting_gpus: int | None = None  # when nothing fits: the smallest cluster of this kind that does
+    what_if: str = ""  # when nothing fits: the layout with the optimizer state (and reference) in host memory
 
     @property
     def fleet_engines(self) -> int:
@@ -418,14 +419,35 @@ def plan(cfg: ModelConfig, cluster: Cluster, workload: Workload = Workload(), fl
             chosen = (f, candidates, rec, fleet)
             break
     f, candidates, rec, fleet = chosen
-    smallest = None
+    smallest, what_if = None, ""
     if (rec is None or fleet is None) and search_smallest:
         smallest = smallest_cluster(cfg, cluster, workload, fleet_fraction)
+        what_if = _offload_what_if(cfg, cluster, workload, fleet_fraction, fleet_gpus)
     return Plan(model=cfg.name, total_params=count_parameters(cfg), cluster=cluster, workload=workload,
                 trainer_gpus=cluster.num_gpus - f, fleet_gpus=f, candidates=candidates, recommended=rec,
                 fleet=fleet, active_params=active_parameters(cfg),
                 moe=f"{cfg.num_moe_experts} experts, top-{cfg.moe_router_topk}" if cfg.is_moe else "",
-                default_split_fits=f == default, smallest_fitting_gpus=smallest)
+                default_split_fits=f == default, smallest_fitting_gpus=smallest, what_if=what_if)
+
+
+def _offload_what_if(cfg: ModelConfig, cluster: Cluster, workload: Workload, fleet_fraction: float,
+                     fleet_gpus: int | None) -> str:
+    """The recommendation with the optimizer state and the reference in host memory (then full recompute too)."""
+    if workload.optimizer_offload:
+        return ""
+    steps = [("--optimizer-offload --reference-offload", dict(optimizer_offload=True, reference_offload=True))]
+    if workload.recompute != "full":
+        steps.append(("--optimizer-offload --reference-offload --recompute full",
+                      dict(optimizer_offload=True, reference_offload=True, recompute="full")))
+    for flags, changes in steps:
+        p = plan(cfg, cluster, replace(workload, **changes), fleet_fraction, fleet_gpus, search_smallest=False)
+        if p.recommended is not None and p.fleet is not None:
+            r = p.recommended
+            expert = f" EP={r.ep}" if cfg.is_moe else ""
+            return (f"{flags}: trainer TP={r.tp} PP={r.pp}{expert} DP={r.dp} on {p.trainer_gpus} GPUs "
+                    f"({_g(r.total)} GiB per GPU, {_g(r.host_optimizer)} GiB of host memory per GPU), fleet "
+                    f"{p.fleet_engines} x vLLM TP={p.fleet.tp} on {p.fleet_gpus} GPUs")
+    return ""
 
 
 def smallest_cluster(cfg: ModelConfig, cluster: Cluster, workload: Workload, fleet_fraction: float = 1 / 3
@@ -501,6 +523,8 @@ def format_plan(p: Plan, show_all: bool = False) -> str:
     else:
         lines.append("recommended: nothing fits; add GPUs, use recompute=full, offload the reference, "
                      "or shorten the sequence")
+    if p.what_if:
+        lines.append(f"what-if, optimizer state in host memory (the trainer keeps it on the GPU): {p.what_if}")
     if p.smallest_fitting_gpus:
         lines.append(f"smallest cluster that fits with these settings: {p.smallest_fitting_gpus} x {c.gpu_name} "
                      f"{c.gpu_memory_gib:g} GiB (megatron-apo plan --gpus {p.smallest_fitting_gpus} ...)")

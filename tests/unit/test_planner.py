@@ -230,6 +230,8 @@ def test_plan_cli_prints_the_moe_examples(capsys):
     assert cli_main(["plan", "--model", "qwen3-30b-a3b", "--gpus", "8"]) == 1
     out = capsys.readouterr().out
     assert "128 experts, top-8" in out and " EP " in out and "smallest cluster that fits" in out
+    assert ("what-if, optimizer state in host memory (the trainer keeps it on the GPU): --optimizer-offload "
+            "--reference-offload: trainer TP=2 PP=1 EP=2 DP=2 on 4 GPUs") in out
     assert cli_main(["plan", "--model", "qwen3-235b-a22b", "--gpus", "64", "--optimizer-offload",
                      "--reference-offload", "--recompute", "full"]) == 0
     out = capsys.readouterr().out
