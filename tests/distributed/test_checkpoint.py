@@ -8,6 +8,7 @@ from megatron_apo.trainer.checkpoint import latest_checkpoint, list_checkpoints,
 from tests.helpers.checkpoint_bodies import train_save_or_resume
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_dp_size(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     after_save = run_distributed(train_save_or_resume, 2, 2, ckpt, True, timeout=240)[0]  # TP=2, DP=1
@@ -56,6 +57,7 @@ def test_optimizer_state_round_trip_tp2_is_exact(saved_tp2):
         _distinct_step_tensors([at, after])
 
 
+@pytest.mark.slow
 def test_optimizer_state_after_a_dp_resize(saved_tp2):
     ckpt, saver = saved_tp2
     resumed = run_distributed(train_save_or_resume, 4, 2, ckpt, False, 2, True, timeout=400)  # TP=2, DP=2

@@ -40,6 +40,7 @@ def test_schedule_moves_each_micro_batch_once_in_place():
     assert out["calls"] == [(i, "cpu") for i in out["ids"]] and out["seen"]
 
 
+@pytest.mark.slow
 def test_control_plane_outlives_the_default_group_timeout():
     """Rank 0 alone for 16 s; the default group's timeout is 9.6 s: the control plane (gloo, 1 min) waits it
     out, the default group does not."""

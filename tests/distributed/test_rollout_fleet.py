@@ -72,6 +72,7 @@ def test_gloo_sync_loads_weights_and_checksum_catches_corruption(fleet):
     assert len(fleet.generate(PROMPTS[:2], PARAMS)) == 2
 
 
+@pytest.mark.slow
 def test_engine_killed_during_generate_loses_and_duplicates_nothing(ray_cluster, tmp_path):
     weights = random_hf_state(8)
     spec = EngineSpec("tests.helpers.rollout_helpers:CrashingCPUEngine",
@@ -123,6 +124,7 @@ def test_single_engine_lost_mid_generate_is_replaced_by_a_trainer_sync(ray_clust
         f.shutdown()
 
 
+@pytest.mark.slow
 def test_rejected_sync_leaves_old_weights_and_a_refusing_engine_is_never_a_source(ray_cluster):
     """A corrupted sync: CPU engines keep every old tensor (all-old, not mixed) and refuse to serve; an engine
     lost then is replaced with its own construction weights (never a refusing peer's), and only the next
@@ -172,6 +174,7 @@ def test_rejected_sync_leaves_old_weights_and_a_refusing_engine_is_never_a_sourc
         f.shutdown()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,pp,shm", [(2, 1, "on"), (2, 1, "off"), (2, 1, "full"), (1, 2, "on"), (2, 2, "on")])
 def test_megatron_trainer_syncs_to_two_engines(fleet, tp, pp, shm):
     """TP=2 / PP=2 / both (gloo) trainer -> 2 CPUEngine actors: after an optimizer step and a sync, logits match.

@@ -50,6 +50,7 @@ def qwen_tied_round_trip(tmp_path_factory):
     return root, model
 
 
+@pytest.mark.slow
 def test_round_trip_tp2_pp2_is_bit_exact_and_generates_the_same_tokens(qwen_tied_round_trip):
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 

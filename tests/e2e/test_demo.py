@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # every test here takes more than ~10 s on 2 cores
+
 REPO = Path(__file__).resolve().parents[2]
 
 

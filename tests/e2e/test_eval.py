@@ -104,6 +104,7 @@ def _cli_in_process(*args) -> str:
     return buf.getvalue()
 
 
+@pytest.mark.slow
 def test_cli_eval_writes_json_and_png_and_overlays(model_dir, tmp_path):
     # k=1 prompts with one new token: a random model is right ~1/21 of the time, so pass@k rises with k.
     data = write_toy_parquet(tmp_path / "toy.parquet", 6, seed=0, k_values=(1,), min_solutions=1)

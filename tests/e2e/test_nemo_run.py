@@ -11,6 +11,8 @@ run = pytest.importorskip("nemo_run", reason="nemo-run is in the dev and launch 
 from megatron_apo.launch import nemo_run_recipes as R  # noqa: E402
 from tests.helpers.slurm_util import REPO, ensure_local_slurm  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test here takes more than ~10 s on 2 cores
+
 ENV = {"PYTHONPATH": str(REPO), "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
 
 

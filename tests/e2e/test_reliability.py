@@ -30,6 +30,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_save_says_so_and_leaves_nothing_behind(small_disk):
     ckpt = small_disk / "ckpt"
     err = run_distributed(save_until_error, 1, str(ckpt), 20, timeout=300)[0]
@@ -94,6 +95,7 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_intact_checkpoint_resumes_with_checksums_verified(three_saves):
     ckpt, weights = three_saves
     manifest = json.loads((ckpt / "iter_0000003" / "checksums.json").read_text())
@@ -102,6 +104,7 @@ def test_intact_checkpoint_resumes_with_checksums_verified(three_saves):
     assert step == 3 and extra == {"step": 3} and _same(w, weights[3])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_damaged_latest_names_the_file_and_falls_back(three_saves, tmp_path, capfd, damage):
     ckpt, weights = three_saves
@@ -119,6 +122,7 @@ def test_damaged_latest_names_the_file_and_falls_back(three_saves, tmp_path, cap
     assert str(victim) in out and "resuming from the newest intact checkpoint, iter_0000002" in out, out
 
 
+@pytest.mark.slow
 def test_every_checkpoint_damaged_is_one_clear_error(three_saves, tmp_path):
     ckpt = _copy(three_saves[0], tmp_path / "ckpt")
     for it in ckpt.glob("iter_*"):
@@ -230,6 +234,7 @@ def test_eval_error_leaves_no_empty_out_folder(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_ranks_do_not_outlive_a_killed_launcher(tmp_path):
     """The launcher's ranks get SIGTERM from the kernel when it dies, even by SIGKILL (no orphans training on)."""
     script = ("import signal, time\nfrom megatron_apo.parallel import run_distributed\n"

@@ -11,6 +11,8 @@ import pytest
 from megatron_apo.data.collapse_task import CodeTaskConfig, behaviour_valid_prob, eval_rows, make_categories, train_rows
 from megatron_apo.rewards.registry import compute_score
 
+pytestmark = pytest.mark.slow  # every test here takes more than ~10 s on 2 cores
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -37,6 +37,7 @@ def _cli(args: list[str], **kw) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
 
 
+@pytest.mark.slow
 def test_rl_steps_tp2_log_loss_reward_and_diagnostics(env, tmp_path):
     cfg = load_config(None, overrides(env, tmp_path, tp=2, steps=3, extra=["algorithm.loss_mode=apo_ratio"]))
     history = run_distributed(_train, 2, cfg, timeout=400)[0]
@@ -55,6 +56,7 @@ def test_rl_steps_tp2_log_loss_reward_and_diagnostics(env, tmp_path):
     assert read_metadata(latest_checkpoint(tmp_path / "checkpoints"))["step"] == 3
 
 
+@pytest.mark.slow
 def test_rl_step_pp2(env, tmp_path):
     cfg = load_config(None, overrides(env, tmp_path, tp=1, pp=2, steps=1, extra=["algorithm.loss_mode=vanilla"]))
     history = run_distributed(_train, 2, cfg, timeout=300)[0]
@@ -70,6 +72,7 @@ def _parity_reward(tmp_path: Path) -> Path:
     return reward
 
 
+@pytest.mark.slow
 def test_one_step_off_policy_overlaps_rollout_and_applies_tis(env, tmp_path):
     reward = _parity_reward(tmp_path)
     cfg = load_config(None, overrides(env, tmp_path, tp=2, steps=3,
@@ -91,6 +94,7 @@ def _reproducible(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "time" and not k.startswith(_NOT_REPRODUCIBLE)} for r in rows]
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_fixed_step_and_resume_gives_identical_metrics(env, tmp_path):
     """Killed right after the step-3 checkpoint of a 6-step run, the resumed steps 4-6 equal the uninterrupted run's.
 
@@ -148,6 +152,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     script = tmp_path / "slow_save.py"
     script.write_text(_SLOW_SAVE)
@@ -174,6 +179,7 @@ def _load_tiny(ckpt: str) -> int:
     return meta["step"]
 
 
+@pytest.mark.slow
 def test_nan_loss_skips_the_step_and_training_continues(env, tmp_path):
     reward = tmp_path / "nan_reward.py"
     reward.write_text("import math\n"
@@ -241,6 +247,7 @@ def test_bad_input_is_one_line_before_any_rank_starts(env, tmp_path, case, messa
     assert not (tmp_path / "out" / "metrics.jsonl").exists()  # no rank ever started
 
 
+@pytest.mark.slow
 def test_launcher_forwards_sigterm_and_locks_out_dir(env, tmp_path):
     """SIGTERM to the `megatron-apo train` launcher alone (not its process group): its ranks checkpoint and stop,
     it exits with the documented preemption code 75, and no rank outlives it. A second trainer started in the

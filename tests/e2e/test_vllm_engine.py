@@ -27,7 +27,7 @@ from megatron_apo.rollout import SamplingParams
 from megatron_apo.rollout.sampling import processed_logprobs
 from tests.helpers.rollout_helpers import random_hf_state, reference_logits, sync_from_driver
 
-pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1800)]  # engine starts are slow on a busy machine
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(1800)]  # engine starts are slow on a busy machine
 
 REPO = Path(__file__).resolve().parents[2]
 CFG = hf_config_from_model_config(load_model_config("tiny-h32"))  # head_dim 32: vLLM's CPU attention needs >= 32
