@@ -214,7 +214,7 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args) -> int:
-    from megatron_apo.trainer.demo import DemoConfig, run_demo
+    from megatron_apo.study.demo import DemoConfig, run_demo
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is an existing file; give a folder (it is created if missing)")
