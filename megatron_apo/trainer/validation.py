@@ -9,8 +9,6 @@ from megatron_apo.config import RunConfig
 from megatron_apo.dtypes import DTYPE_NAMES
 from megatron_apo.models.config import ModelConfig, load_model_config
 
-__all__ = ["DTYPE_NAMES", "validate_run_config"]  # DTYPE_NAMES re-exported: trainer/train.py imports it from here
-
 
 def validate_run_config(cfg: RunConfig, world_size: int | None = None) -> ModelConfig:
     """Everything checkable before a process group starts; raises ValueError/FileNotFoundError (one line)."""
