@@ -24,7 +24,7 @@ from megatron_apo.models import build_gpt_model
 from megatron_apo.parallel import init_distributed
 from megatron_apo.trainer.checkpoint import load_model_weights, resume_checkpoint, save_checkpoint
 from megatron_apo.trainer.lifecycle import StopFlag, checkpoint_due, note_stopped
-from megatron_apo.trainer.optim import OptimConfig, build_optimizer, wrap_ddp
+from megatron_apo.trainer.optim import build_optimizer, wrap_ddp
 from megatron_apo.trainer.passes import PassSettings
 from megatron_apo.trainer.rl_step import RLModels, lr_at, rl_step
 from megatron_apo.trainer.rollout_source import FleetWeights, RolloutSource
@@ -95,9 +95,8 @@ def _build_models(cfg: RunConfig, model_cfg) -> RLModels:
     """The DDP-wrapped policy, its Megatron optimizer, and the frozen reference (same architecture)."""
     dtype, impl, t = torch_dtype(cfg.model.params_dtype), cfg.model.transformer_impl, cfg.trainer
     policy = [wrap_ddp(build_gpt_model(model_cfg, params_dtype=dtype, transformer_impl=impl),
-                       use_distributed_optimizer=True)]
-    optimizer = build_optimizer(policy, OptimConfig(lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
-                                                    clip_grad=t.clip_grad, use_distributed_optimizer=True))
+                       use_distributed_optimizer=t.use_distributed_optimizer)]
+    optimizer = build_optimizer(policy, t)  # the trainer section is the optimizer config (config.OptimConfig)
     reference = build_gpt_model(model_cfg, params_dtype=dtype, transformer_impl=impl)
     reference.requires_grad_(False)
     reference.eval()
