@@ -12,10 +12,10 @@ def validate_run_config(cfg: RunConfig, world_size: int | None = None) -> ModelC
     """Everything checkable before a process group starts; raises ConfigError / MissingInputError
     (one line; user errors, see config.UserError)."""
     p = cfg.parallel
+    p.validate(world_size if world_size is not None else  # first: a size of 0 names its key, not "0 processes"
+               p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.expert_model_parallel_size)
     if world_size is not None and world_size < 1:
         raise ConfigError(f"{world_size} processes: launch at least one (--nproc / WORLD_SIZE)")
-    p.validate(world_size if world_size is not None else
-               p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.expert_model_parallel_size)
     model_cfg = load_model_config(cfg.model.config)
     model_cfg.validate(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, source=f"model {model_cfg.name}")
     cfg.validate()  # every section's choices and ranges (load_config ran it too; a config built in code may not)
