@@ -6,6 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from megatron_apo.config import InputError, UserError
+from megatron_apo.logging_utils import set_verbose
+
 
 def _add_smoke(sub) -> None:
     p = sub.add_parser("smoke", help="TP/PP language-model smoke training of the tiny model on local processes")
@@ -179,7 +182,7 @@ def _run_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ  # torchrun / srun: this process is one rank
     if args.nproc is not None and args.nproc < 1:
-        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+        raise InputError(f"--nproc must be >= 1, got {args.nproc}")
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) if launched else (
         args.nproc or cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size)
     validate_run_config(cfg, world)
@@ -218,12 +221,12 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args) -> int:
-    from megatron_apo.trainer.demo import DemoConfig, run_demo
+    from megatron_apo.study.demo import DemoConfig, run_demo
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is an existing file; give a folder (it is created if missing)")
+        raise InputError(f"--out {args.out} is an existing file; give a folder (it is created if missing)")
     if args.rl_steps is not None and args.rl_steps < 1:
-        raise ValueError(f"--rl-steps must be >= 1, got {args.rl_steps}")
+        raise InputError(f"--rl-steps must be >= 1, got {args.rl_steps}")
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
     if args.rl_steps is not None:
         cfg.rl_steps = args.rl_steps
@@ -252,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="megatron-apo",
         description="Anchored Policy Optimization (APO) and RLVR baselines on Megatron-Core.",
     )
+    parser.add_argument("--verbose", action="store_true",
+                        help="debug log lines, from every rank (default: rank 0, INFO and above)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(sub)
     _add_demo(sub)
@@ -260,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_smoke(sub)
     _add_plan(sub)
     _add_eval(sub)
+    for p in sub.choices.values():  # `megatron-apo train --verbose ...` as well as `megatron-apo --verbose train`
+        p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -269,10 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    if getattr(args, "verbose", False):
+        set_verbose()
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        # Config and input errors are one line naming the key/path; no traceback.
+    except UserError as e:
+        # A user's mistake (config, input file, flag) is one line naming the key/path; anything else is a bug or
+        # an environment failure and keeps its traceback.
         print(f"megatron-apo {args.command}: error: {e}", file=sys.stderr)
         return 2
 

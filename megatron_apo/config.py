@@ -2,11 +2,19 @@
 
 Loss keys use the official APO repository's names (loss_mode=apo_ratio, apo_push_coeff, ...), so an
 APO/verl config's `actor` section can be pasted into `algorithm:`. Errors name the file and key.
+
+Choice fields are str-valued Enums (`Choice`): OmegaConf rejects a bad value at merge, naming the key and the valid
+values, and `cfg.algorithm.loss_agg_mode == "token-mean"` still holds. Two choices stay registry-checked strings,
+because a registry, not this file, owns their values: `algorithm.loss_mode` (the loss registry,
+`algorithms/losses.py`) and `rollout.engine` (`rollout.engine.ENGINES`). Range checks live with each section
+(`validate()`), run by `load_config` and again by the trainer's `validate_run_config`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -14,17 +22,105 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from megatron_apo.dtypes import DTYPE_NAMES
 
-class ConfigError(ValueError):
+
+class UserError(Exception):
+    """A mistake the user can fix (a config, an input file, a flag): the CLI prints its message as one line.
+
+    Any other exception is a bug or an environment failure and keeps its traceback.
+    """
+
+
+class ConfigError(UserError, ValueError):
     """A bad config file, key or value; the message is one line that names the key and the fix."""
 
 
-@dataclass
-class AlgorithmConfig:
-    """Loss and advantage settings (docs/algorithms.md). Defaults are the APO paper's."""
+class InputError(UserError, ValueError):
+    """A bad input other than the run config (a file's content, a command-line flag); one line naming it."""
 
-    loss_mode: str = "apo_ratio"  # vanilla | apo_ratio | casp
-    loss_agg_mode: str = "token-mean"
+
+class MissingInputError(UserError, FileNotFoundError):
+    """A file or folder the user named does not exist; one line naming the key or flag and the path."""
+
+
+class Choice(str, enum.Enum):
+    """A config choice: compares equal to, prints and serialises as its value (e.g. "token-mean")."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+def _choice(name: str, values) -> type[Choice]:
+    # member name = value, so OmegaConf (which looks members up by name) accepts YAML's spelling, hyphens included
+    return Choice(name, [(v, v) for v in values], module=__name__, qualname=name)
+
+
+LossAggMode = _choice("LossAggMode", ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+                                      "seq-mean-token-sum-norm"))
+ApoRectification = _choice("ApoRectification", ("paper", "split"))
+ApoPullForm = _choice("ApoPullForm", ("ratio_clip", "ratio", "log"))
+ApoPullWeight = _choice("ApoPullWeight", ("abs_adv", "indicator"))
+KlLossType = _choice("KlLossType", ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3"))  # aliases: settings.py
+AdvStdScope = _choice("AdvStdScope", ("group", "batch"))
+AdvCalibration = _choice("AdvCalibration", ("none", "inverse_success"))
+DType = _choice("DType", tuple(DTYPE_NAMES))  # the one dtype table (megatron_apo/dtypes.py), aliases included
+TransformerImpl = _choice("TransformerImpl", ("transformer_engine", "local"))
+OnInvalid = _choice("OnInvalid", ("error", "skip"))
+LrDecayStyle = _choice("LrDecayStyle", ("constant", "linear", "cosine"))
+Recompute = _choice("Recompute", ("none", "full"))
+
+
+class _Section:
+    """`validate()`: the choice fields hold one of their values (also when set in code, past OmegaConf), then the
+    section's range checks (`_check`). ConfigError names `<section>.<key>`."""
+
+    _section: typing.ClassVar[str] = ""
+
+    def validate(self) -> None:
+        for name, hint in typing.get_type_hints(type(self)).items():
+            choice = _choice_type(hint)
+            value = getattr(self, name, None)
+            if choice is None or (value is None and hint is not choice):
+                continue
+            if value not in choice._value2member_map_:
+                unset = " (or leave it unset)" if hint is not choice else ""
+                raise ConfigError(f"{self._section}.{name}={value!r} is unknown; use one of "
+                                  f"{', '.join(choice._value2member_map_)}{unset}")
+        self._check()
+
+    def _check(self) -> None:
+        pass
+
+    def _at_least(self, key: str, lo: float, why: str = "") -> None:
+        v = getattr(self, key)
+        if v < lo:
+            raise ConfigError(f"{self._section}.{key} must be >= {lo}{why}, got {v}")
+
+
+def _choice_type(hint) -> type[Choice] | None:
+    for t in (hint, *typing.get_args(hint)):  # Optional[X] is Union[X, None]
+        if isinstance(t, type) and issubclass(t, Choice):
+            return t
+    return None
+
+
+@dataclass
+class AlgorithmConfig(_Section):
+    """Loss and advantage settings (docs/algorithms.md). Defaults are the APO paper's.
+
+    The ranges are checked by `algorithms.settings.validate_algorithm_config` (also used for plain mappings)."""
+
+    _section: typing.ClassVar[str] = "algorithm"
+
+    loss_mode: str = "apo_ratio"  # the loss registry's names: vanilla | apo_ratio | casp | ...
+    loss_agg_mode: LossAggMode = LossAggMode["token-mean"]
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2
     clip_ratio_c: float = 3.0
@@ -33,20 +129,20 @@ class AlgorithmConfig:
     apo_pull_coeff: float = 0.1
     apo_topk: int = 8
     apo_exclude_sampled: bool = True
-    apo_rectification: str = "paper"  # paper (ratio rectification r~ = push*r - pull*M/Z_ref) | split
-    apo_pull_form: str = "ratio_clip"  # ratio_clip | ratio | log  (split form only)
-    apo_pull_weight: str = "abs_adv"  # abs_adv | indicator
+    apo_rectification: ApoRectification = ApoRectification.paper  # paper (r~ = push*r - pull*M/Z_ref) | split
+    apo_pull_form: ApoPullForm = ApoPullForm.ratio_clip  # ratio_clip | ratio | log  (split form only)
+    apo_pull_weight: ApoPullWeight = ApoPullWeight.abs_adv  # abs_adv | indicator
     use_kl_loss: bool = False
     use_kl_loss_on_wrong: bool = False
     kl_loss_coef: float = 0.001
-    kl_loss_type: str = "low_var_kl"  # kl (k1) | abs | mse (k2) | low_var_kl (k3)
+    kl_loss_type: KlLossType = KlLossType.low_var_kl  # kl (k1) | abs | mse (k2) | low_var_kl (k3)
     casp_topn: int = 3
     casp_alpha: float = 0.01
     casp_top1_gamma: float = 0.1
     casp_entropy_quantile: float = 0.8  # high-entropy ("forking") tokens: above this quantile of the response
     norm_adv_by_std: bool = True
-    adv_std_scope: str = "group"  # group (GRPO) | batch (centre per group, divide by the batch std)
-    adv_calibration: str = "none"  # none | inverse_success
+    adv_std_scope: AdvStdScope = AdvStdScope.group  # group (GRPO) | batch (centre per group, divide by batch std)
+    adv_calibration: AdvCalibration = AdvCalibration.none  # none | inverse_success
     calib_alpha: float = 1.0
     adv_calibration_memory: bool = False
     calib_memory_gamma: float = 0.5
@@ -56,13 +152,20 @@ class AlgorithmConfig:
     anchor_metrics: bool = False  # log the reference Top-K (anchor) metrics for every loss mode (one Top-K more)
     logprob_chunk_size: int = 4096  # tokens per chunk in the vocab-parallel ops (bounds peak memory)
 
+    def _check(self) -> None:
+        from megatron_apo.algorithms.settings import validate_algorithm_config
+
+        validate_algorithm_config(self)
+
 
 @dataclass
-class ModelSection:
+class ModelSection(_Section):
+    _section: typing.ClassVar[str] = "model"
+
     config: str = "tiny"  # model_configs/<name>.yaml or a path
-    params_dtype: str = "float32"  # float32 | bfloat16 | float16
+    params_dtype: DType = DType.float32  # float32 | bfloat16 | float16 (or fp32, bf16, fp16, half, float)
     # transformer_engine (fused TE layers, GPU) | local (megatron-core's own); None: TE with CUDA, local without
-    transformer_impl: Optional[str] = None
+    transformer_impl: Optional[TransformerImpl] = None
 
 
 @dataclass
@@ -102,7 +205,9 @@ ParallelSection = ParallelConfig  # the run config's name for it
 
 
 @dataclass
-class DataSection:
+class DataSection(_Section):
+    _section: typing.ClassVar[str] = "data"
+
     train_files: list[str] = field(default_factory=list)  # verl-schema parquet files
     val_files: list[str] = field(default_factory=list)
     tokenizer: Optional[str] = None  # HF tokenizer folder, or a sentencepiece .model file
@@ -110,13 +215,18 @@ class DataSection:
     max_response_length: int = 1024
     train_batch_size: int = 8  # prompts per RL step (x rollout.n samples)
     shuffle: bool = True
-    on_invalid: str = "skip"  # skip | error
+    on_invalid: OnInvalid = OnInvalid.skip  # skip | error
     reward_fn: Optional[str] = None  # "path/to/file.py:fn" with verl's compute_score signature
+
+    def _check(self) -> None:
+        self._at_least("train_batch_size", 1)
 
 
 @dataclass
-class RolloutSection:
-    engine: str = "cpu"  # cpu (transformers) | vllm
+class RolloutSection(_Section):
+    _section: typing.ClassVar[str] = "rollout"
+
+    engine: str = "cpu"  # cpu (transformers) | vllm: the registry rollout.engine.ENGINES (checked by preflight)
     num_engines: int = 1
     engine_tp: int = 1  # tensor parallel inside each vLLM engine
     n: int = 8  # samples per prompt (the GRPO group)
@@ -126,35 +236,59 @@ class RolloutSection:
     ray_address: Optional[str] = None  # None: start a local Ray
     sync_bucket_mb: int = 64
     sync_host: Optional[str] = None  # address engines reach trainer rank 0 at; None: Ray's node IP of rank 0
-    sync_dtype: Optional[str] = None  # dtype weights are sent in; None: the engine's (vllm bfloat16, cpu float32)
+    sync_dtype: Optional[DType] = None  # dtype weights are sent in; None: the engine's (vllm bfloat16, cpu float32)
     # Generate step n+1's rollouts while step n trains (weights one version old), corrected by truncated
     # importance sampling: each token's advantage is scaled by min(pi_old / pi_rollout, tis_cap).
     one_step_off_policy: bool = False
     tis_cap: float = 2.0
     gpu_memory_utilization: float = 0.6
 
+    def _check(self) -> None:
+        self._at_least("n", 1)
+        if self.one_step_off_policy:
+            self._at_least("tis_cap", 1.0, " (it truncates pi_old / pi_rollout)")
+
 
 @dataclass
-class TrainerSection:
+class OptimConfig:
+    """Megatron-Core's Adam (DistributedOptimizer when DP > 1): `trainer/optim.py::build_optimizer` reads these.
+    The run config's `trainer:` section is one (TrainerSection extends it)."""
+
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = True  # shard the optimizer state over data-parallel ranks
+
+
+@dataclass
+class TrainerSection(OptimConfig, _Section):
+    """The RL loop's settings, and the optimizer's (OptimConfig: lr, min_lr, weight_decay, adam_*, clip_grad)."""
+
+    _section: typing.ClassVar[str] = "trainer"
+
     total_steps: int = 10
     ppo_epochs: int = 1
     ppo_mini_batch_size: int = 0  # samples per optimizer step; 0 = the whole step batch
     micro_batch_size: int = 4
-    lr: float = 1e-6
-    min_lr: float = 0.0
     lr_warmup_steps: int = 0
-    lr_decay_style: str = "constant"  # constant | linear | cosine
-    weight_decay: float = 0.0
-    clip_grad: float = 1.0
+    lr_decay_style: LrDecayStyle = LrDecayStyle.constant  # constant | linear | cosine
     ref_cpu_offload: bool = False  # keep the reference model's weights on the host between uses (GPU)
     # none | full: keep only each layer's input and recompute the layer in backward (Megatron's full uniform
     # recompute, one layer at a time): activation memory for compute; `megatron-apo plan --recompute full`
-    recompute: str = "none"
+    recompute: Recompute = Recompute.none
     eval_n: int = 0  # >0: pass@k eval with this many samples per prompt on data.val_files, at start and end
     eval_max_prompts: int = 64
     tensorboard: bool = True
     wandb_project: Optional[str] = None
     progress: bool = True
+
+    def _check(self) -> None:
+        for key in ("total_steps", "ppo_epochs", "micro_batch_size"):
+            self._at_least(key, 1)
 
 
 @dataclass
@@ -178,6 +312,11 @@ class RunConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     seed: int = 1234
     out_dir: str = "runs/default"
+
+    def validate(self) -> None:
+        """Every section's choices and ranges (no files, no world size: see trainer/validation.py)."""
+        for section in (self.model, self.algorithm, self.data, self.rollout, self.trainer):
+            section.validate()
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -206,7 +345,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if overrides:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(*layers)
-        return OmegaConf.to_object(merged)
+        cfg = OmegaConf.to_object(merged)
     except ConfigKeyError as e:
         key = getattr(e, "full_key", None) or _first_line(e)
         raise ConfigError(f"{path or 'overrides'}: unknown config key {key!r}{_known_hint(RunConfig, key)}") from None
@@ -215,6 +354,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                           f"{_first_line(e)}") from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path or 'overrides'}: {_first_line(e)}") from None
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+    return cfg
 
 
 def to_yaml(cfg: Any) -> str:

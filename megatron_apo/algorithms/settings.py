@@ -11,15 +11,28 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from megatron_apo.config import AlgorithmConfig, ConfigError
+from megatron_apo.config import (
+    AdvCalibration,
+    AdvStdScope,
+    AlgorithmConfig,
+    ApoPullForm,
+    ApoPullWeight,
+    ApoRectification,
+    ConfigError,
+    KlLossType,
+    LossAggMode,
+)
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+# the valid values of the choice fields: the Enums of config.py
+LOSS_AGG_MODES = tuple(m.value for m in LossAggMode)
+APO_RECTIFICATIONS = tuple(m.value for m in ApoRectification)
+APO_PULL_FORMS = tuple(m.value for m in ApoPullForm)
+APO_PULL_WEIGHTS = tuple(m.value for m in ApoPullWeight)
+ADV_CALIBRATIONS = tuple(m.value for m in AdvCalibration)
+ADV_STD_SCOPES = tuple(m.value for m in AdvStdScope)
+# kl_loss_type's names (config.KlLossType) -> the estimator each stands for
 KL_LOSS_TYPES = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
-APO_RECTIFICATIONS = ("paper", "split")
-APO_PULL_FORMS = ("ratio_clip", "ratio", "log")
-APO_PULL_WEIGHTS = ("abs_adv", "indicator")
-ADV_CALIBRATIONS = ("none", "inverse_success")
-ADV_STD_SCOPES = ("group", "batch")
+assert set(KL_LOSS_TYPES) == {m.value for m in KlLossType}
 
 
 BUILTIN_LOSS_MODES = ("vanilla", "apo_ratio", "casp")  # registered by losses.py when it is imported

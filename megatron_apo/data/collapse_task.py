@@ -20,6 +20,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from megatron_apo.config import InputError
 from megatron_apo.rewards.codes import CODE_DATA_SOURCE
 
 POPULAR = "a"
@@ -38,10 +39,10 @@ class CodeTaskConfig:
 
     def __post_init__(self):
         if not 4 <= self.num_categories <= 100:
-            raise ValueError(f"task.num_categories={self.num_categories}: must be in [4, 100] (two-digit ids)")
+            raise InputError(f"task.num_categories={self.num_categories}: must be in [4, 100] (two-digit ids)")
         for key in ("hard_fraction", "easy_popular_mass", "hard_popular_mass"):
             if not 0.0 < getattr(self, key) < 1.0:
-                raise ValueError(f"task.{key}={getattr(self, key)}: must be in (0, 1)")
+                raise InputError(f"task.{key}={getattr(self, key)}: must be in (0, 1)")
 
 
 @dataclass(frozen=True)

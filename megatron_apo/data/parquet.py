@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from megatron_apo.config import InputError, MissingInputError, OnInvalid
 from megatron_apo.data.schema import (
     REQUIRED_COLUMNS,
     InvalidDataError,
@@ -16,7 +17,7 @@ from megatron_apo.data.schema import (
 )
 
 logger = logging.getLogger(__name__)
-ON_INVALID = ("error", "skip")
+ON_INVALID = tuple(m.value for m in OnInvalid)  # config.OnInvalid
 _MAX_LISTED = 20
 
 
@@ -57,10 +58,10 @@ def read_verl_parquet(path: str | Path, on_invalid: str = "error") -> tuple[list
     import pyarrow.parquet as pq
 
     if on_invalid not in ON_INVALID:
-        raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
+        raise InputError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"dataset file not found: {path}")
+        raise MissingInputError(f"dataset file not found: {path}")
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:

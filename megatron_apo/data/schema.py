@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from megatron_apo.config import UserError
+
 REQUIRED_COLUMNS = ("prompt", "reward_model", "data_source")
 OPTIONAL_COLUMNS = ("extra_info", "ability")
 
@@ -53,7 +55,7 @@ class RowIssue:
         return f"row {self.row}: {self.field}: {self.problem}"
 
 
-class InvalidDataError(ValueError):
+class InvalidDataError(UserError, ValueError):
     """A dataset file that cannot be used as given; the message names the file, rows and fields."""
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from megatron_apo.config import InputError, MissingInputError
+
 TEMPLATES = ("auto", "chat", "plain")
 
 
@@ -46,10 +48,10 @@ class Tokenizer:
 class HFTokenizer(Tokenizer):
     def __init__(self, hf_tokenizer, template: str = "auto"):
         if template not in TEMPLATES:
-            raise ValueError(f"prompt template must be one of {TEMPLATES}, got {template!r}")
+            raise InputError(f"prompt template must be one of {TEMPLATES}, got {template!r}")
         has_chat = bool(getattr(hf_tokenizer, "chat_template", None))
         if template == "chat" and not has_chat:
-            raise ValueError("prompt template 'chat' requested but the tokenizer has no chat_template; use 'plain'")
+            raise InputError("prompt template 'chat' requested but the tokenizer has no chat_template; use 'plain'")
         self.hf = hf_tokenizer
         self.template = ("chat" if has_chat else "plain") if template == "auto" else template
         self.eos_token_id = hf_tokenizer.eos_token_id
@@ -102,15 +104,15 @@ def load_tokenizer(path: str | Path, template: str = "auto") -> Tokenizer:
     path = Path(path)
     if path.is_file() and path.suffix == ".model":
         if template == "chat":
-            raise ValueError(f"{path}: a sentencepiece model has no chat template; use template 'plain'")
+            raise InputError(f"{path}: a sentencepiece model has no chat template; use template 'plain'")
         return SentencePieceTokenizer(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer not found: {path} (give a local HF folder or a sentencepiece .model file)")
+        raise MissingInputError(f"tokenizer not found: {path} (give a local HF folder or a sentencepiece .model file)")
     hf_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
     if not any((path / f).is_file() for f in hf_files):
         if (path / "tokenizer.model").is_file():
             return load_tokenizer(path / "tokenizer.model", template)
-        raise FileNotFoundError(f"{path}: no tokenizer files ({', '.join(hf_files)} or tokenizer.model); "
+        raise MissingInputError(f"{path}: no tokenizer files ({', '.join(hf_files)} or tokenizer.model); "
                                 "pass --tokenizer")
     return HFTokenizer(_load_hf_tokenizer(path), template)
 

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+from megatron_apo.config import MissingInputError
 from megatron_apo.rollout.engine import RolloutEngine
 
 
@@ -26,12 +27,12 @@ def is_megatron_checkpoint(path: Path) -> bool:
 def hf_folder_for(model: Path, scratch: Path) -> Iterator[Path]:
     """`model` if it is an HF folder; a Megatron checkpoint is exported under `scratch` (removed afterwards)."""
     if not model.is_dir():
-        raise FileNotFoundError(f"model folder not found: {model}")
+        raise MissingInputError(f"model folder not found: {model}")
     if (model / "config.json").is_file():
         yield model
         return
     if not is_megatron_checkpoint(model):
-        raise FileNotFoundError(f"{model}: neither a Hugging Face folder (config.json) nor a Megatron checkpoint "
+        raise MissingInputError(f"{model}: neither a Hugging Face folder (config.json) nor a Megatron checkpoint "
                                 "(iter_* / latest_checkpointed_iteration.txt / megatron_apo.json + model/)")
     from megatron_apo.models.convert import convert_megatron_to_hf
 

@@ -7,6 +7,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_apo.config import InputError, MissingInputError
 from megatron_apo.eval.report import format_table, load_results, plot_pass_at_k, write_results
 from megatron_apo.eval.runner import EvalConfig, evaluate
 
@@ -41,7 +42,7 @@ def run_eval(job: EvalJob) -> dict[str, dict]:
         res = load_results(p)
         runs[res.get("label") or Path(p).stem] = res
     if job.model is None and not runs:
-        raise ValueError("eval: give --model and --data to evaluate, and/or --overlay results.json ... to plot")
+        raise InputError("eval: give --model and --data to evaluate, and/or --overlay results.json ... to plot")
     created = not job.out.exists()
     job.out.mkdir(parents=True, exist_ok=True)
     try:
@@ -60,7 +61,7 @@ def _check_architecture(hf_dir: Path) -> None:
 
     config = hf_dir / "config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"{hf_dir}: no config.json (a Hugging Face model folder has one)")
+        raise MissingInputError(f"{hf_dir}: no config.json (a Hugging Face model folder has one)")
     model_config_from_hf_config(json.loads(config.read_text()), source=str(config))
 
 
@@ -70,7 +71,7 @@ def _evaluate_into(job: EvalJob, runs: dict[str, dict]) -> dict[str, dict]:
 
     if job.model is not None:
         if job.data is None:
-            raise ValueError("eval: --data FILE.parquet is required with --model")
+            raise InputError("eval: --data FILE.parquet is required with --model")
         from megatron_apo.eval.engines import hf_folder_for, open_engine
 
         with contextlib.ExitStack() as stack:

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Mapping
 
+from megatron_apo.config import InputError, MissingInputError
 from megatron_apo.eval.runner import RESULTS_FORMAT
 
 
@@ -20,13 +21,13 @@ def write_results(results: dict, path: str | Path) -> Path:
 def load_results(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"results file not found: {path}")
+        raise MissingInputError(f"results file not found: {path}")
     try:
         results = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a megatron-apo pass@k results file (not JSON: {e})") from e
+        raise InputError(f"{path}: not a megatron-apo pass@k results file (not JSON: {e})") from e
     if not isinstance(results, dict) or results.get("format") != RESULTS_FORMAT:
-        raise ValueError(f"{path}: not a megatron-apo pass@k results file (expected format {RESULTS_FORMAT!r})")
+        raise InputError(f"{path}: not a megatron-apo pass@k results file (expected format {RESULTS_FORMAT!r})")
     return results
 
 

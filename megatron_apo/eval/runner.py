@@ -7,6 +7,7 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
+from megatron_apo.config import InputError
 from megatron_apo.data.dataset import EncodedPrompt
 from megatron_apo.data.tokenizer import Tokenizer
 from megatron_apo.eval.pass_at_k import mean_pass_at_k, powers_of_two_up_to
@@ -30,9 +31,9 @@ class EvalConfig:
 
     def __post_init__(self):
         if self.n < 1:
-            raise ValueError(f"eval n must be >= 1, got {self.n}")
+            raise InputError(f"eval n must be >= 1, got {self.n}")
         if self.prompts_per_call < 1:
-            raise ValueError(f"prompts_per_call must be >= 1, got {self.prompts_per_call}")
+            raise InputError(f"prompts_per_call must be >= 1, got {self.prompts_per_call}")
 
 
 def _summarise(counts: list[tuple[int, int]], rewards: list[float], ks: Sequence[int]) -> dict:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from megatron_apo.config import InputError
 from megatron_apo.models.config import ModelConfig
 
 GIB = 2**30
@@ -69,11 +70,11 @@ class Workload:
 
     def validate(self) -> None:
         if self.recompute not in ("none", "full"):
-            raise ValueError(f"plan: recompute={self.recompute!r}; use 'none' or 'full'")
+            raise InputError(f"plan: recompute={self.recompute!r}; use 'none' or 'full'")
         if self.seq_length < 1 or self.micro_batch_size < 1 or self.num_micro_batches < 1:
-            raise ValueError("plan: seq_length, micro_batch_size and num_micro_batches must be >= 1")
+            raise InputError("plan: seq_length, micro_batch_size and num_micro_batches must be >= 1")
         if not 0.1 <= self.vllm_gpu_memory_utilization <= 1.0:
-            raise ValueError("plan: vllm_gpu_memory_utilization must be in [0.1, 1]")
+            raise InputError("plan: vllm_gpu_memory_utilization must be in [0.1, 1]")
 
 
 @dataclass(frozen=True)
@@ -85,11 +86,11 @@ class Cluster:
 
     def validate(self) -> None:
         if self.num_gpus < 2:
-            raise ValueError("plan: need at least 2 GPUs (one trainer, one fleet)")
+            raise InputError("plan: need at least 2 GPUs (one trainer, one fleet)")
         if self.gpus_per_node < 1 or self.gpu_memory_gib <= 0:
-            raise ValueError("plan: gpus_per_node must be >= 1 and gpu_memory_gib > 0")
+            raise InputError("plan: gpus_per_node must be >= 1 and gpu_memory_gib > 0")
         if self.num_gpus > self.gpus_per_node and self.num_gpus % self.gpus_per_node:
-            raise ValueError(f"plan: {self.num_gpus} GPUs is not a whole number of {self.gpus_per_node}-GPU nodes")
+            raise InputError(f"plan: {self.num_gpus} GPUs is not a whole number of {self.gpus_per_node}-GPU nodes")
 
     @property
     def num_nodes(self) -> int:
@@ -337,7 +338,7 @@ def fleet_engine(cfg: ModelConfig, gpu_memory_gib: float, workload: Workload, tp
                     return node
             return engine(t)
         t *= 2
-    raise ValueError(f"plan: {cfg.name} does not fit one vLLM engine on {gpu_memory_gib} GiB GPUs at any TP")
+    raise InputError(f"plan: {cfg.name} does not fit one vLLM engine on {gpu_memory_gib} GiB GPUs at any TP")
 
 
 # ---------------------------------------------------------------- layout search
@@ -398,12 +399,12 @@ def plan(cfg: ModelConfig, cluster: Cluster, workload: Workload = Workload(), fl
     cluster.validate()
     workload.validate()
     if not 0 < fleet_fraction < 1:
-        raise ValueError("plan: fleet_fraction must be in (0, 1)")
+        raise InputError("plan: fleet_fraction must be in (0, 1)")
     unit = _split_unit(cluster)
     units = cluster.num_gpus // unit
     node_unit = cluster.gpus_per_node if cluster.num_gpus > cluster.gpus_per_node else 1
     if fleet_gpus is not None and (not 0 < fleet_gpus < cluster.num_gpus or fleet_gpus % node_unit):
-        raise ValueError(f"plan: fleet_gpus={fleet_gpus} must be a multiple of {node_unit} (whole nodes) "
+        raise InputError(f"plan: fleet_gpus={fleet_gpus} must be a multiple of {node_unit} (whole nodes) "
                          f"between 1 and {cluster.num_gpus - 1}")
     default = fleet_gpus or max(1, min(units - 1, round(units * fleet_fraction))) * unit
     splits = [default]

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megatron_apo.config import InputError, TransformerImpl
 from megatron_apo.models.config import ModelConfig
 from megatron_apo.parallel import cpu_compat
 
-TRANSFORMER_IMPLS = ("transformer_engine", "local")
+TRANSFORMER_IMPLS = tuple(m.value for m in TransformerImpl)  # config.TransformerImpl
 
 
 class TransformerEngineMissing(RuntimeError):
@@ -22,7 +23,7 @@ def resolve_transformer_impl(requested: str | None = None) -> str:
     at long sequence lengths), so TE asked for (or defaulted to) and not importable is one clear error.
     """
     if requested is not None and requested not in TRANSFORMER_IMPLS:
-        raise ValueError(f"model.transformer_impl={requested!r} is unknown; use one of {TRANSFORMER_IMPLS}")
+        raise InputError(f"model.transformer_impl={requested!r} is unknown; use one of {TRANSFORMER_IMPLS}")
     impl = requested or ("transformer_engine" if torch.cuda.is_available() else "local")
     if impl == "transformer_engine":
         if not torch.cuda.is_available():

@@ -10,10 +10,12 @@ import json
 import zlib
 from pathlib import Path
 
+from megatron_apo.config import UserError
+
 CHECKSUM_FILE = "checksums.json"
 
 
-class CheckpointCorrupt(ValueError):
+class CheckpointCorrupt(UserError, ValueError):
     """A file of a checkpoint is missing or does not match the checksum recorded when it was saved."""
 
 

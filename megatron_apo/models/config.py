@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from megatron_apo.config import InputError, MissingInputError
+
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "model_configs"  # package data: wheels ship it
 ARCHITECTURES = ("qwen2", "llama", "qwen3", "qwen3_moe")
 
@@ -67,18 +69,18 @@ class ModelConfig:
     def validate(self, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, source: str = "") -> None:
         where = f"{source}: " if source else f"model config {self.name}: "
         if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"{where}architecture={self.architecture!r} is unknown; use one of {ARCHITECTURES}")
+            raise InputError(f"{where}architecture={self.architecture!r} is unknown; use one of {ARCHITECTURES}")
         if self.num_attention_heads % self.num_query_groups:
-            raise ValueError(f"{where}num_attention_heads must be a multiple of num_query_groups")
+            raise InputError(f"{where}num_attention_heads must be a multiple of num_query_groups")
         if self.num_query_groups % tensor_parallel_size:
-            raise ValueError(
+            raise InputError(
                 f"{where}tensor parallel size {tensor_parallel_size} does not divide num_query_groups="
                 f"{self.num_query_groups}; pick a TP that divides it"
             )
         if self.ffn_hidden_size % tensor_parallel_size:
-            raise ValueError(f"{where}tensor parallel size {tensor_parallel_size} does not divide ffn_hidden_size")
+            raise InputError(f"{where}tensor parallel size {tensor_parallel_size} does not divide ffn_hidden_size")
         if self.num_layers % pipeline_parallel_size:
-            raise ValueError(
+            raise InputError(
                 f"{where}pipeline parallel size {pipeline_parallel_size} does not divide num_layers={self.num_layers}"
             )
 
@@ -87,19 +89,19 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown model config key(s) {unknown}; known keys: {sorted(known)}")
+            raise InputError(f"{source}: unknown model config key(s) {unknown}; known keys: {sorted(known)}")
         d = dict(d)
         if d.get("rope_scaling") is not None:
             rs = d["rope_scaling"]
             rs_known = {f.name for f in dataclasses.fields(RopeScaling)}
             bad = sorted(set(rs) - rs_known)
             if bad:
-                raise ValueError(f"{source}: unknown rope_scaling key(s) {bad}; known: {sorted(rs_known)}")
+                raise InputError(f"{source}: unknown rope_scaling key(s) {bad}; known: {sorted(rs_known)}")
             d["rope_scaling"] = RopeScaling(**rs)
         missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
                    and f.default_factory is dataclasses.MISSING and f.name not in d]
         if missing:
-            raise ValueError(f"{source}: missing model config key(s) {missing}")
+            raise InputError(f"{source}: missing model config key(s) {missing}")
         cfg = cls(**d)
         cfg.validate(source=source)
         return cfg
@@ -118,7 +120,7 @@ def load_model_config(name_or_path: str | Path) -> ModelConfig:
     if path.suffix not in (".yaml", ".yml") and "/" not in str(name_or_path):
         path = MODEL_CONFIG_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"model config {name_or_path!r} not found (looked for {path}); available: {available_model_configs()}"
         )
     try:
@@ -126,10 +128,10 @@ def load_model_config(name_or_path: str | Path) -> ModelConfig:
             data = yaml.safe_load(f) or {}
     except yaml.YAMLError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: not valid YAML ({first})") from None
+        raise InputError(f"{path}: not valid YAML ({first})") from None
     except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a text (UTF-8) YAML file") from None
+        raise InputError(f"{path}: not a text (UTF-8) YAML file") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a model config is a mapping of keys (num_layers: ..., hidden_size: ...), "
+        raise InputError(f"{path}: a model config is a mapping of keys (num_layers: ..., hidden_size: ...), "
                          f"got a {type(data).__name__}")
     return ModelConfig.from_dict(data, source=str(path))

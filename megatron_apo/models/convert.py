@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_apo.config import InputError, MissingInputError
 from megatron_apo.models.config import ModelConfig
 from megatron_apo.models.hf_mapping import (
     OUTPUT_LAYER,
@@ -105,7 +106,7 @@ def atomic_output_dir(out: str | Path):
     """Yields a temporary sibling folder; renames it to `out` on success, deletes it on failure."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"output {out} already exists and is not empty; remove it or choose another --out")
+        raise InputError(f"output {out} already exists and is not empty; remove it or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -165,7 +166,7 @@ def inspect_hf(hf_dir: str | Path, tp: int = 1, pp: int = 1) -> tuple[HFCheckpoi
     hf = HFCheckpoint(hf_dir)
     cfg = model_config_from_hf_config(hf.config, name=Path(hf_dir).name, source=str(Path(hf_dir) / "config.json"))
     if tp < 1 or pp < 1:
-        raise ValueError(f"--tp and --pp must be >= 1 (got tp={tp}, pp={pp})")
+        raise InputError(f"--tp and --pp must be >= 1 (got tp={tp}, pp={pp})")
     cfg.validate(tp, pp, source=str(Path(hf_dir) / "config.json"))
     hf.validate(hf_shapes(cfg))
     return hf, cfg
@@ -286,7 +287,7 @@ def convert_megatron_to_hf(ckpt: str | Path, out: str | Path, tokenizer: str | P
     if tokenizer is None and (folder / TOKENIZER_SUBDIR).is_dir():
         tokenizer = folder / TOKENIZER_SUBDIR
     if tokenizer is not None and not Path(tokenizer).is_dir():
-        raise FileNotFoundError(f"--tokenizer {tokenizer} does not exist")
+        raise MissingInputError(f"--tokenizer {tokenizer} does not exist")
     specs = {name: (shape, target) for name, shape in hf_shapes(cfg).items()}
     deltas: list[float] = []
     groups = reader.groups()

@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from megatron_apo.config import InputError
 from megatron_apo.models.config import ModelConfig, RopeScaling
 
 HF_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
@@ -298,21 +299,21 @@ def model_config_from_hf_config(hf_config: dict, name: str | None = None, source
     archs = hf_config.get("architectures") or []
     known = [a for a in archs if a in HF_ARCHITECTURES]
     if not known:
-        raise ValueError(f"{source}: architectures={archs!r} is not supported; supported: {sorted(HF_ARCHITECTURES)}")
+        raise InputError(f"{source}: architectures={archs!r} is not supported; supported: {sorted(HF_ARCHITECTURES)}")
     arch = HF_ARCHITECTURES[known[0]]
 
     def need(key):
         if key not in hf_config:
-            raise ValueError(f"{source}: missing key {key!r} needed for {known[0]}")
+            raise InputError(f"{source}: missing key {key!r} needed for {known[0]}")
         return hf_config[key]
 
     act = hf_config.get("hidden_act", "silu")
     if act != "silu":
-        raise ValueError(f"{source}: hidden_act={act!r} is not supported (Megatron model uses SwiGLU/silu)")
+        raise InputError(f"{source}: hidden_act={act!r} is not supported (Megatron model uses SwiGLU/silu)")
     if hf_config.get("mlp_bias"):
-        raise ValueError(f"{source}: mlp_bias=true is not supported")
+        raise InputError(f"{source}: mlp_bias=true is not supported")
     if arch == "qwen2" and hf_config.get("use_sliding_window"):
-        raise ValueError(f"{source}: use_sliding_window=true is not supported; set it to false")
+        raise InputError(f"{source}: use_sliding_window=true is not supported; set it to false")
 
     rope = dict(hf_config.get("rope_parameters") or {})
     scaling = hf_config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
@@ -321,7 +322,7 @@ def model_config_from_hf_config(hf_config: dict, name: str | None = None, source
     if scaling:
         kind = scaling.get("rope_type", scaling.get("type"))
         if kind != "llama3":
-            raise ValueError(f"{source}: rope_scaling rope_type={kind!r} is not supported; only 'llama3' is")
+            raise InputError(f"{source}: rope_scaling rope_type={kind!r} is not supported; only 'llama3' is")
         rope_scaling = RopeScaling(
             factor=float(scaling["factor"]),
             low_freq_factor=float(scaling["low_freq_factor"]),
@@ -362,7 +363,7 @@ def hf_config_from_model_config(cfg: ModelConfig, dtype: torch.dtype | str | Non
     Written with the classic `rope_theta` / `rope_scaling` keys, which transformers 4.x and 5.x and vLLM all read.
     """
     if cfg.architecture not in ARCHITECTURE_TO_HF:
-        raise ValueError(f"model config {cfg.name}: architecture={cfg.architecture!r} has no HF export")
+        raise InputError(f"model config {cfg.name}: architecture={cfg.architecture!r} has no HF export")
     extra = dict((cfg.extra or {}).get("hf", {}))
     d: dict = {
         "architectures": [ARCHITECTURE_TO_HF[cfg.architecture]],
@@ -393,7 +394,7 @@ def hf_config_from_model_config(cfg: ModelConfig, dtype: torch.dtype | str | Non
         d.update(attention_bias=cfg.qkv_bias, mlp_bias=False, pretraining_tp=1)
     else:
         if not cfg.qkv_bias:
-            raise ValueError(f"model config {cfg.name}: Qwen2 always has QKV bias; qkv_bias=false cannot be exported")
+            raise InputError(f"model config {cfg.name}: Qwen2 always has QKV bias; qkv_bias=false cannot be exported")
         d.update(use_sliding_window=False, sliding_window=None,
                  max_window_layers=extra.get("max_window_layers", cfg.num_layers))
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):

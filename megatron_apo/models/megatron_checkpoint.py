@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_apo.config import InputError, MissingInputError
 from megatron_apo.models.checksums import CHECKSUM_FILE, checksum_files, verify_checkpoint
 from megatron_apo.models.config import ModelConfig
 from megatron_apo.models.hf_mapping import (
@@ -44,7 +45,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, or a training dir of `iter_*` checkpoints (its `latest` file, else the highest)."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"Megatron checkpoint {path} does not exist")
+        raise MissingInputError(f"Megatron checkpoint {path} does not exist")
     if is_checkpoint(path):
         return path
     for name in LATEST_FILES:
@@ -53,15 +54,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
             text = f.read_text().strip()
             cand = path / (text if text.startswith("iter_") else f"iter_{int(text):07d}") if text else None
             if cand is None or not is_checkpoint(cand):
-                raise FileNotFoundError(f"{f} points to {text!r}, which is not a checkpoint folder with "
+                raise MissingInputError(f"{f} points to {text!r}, which is not a checkpoint folder with "
                                         f"{MODEL_SUBDIR}/ and {METADATA_FILE}")
             return cand
     iters = sorted((int(m.group(1)), p) for p in path.iterdir() if (m := _ITER.match(p.name)) and is_checkpoint(p))
     if iters:
         return iters[-1][1]
     if (path / MODEL_SUBDIR).is_dir() and not (path / METADATA_FILE).is_file():
-        raise FileNotFoundError(f"{path / METADATA_FILE} is missing; it must hold {{\"model_config\": ...}}")
-    raise FileNotFoundError(f"{path} is not a Megatron checkpoint: expected {MODEL_SUBDIR}/ + {METADATA_FILE}, "
+        raise MissingInputError(f"{path / METADATA_FILE} is missing; it must hold {{\"model_config\": ...}}")
+    raise MissingInputError(f"{path} is not a Megatron checkpoint: expected {MODEL_SUBDIR}/ + {METADATA_FILE}, "
                             f"or iter_* folders of that layout")
 
 
@@ -70,9 +71,9 @@ def read_checkpoint_metadata(folder: str | Path) -> tuple[ModelConfig, dict]:
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise InputError(f"{path}: not valid JSON ({e})") from None
     if "model_config" not in meta:
-        raise ValueError(f"{path}: missing key 'model_config'")
+        raise InputError(f"{path}: missing key 'model_config'")
     return ModelConfig.from_dict(meta["model_config"], source=f"{path} model_config"), meta
 
 
@@ -160,18 +161,18 @@ class DistCheckpointReader:
         self.folder = Path(folder)
         self.cfg = cfg
         if not (self.folder / ".metadata").is_file():
-            raise FileNotFoundError(f"{self.folder} is not a torch_dist checkpoint (no .metadata file)")
+            raise MissingInputError(f"{self.folder} is not a torch_dist checkpoint (no .metadata file)")
         verify_checkpoint(self.folder.parent, prefix=f"{self.folder.name}/", collective=False)
         self._reader = dcp.FileSystemReader(str(self.folder))
         try:
             md = self._reader.read_metadata()
         except Exception as e:  # noqa: BLE001 - a truncated pickle raises EOFError/UnpicklingError
-            raise ValueError(f"{self.folder / '.metadata'} is damaged or truncated ({type(e).__name__}: "
+            raise InputError(f"{self.folder / '.metadata'} is damaged or truncated ({type(e).__name__}: "
                              f"{str(e).strip()[:200]})") from None
         tensors = {k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
         emb = [k for k in tensors if k.endswith(EMBEDDING)]
         if not emb:
-            raise ValueError(f"{self.folder}: no {EMBEDDING} tensor; not a GPTModel checkpoint")
+            raise InputError(f"{self.folder}: no {EMBEDDING} tensor; not a GPTModel checkpoint")
         self.prefix = emb[0][: -len(EMBEDDING)]  # e.g. "" or a wrapper prefix
         # names in the local spec's spelling; `_stored` maps them back (a Transformer Engine checkpoint
         # spells the norms linear_qkv.layer_norm_weight / linear_fc1.layer_norm_weight)
@@ -185,29 +186,29 @@ class DistCheckpointReader:
     def _validate(self) -> None:
         cfg, where = self.cfg, f"{self.folder}"
         if self.vocab_rows < cfg.vocab_size:
-            raise ValueError(f"{where}: {EMBEDDING} has {self.vocab_rows} rows < vocab_size={cfg.vocab_size} in "
+            raise InputError(f"{where}: {EMBEDDING} has {self.vocab_rows} rows < vocab_size={cfg.vocab_size} in "
                              f"{METADATA_FILE} (config and weights do not match)")
         expected = [FINAL_NORM] + ([] if cfg.tie_word_embeddings else [OUTPUT_LAYER])
         for name in expected:
             if name not in self.meta:
-                raise ValueError(f"{where}: tensor {name} is missing (config and weights do not match)")
+                raise InputError(f"{where}: tensor {name} is missing (config and weights do not match)")
         for name in [FINAL_NORM] + [n for n in (OUTPUT_LAYER,) if n in self.meta]:
             want = megatron_shape(cfg, name)
             got = tuple(self.meta[name].size)
             if (got[1:] != want[1:] or (name != FINAL_NORM and got[0] != self.vocab_rows)
                     or (name == FINAL_NORM and got != want)):
-                raise ValueError(f"{where}: tensor {name} has shape {list(got)}, the config implies {list(want)}")
+                raise InputError(f"{where}: tensor {name} has shape {list(got)}, the config implies {list(want)}")
         needed = {"self_attention.linear_proj.weight", "self_attention.linear_qkv.weight", "mlp.linear_fc1.weight",
                   "mlp.linear_fc2.weight"} | ({"self_attention.linear_qkv.bias"} if cfg.qkv_bias else set())
         missing = needed - set(self.layer_suffixes)
         if missing:
-            raise ValueError(f"{where}: decoder tensors {sorted(missing)} are missing "
+            raise InputError(f"{where}: decoder tensors {sorted(missing)} are missing "
                              f"(config and weights do not match)")
         for suffix in self.layer_suffixes:
             size = tuple(self.meta["decoder.layers." + suffix].size)
             want = (cfg.num_layers,) + megatron_shape(cfg, f"decoder.layers.0.{suffix}")
             if size != want:
-                raise ValueError(f"{where}: decoder.layers.{suffix} has shape {list(size)}, the config implies "
+                raise InputError(f"{where}: decoder.layers.{suffix} has shape {list(size)}, the config implies "
                                  f"{list(want)} (num_layers first; config and weights do not match)")
 
     def tensor_bytes(self, global_name: str) -> int:
@@ -248,7 +249,7 @@ class DistCheckpointReader:
             dcp.load(state, storage_reader=self._reader, planner=_SlicePlanner(offsets), no_dist=True)
         except CheckpointException as e:  # a BaseException in torch: turn it into a one-line input error
             cause = [ln for ln in str(e).strip().splitlines() if ln.strip()][-1].strip()
-            raise ValueError(f"{self.folder}: cannot read {names[0]}"
+            raise InputError(f"{self.folder}: cannot read {names[0]}"
                              f"{' and others' if len(names) > 1 else ''} (storage damaged? {cause})") from None
 
     def load(self, global_names: list[str]) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_apo.config import InputError, MissingInputError
 from megatron_apo.dtypes import DTYPE_NAMES, torch_dtype
 from megatron_apo.models.checksums import CHECKSUM_FILE, CheckpointCorrupt, checksum_files, verify_checkpoint
 
@@ -34,7 +35,7 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
         return name
     key = str(name).lower().replace("torch.", "")
     if key not in DTYPE_NAMES:
-        raise ValueError(f"--dtype {name!r} is not supported; use one of float32, bfloat16, float16")
+        raise InputError(f"--dtype {name!r} is not supported; use one of float32, bfloat16, float16")
     return torch_dtype(key)
 
 
@@ -44,7 +45,7 @@ def parse_size(size: str | int) -> int:
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
     if not m:
-        raise ValueError(f"max shard size {size!r} is not a size like 5GB, 500MB or 2GiB")
+        raise InputError(f"max shard size {size!r} is not a size like 5GB, 500MB or 2GiB")
     unit = (m.group(2) or "B").upper()
     scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
@@ -57,20 +58,20 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (too short)")
+            raise InputError(f"{path}: not a safetensors file (too short)")
         (n,) = struct.unpack("<Q", raw)
         if n > 100 * 2**20:
-            raise ValueError(f"{path}: not a safetensors file (header size {n})")
+            raise InputError(f"{path}: not a safetensors file (header size {n})")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+            raise InputError(f"{path}: corrupt safetensors header ({e})") from None
     if not isinstance(header, dict):
-        raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
+        raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
     for name, entry in header.items():
         if not (isinstance(entry, dict) and {"dtype", "shape", "data_offsets"} <= entry.keys()):
-            raise ValueError(f"{path}: corrupt safetensors header (entry {name!r} lacks dtype/shape/data_offsets)")
+            raise InputError(f"{path}: corrupt safetensors header (entry {name!r} lacks dtype/shape/data_offsets)")
     return header, 8 + n
 
 
@@ -98,14 +99,14 @@ class HFCheckpoint:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         if not self.folder.is_dir():
-            raise FileNotFoundError(f"HF checkpoint folder {self.folder} does not exist")
+            raise MissingInputError(f"HF checkpoint folder {self.folder} does not exist")
         cfg_path = self.folder / "config.json"
         if not cfg_path.is_file():
-            raise FileNotFoundError(f"{cfg_path} is missing; an HF checkpoint folder needs config.json")
+            raise MissingInputError(f"{cfg_path} is missing; an HF checkpoint folder needs config.json")
         try:
             self.config = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+            raise InputError(f"{cfg_path}: not valid JSON ({e})") from None
         try:  # folders this project exported carry CRC32s of their shards (others have none to check)
             verify_checkpoint(self.folder, collective=False)
         except CheckpointCorrupt as e:
@@ -120,27 +121,27 @@ class HFCheckpoint:
         elif (self.folder / SINGLE_FILE).is_file():
             weight_map, files, where = None, [SINGLE_FILE], ""
         else:
-            raise FileNotFoundError(f"{self.folder} has no {SINGLE_FILE} or {INDEX_FILE} "
+            raise MissingInputError(f"{self.folder} has no {SINGLE_FILE} or {INDEX_FILE} "
                                     f"(only safetensors is supported)")
         for fname in files:
             path = self.folder / fname
             if not path.is_file():
-                raise FileNotFoundError(f"safetensors shard {path} {where} is missing")
+                raise MissingInputError(f"safetensors shard {path} {where} is missing")
             header, data_start = read_safetensors_header(path)
             size = path.stat().st_size
             for name, entry in header.items():
                 if entry["dtype"] not in SAFE_DTYPES:
-                    raise ValueError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
+                    raise InputError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
                 info = TensorInfo(fname, SAFE_DTYPES[entry["dtype"]], tuple(entry["shape"]),
                                   data_start + entry["data_offsets"][0])
                 if entry["data_offsets"][1] - entry["data_offsets"][0] != info.nbytes or \
                         data_start + entry["data_offsets"][1] > size:
-                    raise ValueError(f"{path}: tensor {name} has inconsistent data offsets (truncated file?)")
+                    raise InputError(f"{path}: tensor {name} has inconsistent data offsets (truncated file?)")
                 self.tensors[name] = info
         if weight_map is not None:
             for name, fname in weight_map.items():
                 if name not in self.tensors or self.tensors[name].file != fname:
-                    raise ValueError(f"{index}: tensor {name} is mapped to {fname} but that file does not hold it")
+                    raise InputError(f"{index}: tensor {name} is mapped to {fname} but that file does not hold it")
         self._handles: dict = {}  # plain files, for whole-tensor reads
         self._slices: dict = {}  # safe_open handles, for row-range reads
 
@@ -156,17 +157,17 @@ class HFCheckpoint:
         """Config/weights agreement: every tensor the config implies exists with the right shape."""
         for name, shape in expected_shapes.items():
             if name not in self.tensors:
-                raise ValueError(f"{self.folder}: tensor {name} is missing but config.json implies it "
+                raise InputError(f"{self.folder}: tensor {name} is missing but config.json implies it "
                                  f"(config and weights do not match)")
             if self.tensors[name].shape != tuple(shape):
-                raise ValueError(f"{self.folder}: tensor {name} has shape {list(self.tensors[name].shape)} but "
+                raise InputError(f"{self.folder}: tensor {name} has shape {list(self.tensors[name].shape)} but "
                                  f"config.json implies {list(shape)} (config and weights do not match)")
 
     def get(self, name: str) -> torch.Tensor:
         """Reads one tensor with a plain file read (no memory map, so the process holds only this tensor)."""
         info = self.tensors.get(name)
         if info is None:
-            raise ValueError(f"{self.folder}: tensor {name} not found")
+            raise InputError(f"{self.folder}: tensor {name} not found")
         if info.file not in self._handles:
             self._handles[info.file] = open(self.folder / info.file, "rb")
         f = self._handles[info.file]
@@ -174,7 +175,7 @@ class HFCheckpoint:
         f.seek(info.offset)
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
         if f.readinto(view) != info.nbytes:
-            raise ValueError(f"{self.folder / info.file}: tensor {name} is truncated")
+            raise InputError(f"{self.folder / info.file}: tensor {name} is truncated")
         return out
 
     def get_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -182,11 +183,11 @@ class HFCheckpoint:
         safetensors' `get_slice`; copied into `out` (contiguous, same dtype, rows clipped to the tensor) when given."""
         info = self.tensors.get(name)
         if info is None:
-            raise ValueError(f"{self.folder}: tensor {name} not found")
+            raise InputError(f"{self.folder}: tensor {name} not found")
         stop = min(stop, info.shape[0])
         shape = (max(0, stop - start), *info.shape[1:])
         if out is not None and (tuple(out.shape) != shape or out.dtype != info.dtype or not out.is_contiguous()):
-            raise ValueError(f"{name}: cannot read rows {start}:{stop} into a {tuple(out.shape)} {out.dtype} tensor")
+            raise InputError(f"{name}: cannot read rows {start}:{stop} into a {tuple(out.shape)} {out.dtype} tensor")
         if shape[0] == 0:
             return out if out is not None else torch.empty(shape, dtype=info.dtype)
         if info.file not in self._slices:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from megatron_apo.config import UserError
+
 TE_TO_LOCAL = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
@@ -29,7 +31,7 @@ LOCAL_TO_TE = {v: k for k, v in TE_TO_LOCAL.items()}
 EXTRA_STATE = "_extra_state"
 
 
-class CrossSpecError(ValueError):
+class CrossSpecError(UserError, ValueError):
     pass
 
 

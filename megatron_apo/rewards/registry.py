@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from megatron_apo.config import InputError
 from megatron_apo.rewards.codes import CODE_DATA_SOURCE, toy_code_score
 from megatron_apo.rewards.deadline import SampleTimeout
 from megatron_apo.rewards.math_reward import dapo_math_score, math_score
@@ -40,7 +41,7 @@ def get_reward_fn(data_source: str) -> ScoreFn:
     for prefix, fn in _PREFIX:
         if data_source.startswith(prefix):
             return fn
-    raise ValueError(
+    raise InputError(
         f"no reward function for data_source={data_source!r}; known: {', '.join(registered_data_sources())}. "
         "Register one with megatron_apo.rewards.register_reward, or pass a verl-style function as "
         "reward.custom_fn=path/to/file.py:fn_name"

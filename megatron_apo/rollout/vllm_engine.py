@@ -27,6 +27,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from megatron_apo.logging_utils import get_logger
 from megatron_apo.rollout.engine import EngineDied, RolloutEngine, Sample, SamplingParams
 from megatron_apo.rollout.sampling import request_seed
 from megatron_apo.rollout.weight_sync import EngineSyncState, SyncEndpoint, WeightSyncError
@@ -138,7 +139,7 @@ class VLLMEngine(RolloutEngine):
             while not self._closing:
                 if not all(alive(p) for p in cores):
                     if not self._closing:
-                        print("VLLMEngine: the vLLM engine core died; ending this engine actor", flush=True)
+                        get_logger(__name__).error("VLLMEngine: the vLLM engine core died; ending this engine actor")
                         os._exit(1)
                 time.sleep(0.2)
 

@@ -33,11 +33,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_apo.logging_utils import get_logger
 from megatron_apo.models.checksums import CHECKSUM_FILE, CheckpointCorrupt, checksum_files, verify_checkpoint
 from megatron_apo.models.megatron_checkpoint import METADATA_FILE as META_FILE
 from megatron_apo.models.megatron_checkpoint import resolve_checkpoint
 from megatron_apo.models.sharding import unwrap
 from megatron_apo.trainer.diskio import DiskError, describe_os_error, find_os_error
+
+log = get_logger(__name__)
 
 OPTIM_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}  # any DP on load (same TP/PP)
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
@@ -222,11 +225,11 @@ def resume_checkpoint(ckpt_dir: str | Path, model_chunks: list, optimizer=None) 
             problems.append(f"checkpoint {it.name}: {e}")
         else:
             if problems and rank == 0:
-                print(f"checkpoint: {problems[-1]}; resuming from the newest intact checkpoint, {it.name} "
-                      f"(step {meta['step']})", flush=True)
+                log.warning("checkpoint: %s; resuming from the newest intact checkpoint, %s (step %s)",
+                            problems[-1], it.name, meta["step"])
             return meta, extra
         if rank == 0:
-            print(f"checkpoint: {problems[-1]}", flush=True)
+            log.warning("checkpoint: %s", problems[-1])
     raise CheckpointCorrupt(f"no intact checkpoint in {ckpt_dir}: " + "; ".join(problems)
                             + "; move the damaged folders away (or set checkpoint.resume=false) to start afresh")
 
@@ -248,8 +251,8 @@ def clean_stale_tmp(ckpt_dir: str | Path) -> list[Path]:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             removed.append(p)
     if removed:
-        print(f"checkpoint: removed {len(removed)} unfinished save(s) left by an earlier run: "
-              f"{', '.join(p.name for p in removed)}", flush=True)
+        log.info("checkpoint: removed %d unfinished save(s) left by an earlier run: %s",
+                 len(removed), ", ".join(p.name for p in removed))
     return removed
 
 

@@ -13,11 +13,13 @@ import re
 import shutil
 from pathlib import Path
 
+from megatron_apo.config import UserError
+
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _ERRNO_TEXT = re.compile(r"\[Errno (\d+)\] ([^\n:]+)")  # a worker's OSError, re-raised as text by DCP
 
 
-class DiskError(OSError):
+class DiskError(UserError, OSError):
     """A write failed; the message names the path, the cause and what was removed."""
 
     def __str__(self) -> str:

@@ -36,6 +36,33 @@ def exit_code(rank: int = 0) -> int:
     return EXIT_PREEMPTED if _stopped_at is not None and rank == 0 else EXIT_OK
 
 
+def checkpoint_due(step: int, total_steps: int, save_interval: int, stopping: bool) -> bool:
+    """Whether the trainer saves after finishing `step` (1-based: the number of steps done).
+
+    Every `checkpoint.save_interval` steps (0: never on an interval), after the last step, and when a stop
+    signal was received (the run then exits with EXIT_PREEMPTED and resumes from this checkpoint).
+    """
+    return bool(save_interval and step % save_interval == 0) or step == total_steps or stopping
+
+
+class StopFlag:
+    """SIGTERM/SIGUSR1 (Slurm preemption, `scancel --signal`) -> checkpoint at the end of the step and exit."""
+
+    def __init__(self):
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def agreed(self) -> bool:
+        """Collective: True on every rank when any rank received a stop signal."""
+        from megatron_apo.parallel import control_plane
+
+        return control_plane.any_true(self.raised)
+
+
 def train_rank(cfg) -> tuple[list[dict], int | None]:
     """The local launcher's rank body: `train(cfg)`, plus whether this rank stopped on a signal."""
     from megatron_apo.trainer.train import train

@@ -7,7 +7,10 @@ import os
 import time
 from pathlib import Path
 
+from megatron_apo.logging_utils import get_logger
 from megatron_apo.trainer.diskio import describe_os_error
+
+log = get_logger(__name__)
 
 
 class MetricsLogger:
@@ -100,8 +103,8 @@ def repair_torn_tail(path: str | Path) -> bool:
         if whole:
             return False
         f.truncate(size - len(tail) + cut)
-    print(f"metrics: removed a torn last record from {path} ({len(last)} bytes, written by an interrupted run)",
-          flush=True)
+    log.warning("metrics: removed a torn last record from %s (%d bytes, written by an interrupted run)",
+                path, len(last))
     return True
 
 

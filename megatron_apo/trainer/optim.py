@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from megatron_apo.config import OptimConfig
 
-@dataclass
-class OptimConfig:
-    lr: float = 1e-6
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    use_distributed_optimizer: bool = True
+__all__ = ["OptimConfig", "build_optimizer", "wrap_ddp", "zero_grads"]  # OptimConfig: the one in config.py
 
 
 def wrap_ddp(model: torch.nn.Module, use_distributed_optimizer: bool):
@@ -36,6 +26,7 @@ def wrap_ddp(model: torch.nn.Module, use_distributed_optimizer: bool):
 
 
 def build_optimizer(model_chunks, cfg: OptimConfig):
+    """`cfg`: an OptimConfig, e.g. the run config's `trainer` section (a TrainerSection is one)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     params_dtype = model_chunks[0].config.params_dtype

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from megatron_apo.config import RunConfig
+from megatron_apo.config import InputError, MissingInputError, RunConfig
 
 ENGINE_PACKAGES = {"vllm": "vllm"}  # engine -> the package it needs beyond the base install
 
@@ -18,13 +18,13 @@ def preflight(cfg: RunConfig) -> None:
 
     r = cfg.rollout
     if r.engine not in ENGINES:
-        raise ValueError(f"rollout.engine={r.engine!r} is unknown; use one of {', '.join(ENGINES)}")
+        raise InputError(f"rollout.engine={r.engine!r} is unknown; use one of {', '.join(ENGINES)}")
     pkg = ENGINE_PACKAGES.get(r.engine)
     if pkg and importlib.util.find_spec(pkg) is None:
-        raise ValueError(f"rollout.engine={r.engine} needs the {pkg} package, which is not installed; "
+        raise InputError(f"rollout.engine={r.engine} needs the {pkg} package, which is not installed; "
                          "install it (GPU machines) or use rollout.engine=cpu")
     if r.num_engines < 1:
-        raise ValueError(f"rollout.num_engines must be >= 1, got {r.num_engines}")
+        raise InputError(f"rollout.num_engines must be >= 1, got {r.num_engines}")
     check_out_dir_free(cfg.out_dir)
     tokenizer = _tokenizer(cfg.data.tokenizer)
     from megatron_apo.data.parquet import read_verl_parquet
@@ -35,7 +35,7 @@ def preflight(cfg: RunConfig) -> None:
             try:
                 tokenizer.encode_prompt(rows[0].messages)
             except Exception as e:  # noqa: BLE001 - whatever the tokenizer raises, say where
-                raise ValueError(f"{key}: {f}: the tokenizer {cfg.data.tokenizer} cannot encode its first prompt "
+                raise InputError(f"{key}: {f}: the tokenizer {cfg.data.tokenizer} cannot encode its first prompt "
                                  f"({type(e).__name__}: {e})") from None
     if cfg.data.reward_fn:
         from megatron_apo.rewards.loader import load_reward_fn
@@ -49,7 +49,7 @@ def _tokenizer(path):
     try:
         return load_tokenizer(path)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"data.tokenizer: {e}") from None
+        raise MissingInputError(f"data.tokenizer: {e}") from None
     except Exception as e:  # noqa: BLE001 - transformers/sentencepiece errors name neither key nor file
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"data.tokenizer: {path} does not load ({type(e).__name__}: {msg})") from None
+        raise InputError(f"data.tokenizer: {path} does not load ({type(e).__name__}: {msg})") from None

@@ -16,10 +16,12 @@ import socket
 import time
 from pathlib import Path
 
+from megatron_apo.config import UserError
+
 LOCK_NAME = ".megatron-apo.lock"
 
 
-class OutDirLocked(ValueError):
+class OutDirLocked(UserError, ValueError):
     """Another live trainer holds the output folder (one-line message naming it)."""
 
 

@@ -9,11 +9,14 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_apo.logging_utils import get_logger
 from megatron_apo.models import build_gpt_model, load_model_config
 from megatron_apo.parallel import ParallelConfig, control_plane, init_distributed
 from megatron_apo.trainer.checkpoint import save_checkpoint
 from megatron_apo.trainer.optim import OptimConfig, build_optimizer, wrap_ddp, zero_grads
 from megatron_apo.trainer.schedule import forward_backward, lm_loss
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -41,7 +44,6 @@ def make_sft_tensors(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> t
 
 def sft_train(cfg: SFTConfig, tokens: torch.Tensor, loss_mask: torch.Tensor, out_dir: str) -> list[float]:
     """Runs on every rank; trains and saves a Megatron checkpoint (`out_dir`) usable as `checkpoint.load`."""
-    import torch.distributed as dist
 
     init_distributed(ParallelConfig(cfg.tp, cfg.pp), seed=cfg.seed)
     model_cfg = load_model_config(cfg.model)
@@ -65,8 +67,8 @@ def sft_train(cfg: SFTConfig, tokens: torch.Tensor, loss_mask: torch.Tensor, out
         opt.step()
         loss = control_plane.mean_over_reporting_ranks(out)["lm_loss"]  # the last stage's, on every rank
         losses.append(loss)
-        if dist.get_rank() == 0 and (step + 1) % max(1, cfg.steps // 10) == 0:
-            print(f"sft step {step + 1}/{cfg.steps}  loss {loss:.4f}", flush=True)
+        if (step + 1) % max(1, cfg.steps // 10) == 0:
+            log.info("sft: step %d/%d  loss %.4f", step + 1, cfg.steps, loss)
     save_checkpoint(out_dir, cfg.steps, chunks, optimizer=None,
                     metadata={"model_config": model_cfg.to_dict(), "sft": True},
                     keep_last=1)

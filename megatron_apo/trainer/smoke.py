@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from megatron_apo.logging_utils import get_logger
 from megatron_apo.models import build_gpt_model, load_model_config
 from megatron_apo.parallel import ParallelConfig, control_plane, init_distributed
 from megatron_apo.trainer.optim import OptimConfig, build_optimizer, wrap_ddp, zero_grads
 from megatron_apo.trainer.schedule import forward_backward, lm_batches, lm_loss
+
+log = get_logger(__name__)
 
 
 def smoke_train(tp: int = 2, pp: int = 1, steps: int = 30, model: str = "tiny", seed: int = 1234,
@@ -35,6 +38,5 @@ def smoke_train(tp: int = 2, pp: int = 1, steps: int = 30, model: str = "tiny", 
         # the loss lives on the last stage; the control plane hands every rank the same number
         loss = control_plane.mean_over_reporting_ranks(out)["lm_loss"]
         losses.append(loss)
-        if torch.distributed.get_rank() == 0:
-            print(f"step {step + 1:3d}/{steps}  lm_loss {loss:.4f}", flush=True)
+        log.info("smoke: step %3d/%d  lm_loss %.4f", step + 1, steps, loss)
     return losses

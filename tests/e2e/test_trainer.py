@@ -198,7 +198,10 @@ def test_nan_loss_skips_the_step_and_training_continues(env, tmp_path):
     (["parallel.tensor_model_parallel_size=3"], "does not divide num_query_groups"),
     (["parallel.tensor_model_parallel_size=0"], "parallel.tensor_model_parallel_size=0 must be >= 1"),
     (["parallel.virtual_pipeline_model_parallel_size=2"], "needs pipeline_model_parallel_size > 1"),
-    (["trainer.recompute=layers"], "trainer.recompute='layers'; use none or full"),
+    (["trainer.recompute=layers"], "'trainer.recompute': Invalid value 'layers', expected one of [none, full]"),
+    (["algorithm.loss_agg_mode=token-sum"], "'algorithm.loss_agg_mode': Invalid value 'token-sum', expected one of "
+                                            "[token-mean, seq-mean-token-sum"),
+    (["trainer.total_steps=0"], "trainer.total_steps must be >= 1, got 0"),
 ])
 def test_bad_config_fails_fast_with_one_line(env, tmp_path, extra, message):
     t0 = time.time()

@@ -1,6 +1,6 @@
 """`megatron-apo demo`: GRPO's sharpening turning into collapse, and APO, end to end on a 2-core CPU, no downloads.
 
-It is a one-seed study (`megatron_apo/study`) on the collapse task (`megatron_apo/data/collapse_task.py`):
+It is a one-seed study (this package) on the collapse task (`megatron_apo/data/collapse_task.py`):
 1. the task's parquet files and a character tokenizer;
 2. SFT of a tiny Qwen2-shaped Megatron model on the task's demonstrations -> the reference;
 3. RL from that reference with GRPO and with APO (Megatron trainer, Ray CPU rollout fleet, weight sync);

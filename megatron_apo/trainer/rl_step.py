@@ -1,0 +1,124 @@
+"""One RL step on every trainer rank: rollout batch -> reference / old-policy / train passes -> optimizer steps.
+
+The picture (docs/architecture.md): the batch broadcast by rank 0 is split over data-parallel ranks, the frozen
+reference computes its log-probs and vocab-parallel Top-K, the pre-update policy its old log-probs, then PPO epochs
+of mini-batch updates run the loss. Metrics are means over the last pipeline stage's micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from megatron_apo.parallel import control_plane
+from megatron_apo.trainer.batch import RLBatch
+from megatron_apo.trainer.optim import zero_grads
+from megatron_apo.trainer.passes import PassSettings, old_policy_pass, reference_pass, train_pass
+from megatron_apo.trainer.schedule import forward_backward
+
+
+@dataclass
+class RLModels:
+    """What an RL step updates and reads: the DDP-wrapped policy chunks, their optimizer, the frozen reference."""
+
+    policy: list
+    optimizer: object
+    reference: torch.nn.Module
+
+
+def lr_at(step: int, t) -> float:
+    """Warmup then constant/linear/cosine decay to min_lr over total_steps; a pure function of the step."""
+    if t.lr_warmup_steps and step < t.lr_warmup_steps:
+        return t.lr * (step + 1) / t.lr_warmup_steps
+    if t.lr_decay_style == "constant":
+        return t.lr
+    frac = min(1.0, (step - t.lr_warmup_steps) / max(1, t.total_steps - t.lr_warmup_steps))
+    decay = 1 - frac if t.lr_decay_style == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+    return t.min_lr + (t.lr - t.min_lr) * decay
+
+
+def rl_step(step: int, batch: RLBatch, models: RLModels, settings: PassSettings, t) -> dict:
+    """Trains on `batch` (the whole rollout batch, the same on every rank); `t` is the trainer section.
+
+    Returns this step's metrics (every rank): pass metrics, timings, skipped updates, grad norm and lr.
+    """
+    local = _dp_shard(batch)
+    mbs = min(t.micro_batch_size, local.size)
+    micro = local.micro_batches(mbs)
+    seq = local.tokens.shape[1]
+    metrics: dict = {}
+
+    t0 = time.perf_counter()
+    with torch.no_grad(), _resident(models.reference, t.ref_cpu_offload):
+        forward_backward([models.reference], micro, reference_pass(settings), seq, mbs, forward_only=True)
+    metrics["time/reference_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        old = forward_backward(models.policy, micro, old_policy_pass(settings), seq, mbs, forward_only=True)
+    metrics.update(_gather_last_stage_metrics(old))
+
+    mini = t.ppo_mini_batch_size // _dp_size() if t.ppo_mini_batch_size else len(micro) * mbs
+    mini_mbs = max(1, mini // mbs)
+    train_metrics, skipped, grad_norm = [], 0, 0.0
+    for _epoch in range(t.ppo_epochs):
+        for i in range(0, len(micro), mini_mbs):
+            zero_grads(models.policy, models.optimizer)
+            out = forward_backward(models.policy, micro[i : i + mini_mbs], train_pass(settings), seq, mbs)
+            if not _all_finite(out):
+                skipped += 1  # a NaN/inf loss: drop this update, keep training
+                continue
+            for g in models.optimizer.param_groups:
+                g["lr"] = lr_at(step, t)
+            _ok, gn, _ = models.optimizer.step()
+            grad_norm = float(gn or 0.0)
+            train_metrics.extend(out)
+    metrics.update(_gather_last_stage_metrics(train_metrics))
+    metrics["time/train_s"] = time.perf_counter() - t0
+    metrics["train/skipped_updates"] = float(skipped)
+    metrics["train/grad_norm"] = grad_norm
+    metrics["train/lr"] = lr_at(step, t)
+    return metrics
+
+
+def _dp_shard(batch: RLBatch) -> RLBatch:
+    from megatron.core import parallel_state as ps
+
+    dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    if batch.size % dp:
+        raise ValueError(f"rollout batch of {batch.size} samples does not split over {dp} data-parallel ranks; "
+                         "make data.train_batch_size * rollout.n a multiple of the DP size")
+    per = batch.size // dp
+    return batch.select(slice(r * per, (r + 1) * per))
+
+
+def _gather_last_stage_metrics(per_mb: list[dict]) -> dict:
+    """Means of the micro-batch metrics of the last pipeline stage, delivered to every rank."""
+    return control_plane.mean_over_reporting_ranks(per_mb)
+
+
+@contextlib.contextmanager
+def _resident(model, offload: bool):
+    """With `trainer.ref_cpu_offload`, the reference weights live in host memory except during its forward."""
+    if not (offload and torch.cuda.is_available()):
+        yield
+        return
+    model.cuda()
+    try:
+        yield
+    finally:
+        model.cpu()
+        torch.cuda.empty_cache()
+
+
+def _dp_size() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_world_size()
+
+
+def _all_finite(per_mb: list[dict]) -> bool:
+    return control_plane.all_finite(m["loss"] for m in per_mb)
