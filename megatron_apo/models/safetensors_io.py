@@ -30,6 +30,9 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
+ROW_BLOCK_BYTES = 64 << 20  # get_rows(out=...): rows copied per block
+
+
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name is None or isinstance(name, torch.dtype):
         return name
@@ -143,7 +146,6 @@ class HFCheckpoint:
                 if name not in self.tensors or self.tensors[name].file != fname:
                     raise InputError(f"{index}: tensor {name} is mapped to {fname} but that file does not hold it")
         self._handles: dict = {}  # plain files, for whole-tensor reads
-        self._slices: dict = {}  # safe_open handles, for row-range reads
 
     def dtype(self) -> torch.dtype:
         """The floating dtype most of the weights are stored in (by bytes)."""
@@ -190,18 +192,26 @@ class HFCheckpoint:
             raise InputError(f"{name}: cannot read rows {start}:{stop} into a {tuple(out.shape)} {out.dtype} tensor")
         if shape[0] == 0:
             return out if out is not None else torch.empty(shape, dtype=info.dtype)
-        if info.file not in self._slices:
-            from safetensors import safe_open
+        from safetensors import safe_open
 
-            self._slices[info.file] = safe_open(str(self.folder / info.file), framework="pt")
-        rows = self._slices[info.file].get_slice(name)[start:stop]
-        return rows if out is None else out.copy_(rows)
+        path = str(self.folder / info.file)
+        if out is None:
+            with safe_open(path, framework="pt") as f:
+                return f.get_slice(name)[start:stop]
+        # get_slice copies out of a memory map whose touched pages count as this process's memory until it is
+        # closed: read in blocks (<= 64 MB), each through its own short-lived map, so neither copy nor map grows.
+        row_bytes = max(1, info.nbytes // max(1, info.shape[0]))
+        block = max(1, ROW_BLOCK_BYTES // row_bytes)
+        for lo in range(start, stop, block):
+            hi = min(stop, lo + block)
+            with safe_open(path, framework="pt") as f:
+                out[lo - start:hi - start].copy_(f.get_slice(name)[lo:hi])
+        return out
 
     def close(self) -> None:
         for f in self._handles.values():
             f.close()
         self._handles.clear()
-        self._slices.clear()  # safe_open's memory maps go with their handles
 
 
 class ShardedSafetensorsWriter:
