@@ -1,7 +1,7 @@
 """Qwen3-MoE HF -> Megatron at TP=2 x EP=2 (4 gloo ranks, each filling its own two experts): the checkpoint, loaded
-back at TP=2 and at TP=1 x PP=2 (the expert storage reshards to EP=1) and run through Megatron's schedule, matches
-transformers' Qwen3MoeForCausalLM logits (fp32, max abs diff <= 1e-4), and exports back to HF bit-exact. Tiny
-random model: 4 experts, top-2, QK-norm."""
+back at TP=2 x EP=2 (all-to-all token dispatch over gloo) and at TP=1 x PP=2 x EP=1 (the expert storage reshards)
+and run through Megatron's schedule, matches transformers' Qwen3MoeForCausalLM logits (fp32, max abs diff <= 1e-4),
+and exports back to HF bit-exact. Tiny random model: 4 experts, top-2, QK-norm."""
 
 from pathlib import Path
 
@@ -53,11 +53,11 @@ def test_tp2_ep2_conversion_writes_each_tensor_once_with_its_layout(moe):
     assert rep.num_tensors == 2 * (7 + 4 * 2) + 3
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_tp2_ep2_checkpoint_reloads_at_ep1_and_matches_transformers(moe, tp, pp):
+@pytest.mark.parametrize("tp,pp,ep", [(2, 1, 2), (1, 2, 1)])
+def test_tp2_ep2_checkpoint_reloads_and_matches_transformers(moe, tp, pp, ep):
     root, ref, _ = moe
-    logits = _found(run_distributed(convert_then_run, tp * pp, tp, pp, [], [("moe@tp2ep2", str(root / "tp2ep2"))],
-                                    1, timeout=300))
+    logits = _found(run_distributed(convert_then_run, tp * pp * ep, tp, pp, [], [("moe@tp2ep2", str(root / "tp2ep2"))],
+                                    ep, timeout=300))
     diff = (logits["moe@tp2ep2"] - ref).abs().max().item()
     assert diff <= TOL, diff
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import zlib
 
 import torch
 
@@ -155,12 +154,12 @@ def trainer_hf_weights(chunks, cfg) -> dict[str, torch.Tensor]:
 
 def trainer_sync_body(endpoint, tp: int, pp: int, probe: list[list[int]], first_version: int,
                       bucket_bytes: int = 96 << 10, model: str = "tiny", shared_memory: bool = True,
-                      shm_full: bool = False, ep: int = 1, step: str = "optimizer") -> dict:
+                      shm_full: bool = False, ep: int = 1, weights: bool = False) -> dict:
     """A Megatron trainer (TP x PP x EP, gloo): sync v, one optimizer step, sync v+1; probe logits after each sync.
 
     `shm_full`: /dev/shm refuses to allocate (like a container's 64 MiB one), so the sync must fall back.
-    `step="perturb"`: instead of an optimizer step, every weight moves by seeded noise, and no logits are probed
-    (for layouts whose forward does not run here); `weights` then holds trainer_hf_weights after each sync (numpy)."""
+    `weights`: also return trainer_hf_weights after each sync (numpy). `sources`: the plan's sending ranks per
+    HF tensor."""
     import torch.distributed as dist
 
     from megatron_apo.models import build_gpt_model, load_model_config
@@ -189,19 +188,7 @@ def trainer_sync_body(endpoint, tp: int, pp: int, probe: list[list[int]], first_
     for bucket in sender._plan:
         for piece in bucket.pieces:
             sources.setdefault(piece.hf_name, set()).add(piece.src)
-    if step == "perturb":
-        weights = [trainer_hf_weights(chunks, cfg)]
-        from megatron_apo.rollout.weight_sync.plan import local_params
-
-        with torch.no_grad():
-            for name, lp in local_params(chunks).items():  # the same noise on every replica of a shard
-                gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-                lp.tensor.add_(0.01 * torch.randn(lp.tensor.shape, generator=gen))
-        stats.append(sender.sync(group, first_version + 1))
-        weights.append(trainer_hf_weights(chunks, cfg))
-        # numpy arrays travel by value; many tensors shared by file descriptor can outlive the rank that shares them
-        weights = [{n: t.numpy() for n, t in w.items()} for w in weights]
-        return {"stats": stats, "weights": weights, "sources": sources}
+    held = [trainer_hf_weights(chunks, cfg)] if weights else []
     logits = [_probe_logits(chunks, cfg, probe)]
     tokens = torch.randint(0, cfg.vocab_size, (4, 17), generator=torch.Generator().manual_seed(3))
     zero_grads(chunks, opt)
@@ -209,4 +196,9 @@ def trainer_sync_body(endpoint, tp: int, pp: int, probe: list[list[int]], first_
     opt.step()
     stats.append(sender.sync(group, first_version + 1))
     logits.append(_probe_logits(chunks, cfg, probe))
-    return {"stats": stats, "logits": logits, "sources": sources}
+    out = {"stats": stats, "logits": logits, "sources": sources}
+    if weights:
+        held.append(trainer_hf_weights(chunks, cfg))
+        # numpy arrays travel by value; many tensors shared by file descriptor can outlive the rank that shares them
+        out["weights"] = [{n: t.numpy() for n, t in w.items()} for w in held]
+    return out
