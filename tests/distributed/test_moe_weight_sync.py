@@ -15,7 +15,7 @@ from megatron_apo.models.hf_mapping import hf_config_from_model_config, hf_shape
 from megatron_apo.rollout.fleet import EngineSpec, RolloutFleet
 from tests.helpers.rollout_helpers import random_hf_state
 
-pytestmark = pytest.mark.slow  # Ray + three 2-/4-rank MoE trainers: about 2 minutes on a busy 2-core machine
+pytestmark = pytest.mark.slow  # Ray + three 2-/4-rank MoE trainers: about 1.5 min on a busy 2-core VM
 
 MODEL = "tiny-qwen3-moe"
 HF_CONFIG = hf_config_from_model_config(load_model_config(MODEL))

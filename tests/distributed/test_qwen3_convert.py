@@ -14,7 +14,7 @@ from megatron_apo.parallel import run_distributed
 from tests.helpers.hf_models import build_hf_model, convert_then_run, sample_tokens
 
 TOL = 1e-4
-pytestmark = pytest.mark.slow  # two 4-/2-rank runs of MoE models, about 60 s on a busy 2-core machine
+pytestmark = pytest.mark.slow  # a 4-rank conversion and two reloads of a MoE model: about 2 min on a busy 2-core VM
 
 
 def _hf_tensors(folder: Path) -> dict:
