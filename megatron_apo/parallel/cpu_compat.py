@@ -87,6 +87,8 @@ def apply() -> None:
     # hard-coded device="cuda" tensor factories in the pipeline schedules go to the host instead.
     _MODE = _CudaFactoryToCPU()
     _MODE.__enter__()
+    _patch_streams()
+    _patch_moe_router_gemm()
     _patch_grad_clipping()
     _APPLIED = True
 
@@ -97,6 +99,59 @@ def rng_tracker_kwargs() -> dict:
     Reason: the default tracker snapshots CUDA RNG states; the inference tracker does not.
     """
     return {} if cuda_available() else {"inference_rng_tracker": True}
+
+
+class _HostEvent:
+    """A CUDA event stand-in: host work is already complete when it is recorded."""
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def record(self, stream=None) -> None:
+        pass
+
+
+class _HostStream:
+    """A CUDA stream stand-in: the host runs everything in program order on one 'stream'."""
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event=None) -> _HostEvent:
+        return event or _HostEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+
+_HOST_STREAM = _HostStream()
+
+
+def _patch_streams() -> None:
+    """Reason: the MoE all-to-all dispatcher copies routing metadata on a side CUDA stream and syncs on its event."""
+    import contextlib
+
+    torch.cuda.Stream = lambda *a, **k: _HOST_STREAM  # one stream: the current one (so no side-stream sync)
+    torch.cuda.Event = lambda *a, **k: _HostEvent()
+    torch.cuda.current_stream = lambda *a, **k: _HOST_STREAM
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
+
+
+def _patch_moe_router_gemm() -> None:
+    """Reason: megatron-core 0.16's router gating tests `te_general_gemm is not None`, a name it defines only with TE."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None  # the torch.mm path
 
 
 def _patch_grad_clipping() -> None:
