@@ -52,6 +52,7 @@ def transformer_config(
     sequence_parallel: bool = False,
     transformer_impl: str | None = None,
     moe_aux_loss_coeff: float = 0.0,
+    expert_parallel_size: int | None = None,
 ):
     from megatron.core import parallel_state
     from megatron.core.transformer import TransformerConfig
@@ -60,7 +61,9 @@ def transformer_config(
         tensor_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
     if pipeline_parallel_size is None:
         pipeline_parallel_size = parallel_state.get_pipeline_model_parallel_world_size()
-    cfg.validate(tensor_parallel_size, pipeline_parallel_size)
+    if expert_parallel_size is None:
+        expert_parallel_size = max(1, parallel_state.get_expert_model_parallel_world_size())
+    cfg.validate(tensor_parallel_size, pipeline_parallel_size, expert_parallel_size=expert_parallel_size)
     kwargs = dict(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -82,7 +85,8 @@ def transformer_config(
         fp16=params_dtype == torch.float16,
         tensor_model_parallel_size=tensor_parallel_size,
         pipeline_model_parallel_size=pipeline_parallel_size,
-        sequence_parallel=sequence_parallel and tensor_parallel_size > 1,
+        # megatron-core's MoE layer refuses to train at TP > 1 without sequence parallelism
+        sequence_parallel=(sequence_parallel or cfg.is_moe) and tensor_parallel_size > 1,
         perform_initialization=perform_initialization,
         pipeline_dtype=params_dtype,
         attention_softmax_in_fp32=True,
@@ -94,7 +98,9 @@ def transformer_config(
         qk_layernorm=cfg.qk_layernorm,
     )
     if cfg.is_moe:
-        kwargs.update(moe_config(cfg, moe_aux_loss_coeff))
+        # the expert layers read it to mark their weights expert-parallel (allreduce=False): DDP then reduces
+        # their grads over the expert-data-parallel group and the optimizer keeps them apart
+        kwargs.update(moe_config(cfg, moe_aux_loss_coeff), expert_model_parallel_size=expert_parallel_size)
     kwargs.update(cpu_compat.transformer_config_overrides())
     return TransformerConfig(**kwargs)
 

@@ -64,7 +64,8 @@ class ModelConfig:
         multiple = self.make_vocab_size_divisible_by * tensor_parallel_size
         return ((self.vocab_size + multiple - 1) // multiple) * multiple
 
-    def validate(self, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, source: str = "") -> None:
+    def validate(self, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, source: str = "",
+                 expert_parallel_size: int = 1) -> None:
         where = f"{source}: " if source else f"model config {self.name}: "
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"{where}architecture={self.architecture!r} is unknown; use one of {ARCHITECTURES}")
@@ -81,6 +82,12 @@ class ModelConfig:
             raise ValueError(
                 f"{where}pipeline parallel size {pipeline_parallel_size} does not divide num_layers={self.num_layers}"
             )
+        if expert_parallel_size > 1 and not self.is_moe:
+            raise ValueError(f"{where}expert parallel size {expert_parallel_size} needs a mixture-of-experts model; "
+                             "set parallel.expert_model_parallel_size=1")
+        if self.is_moe and self.num_moe_experts % expert_parallel_size:
+            raise ValueError(f"{where}expert parallel size {expert_parallel_size} does not divide "
+                             f"num_moe_experts={self.num_moe_experts}; pick an EP that divides it")
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "<dict>") -> "ModelConfig":

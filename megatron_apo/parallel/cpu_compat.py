@@ -89,6 +89,9 @@ def apply() -> None:
     _MODE.__enter__()
     _patch_streams()
     _patch_moe_router_gemm()
+    _patch_moe_split_sizes()
+    _patch_uneven_sequence_parallel_collectives()
+    _patch_torch_norm_sequence_parallel()
     _patch_grad_clipping()
     _APPLIED = True
 
@@ -147,32 +150,107 @@ def _patch_streams() -> None:
 
 
 def _patch_moe_router_gemm() -> None:
-    """Reason: megatron-core 0.16's router gating tests `te_general_gemm is not None`, a name it defines only with TE."""
+    """Reason: megatron-core 0.16 router gating tests `te_general_gemm is not None`, a name defined only with TE."""
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None  # the torch.mm path
 
 
+def _patch_moe_split_sizes() -> None:
+    """Reason: the all-to-all dispatcher turns its split sizes into numpy only when they are CUDA tensors;
+    host tensors would reach `all_to_all_single`, which takes a list of ints."""
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor):
+            return tensor.numpy()
+        return tensor
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+def _patch_uneven_sequence_parallel_collectives() -> None:
+    """Reason: gloo's all_gather / reduce_scatter need equal sizes, and the MoE dispatcher at TP > 1 gathers
+    and reduce-scatters uneven token counts; both are all-to-alls with split sizes, which gloo has."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        world, sizes = group.size(), [int(n) for n in output_split_sizes]
+        output = input_.new_empty([sum(sizes)] + list(input_.shape[1:]))
+        send = input_.contiguous().repeat(world, *([1] * (input_.dim() - 1)))  # my rows to every rank
+        dist.all_to_all_single(output, send, output_split_sizes=sizes, input_split_sizes=[input_.shape[0]] * world,
+                               group=group)
+        return output
+
+    def _reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        world, sizes = group.size(), [int(n) for n in input_split_sizes]
+        mine = sizes[group.rank()]
+        parts = input_.new_empty([world * mine] + list(input_.shape[1:]))  # every rank's rows for me
+        dist.all_to_all_single(parts, input_.contiguous(), output_split_sizes=[mine] * world,
+                               input_split_sizes=sizes, group=group)
+        return parts.view(world, mine, *input_.shape[1:]).sum(0)
+
+    mappings._gather_along_first_dim = _gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = _reduce_scatter_along_first_dim
+
+
+def _patch_torch_norm_sequence_parallel() -> None:
+    """Reason: MoE at TP > 1 must train with sequence parallelism, and the local spec's torch norm refuses it.
+
+    A per-token norm is unchanged by splitting the sequence; its weight gradient is then partial on each
+    TP rank, so the weight is tagged `sequence_parallel` and megatron's finalize_model_grads sums it over TP
+    (exactly what Transformer Engine's norm does on GPU).
+    """
+    from megatron.core.transformer import torch_norm
+
+    original = torch_norm.WrappedTorchNorm.__new__
+
+    class _WithoutSP:  # the config as the norm's checks should see it
+        def __init__(self, config):
+            self._config = config
+
+        def __getattr__(self, name):
+            return False if name == "sequence_parallel" else getattr(self._config, name)
+
+    def __new__(cls, config, *args, **kwargs):
+        if not config.sequence_parallel:
+            return original(cls, config, *args, **kwargs)
+        norm = original(cls, _WithoutSP(config), *args, **kwargs)
+        for p in norm.parameters():
+            p.sequence_parallel = True
+        return norm
+
+    torch_norm.WrappedTorchNorm.__new__ = __new__
+
+
 def _patch_grad_clipping() -> None:
     """Reason: megatron's grad-norm helpers assert CUDA tensors and use a CUDA multi-tensor kernel."""
     from megatron.core.optimizer import clip_grads
 
-    def get_grad_norm_fp32(grads_for_norm, norm_type=2, data_parallel_group=None, **_):
+    def get_grad_norm_fp32(grads_for_norm, norm_type=2, grad_stats_parallel_group=None):
+        # the group megatron passes (model-parallel, or the whole world with the distributed optimizer)
+        # holds the other pieces of the gradient: sum the squares (max for inf) over it, as megatron does
         if isinstance(grads_for_norm, torch.Tensor):
             grads_for_norm = [grads_for_norm]
         norm_type = float(norm_type)
         if norm_type == float("inf"):
             total = max((g.abs().max().float() for g in grads_for_norm), default=torch.tensor(0.0))
-            total = torch.as_tensor(total, dtype=torch.float32)
-            if data_parallel_group is not None:
-                torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.MAX, group=data_parallel_group)
+            total = torch.as_tensor(total, dtype=torch.float32).reshape(1)
+            torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.MAX, group=grad_stats_parallel_group)
             return total.item()
-        total = torch.zeros((), dtype=torch.float32)
+        total = torch.zeros(1, dtype=torch.float32)
         for g in grads_for_norm:
             total += torch.linalg.vector_norm(g.float(), norm_type) ** norm_type
-        if data_parallel_group is not None:
-            torch.distributed.all_reduce(total, group=data_parallel_group)
+        torch.distributed.all_reduce(total, group=grad_stats_parallel_group)
         return total.item() ** (1.0 / norm_type)
 
     def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):

@@ -7,7 +7,7 @@ import zlib
 import torch
 
 from megatron_apo.models import build_gpt_model, load_model_config
-from megatron_apo.models.sharding import iter_local_params, tp_gather, tp_slice
+from megatron_apo.models.sharding import is_expert_param, iter_local_params, tp_gather, tp_slice
 from megatron_apo.parallel import ParallelConfig, init_distributed
 
 VOCAB_GLOBAL_NAMES = ("embedding.word_embeddings.weight", "output_layer.weight")
@@ -20,14 +20,38 @@ def full_tensor_for(name: str, shape: tuple[int, ...]) -> torch.Tensor:
     return base + 0.05 * torch.randn(shape, generator=gen)
 
 
-def set_fixed_weights(model) -> None:
+def tp_group_of(global_name: str):
+    """The group a parameter is tensor-parallel over: the expert-TP group for experts, the TP group otherwise."""
     from megatron.core import parallel_state as ps
 
-    tp, r = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    if is_expert_param(global_name):
+        return ps.get_expert_tensor_parallel_group()
+    return ps.get_tensor_model_parallel_group()
+
+
+def set_fixed_weights(model) -> None:
+    """Every rank's slice of the same full weights (EP ranks place their global experts by name)."""
+    import torch.distributed as dist
+
     with torch.no_grad():
         for lp in iter_local_params(model):
+            group = tp_group_of(lp.global_name)
+            tp, r = dist.get_world_size(group), dist.get_rank(group)
             full = full_tensor_for(lp.global_name, lp.full_shape(tp))
             lp.tensor.copy_(tp_slice(full, lp.partition_dim, r, tp, lp.gated))
+
+
+def full_grads(model, vocab_size: int) -> dict[str, torch.Tensor]:
+    """This rank's gradients (DDP's main_grad when wrapped), TP-gathered, by global name (padded vocab rows cut)."""
+    grads = {}
+    for lp in iter_local_params(model):
+        g = getattr(lp.tensor, "main_grad", None)
+        g = lp.tensor.grad if g is None else g
+        g = tp_gather(g, lp.partition_dim, group=tp_group_of(lp.global_name), gated=lp.gated)
+        if lp.global_name in VOCAB_GLOBAL_NAMES:
+            g = g[:vocab_size]  # padded rows differ in size between TP layouts
+        grads[lp.global_name] = g.clone()
+    return grads
 
 
 def fixed_tokens(vocab: int, n: int, s: int) -> torch.Tensor:
@@ -64,12 +88,7 @@ def loss_and_grads(tp: int, pp: int, num_micro_batches: int = 4, model_name: str
     tokens = fixed_tokens(cfg.vocab_size, mbs * num_micro_batches, seq + 1)
     out = forward_backward([model], list(lm_batches(tokens, mbs)), lm_loss, seq_length=seq, micro_batch_size=mbs)
     losses = [float(o["lm_loss"]) for o in out]
-    grads = {}
-    for lp in iter_local_params(model):
-        g = tp_gather(lp.tensor.grad, lp.partition_dim, gated=lp.gated)
-        if lp.global_name in VOCAB_GLOBAL_NAMES:
-            g = g[: cfg.vocab_size]  # padded rows differ in size between TP layouts
-        grads[lp.global_name] = g
+    grads = full_grads(model, cfg.vocab_size)
     # every rank returns its stage's grads; the last stage also returns the loss
     return {"losses": losses, "grads": grads, "pp_rank": ps.get_pipeline_model_parallel_rank(),
             "tp_rank": ps.get_tensor_model_parallel_rank()}
