@@ -63,6 +63,9 @@ class ModelSection:
     params_dtype: str = "float32"  # float32 | bfloat16 | float16
     # transformer_engine (fused TE layers, GPU) | local (megatron-core's own); None: TE with CUDA, local without
     transformer_impl: Optional[str] = None
+    # MoE models: weight of the router's load-balancing loss (docs/models.md); 0 turns it off. Logged as
+    # train/moe_aux_loss when > 0. The reference model never carries it.
+    moe_aux_loss_coeff: float = 0.0
 
 
 @dataclass

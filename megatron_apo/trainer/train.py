@@ -28,6 +28,7 @@ from megatron_apo.parallel import control_plane, init_distributed
 from megatron_apo.trainer.batch import RLBatch
 from megatron_apo.trainer.checkpoint import load_model_weights, resume_checkpoint, save_checkpoint
 from megatron_apo.trainer.lifecycle import note_stopped
+from megatron_apo.trainer.moe_metrics import aux_loss_metrics
 from megatron_apo.trainer.optim import OptimConfig, build_optimizer, wrap_ddp, zero_grads
 from megatron_apo.trainer.passes import PassSettings, old_policy_pass, reference_pass, train_pass
 from megatron_apo.trainer.runlock import claim_run_dirs
@@ -92,7 +93,8 @@ def train(cfg: RunConfig) -> list[dict]:
     t = cfg.trainer
 
     impl = cfg.model.transformer_impl
-    policy = [wrap_ddp(build_gpt_model(model_cfg, params_dtype=dtype, transformer_impl=impl),
+    policy = [wrap_ddp(build_gpt_model(model_cfg, params_dtype=dtype, transformer_impl=impl,
+                                       moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff),
                        use_distributed_optimizer=True)]
     optimizer = build_optimizer(policy, OptimConfig(lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
                                                     clip_grad=t.clip_grad, use_distributed_optimizer=True))
@@ -210,6 +212,7 @@ def train(cfg: RunConfig) -> list[dict]:
                     grad_norm = float(gn or 0.0)
                     train_metrics.extend(out)
             metrics.update(_gather_last_stage_metrics(train_metrics))
+            metrics.update(aux_loss_metrics(model_cfg, cfg.model.moe_aux_loss_coeff, t.ppo_epochs * len(micro)))
             metrics["time/train_s"] = time.perf_counter() - t0
             metrics["train/skipped_updates"] = float(skipped)
             metrics["train/grad_norm"] = grad_norm

@@ -20,7 +20,13 @@ def validate_run_config(cfg: RunConfig, world_size: int | None = None) -> ModelC
     p.validate(world_size if world_size is not None else
                p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.expert_model_parallel_size)
     model_cfg = load_model_config(cfg.model.config)
-    model_cfg.validate(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, source=f"model {model_cfg.name}")
+    model_cfg.validate(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, source=f"model {model_cfg.name}",
+                       expert_parallel_size=p.expert_model_parallel_size)
+    if cfg.model.moe_aux_loss_coeff < 0:
+        raise ValueError(f"model.moe_aux_loss_coeff={cfg.model.moe_aux_loss_coeff} must be >= 0 (0 turns it off)")
+    if cfg.model.moe_aux_loss_coeff > 0 and not model_cfg.is_moe:
+        raise ValueError(f"model.moe_aux_loss_coeff={cfg.model.moe_aux_loss_coeff} needs a mixture-of-experts model "
+                         f"({model_cfg.name} is dense); remove it")
     validate_algorithm_config(cfg.algorithm)
     if cfg.model.params_dtype not in DTYPE_NAMES:
         raise ValueError(f"model.params_dtype={cfg.model.params_dtype!r} is unknown; use one of {sorted(DTYPE_NAMES)}")
