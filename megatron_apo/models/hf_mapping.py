@@ -1,4 +1,5 @@
-"""Hugging Face (Qwen2 / Llama) <-> Megatron-Core GPTModel parameter mapping, one tensor at a time.
+"""Hugging Face (Qwen2 / Llama / Qwen3 / Qwen3-MoE) <-> Megatron-Core GPTModel parameter mapping, one tensor
+at a time.
 
 Everything here works on FULL tensors in the TP=1 layout with *global* names (pipeline layer offset
 applied), the form `megatron_apo.models.sharding.iter_local_params` + `tp_gather` produce. So the same
@@ -12,6 +13,12 @@ Layouts (why the reshapes below exist):
   * vocabulary: Megatron pads embedding / output rows to `cfg.padded_vocab_size(tp)`; HF has `vocab_size`.
   * tied embeddings: Megatron has no output_layer.weight on a single stage (on a PP>1 last stage it is a
     copy of the embedding); HF has no lm_head.weight.
+  * Qwen3 QK-norm: Megatron's `self_attention.q_layernorm` / `k_layernorm` (one head_dim vector each) are
+    HF's `self_attn.q_norm` / `k_norm`.
+  * Qwen3-MoE: the router `mlp.router.weight` is HF's `mlp.gate.weight`; expert e's
+    `mlp.experts.local_experts.<e>.linear_fc1` is [gate; up] of HF's `mlp.experts.<e>.gate_proj / up_proj`
+    and `linear_fc2` is `mlp.experts.<e>.down_proj`. Names here carry the GLOBAL expert index (the
+    expert-parallel offset applied by `sharding.global_param_name`), so each EP rank maps its own experts.
   * norms: megatron-core's local spec has `input_layernorm.weight` / `pre_mlp_layernorm.weight`; the
     Transformer Engine spec fuses them into `linear_qkv.layer_norm_weight` / `linear_fc1.layer_norm_weight`.
     Both spellings are accepted.
@@ -27,9 +34,10 @@ import torch
 
 from megatron_apo.models.config import ModelConfig, RopeScaling
 
-HF_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
+HF_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3",
+                    "Qwen3MoeForCausalLM": "qwen3_moe"}
 ARCHITECTURE_TO_HF = {v: k for k, v in HF_ARCHITECTURES.items()}
-MODEL_TYPES = {"qwen2": "qwen2", "llama": "llama"}
+MODEL_TYPES = {"qwen2": "qwen2", "llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe"}
 
 EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT_LAYER = "output_layer.weight"
@@ -46,9 +54,16 @@ _LAYER_DIRECT = {
     "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",  # TE spec
     "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",  # Qwen3
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+    "mlp.router.weight": "mlp.gate.weight",  # Qwen3-MoE
 }
 _QKV = {"self_attention.linear_qkv.weight": "weight", "self_attention.linear_qkv.bias": "bias"}
 _FC1 = "mlp.linear_fc1.weight"
+# an expert's weight, after `decoder.layers.<i>.`: (global expert index, linear_fc1/2.weight)
+_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12]\.weight)$")
+# where megatron-core's SequentialMLP stores experts in a dist checkpoint: [num_layers, num_experts, ...]
+EXPERT_STACKED = "decoder.layers.mlp.experts.experts."
 
 
 # ----------------------------------------------------------------------------------------- names
@@ -65,6 +80,14 @@ def megatron_param_names(cfg: ModelConfig, te_spec: bool = False, num_pp_stages:
         names += [p + "self_attention.linear_proj.weight", p + "self_attention.linear_qkv.weight"]
         if cfg.qkv_bias:
             names.append(p + "self_attention.linear_qkv.bias")
+        if cfg.qk_layernorm:
+            names += [p + "self_attention.q_layernorm.weight", p + "self_attention.k_layernorm.weight"]
+        if cfg.is_moe:  # the MoE layer keeps its pre-MLP norm separate in both specs
+            names += [p + "pre_mlp_layernorm.weight", p + "mlp.router.weight"]
+            for e in range(cfg.num_moe_experts):
+                names += [f"{p}mlp.experts.local_experts.{e}.linear_fc1.weight",
+                          f"{p}mlp.experts.local_experts.{e}.linear_fc2.weight"]
+            continue
         names.append(p + ("mlp.linear_fc1.layer_norm_weight" if te_spec else "pre_mlp_layernorm.weight"))
         names += [p + "mlp.linear_fc1.weight", p + "mlp.linear_fc2.weight"]
     names.append(FINAL_NORM)
@@ -89,11 +112,29 @@ def layer_index(global_name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _layer_suffix(global_name: str) -> str | None:
+    """`decoder.layers.<i>.<suffix>` -> suffix (None for non-layer names)."""
+    m = _LAYER.match(global_name)
+    return m.group(2) if m else None
+
+
+def expert_index(global_name: str) -> int | None:
+    """The global expert index of an expert's weight (None for every other name)."""
+    m = _LAYER.match(global_name)
+    e = _EXPERT.match(m.group(2)) if m else None
+    return int(e.group(1)) if e else None
+
+
 def stacked_name(global_name: str) -> str:
     """The name Megatron stores a layer's tensor under, with a leading layer axis: `decoder.layers.<i>.<p>`
-    -> `decoder.layers.<p>`; other names are unchanged."""
+    -> `decoder.layers.<p>`; an expert's weight has a second, expert axis:
+    `decoder.layers.<i>.mlp.experts.local_experts.<e>.<w>` -> `decoder.layers.mlp.experts.experts.<w>`
+    (megatron-core's SequentialMLP sharded_state_dict). Other names are unchanged."""
     m = _LAYER.match(global_name)
-    return f"decoder.layers.{m.group(2)}" if m else global_name
+    if not m:
+        return global_name
+    e = _EXPERT.match(m.group(2))
+    return EXPERT_STACKED + e.group(2) if e else f"decoder.layers.{m.group(2)}"
 
 
 def hf_sources(cfg: ModelConfig, global_name: str) -> list[str]:
@@ -118,6 +159,15 @@ def hf_sources(cfg: ModelConfig, global_name: str) -> list[str]:
             return [f"{p}self_attn.{x}_proj.{kind}" for x in "qkv"]
         if suffix == _FC1:
             return [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
+        e = _EXPERT.match(suffix)
+        if e and cfg.is_moe:
+            x = int(e.group(1))
+            if x >= cfg.num_moe_experts:
+                raise ValueError(f"{global_name}: expert {x} out of range for {cfg.name} with "
+                                 f"{cfg.num_moe_experts} experts")
+            if e.group(2) == "linear_fc1.weight":
+                return [f"{p}mlp.experts.{x}.gate_proj.weight", f"{p}mlp.experts.{x}.up_proj.weight"]
+            return [f"{p}mlp.experts.{x}.down_proj.weight"]
     raise ValueError(f"{global_name!r} is not a Megatron GPTModel parameter this mapping knows "
                      f"(architecture {cfg.architecture})")
 
@@ -175,16 +225,22 @@ def megatron_to_hf(cfg: ModelConfig, global_name: str, full_tensor: torch.Tensor
         if full_tensor.shape[0] < cfg.vocab_size:
             raise ValueError(f"{global_name} has {full_tensor.shape[0]} rows, fewer than vocab_size={cfg.vocab_size}")
         return [(hf[0], full_tensor[: cfg.vocab_size])]
-    suffix = _LAYER.match(global_name).group(2) if _LAYER.match(global_name) else None
+    suffix = _layer_suffix(global_name)
     if suffix in _QKV:
         return list(zip(hf, split_qkv(cfg, full_tensor)))
-    if suffix == _FC1:
-        if full_tensor.shape[0] != 2 * cfg.ffn_hidden_size:
-            raise ValueError(f"{global_name} has {full_tensor.shape[0]} rows; needs 2*ffn_hidden_size="
-                             f"{2 * cfg.ffn_hidden_size}")
+    if len(hf) == 2:  # a SwiGLU fc1, dense or an expert's: [gate; up]
+        ffn = _fc1_width(cfg, global_name)
+        if full_tensor.shape[0] != 2 * ffn:
+            raise ValueError(f"{global_name} has {full_tensor.shape[0]} rows; needs 2 * {ffn}")
         gate, up = full_tensor.chunk(2, dim=0)
         return [(hf[0], gate), (hf[1], up)]
     return [(hf[0], full_tensor)]
+
+
+def _fc1_width(cfg: ModelConfig, global_name: str) -> int:
+    """The FFN width of a (dense or expert) MLP weight: ffn_hidden_size, or moe_ffn_hidden_size for experts."""
+    return (cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size) if expert_index(global_name) is not None \
+        else cfg.ffn_hidden_size
 
 
 def megatron_shard_to_hf(cfg: ModelConfig, global_name: str, shard: torch.Tensor, partition_dim: int | None,
@@ -209,6 +265,13 @@ def megatron_shard_to_hf(cfg: ModelConfig, global_name: str, shard: torch.Tensor
         start = tp_rank * rows
         keep = min(rows, cfg.vocab_size - start)
         return [(hf_sources(cfg, global_name)[0], shard[:keep], 0, start)] if keep > 0 else []
+    if expert_index(global_name) is not None:  # split over the expert-TP group (`tp_rank`/`tp_size` are its)
+        moe_ffn = cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size
+        if moe_ffn % tp_size:
+            raise ValueError(f"{cfg.name}: moe_ffn_hidden_size={moe_ffn} is not divisible by expert TP={tp_size}")
+        shard_cfg = dataclasses.replace(cfg, moe_ffn_hidden_size=moe_ffn // tp_size)
+        return [(n, t, partition_dim, tp_rank * t.shape[partition_dim])
+                for n, t in megatron_to_hf(shard_cfg, global_name, shard)]
     for field_name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
         if getattr(cfg, field_name) % tp_size:
             raise ValueError(f"{cfg.name}: {field_name}={getattr(cfg, field_name)} is not divisible by TP={tp_size}")
@@ -236,14 +299,15 @@ def hf_to_megatron(
         if t.shape[0] != cfg.vocab_size:
             raise ValueError(f"{hf[0]} has {t.shape[0]} rows but the config says vocab_size={cfg.vocab_size}")
         return pad_vocab(t, padded_vocab_size or cfg.padded_vocab_size(1))
-    suffix = _LAYER.match(global_name).group(2) if _LAYER.match(global_name) else None
+    suffix = _layer_suffix(global_name)
     if suffix in _QKV:
         return merge_qkv(cfg, *(get_hf_tensor(n) for n in hf))
-    if suffix == _FC1:
+    if len(hf) == 2:  # a SwiGLU fc1, dense or an expert's
         gate, up = (get_hf_tensor(n) for n in hf)
-        if gate.shape != up.shape or gate.shape[0] != cfg.ffn_hidden_size:
+        ffn = _fc1_width(cfg, global_name)
+        if gate.shape != up.shape or gate.shape[0] != ffn:
             raise ValueError(f"{hf[0]} / {hf[1]} have shapes {tuple(gate.shape)} / {tuple(up.shape)}; "
-                             f"{cfg.name} needs ({cfg.ffn_hidden_size}, {cfg.hidden_size})")
+                             f"{cfg.name} needs ({ffn}, {cfg.hidden_size})")
         return torch.cat([gate, up], dim=0)
     return get_hf_tensor(hf[0])
 
@@ -281,6 +345,14 @@ def megatron_shape(cfg: ModelConfig, global_name: str, tensor_parallel_size: int
         return (2 * cfg.ffn_hidden_size, h)
     if suffix == "mlp.linear_fc2.weight":
         return (h, cfg.ffn_hidden_size)
+    if suffix in ("self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"):
+        return (cfg.head_dim,)
+    if suffix == "mlp.router.weight" and cfg.is_moe:
+        return (cfg.num_moe_experts, h)
+    e = _EXPERT.match(suffix or "")
+    if e and cfg.is_moe:
+        moe_ffn = cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size
+        return (2 * moe_ffn, h) if e.group(2) == "linear_fc1.weight" else (h, moe_ffn)
     raise ValueError(f"{global_name!r} is not a Megatron GPTModel parameter this mapping knows")
 
 
@@ -290,7 +362,8 @@ _HF_DEFAULT_RMS_EPS = 1e-6
 
 
 def model_config_from_hf_config(hf_config: dict, name: str | None = None, source: str = "config.json") -> ModelConfig:
-    """A ModelConfig from an HF config.json dict (Qwen2ForCausalLM / LlamaForCausalLM).
+    """A ModelConfig from an HF config.json dict (Qwen2ForCausalLM / LlamaForCausalLM / Qwen3ForCausalLM /
+    Qwen3MoeForCausalLM).
 
     Reads both the classic `rope_theta` / `rope_scaling` keys and transformers 5's `rope_parameters`.
     HF-only fields needed to write the config back (token ids, dtype) are kept in `extra["hf"]`.
@@ -311,8 +384,9 @@ def model_config_from_hf_config(hf_config: dict, name: str | None = None, source
         raise ValueError(f"{source}: hidden_act={act!r} is not supported (Megatron model uses SwiGLU/silu)")
     if hf_config.get("mlp_bias"):
         raise ValueError(f"{source}: mlp_bias=true is not supported")
-    if arch == "qwen2" and hf_config.get("use_sliding_window"):
+    if arch in ("qwen2", "qwen3", "qwen3_moe") and hf_config.get("use_sliding_window"):
         raise ValueError(f"{source}: use_sliding_window=true is not supported; set it to false")
+    moe = _moe_fields(hf_config, source) if arch == "qwen3_moe" else {}
 
     rope = dict(hf_config.get("rope_parameters") or {})
     scaling = hf_config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
@@ -332,7 +406,7 @@ def model_config_from_hf_config(hf_config: dict, name: str | None = None, source
     hidden = need("hidden_size")
     head_dim = hf_config.get("head_dim") or hidden // heads
     keep = ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype", "max_window_layers",
-            "initializer_range")
+            "initializer_range", "router_aux_loss_coef")
     extra_hf = {k: hf_config[k] for k in keep if hf_config.get(k) is not None}
     cfg = ModelConfig(
         name=name or str(hf_config.get("_name_or_path") or f"hf-{arch}"),
@@ -350,14 +424,40 @@ def model_config_from_hf_config(hf_config: dict, name: str | None = None, source
         qkv_bias=True if arch == "qwen2" else bool(hf_config.get("attention_bias", False)),
         tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
         kv_channels=head_dim if head_dim != hidden // heads else None,
+        qk_layernorm=arch in ("qwen3", "qwen3_moe"),
         extra={"hf": extra_hf} if extra_hf else {},
+        **moe,
     )
     cfg.validate(source=source)
     return cfg
 
 
+def _moe_fields(hf_config: dict, source: str) -> dict:
+    """ModelConfig's MoE fields from a Qwen3MoeForCausalLM config.json: every layer a MoE layer, no shared expert."""
+    def need(*keys):
+        for key in keys:
+            if hf_config.get(key) is not None:
+                return hf_config[key]
+        raise ValueError(f"{source}: missing key {keys[0]!r} needed for Qwen3MoeForCausalLM")
+
+    if hf_config.get("decoder_sparse_step", 1) != 1:
+        raise ValueError(f"{source}: decoder_sparse_step={hf_config['decoder_sparse_step']} is not supported "
+                         "(every layer must be a MoE layer); only 1 is")
+    if hf_config.get("mlp_only_layers"):
+        raise ValueError(f"{source}: mlp_only_layers={hf_config['mlp_only_layers']} is not supported "
+                         "(dense layers in a MoE model); it must be empty")
+    if hf_config.get("shared_expert_intermediate_size"):
+        raise ValueError(f"{source}: shared_expert_intermediate_size is not supported (Qwen3-MoE has no shared "
+                         "expert)")
+    return dict(num_moe_experts=int(need("num_experts", "num_local_experts")),
+                moe_router_topk=int(need("num_experts_per_tok")),
+                moe_ffn_hidden_size=int(need("moe_intermediate_size")),
+                # transformers' Qwen3MoeConfig default; the published Qwen3-MoE checkpoints set true
+                moe_norm_topk_prob=bool(hf_config.get("norm_topk_prob", False)))
+
+
 def hf_config_from_model_config(cfg: ModelConfig, dtype: torch.dtype | str | None = None) -> dict:
-    """A config.json dict for Qwen2ForCausalLM / LlamaForCausalLM.
+    """A config.json dict for Qwen2ForCausalLM / LlamaForCausalLM / Qwen3ForCausalLM / Qwen3MoeForCausalLM.
 
     Written with the classic `rope_theta` / `rope_scaling` keys, which transformers 4.x and 5.x and vLLM all read.
     """
@@ -391,6 +491,19 @@ def hf_config_from_model_config(cfg: ModelConfig, dtype: torch.dtype | str | Non
                              "original_max_position_embeddings": rs.original_max_position_embeddings}
     if cfg.architecture == "llama":
         d.update(attention_bias=cfg.qkv_bias, mlp_bias=False, pretraining_tp=1)
+    elif cfg.architecture in ("qwen3", "qwen3_moe"):
+        if not cfg.qk_layernorm:
+            raise ValueError(f"model config {cfg.name}: Qwen3 always has QK-norm; qk_layernorm=false cannot be "
+                             "exported")
+        d.update(attention_bias=cfg.qkv_bias, use_sliding_window=False, sliding_window=None,
+                 max_window_layers=extra.get("max_window_layers", cfg.num_layers))
+        if cfg.architecture == "qwen3_moe":
+            if not cfg.is_moe:
+                raise ValueError(f"model config {cfg.name}: architecture qwen3_moe needs num_moe_experts")
+            d.update(num_experts=cfg.num_moe_experts, num_experts_per_tok=cfg.moe_router_topk,
+                     moe_intermediate_size=cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size,
+                     norm_topk_prob=cfg.moe_norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[],
+                     router_aux_loss_coef=extra.get("router_aux_loss_coef", 0.001), output_router_logits=False)
     else:
         if not cfg.qkv_bias:
             raise ValueError(f"model config {cfg.name}: Qwen2 always has QKV bias; qkv_bias=false cannot be exported")

@@ -11,7 +11,8 @@ SEQ = 40  # longer than the Llama test model's original_max_position_embeddings,
 
 
 def hf_config(kind: str) -> dict:
-    """Tiny Qwen2 (untied / tied) and Llama-3.1-style configs; vocabularies are NOT multiples of 128."""
+    """Tiny Qwen2 (untied / tied), Llama-3.1-style, Qwen3 dense (tied, head_dim 32 != hidden/heads) and Qwen3-MoE
+    (4 experts, top-2) configs; vocabularies are NOT multiples of 128."""
     common = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   hidden_act="silu", bos_token_id=1, eos_token_id=2)
     if kind in ("qwen2", "qwen2-tied"):
@@ -24,6 +25,15 @@ def hf_config(kind: str) -> dict:
                     rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
                     tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
+    if kind in ("qwen3", "qwen3-moe"):
+        q3 = dict(common, vocab_size=250, num_hidden_layers=2, head_dim=32, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                  attention_bias=False, use_sliding_window=False)
+        if kind == "qwen3":
+            return dict(q3, architectures=["Qwen3ForCausalLM"], model_type="qwen3", intermediate_size=128,
+                        tie_word_embeddings=True)
+        return dict(q3, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", intermediate_size=128,
+                    moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                    decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False)
     raise ValueError(kind)
 
 

@@ -42,7 +42,9 @@ def test_qkv_interleaving_matches_per_group_reference():
 
 
 @pytest.mark.parametrize("name,te_spec,tie", [("tiny", False, False), ("tiny", True, True),
-                                              ("llama3-tiny", False, True), ("llama3-tiny", True, False)])
+                                              ("llama3-tiny", False, True), ("llama3-tiny", True, False),
+                                              ("tiny-qwen3", False, True), ("tiny-qwen3", True, False),
+                                              ("tiny-qwen3-moe", False, False), ("tiny-qwen3-moe", True, True)])
 def test_hf_megatron_hf_round_trip_is_bit_exact(name, te_spec, tie):
     cfg = dataclasses.replace(load_model_config(name), tie_word_embeddings=tie)
     gen = torch.Generator().manual_seed(0)
@@ -82,7 +84,8 @@ def _megatron_partition_dim(name: str) -> int | None:
 
 
 @pytest.mark.parametrize("name,tp,tie", [("tiny", 2, False), ("tiny", 4, False), ("llama3-tiny", 2, True),
-                                         ("llama3-tiny", 4, False)])
+                                         ("llama3-tiny", 4, False), ("tiny-qwen3", 2, True),
+                                         ("tiny-qwen3-moe", 2, False), ("tiny-qwen3-moe", 4, True)])
 def test_tp_shard_pieces_tile_the_hf_tensors_exactly(name, tp, tie):
     """megatron_shard_to_hf on each rank's tp_slice places every element of megatron_to_hf(full) once."""
     from megatron_apo.models.hf_mapping import megatron_shard_to_hf
@@ -121,7 +124,8 @@ def test_unknown_names_and_shape_mismatches_are_clear_errors():
         hf_to_megatron(cfg, "embedding.word_embeddings.weight", lambda n: torch.zeros(251, 64))
 
 
-@pytest.mark.parametrize("name", ["tiny", "llama3-tiny", "qwen2.5-7b", "qwen2.5-0.5b", "llama3.1-8b", "llama3.1-70b"])
+@pytest.mark.parametrize("name", ["tiny", "llama3-tiny", "qwen2.5-7b", "qwen2.5-0.5b", "llama3.1-8b", "llama3.1-70b",
+                                  "tiny-qwen3", "tiny-qwen3-moe"])
 def test_model_config_survives_hf_config_round_trip(name):
     from transformers import AutoConfig
 
@@ -154,7 +158,7 @@ def test_hf_config_reading_accepts_transformers5_rope_parameters_and_rejects_unk
         model_config_from_hf_config(dict(d, rope_scaling={"rope_type": "yarn", "factor": 4.0}))
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "qwen2-tied", "llama31"])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2-tied", "llama31", "qwen3"])
 def test_megatron_filled_through_mapping_matches_transformers_logits(kind, tmp_path):
     model = build_hf_model(kind)
     model.save_pretrained(tmp_path)
