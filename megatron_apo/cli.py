@@ -36,15 +36,17 @@ def _run_smoke(args) -> int:
 def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     """`convert hf-to-megatron ...` / `convert megatron-to-hf ...` (shared with tools/convert_checkpoint.py)."""
     sub = p.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
-    a = sub.add_parser("hf-to-megatron", help="HF folder -> Megatron dist checkpoint for a TP/PP layout")
+    a = sub.add_parser("hf-to-megatron", help="HF folder -> Megatron dist checkpoint for a TP/PP/EP layout")
     a.add_argument("--hf", required=True, help="HF model folder (config.json + safetensors)")
     a.add_argument("--out", required=True, help="output checkpoint folder (model/ + megatron_apo.json)")
     a.add_argument("--tp", type=int, default=1, help="tensor parallel size (default 1)")
-    a.add_argument("--pp", type=int, default=1, help="pipeline parallel size (default 1); TP*PP local processes")
+    a.add_argument("--pp", type=int, default=1, help="pipeline parallel size (default 1)")
+    a.add_argument("--ep", type=int, default=1,
+                   help="expert parallel size, MoE models (default 1); TP*PP*EP local processes")
     a.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the source dtype)")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.set_defaults(func=_run_convert)
-    b = sub.add_parser("megatron-to-hf", help="Megatron checkpoint (any TP/PP) -> HF folder")
+    b = sub.add_parser("megatron-to-hf", help="Megatron checkpoint (any TP/PP/EP) -> HF folder")
     b.add_argument("--megatron", required=True,
                    help="checkpoint folder (model/ + megatron_apo.json) or a training dir of iter_* folders")
     b.add_argument("--out", required=True, help="output HF folder")
@@ -59,7 +61,7 @@ def _run_convert(args) -> int:
     from megatron_apo.models.convert import convert_hf_to_megatron, convert_megatron_to_hf
 
     if args.direction == "hf-to-megatron":
-        report = convert_hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
+        report = convert_hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, ep=args.ep, dtype=args.dtype,
                                         progress=not args.quiet)
     else:
         report = convert_megatron_to_hf(args.megatron, args.out, tokenizer=args.tokenizer, dtype=args.dtype,
@@ -252,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_demo(sub)
     _add_study(sub)
-    add_convert_arguments(sub.add_parser("convert", help="checkpoint conversion Hugging Face <-> Megatron, any TP/PP"))
+    add_convert_arguments(sub.add_parser("convert",
+                                         help="checkpoint conversion Hugging Face <-> Megatron, any TP/PP/EP"))
     _add_smoke(sub)
     _add_plan(sub)
     _add_eval(sub)

@@ -1,7 +1,8 @@
-"""Checkpoint conversion Hugging Face <-> Megatron (any TP/PP), used by `megatron-apo convert` and
-`tools/convert_checkpoint.py`.
+"""Checkpoint conversion Hugging Face <-> Megatron (any TP/PP, and EP for MoE models), used by
+`megatron-apo convert` and `tools/convert_checkpoint.py`.
 
-* hf-to-megatron: TP*PP local processes (gloo on CPU); each builds its model shard, fills it tensor by tensor
+* hf-to-megatron: TP*PP*EP local processes (gloo on CPU); each builds its model shard (its experts only, at EP>1),
+  fills it tensor by tensor
   from the (memory-mapped) safetensors through `hf_mapping.hf_to_megatron`, and the ranks write one
   `dist_checkpointing` checkpoint together. Peak memory per rank: its shard plus one full tensor.
 * megatron-to-hf: one process, no process group; reads one layer at a time from the torch_dist storage
@@ -160,33 +161,52 @@ def _cast(t: torch.Tensor, dtype: torch.dtype, deltas: list[float]) -> torch.Ten
 
 # ------------------------------------------------------------------------------- HF -> Megatron
 
-def inspect_hf(hf_dir: str | Path, tp: int = 1, pp: int = 1) -> tuple[HFCheckpoint, ModelConfig]:
-    """Opens and validates an HF folder for a TP/PP target (before any process starts)."""
+def inspect_hf(hf_dir: str | Path, tp: int = 1, pp: int = 1, ep: int = 1) -> tuple[HFCheckpoint, ModelConfig]:
+    """Opens and validates an HF folder for a TP/PP/EP target (before any process starts)."""
     hf = HFCheckpoint(hf_dir)
-    cfg = model_config_from_hf_config(hf.config, name=Path(hf_dir).name, source=str(Path(hf_dir) / "config.json"))
-    if tp < 1 or pp < 1:
-        raise ValueError(f"--tp and --pp must be >= 1 (got tp={tp}, pp={pp})")
-    cfg.validate(tp, pp, source=str(Path(hf_dir) / "config.json"))
+    source = str(Path(hf_dir) / "config.json")
+    cfg = model_config_from_hf_config(hf.config, name=Path(hf_dir).name, source=source)
+    if tp < 1 or pp < 1 or ep < 1:
+        raise ValueError(f"--tp, --pp and --ep must be >= 1 (got tp={tp}, pp={pp}, ep={ep})")
+    cfg.validate(tp, pp, source=source)
+    check_expert_parallel(cfg, tp, ep, source)
     hf.validate(hf_shapes(cfg))
     return hf, cfg
 
 
+def check_expert_parallel(cfg: ModelConfig, tp: int, ep: int, source: str) -> None:
+    """EP splits whole experts over ranks; each expert is then TP-split (expert TP = TP)."""
+    if not cfg.is_moe:
+        if ep > 1:
+            raise ValueError(f"{source}: --ep {ep} needs a mixture-of-experts model; {cfg.name} is dense "
+                             f"({cfg.architecture}); use --ep 1")
+        return
+    if cfg.num_moe_experts % ep:
+        raise ValueError(f"{source}: --ep {ep} does not divide num_experts={cfg.num_moe_experts}; pick an EP that "
+                         "divides it")
+    moe_ffn = cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size
+    if moe_ffn % tp:
+        raise ValueError(f"{source}: --tp {tp} does not divide moe_intermediate_size={moe_ffn}; pick a TP that "
+                         "divides it")
+
+
 def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
                            dtype: str | torch.dtype | None = None, progress: bool = True,
-                           timeout: float = 24 * 3600) -> ConversionReport:
-    """HF folder -> Megatron checkpoint folder (`model/` dist checkpoint + megatron_apo.json) for TP x PP.
+                           timeout: float = 24 * 3600, ep: int = 1) -> ConversionReport:
+    """HF folder -> Megatron checkpoint folder (`model/` dist checkpoint + megatron_apo.json) for TP x PP x EP.
 
-    Spawns TP*PP local host-only processes (gloo, GPUs hidden: any TP x PP on any node); inside an already
-    initialised job call `save_hf_as_megatron`.
+    Spawns TP*PP*EP local host-only processes (gloo, GPUs hidden: any layout on any node); inside an already
+    initialised job call `save_hf_as_megatron`. EP > 1 (MoE models only): each process holds
+    num_experts / EP experts, so each process reads only its experts' HF tensors.
     """
     from megatron_apo.parallel import run_distributed
 
     start = time.time()
-    hf, _ = inspect_hf(hf_dir, tp, pp)
+    hf, _ = inspect_hf(hf_dir, tp, pp, ep)
     target = parse_dtype(dtype) or hf.dtype()
     with atomic_output_dir(out) as tmp:
-        results = run_distributed(_hf_to_megatron_rank, tp * pp, str(hf_dir), str(tmp), tp, pp, str(target),
-                                  progress, timeout=timeout, host_only=True)  # never GPUs (docs/gpu.md)
+        results = run_distributed(_hf_to_megatron_rank, tp * pp * ep, str(hf_dir), str(tmp), tp, pp, str(target),
+                                  progress, ep, timeout=timeout, host_only=True)  # never GPUs (docs/gpu.md)
         with contextlib.suppress(FileNotFoundError):
             (tmp / TOKENIZER_SUBDIR).mkdir()
             copy_tokenizer_files(hf_dir, tmp / TOKENIZER_SUBDIR)
@@ -202,35 +222,40 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, tp: int = 1, pp:
     )
 
 
-def _hf_to_megatron_rank(hf_dir: str, tmp_out: str, tp: int, pp: int, dtype_name: str, progress: bool) -> dict:
+def _hf_to_megatron_rank(hf_dir: str, tmp_out: str, tp: int, pp: int, dtype_name: str, progress: bool,
+                         ep: int = 1) -> dict:
     from megatron_apo.parallel import ParallelConfig, init_distributed
 
-    init_distributed(ParallelConfig(tp, pp), backend="gloo")
+    init_distributed(ParallelConfig(tp, pp, expert_model_parallel_size=ep), backend="gloo")
     return save_hf_as_megatron(hf_dir, tmp_out, dtype=dtype_name, progress=progress)
 
 
 def save_hf_as_megatron(hf_dir: str | Path, out: str | Path, dtype: str | torch.dtype | None = None,
                         progress: bool = False) -> dict:
-    """Collective over the current TP x PP job: each rank builds its model shard, fills it tensor by tensor
+    """Collective over the current TP x PP (x EP) job: each rank builds its model shard, fills it tensor by tensor
     from the HF safetensors, and the ranks write one dist checkpoint into `<out>/model/`; rank 0 writes
     megatron_apo.json. Returns this rank's counts, downcast max |delta| and peak RSS."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from megatron_apo.models.builder import build_gpt_model
-    from megatron_apo.models.sharding import iter_local_params, tp_slice
+    from megatron_apo.models.sharding import is_expert_param, iter_local_params, tp_slice
 
     reset_peak_rss()
     start_rss = current_rss_bytes()
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-    hf, cfg = inspect_hf(hf_dir, tp, pp)
+    ep = ps.get_expert_model_parallel_world_size()
+    hf, cfg = inspect_hf(hf_dir, tp, pp, ep)
     dtype = parse_dtype(dtype) or hf.dtype()
     model = build_gpt_model(cfg, params_dtype=dtype, perform_initialization=False)
-    tp_rank = ps.get_tensor_model_parallel_rank()
+    tp_rank, dp_rank = ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()
+    # experts are TP-split over the expert-TP group, and replicated only over expert-DP
+    etp, etp_rank = ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()
+    edp_rank = ps.get_expert_data_parallel_rank()
     padded = cfg.padded_vocab_size(tp)
     params = list(iter_local_params(model))
     deltas: list[float] = []
-    nbytes = 0
+    nbytes, counted, counted_bytes = 0, 0, 0
     with _Progress(sum(lp.tensor.numel() * lp.tensor.element_size() for lp in params),
                    f"hf-to-megatron rank {dist.get_rank()}", progress and dist.get_rank() == 0) as bar:
         for lp in params:
@@ -245,29 +270,41 @@ def save_hf_as_megatron(hf_dir: str | Path, out: str | Path, dtype: str | torch.
                     else:
                         lp.tensor[: max(0, last - first)].copy_(_cast(hf.get_rows(src, first, last), dtype, deltas))
                 nbytes += lp.tensor.numel() * lp.tensor.element_size()
+                counted, counted_bytes = _count(counted, counted_bytes, lp, tp_rank == 0 and dp_rank == 0)
                 bar.advance(lp.tensor.numel() * lp.tensor.element_size())
                 continue
-            else:
-                full = hf_to_megatron(cfg, lp.global_name, hf.get, padded_vocab_size=padded)
-                shard = tp_slice(full, lp.partition_dim, tp_rank, tp, lp.gated)
+            expert = is_expert_param(lp.global_name)
+            full = hf_to_megatron(cfg, lp.global_name, hf.get, padded_vocab_size=padded)
+            shard = tp_slice(full, lp.partition_dim, etp_rank if expert else tp_rank, etp if expert else tp, lp.gated)
             with torch.no_grad():
                 lp.tensor.copy_(_cast(shard, dtype, deltas))
             del full, shard
             nbytes += lp.tensor.numel() * lp.tensor.element_size()
+            first_copy = (etp_rank == 0 and edp_rank == 0) if expert else (tp_rank == 0 and dp_rank == 0)
+            counted, counted_bytes = _count(counted, counted_bytes, lp, first_copy)
             bar.advance(lp.tensor.numel() * lp.tensor.element_size())
     save_model(model, out)
     if dist.get_rank() == 0:
         gen = Path(hf_dir) / "generation_config.json"
         write_checkpoint_metadata(
             out, cfg, source_hf=str(Path(hf_dir).resolve()), dtype=str(dtype).replace("torch.", ""),
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
             hf_generation_config=json.loads(gen.read_text()) if gen.is_file() else None,
         )
     dist.barrier()
-    # TP ranks > 0 hold replicas of the norms, and a tied last stage a copy of the embedding: count bytes once.
-    return {"num_tensors": len(params) if tp_rank == 0 else 0, "bytes": nbytes if tp_rank == 0 else 0,
+    # TP ranks > 0 and EP (data-parallel) ranks hold replicas: count each tensor once, by its first copy's
+    # rank (a tied last stage's copy of the embedding is counted like before, on its stage).
+    return {"num_tensors": counted, "bytes": counted_bytes,
             "max_abs_delta": max(deltas) if deltas else None, "peak_rss": peak_rss_bytes(), "start_rss": start_rss,
             "shard_bytes": nbytes}
+
+
+def _count(n: int, nbytes: int, lp, first_copy: bool) -> tuple[int, int]:
+    """Tensor and byte counts plus `lp` when this rank holds its first copy (for TP-split tensors the first TP
+    rank's shard, as the report always counted)."""
+    if not first_copy:
+        return n, nbytes
+    return n + 1, nbytes + lp.tensor.numel() * lp.tensor.element_size()
 
 
 # ------------------------------------------------------------------------------- Megatron -> HF

@@ -22,9 +22,12 @@ from megatron_apo.models.checksums import CHECKSUM_FILE, checksum_files, verify_
 from megatron_apo.models.config import ModelConfig
 from megatron_apo.models.hf_mapping import (
     EMBEDDING,
+    EXPERT_STACKED,
     FINAL_NORM,
     OUTPUT_LAYER,
+    expert_index,
     layer_index,
+    megatron_param_names,
     megatron_shape,
     stacked_name,
 )
@@ -150,7 +153,9 @@ class DistCheckpointReader:
     """Reads full (TP=1 layout) tensors of a torch_dist checkpoint, one layer at a time, in one process.
 
     Megatron stores the decoder's tensors with a leading layer axis (`decoder.layers.<param>` of shape
-    [num_layers, ...]); reading layer i asks the storage for the chunk at offset i on that axis only.
+    [num_layers, ...]); reading layer i asks the storage for the chunk at offset i on that axis only. MoE
+    experts have a second, expert axis (`decoder.layers.mlp.experts.experts.<w>` of shape
+    [num_layers, num_experts, ...], however many EP ranks wrote it); expert e of layer i is the chunk at (i, e).
     """
 
     def __init__(self, folder: str | Path, cfg: ModelConfig):
@@ -197,15 +202,20 @@ class DistCheckpointReader:
             if (got[1:] != want[1:] or (name != FINAL_NORM and got[0] != self.vocab_rows)
                     or (name == FINAL_NORM and got != want)):
                 raise ValueError(f"{where}: tensor {name} has shape {list(got)}, the config implies {list(want)}")
-        needed = {"self_attention.linear_proj.weight", "self_attention.linear_qkv.weight", "mlp.linear_fc1.weight",
-                  "mlp.linear_fc2.weight"} | ({"self_attention.linear_qkv.bias"} if cfg.qkv_bias else set())
-        missing = needed - set(self.layer_suffixes)
+        sample = {stacked_name(n)[len("decoder.layers."):]: n for n in megatron_param_names(cfg)
+                  if layer_index(n) == 0 and expert_index(n) in (None, 0)}
+        missing = {s for s in sample if not s.endswith("norm.weight")} - set(self.layer_suffixes)
         if missing:
             raise ValueError(f"{where}: decoder tensors {sorted(missing)} are missing "
                              f"(config and weights do not match)")
         for suffix in self.layer_suffixes:
             size = tuple(self.meta["decoder.layers." + suffix].size)
-            want = (cfg.num_layers,) + megatron_shape(cfg, f"decoder.layers.0.{suffix}")
+            if suffix not in sample:
+                raise ValueError(f"{where}: decoder.layers.{suffix} is not a tensor of {cfg.name} "
+                                 f"({cfg.architecture}{', MoE' if cfg.is_moe else ''}; config and weights do not "
+                                 f"match)")
+            experts = (cfg.num_moe_experts,) if expert_index(sample[suffix]) is not None else ()
+            want = (cfg.num_layers, *experts) + megatron_shape(cfg, sample[suffix])
             if size != want:
                 raise ValueError(f"{where}: decoder.layers.{suffix} has shape {list(size)}, the config implies "
                                  f"{list(want)} (num_layers first; config and weights do not match)")
@@ -214,15 +224,30 @@ class DistCheckpointReader:
         key = stacked_name(global_name)
         md = self.meta[key]
         n = 1
-        for s in md.size[1:] if key != global_name else md.size:
+        for s in md.size[self._stacked_axes(global_name):]:
             n *= s
         return n * torch.empty((), dtype=md.properties.dtype).element_size()
 
+    @staticmethod
+    def _stacked_axes(global_name: str) -> int:
+        """Leading storage axes a name indexes: 0 (embedding...), 1 (layer), 2 (layer, expert)."""
+        return 0 if layer_index(global_name) is None else 1 if expert_index(global_name) is None else 2
+
     def groups(self) -> list[list[str]]:
-        """Global names in reading order, grouped: [embedding], each layer, [final norm, output layer]."""
+        """Global names in reading order, grouped: [embedding], each layer (all its experts), [final norm, output
+        layer]."""
         out = [[EMBEDDING]]
+        prefix = EXPERT_STACKED[len("decoder.layers."):]
         for i in range(self.cfg.num_layers):
-            out.append([f"decoder.layers.{i}.{s}" for s in self.layer_suffixes])
+            names = []
+            for s in self.layer_suffixes:
+                if s.startswith(prefix):
+                    w = s[len(prefix):]
+                    names += [f"decoder.layers.{i}.mlp.experts.local_experts.{e}.{w}"
+                              for e in range(self.cfg.num_moe_experts)]
+                else:
+                    names.append(f"decoder.layers.{i}.{s}")
+            out.append(names)
         out.append([FINAL_NORM] + ([OUTPUT_LAYER] if OUTPUT_LAYER in self.meta else []))
         return out
 
@@ -253,21 +278,25 @@ class DistCheckpointReader:
 
     def load(self, global_names: list[str]) -> dict[str, torch.Tensor]:
         """Reads the named full tensors (a layer's names read only that layer's slice of the storage)."""
-        state, offsets = {}, {}
+        # one request per storage key: a layer's experts are one contiguous [1, num_experts, ...] chunk
+        state, offsets, wanted = {}, {}, {}
         for name in global_names:
-            layer, stacked = layer_index(name), stacked_name(name)
+            stacked, axes = stacked_name(name), self._stacked_axes(name)
             key, md = self._stored[stacked], self.meta[stacked]
-            if layer is not None:
-                state[key] = torch.empty((1, *md.size[1:]), dtype=md.properties.dtype)
-                offsets[key] = (layer,) + (0,) * (len(md.size) - 1)
-            else:
-                state[key] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
-                offsets[key] = (0,) * len(md.size)
+            if key in state and axes and offsets[key][0] != layer_index(name):
+                raise ValueError(f"DistCheckpointReader.load: {name} is in another layer than the names before it; "
+                                 "read one layer per call")
+            if key not in state:
+                lead = (1,) if axes else ()
+                state[key] = torch.empty((*lead, *md.size[len(lead):]), dtype=md.properties.dtype)
+                offsets[key] = ((layer_index(name),) if axes else ()) + (0,) * (len(md.size) - len(lead))
+            wanted[name] = key
         self._dcp_load(state, offsets, global_names)
         out = {}
-        for name in global_names:
-            key = self._stored[stacked_name(name)]
-            out[name] = state.pop(key)[0] if layer_index(name) is not None else state.pop(key)
+        for name, key in wanted.items():
+            t = state[key]
+            axes = self._stacked_axes(name)
+            out[name] = t if axes == 0 else t[0] if axes == 1 else t[0, expert_index(name)]
         return out
 
 
