@@ -1,6 +1,7 @@
 """HF -> Megatron conversion at TP=2 and at PP=2: the converted Megatron model (loaded back from its dist
 checkpoint, run through Megatron's pipeline schedule) matches transformers' logits, fp32, max abs diff <= 1e-4.
-Tiny random Qwen2 (untied and tied, vocab 250) and Llama-3.1-style (RoPE scaling, vocab 300) models."""
+Tiny random Qwen2 (untied and tied, vocab 250), Llama-3.1-style (RoPE scaling, vocab 300) and Qwen3 (QK-norm, tied,
+head_dim != hidden/heads) models. Qwen3-MoE at TP x EP: test_qwen3_convert.py."""
 
 import json
 from pathlib import Path
@@ -13,7 +14,7 @@ from megatron_apo.models.convert import convert_megatron_to_hf
 from megatron_apo.parallel import run_distributed
 from tests.helpers.hf_models import build_hf_model, convert_then_run, sample_tokens
 
-KINDS = ("qwen2", "qwen2-tied", "llama31")
+KINDS = ("qwen2", "qwen2-tied", "llama31", "qwen3")
 
 
 def _hf_tensors(folder: Path) -> dict:

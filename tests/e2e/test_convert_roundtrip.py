@@ -168,3 +168,44 @@ def test_megatron_to_hf_errors_leave_no_output(qwen_tied_round_trip, tmp_path):
     with pytest.raises(ValueError, match="already exists"):
         convert_megatron_to_hf(root / "meg", tmp_path / "taken", progress=False)
     assert (tmp_path / "taken" / "x").read_text() == "keep"
+
+
+@pytest.mark.slow  # 4 conversion processes of a MoE model, then the export: about 60 s on a busy 2-core machine
+def test_qwen3_moe_cli_round_trip_tp1_pp2_ep2_is_bit_exact_and_mismatches_are_caught(tmp_path):
+    """Qwen3-MoE through the CLI at PP=2 x EP=2: each of the 4 ranks writes its stage's layers and its own 2 of
+    the 4 experts; the export (one process, layer by layer) gives back every tensor bit-exact."""
+    hf = save_hf_model("qwen3-moe", tmp_path / "hf", seed=5)
+    r = subprocess.run(CLI + ["hf-to-megatron", "--hf", str(hf), "--out", str(tmp_path / "meg"), "--pp", "2",
+                              "--ep", "2", "--quiet"], capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = json.loads((tmp_path / "meg" / "megatron_apo.json").read_text())
+    assert (meta["pipeline_model_parallel_size"], meta["expert_model_parallel_size"]) == (2, 2)
+    r = subprocess.run(CLI + ["megatron-to-hf", "--megatron", str(tmp_path / "meg"), "--out", str(tmp_path / "back"),
+                              "--quiet"], capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _hf_tensors(hf), _hf_tensors(tmp_path / "back")
+    assert sorted(a) == sorted(b) and len(a) == 3 + 2 * (9 + 4 * 3)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    cfg = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen3MoeForCausalLM"] and cfg["num_experts"] == 4 and cfg["norm_topk_prob"]
+    # the metadata claims 8 experts, the storage holds 4: named, before any output is written
+    meta["model_config"]["num_moe_experts"] = 8
+    (tmp_path / "meg" / "megatron_apo.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="mlp.experts.experts.linear_fc1.weight has shape .2, 4, 64, 64., the config "
+                                         "implies .2, 8, 64, 64."):
+        convert_megatron_to_hf(tmp_path / "meg", tmp_path / "out", progress=False)
+    assert _no_leftovers(tmp_path, "out")
+
+
+def test_expert_parallel_layout_errors_are_one_line(tmp_path):
+    moe = save_hf_model("qwen3-moe", tmp_path / "moe")
+    dense = save_hf_model("qwen3", tmp_path / "dense")
+    with pytest.raises(ValueError, match=r"config.json: --ep 3 does not divide num_experts=4"):
+        convert_hf_to_megatron(moe, tmp_path / "out", ep=3, progress=False)
+    with pytest.raises(ValueError, match=r"--ep 2 needs a mixture-of-experts model; dense is dense \(qwen3\)"):
+        convert_hf_to_megatron(dense, tmp_path / "out", ep=2, progress=False)
+    cfg = json.loads((moe / "config.json").read_text())
+    (moe / "config.json").write_text(json.dumps(dict(cfg, decoder_sparse_step=2)))
+    msg = _cli_error(["hf-to-megatron", "--hf", str(moe), "--out", str(tmp_path / "out")], tmp_path)
+    assert "decoder_sparse_step=2 is not supported" in msg and "config.json" in msg

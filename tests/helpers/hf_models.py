@@ -74,9 +74,9 @@ def hf_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens).logits
 
 
-def megatron_logits_from_checkpoint(ckpt: str, tp: int, pp: int, tokens: torch.Tensor):
-    """Rank body: loads a Megatron checkpoint at (tp, pp), runs the pipeline forward, returns full logits
-    (padding stripped) on the last stage's TP rank 0, None elsewhere."""
+def megatron_logits_from_checkpoint(ckpt: str, tp: int, pp: int, tokens: torch.Tensor, ep: int = 1):
+    """Rank body: loads a Megatron checkpoint at (tp, pp, ep), runs the pipeline forward, returns full logits
+    (padding stripped) on the last stage's TP rank 0 of data-parallel rank 0, None elsewhere."""
     from megatron.core import parallel_state as ps
 
     from megatron_apo.models.convert import load_megatron_model
@@ -84,7 +84,7 @@ def megatron_logits_from_checkpoint(ckpt: str, tp: int, pp: int, tokens: torch.T
     from megatron_apo.parallel import ParallelConfig, init_distributed
     from megatron_apo.trainer.schedule import forward_backward
 
-    init_distributed(ParallelConfig(tp, pp))
+    init_distributed(ParallelConfig(tp, pp, expert_model_parallel_size=ep))
     model, cfg = load_megatron_model(ckpt)
     model.eval()
     batch = {"tokens": tokens, "position_ids": torch.arange(tokens.shape[1]).expand_as(tokens).contiguous()}
@@ -96,7 +96,7 @@ def megatron_logits_from_checkpoint(ckpt: str, tp: int, pp: int, tokens: torch.T
     with torch.no_grad():
         out = forward_backward([model], [batch], keep_logits, seq_length=tokens.shape[1],
                                micro_batch_size=tokens.shape[0], forward_only=True)
-    if out and ps.get_tensor_model_parallel_rank() == 0:
+    if out and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
         return out[0]["logits"]
     return None
 
@@ -127,24 +127,25 @@ def megatron_logits_from_hf_mapping(hf_dir: str, tokens: torch.Tensor) -> dict:
     return {"logits": logits, "shapes": shapes}
 
 
-def convert_then_run(tp: int, pp: int, jobs: list[tuple[str, str, str]], reload: list[tuple[str, str]]) -> dict:
-    """Rank body: for each (name, hf_dir, out_dir) converts HF -> Megatron at (tp, pp) with save_hf_as_megatron,
-    loads the written checkpoint back and runs it; then loads each (name, ckpt) of `reload` (written at another
-    layout) and runs it. Returns {name: logits} on the last stage's TP rank 0."""
+def convert_then_run(tp: int, pp: int, jobs: list[tuple[str, str, str]], reload: list[tuple[str, str]],
+                     ep: int = 1) -> dict:
+    """Rank body: for each (name, hf_dir, out_dir) converts HF -> Megatron at (tp, pp, ep) with
+    save_hf_as_megatron, loads the written checkpoint back and runs it; then loads each (name, ckpt) of `reload`
+    (written at another layout) and runs it. Returns {name: logits} on the last stage's TP rank 0 (DP rank 0)."""
     import json as _json
 
     from megatron_apo.models.convert import save_hf_as_megatron
     from megatron_apo.parallel import ParallelConfig, init_distributed
 
-    init_distributed(ParallelConfig(tp, pp))
+    init_distributed(ParallelConfig(tp, pp, expert_model_parallel_size=ep))
     out = {}
     for name, hf_dir, out_dir in jobs:
         save_hf_as_megatron(hf_dir, out_dir)
         vocab = _json.loads((Path(hf_dir) / "config.json").read_text())["vocab_size"]
-        out[name] = megatron_logits_from_checkpoint(out_dir, tp, pp, sample_tokens(vocab))
+        out[name] = megatron_logits_from_checkpoint(out_dir, tp, pp, sample_tokens(vocab), ep)
     for name, ckpt in reload:
         vocab = _json.loads((Path(ckpt) / "megatron_apo.json").read_text())["model_config"]["vocab_size"]
-        out[name] = megatron_logits_from_checkpoint(ckpt, tp, pp, sample_tokens(vocab))
+        out[name] = megatron_logits_from_checkpoint(ckpt, tp, pp, sample_tokens(vocab), ep)
     return out
 
 
