@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import random
+import re
 from typing import Iterable, Sequence
 
 import torch
@@ -39,6 +40,39 @@ def build_hf_model(hf_config: dict, dtype: torch.dtype = torch.float32) -> torch
     config = AutoConfig.for_model(model_type, **cfg)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
+
+
+_FUSED_EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def hf_tensor_slots(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Parameter, tuple | None]]:
+    """HF checkpoint name -> (parameter, index into it, or None for the whole parameter).
+
+    transformers 5 keeps a MoE layer's experts fused (Qwen3-MoE: `mlp.experts.gate_up_proj` [E, 2F, H], expert
+    e's rows being [gate; up], and `mlp.experts.down_proj` [E, H, F]) while checkpoints and weight sync name them
+    per expert (`mlp.experts.<e>.gate_proj.weight`, `up_proj`, `down_proj`): those names index the fused
+    parameter. transformers 4's per-expert modules are plain parameters under the checkpoint names already.
+    """
+    slots: dict[str, tuple[torch.nn.Parameter, tuple | None]] = {}
+    for name, p in model.named_parameters():
+        m = _FUSED_EXPERTS.match(name)
+        if not m or p.dim() != 3:
+            slots[name] = (p, None)
+            continue
+        prefix, kind = m.groups()
+        for e in range(p.shape[0]):
+            if kind == "down_proj":
+                slots[f"{prefix}.{e}.down_proj.weight"] = (p, (e,))
+            else:
+                f = p.shape[1] // 2
+                slots[f"{prefix}.{e}.gate_proj.weight"] = (p, (e, slice(0, f)))
+                slots[f"{prefix}.{e}.up_proj.weight"] = (p, (e, slice(f, 2 * f)))
+    return slots
+
+
+def _slot_view(slot: tuple[torch.nn.Parameter, tuple | None]) -> torch.Tensor:
+    param, index = slot
+    return param if index is None else param.data[index]
 
 
 class CPUEngine(RolloutEngine):
@@ -71,7 +105,7 @@ class CPUEngine(RolloutEngine):
         self.max_batch_size = max_batch_size
         self._sync = EngineSyncState()
         self._store = WeightStore()  # received buckets become the weights (no copy per sync)
-        self._params = dict(self.model.named_parameters())
+        self._params = hf_tensor_slots(self.model)  # by HF checkpoint name (experts: views of fused parameters)
         self._tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
         # transformers 5.x renamed past_key_values -> cache (the old name is deprecated); support both lines
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
@@ -93,7 +127,8 @@ class CPUEngine(RolloutEngine):
         src = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
                                                    dtype=kwargs.get("dtype", torch.float32))
         kwargs.setdefault("version", 0)
-        return cls(hf_config, named_tensors=list(src.named_parameters()), **kwargs)
+        named = [(n, _slot_view(slot).detach()) for n, slot in hf_tensor_slots(src).items()]
+        return cls(hf_config, named_tensors=named, **kwargs)
 
     # ---- weights ----------------------------------------------------------------------------------------
 
@@ -116,11 +151,11 @@ class CPUEngine(RolloutEngine):
             for name, tensor in named_tensors:
                 if name == "lm_head.weight" and self._tied:
                     continue  # the tied head is the embedding, loaded under its own name
-                param = self._params[name]
-                if adopt and tensor.dtype == param.dtype and tensor.device == param.device:
+                param, index = self._params[name]
+                if index is None and adopt and tensor.dtype == param.dtype and tensor.device == param.device:
                     param.data = tensor
-                else:
-                    param.copy_(tensor.to(param.dtype))
+                else:  # (an expert's slot of a fused parameter is always copied into)
+                    _slot_view((param, index)).copy_(tensor.to(param.dtype))
                 loaded.append(name)
         return loaded
 
@@ -128,10 +163,11 @@ class CPUEngine(RolloutEngine):
         for name, tensor in named_tensors:
             if name == "lm_head.weight" and self._tied:
                 continue
-            param = self._params.get(name)
-            if param is None:
+            slot = self._params.get(name)
+            if slot is None:
                 raise KeyError(f"CPUEngine: unknown HF parameter {name!r} "
                                f"(model has e.g. {next(iter(self._params))!r})")
+            param = _slot_view(slot)
             if tuple(param.shape) != tuple(tensor.shape):
                 raise ValueError(f"CPUEngine: {name}: shape {tuple(tensor.shape)} "
                                  f"does not match the model's {tuple(param.shape)}")
@@ -147,7 +183,7 @@ class CPUEngine(RolloutEngine):
     def export_weights(self) -> list[tuple[str, torch.Tensor]]:
         """The served weights by HF name (diagnostics); refused while the engine refuses to serve."""
         self._sync.check_serving()
-        return [(n, p.detach().clone()) for n, p in self._params.items()]
+        return [(n, _slot_view(slot).detach().clone()) for n, slot in self._params.items()]
 
     def _expected_names(self) -> set[str]:
         return {n for n in self._params if not (self._tied and n == "lm_head.weight")}

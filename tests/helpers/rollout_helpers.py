@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import os
+import zlib
 
 import torch
 
 from megatron_apo.models import load_model_config
 from megatron_apo.models.hf_mapping import hf_config_from_model_config
-from megatron_apo.rollout.cpu_engine import CPUEngine, build_hf_model
+from megatron_apo.rollout.cpu_engine import CPUEngine, build_hf_model, hf_tensor_slots
 from megatron_apo.rollout.vllm_engine import VLLMEngine
 
 # The tiny Qwen2 (GQA, QKV bias, untied head) of model_configs/tiny.yaml, as an HF config.json dict.
 TINY_HF_CONFIG = hf_config_from_model_config(load_model_config("tiny"))
 
 def random_hf_state(seed: int, hf_config: dict = TINY_HF_CONFIG) -> list[tuple[str, torch.Tensor]]:
-    """Random HF-named weights (norm weights around 1) from a seeded HF model."""
+    """Random HF-named weights (norm weights around 1) from a seeded HF model, by checkpoint name (per expert)."""
     torch.manual_seed(seed)
     model = build_hf_model(hf_config)
     out = []
-    for name, p in model.named_parameters():
-        t = p.detach().clone()
+    for name, (p, index) in hf_tensor_slots(model).items():
+        t = (p if index is None else p[index]).detach().clone()
         if name.endswith("norm.weight"):
             t = 1.0 + 0.1 * torch.randn_like(t)
         else:
@@ -133,12 +134,33 @@ def _probe_logits(chunks, cfg, probe: list[list[int]]):
     return out[0]["logits"] if out else None
 
 
+def trainer_hf_weights(chunks, cfg) -> dict[str, torch.Tensor]:
+    """The trainer's weights as full HF tensors, the parts this rank holds the first copy of (experts: this EP
+    rank's); the union over ranks is the whole model. Gathers over the (expert-)TP group: a test reference."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_apo.models.hf_mapping import megatron_to_hf
+    from megatron_apo.models.sharding import is_expert_param, tp_gather
+    from megatron_apo.rollout.weight_sync.plan import _is_first_replica, local_params, split_group
+
+    out = {}
+    for name, lp in local_params(chunks).items():
+        expert = is_expert_param(name)
+        group = ps.get_expert_tensor_parallel_group() if expert else ps.get_tensor_model_parallel_group()
+        full = tp_gather(lp.tensor.detach(), lp.partition_dim, group=group, gated=lp.gated)
+        if _is_first_replica(name) and split_group(name)[0] == 0:
+            out.update({n: t.clone() for n, t in megatron_to_hf(cfg, name, full)})
+    return out
+
+
 def trainer_sync_body(endpoint, tp: int, pp: int, probe: list[list[int]], first_version: int,
                       bucket_bytes: int = 96 << 10, model: str = "tiny", shared_memory: bool = True,
-                      shm_full: bool = False) -> dict:
-    """A Megatron trainer (TP x PP, gloo): sync v, one optimizer step, sync v+1; probe logits after each sync.
+                      shm_full: bool = False, ep: int = 1, step: str = "optimizer") -> dict:
+    """A Megatron trainer (TP x PP x EP, gloo): sync v, one optimizer step, sync v+1; probe logits after each sync.
 
-    `shm_full`: /dev/shm refuses to allocate (like a container's 64 MiB one), so the sync must fall back."""
+    `shm_full`: /dev/shm refuses to allocate (like a container's 64 MiB one), so the sync must fall back.
+    `step="perturb"`: instead of an optimizer step, every weight moves by seeded noise, and no logits are probed
+    (for layouts whose forward does not run here); `weights` then holds trainer_hf_weights after each sync (numpy)."""
     import torch.distributed as dist
 
     from megatron_apo.models import build_gpt_model, load_model_config
@@ -147,7 +169,7 @@ def trainer_sync_body(endpoint, tp: int, pp: int, probe: list[list[int]], first_
     from megatron_apo.trainer.optim import OptimConfig, build_optimizer, wrap_ddp, zero_grads
     from megatron_apo.trainer.schedule import forward_backward, lm_batches, lm_loss
 
-    init_distributed(ParallelConfig(tp, pp), seed=17)
+    init_distributed(ParallelConfig(tp, pp, expert_model_parallel_size=ep), seed=17)
     cfg = load_model_config(model)
     chunks = [wrap_ddp(build_gpt_model(cfg), use_distributed_optimizer=False)]
     opt = build_optimizer(chunks, OptimConfig(lr=1e-2, use_distributed_optimizer=False))
@@ -162,6 +184,24 @@ def trainer_sync_body(endpoint, tp: int, pp: int, probe: list[list[int]], first_
     sender = TrainerWeightSender(chunks, cfg, bucket_bytes=bucket_bytes, shared_memory=shared_memory)
     group = open_sync_group(endpoint, 0) if dist.get_rank() == 0 else None
     stats = [sender.sync(group, first_version)]
+    # which trainer ranks the plan takes each HF tensor's pieces from
+    sources = {}
+    for bucket in sender._plan:
+        for piece in bucket.pieces:
+            sources.setdefault(piece.hf_name, set()).add(piece.src)
+    if step == "perturb":
+        weights = [trainer_hf_weights(chunks, cfg)]
+        from megatron_apo.rollout.weight_sync.plan import local_params
+
+        with torch.no_grad():
+            for name, lp in local_params(chunks).items():  # the same noise on every replica of a shard
+                gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+                lp.tensor.add_(0.01 * torch.randn(lp.tensor.shape, generator=gen))
+        stats.append(sender.sync(group, first_version + 1))
+        weights.append(trainer_hf_weights(chunks, cfg))
+        # numpy arrays travel by value; many tensors shared by file descriptor can outlive the rank that shares them
+        weights = [{n: t.numpy() for n, t in w.items()} for w in weights]
+        return {"stats": stats, "weights": weights, "sources": sources}
     logits = [_probe_logits(chunks, cfg, probe)]
     tokens = torch.randint(0, cfg.vocab_size, (4, 17), generator=torch.Generator().manual_seed(3))
     zero_grads(chunks, opt)
@@ -169,4 +209,4 @@ def trainer_sync_body(endpoint, tp: int, pp: int, probe: list[list[int]], first_
     opt.step()
     stats.append(sender.sync(group, first_version + 1))
     logits.append(_probe_logits(chunks, cfg, probe))
-    return {"stats": stats, "logits": logits}
+    return {"stats": stats, "logits": logits, "sources": sources}

@@ -16,7 +16,7 @@ import torch
 
 from megatron_apo.rollout.weight_sync.buckets import ALIGN, DEFAULT_BUCKET_BYTES, Bucket, bucket_checksum, unpack_bucket
 from megatron_apo.rollout.weight_sync.buffers import BufferRing, InFlight, open_shared_slots, trainer_device
-from megatron_apo.rollout.weight_sync.plan import BucketPlan, build_plan, local_params
+from megatron_apo.rollout.weight_sync.plan import BucketPlan, build_plan, local_params, split_group
 from megatron_apo.rollout.weight_sync.protocol import WeightSyncError, send_bucket, send_end
 
 
@@ -37,9 +37,10 @@ class TrainerWeightSender:
     """Run on EVERY trainer rank (lockstep); only global rank 0 owns a sync group and talks to the fleet.
 
     A plan is agreed once over the trainer world (`all_gather_object` of every DP-rank-0 rank's local
-    parameters): the HF tensors in send order, packed into buckets of about `bucket_bytes` (a tensor that
-    big travels alone), and for each HF tensor its pieces (`megatron_shard_to_hf`): which TP/PP rank
-    holds which block. Per bucket, rank 0 takes a reusable buffer, posts a receive for every other
+    parameters, and every expert-DP-rank-0 rank's experts): the HF tensors in send order, packed into buckets
+    of about `bucket_bytes` (a tensor that big travels alone), and for each HF tensor its pieces
+    (`megatron_shard_to_hf`): which TP/PP rank holds which block (an expert's: the expert-TP ranks of the EP
+    rank holding it). Per bucket, rank 0 takes a reusable buffer, posts a receive for every other
     rank's piece straight into its place (a column block goes through a reused scratch buffer), copies
     its own pieces in, checksums, and broadcasts the bucket asynchronously; it then builds the next
     bucket while that one is on the wire (two buffers). The other ranks send their pieces (cast to
@@ -71,15 +72,12 @@ class TrainerWeightSender:
 
     def _pieces_of(self, local, global_name: str, cache: dict) -> list[torch.Tensor]:
         """This rank's pieces of one parameter (megatron_shard_to_hf), computed once per bucket."""
-        from megatron.core import parallel_state as ps
-
         from megatron_apo.models.hf_mapping import megatron_shard_to_hf
 
         if global_name not in cache:
             lp = local[global_name]
             cache[global_name] = [t for _, t, _, _ in megatron_shard_to_hf(
-                self.cfg, global_name, lp.tensor.detach(), lp.partition_dim,
-                ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size())]
+                self.cfg, global_name, lp.tensor.detach(), lp.partition_dim, *split_group(global_name))]
         return cache[global_name]
 
     @torch.no_grad()
