@@ -105,7 +105,8 @@ class CPUEngine(RolloutEngine):
         self.max_batch_size = max_batch_size
         self._sync = EngineSyncState()
         self._store = WeightStore()  # received buckets become the weights (no copy per sync)
-        self._params = hf_tensor_slots(self.model)  # by HF checkpoint name (experts: views of fused parameters)
+        self._params = dict(self.model.named_parameters())
+        self._slots = hf_tensor_slots(self.model)  # by HF checkpoint name (experts: views of fused parameters)
         self._tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
         # transformers 5.x renamed past_key_values -> cache (the old name is deprecated); support both lines
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
@@ -151,7 +152,7 @@ class CPUEngine(RolloutEngine):
             for name, tensor in named_tensors:
                 if name == "lm_head.weight" and self._tied:
                     continue  # the tied head is the embedding, loaded under its own name
-                param, index = self._params[name]
+                param, index = self._slots[name]
                 if index is None and adopt and tensor.dtype == param.dtype and tensor.device == param.device:
                     param.data = tensor
                 else:  # (an expert's slot of a fused parameter is always copied into)
@@ -163,10 +164,10 @@ class CPUEngine(RolloutEngine):
         for name, tensor in named_tensors:
             if name == "lm_head.weight" and self._tied:
                 continue
-            slot = self._params.get(name)
+            slot = self._slots.get(name)
             if slot is None:
                 raise KeyError(f"CPUEngine: unknown HF parameter {name!r} "
-                               f"(model has e.g. {next(iter(self._params))!r})")
+                               f"(model has e.g. {next(iter(self._slots))!r})")
             param = _slot_view(slot)
             if tuple(param.shape) != tuple(tensor.shape):
                 raise ValueError(f"CPUEngine: {name}: shape {tuple(tensor.shape)} "
@@ -183,10 +184,10 @@ class CPUEngine(RolloutEngine):
     def export_weights(self) -> list[tuple[str, torch.Tensor]]:
         """The served weights by HF name (diagnostics); refused while the engine refuses to serve."""
         self._sync.check_serving()
-        return [(n, _slot_view(slot).detach().clone()) for n, slot in self._params.items()]
+        return [(n, _slot_view(slot).detach().clone()) for n, slot in self._slots.items()]
 
     def _expected_names(self) -> set[str]:
-        return {n for n in self._params if not (self._tied and n == "lm_head.weight")}
+        return {n for n in self._slots if not (self._tied and n == "lm_head.weight")}
 
     def join_sync_group(self, endpoint: SyncEndpoint, rank: int) -> None:
         """Blocks until every member (trainer sender + all engines) has joined."""
