@@ -23,7 +23,11 @@ from megatron_apo.trainer.metrics import read_metrics
 from tests.helpers.rl_setup import overrides, toy_env
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.slow  # two CLI runs of 4 trainer ranks plus a Ray CPU fleet
+
+
+@pytest.fixture(scope="module")
+def moe_env(tmp_path_factory):
+    return toy_env(tmp_path_factory.mktemp("toy"), model="tiny-qwen3-moe")
 
 
 def _expert_weights(ckpt: Path, model_cfg) -> dict[str, torch.Tensor]:
@@ -41,8 +45,9 @@ def _train(args: list[str]) -> str:
     return p.stdout
 
 
-def test_apo_tp2_ep2_three_steps_with_resume(tmp_path):
-    env = toy_env(tmp_path / "toy", model="tiny-qwen3-moe")
+@pytest.mark.slow  # two CLI runs of 4 trainer ranks plus a Ray CPU fleet
+def test_apo_tp2_ep2_three_steps_with_resume(moe_env, tmp_path):
+    env = moe_env
     reward = tmp_path / "parity_reward.py"  # varying rewards: a random model never solves the toy task
     reward.write_text("def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
                       "    return float(len(solution_str) % 2)\n")
@@ -77,3 +82,20 @@ def test_apo_tp2_ep2_three_steps_with_resume(tmp_path):
     assert experts == {"0", "1", "2", "3"}
     for name, w in before.items():
         assert not torch.equal(w, after[name]), f"{name} did not change between steps 1 and 3"
+
+
+@pytest.mark.parametrize("model, extra, message", [
+    ("moe", ["model.moe_aux_loss_coeff=-0.1"], "model.moe_aux_loss_coeff=-0.1 must be >= 0"),
+    ("dense", ["model.moe_aux_loss_coeff=0.01"], "needs a mixture-of-experts model"),
+    ("dense", ["parallel.expert_model_parallel_size=2"], "needs a mixture-of-experts model"),
+    ("moe", ["parallel.expert_model_parallel_size=3"], "does not divide num_moe_experts=4"),
+])
+def test_bad_moe_config_is_one_line(moe_env, tmp_path, model, extra, message):
+    args = overrides(moe_env, tmp_path, tp=2)
+    if model == "dense":
+        args = [a for a in args if not a.startswith("model.config=")] + ["model.config=tiny"]
+    r = subprocess.run([sys.executable, "-m", "megatron_apo.cli", "train", *args, *extra], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
