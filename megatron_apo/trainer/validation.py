@@ -15,10 +15,11 @@ __all__ = ["DTYPE_NAMES", "validate_run_config"]  # DTYPE_NAMES re-exported: tra
 def validate_run_config(cfg: RunConfig, world_size: int | None = None) -> ModelConfig:
     """Everything checkable before a process group starts; raises ValueError/FileNotFoundError (one line)."""
     p = cfg.parallel
+    # the per-key checks first: a zero size would otherwise surface as "0 processes"
+    p.validate(world_size if world_size is not None and world_size >= 1 else
+               p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.expert_model_parallel_size)
     if world_size is not None and world_size < 1:
         raise ValueError(f"{world_size} processes: launch at least one (--nproc / WORLD_SIZE)")
-    p.validate(world_size if world_size is not None else
-               p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.expert_model_parallel_size)
     model_cfg = load_model_config(cfg.model.config)
     model_cfg.validate(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, source=f"model {model_cfg.name}",
                        expert_parallel_size=p.expert_model_parallel_size)
