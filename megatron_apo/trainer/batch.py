@@ -24,6 +24,9 @@ class RLBatch:
     rewards: torch.Tensor  # [N] float
     advantages: torch.Tensor  # [N, T] float
     group_index: torch.Tensor  # [N] int64: which prompt the sample answers
+    # MoE with an engine that reports it: [N, T, layers, k] int64 experts the rollout routed response token j's
+    # predicting position to (-1 past the response); [N, 0] otherwise
+    rollout_experts: torch.Tensor
 
     @property
     def size(self) -> int:
@@ -73,7 +76,19 @@ def build_batch(
         rollout_lp[i, :rl] = torch.tensor(smp.logprobs, dtype=torch.float32)
         group[i] = p
     adv = advantages.reshape(n, 1).float() * mask
-    return RLBatch(tokens, resp_index, response_ids, mask, rollout_lp, rewards.reshape(n).float(), adv, group)
+    return RLBatch(tokens, resp_index, response_ids, mask, rollout_lp, rewards.reshape(n).float(), adv, group,
+                   _rollout_experts(flat, t))
+
+
+def _rollout_experts(flat: list, t: int) -> torch.Tensor:
+    routed = [s.meta.get("routed_experts") for _, s in flat]
+    if not routed or not all(routed):  # a dense model, or an engine that does not report routing
+        return torch.zeros((len(flat), 0), dtype=torch.long)
+    layers, k = len(routed[0][0]), len(routed[0][0][0])
+    out = torch.full((len(flat), t, layers, k), -1, dtype=torch.long)
+    for i, r in enumerate(routed):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
 
 
 def response_logits(logits: torch.Tensor, resp_index: torch.Tensor) -> torch.Tensor:

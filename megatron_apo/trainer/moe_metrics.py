@@ -9,6 +9,8 @@ Collective: every trainer rank calls it.
 
 from __future__ import annotations
 
+import contextlib
+
 TRACKED = "load_balancing_loss"  # megatron-core's name for the aux_loss load-balancing type
 
 
@@ -26,3 +28,23 @@ def aux_loss_metrics(model_cfg, aux_loss_coeff: float, num_micro_batches: int) -
     track_moe_metrics(loss_scale=1.0 / max(1, num_micro_batches), iteration=0, total_loss_dict=totals,
                       force_initialize=True, track_names=[TRACKED], num_layers=model_cfg.num_layers)
     return {"train/moe_aux_loss": float(totals[TRACKED])}
+
+
+@contextlib.contextmanager
+def routing_capture(policy_chunks: list, settings):
+    """During the old-policy forward: records the policy's routing so the old pass can log
+    rollout/routing_mismatch (docs/models.md). Only for one model chunk holding every layer (PP = 1)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_apo.models.routing import capture_routing
+
+    cfg = policy_chunks[0].config
+    if not cfg.num_moe_experts or len(policy_chunks) != 1 or ps.get_pipeline_model_parallel_world_size() != 1:
+        yield
+        return
+    with capture_routing(policy_chunks[0]) as maps:
+        settings.routing = maps
+        try:
+            yield
+        finally:
+            settings.routing = None

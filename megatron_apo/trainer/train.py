@@ -28,7 +28,7 @@ from megatron_apo.parallel import control_plane, init_distributed
 from megatron_apo.trainer.batch import RLBatch
 from megatron_apo.trainer.checkpoint import load_model_weights, resume_checkpoint, save_checkpoint
 from megatron_apo.trainer.lifecycle import note_stopped
-from megatron_apo.trainer.moe_metrics import aux_loss_metrics
+from megatron_apo.trainer.moe_metrics import aux_loss_metrics, routing_capture
 from megatron_apo.trainer.optim import OptimConfig, build_optimizer, wrap_ddp, zero_grads
 from megatron_apo.trainer.passes import PassSettings, old_policy_pass, reference_pass, train_pass
 from megatron_apo.trainer.runlock import claim_run_dirs
@@ -192,7 +192,7 @@ def train(cfg: RunConfig) -> list[dict]:
                 forward_backward([reference], micro, reference_pass(settings), seq, mbs, forward_only=True)
             metrics["time/reference_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            with torch.no_grad():
+            with torch.no_grad(), routing_capture(policy, settings):
                 old = forward_backward(policy, micro, old_policy_pass(settings), seq, mbs, forward_only=True)
             metrics.update(_gather_last_stage_metrics(old))
 

@@ -2,7 +2,8 @@
 
 Two steps, then the same command with total_steps=3 resumes from the EP=2 checkpoint and runs the third.
 Checked: finite losses, the router's load-balancing loss logged, the fleet's log-probs equal the trainer's
-(expert weight sync), and every expert's weights changed between the step-1 and step-3 checkpoints (experts
+(expert weight sync), the routing mismatch between the engine and the trainer logged (near 0 in fp32), and every
+expert's weights changed between the step-1 and step-3 checkpoints (experts
 0-1 live on EP rank 0, 2-3 on EP rank 1).
 """
 
@@ -72,6 +73,8 @@ def test_apo_tp2_ep2_three_steps_with_resume(moe_env, tmp_path):
         assert 0.5 < r["train/moe_aux_loss"] < 4.0  # 1.0 is perfectly balanced routing over 4 experts, top-2
         # the fleet (transformers Qwen3-MoE) serves the trainer's experts: same sampling log-probs
         assert r["rollout/logprob_abs_diff"] < 1e-4, r["rollout/logprob_abs_diff"]
+        # the engine's routing during decoding vs the trainer's old-policy forward: fp32 on both sides
+        assert 0.0 <= r["rollout/routing_mismatch"] < 0.02, r["rollout/routing_mismatch"]
 
     ckpts = {int(p.name.removeprefix("iter_")): p for p in list_checkpoints(out / "checkpoints")}
     assert sorted(ckpts) == [1, 2, 3]
