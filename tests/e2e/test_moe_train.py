@@ -66,6 +66,8 @@ def test_apo_tp2_ep2_three_steps_with_resume(moe_env, tmp_path):
 
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]
+    print({r["step"]: {k: r.get(k) for k in ("loss", "train/grad_norm", "train/moe_aux_loss",
+                                             "rollout/routing_mismatch", "rollout/logprob_abs_diff")} for r in rows})
     for r in rows:
         for key in ("loss", "train/grad_norm", "train/moe_aux_loss"):
             assert math.isfinite(r[key]), (r["step"], key, r[key])

@@ -1,6 +1,7 @@
 """The CPU engine reports, per response token, the experts its decoding routed the predicting position to: the
 same top-k sets as one full forward of prompt + response; dense models report nothing."""
 
+import pytest
 import torch
 
 from megatron_apo.models.routing import hf_routing
@@ -34,3 +35,21 @@ def test_dense_models_report_no_routing(tmp_path):
     model.save_pretrained(tmp_path)
     s = CPUEngine(model_path=str(tmp_path)).generate([[5, 9]], SamplingParams(max_new_tokens=3, seed=1))[0][0]
     assert "routed_experts" not in s.meta
+
+
+def test_response_routing_mismatch_counts_differing_token_layer_pairs():
+    from megatron_apo.models.routing import response_routing_mismatch, routing_maps_from_ids
+
+    b, s, layers, e = 2, 6, 2, 4
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.stack([torch.randperm(e, generator=gen)[:2] for _ in range(layers * s * b)]).view(layers, s, b, 2)
+    maps = [routing_maps_from_ids(ids[i], e).view(s * b, e) for i in range(layers)]  # Megatron's [s*b, E] order
+    resp_index = torch.tensor([[2, 3, 4], [1, 2, 3]])
+    rollout = torch.stack([ids[:, resp_index[i], i] for i in range(b)]).permute(0, 2, 1, 3).clone()  # [b,T,L,k]
+    rollout[1, 2] = -1  # past the end of sample 1's response
+    batch = {"tokens": torch.zeros(b, s, dtype=torch.long), "resp_index": resp_index, "rollout_experts": rollout,
+             "response_mask": torch.tensor([[1.0, 1, 1], [1, 1, 0]])}
+    assert response_routing_mismatch(list(maps), batch) == 0.0
+    other = [x for x in range(e) if x not in rollout[0, 1, 1].tolist()]
+    rollout[0, 1, 1] = torch.tensor(other[:2])  # token 1 of sample 0, layer 1: a different expert set
+    assert response_routing_mismatch(list(maps), batch).item() == pytest.approx(1 / (5 * layers))
