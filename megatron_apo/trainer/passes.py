@@ -82,7 +82,7 @@ def old_policy_pass(settings: PassSettings):
         m = batch["response_mask"]
         gap = batch["old_logprobs"] - batch["rollout_logprobs"]
         metrics = logprob_mismatch(batch["rollout_logprobs"], batch["old_logprobs"], m)
-        if settings.routing is not None and batch["rollout_experts"].dim() == 4:
+        if settings.routing is not None and batch.get("rollout_experts") is not None:
             metrics["rollout/routing_mismatch"] = response_routing_mismatch(settings.routing, batch)
         if settings.tis_cap is not None:
             # The rollouts came from the previous weights: scaling A by the truncated ratio scales every
