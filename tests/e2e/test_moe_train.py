@@ -1,6 +1,7 @@
 """APO on the tiny Qwen3-MoE through `megatron-apo train` at TP=2 x EP=2 (4 gloo ranks) with the CPU fleet.
 
-Two steps, then the same command with total_steps=3 resumes from the EP=2 checkpoint and runs the third.
+Two steps, then the same command with total_steps=3 resumes from the EP=2 checkpoint and runs the third,
+which equals the third step of an uninterrupted run.
 Checked: finite losses, the router's load-balancing loss logged, the fleet's log-probs equal the trainer's
 (expert weight sync), the routing mismatch between the engine and the trainer logged (near 0 in fp32), and every
 expert's weights changed between the step-1 and step-3 checkpoints (experts
@@ -39,6 +40,10 @@ def _expert_weights(ckpt: Path, model_cfg) -> dict[str, torch.Tensor]:
     return out
 
 
+def _wall_clock(key: str) -> bool:
+    return key == "time" or key.startswith(("time/", "throughput/"))
+
+
 def _train(args: list[str]) -> str:
     p = subprocess.run([sys.executable, "-m", "megatron_apo.cli", "train", *args], cwd=REPO, capture_output=True,
                        text=True, timeout=900)
@@ -54,7 +59,7 @@ def test_apo_tp2_ep2_three_steps_with_resume(moe_env, tmp_path):
                       "    return float(len(solution_str) % 2)\n")
     out = tmp_path / "run"
 
-    def args(steps):
+    def args(steps, out=out):
         return overrides(env, out, tp=2, steps=steps, extra=[
             "parallel.expert_model_parallel_size=2", "algorithm.loss_mode=apo_ratio", "model.moe_aux_loss_coeff=0.01",
             f"data.reward_fn={reward}:compute_score", "checkpoint.save_interval=1", "checkpoint.keep_last=3",
@@ -78,6 +83,14 @@ def test_apo_tp2_ep2_three_steps_with_resume(moe_env, tmp_path):
         # the engine's routing during decoding vs the trainer's old-policy forward: fp32 on both sides
         assert 0.0 <= r["rollout/routing_mismatch"] < 0.02, r["rollout/routing_mismatch"]
 
+    # the resumed step equals the same step of an uninterrupted run, bit for bit (weights, optimizer state with
+    # the experts' own optimizer, RNG and data order all restored)
+    straight = tmp_path / "straight"
+    _train(args(3, straight))
+    want = read_metrics(straight / "metrics.jsonl")[2]
+    assert {k: v for k, v in rows[2].items() if not _wall_clock(k)} == {k: v for k, v in want.items()
+                                                                       if not _wall_clock(k)}
+
     ckpts = {int(p.name.removeprefix("iter_")): p for p in list_checkpoints(out / "checkpoints")}
     assert sorted(ckpts) == [1, 2, 3]
     model_cfg = load_model_config(env["model"])
@@ -87,6 +100,9 @@ def test_apo_tp2_ep2_three_steps_with_resume(moe_env, tmp_path):
     assert experts == {"0", "1", "2", "3"}
     for name, w in before.items():
         assert not torch.equal(w, after[name]), f"{name} did not change between steps 1 and 3"
+    # step 3's update used the restored Adam state: the experts after it equal the uninterrupted run's
+    uninterrupted = _expert_weights(list_checkpoints(straight / "checkpoints")[-1], model_cfg)
+    assert all(torch.equal(after[n], uninterrupted[n]) for n in after)
 
 
 @pytest.mark.parametrize("model, extra, message", [
