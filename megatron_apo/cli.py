@@ -167,7 +167,7 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="RL training (APO, GRPO, KL, CaSP); under torchrun/srun, or spawns local ranks")
     p.add_argument("--config", default=None, help="YAML run config (see configs/)")
     p.add_argument("--nproc", type=int, default=None,
-                   help="without torchrun/srun: local processes to spawn (default TP*PP)")
+                   help="without torchrun/srun: local processes to spawn (default TP*PP*EP)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. algorithm.loss_mode=vanilla")
     p.set_defaults(func=_run_train)
 
@@ -186,7 +186,8 @@ def _run_train(args) -> int:
     if args.nproc is not None and args.nproc < 1:
         raise InputError(f"--nproc must be >= 1, got {args.nproc}")
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) if launched else (
-        args.nproc or cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size)
+        args.nproc or cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
+        * cfg.parallel.expert_model_parallel_size)
     validate_run_config(cfg, world)
     if not launched or int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
         preflight(cfg)  # data, tokenizer, engine, out_dir lock: before any rank starts

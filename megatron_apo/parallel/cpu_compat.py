@@ -107,6 +107,9 @@ def rng_tracker_kwargs() -> dict:
 class _HostEvent:
     """A CUDA event stand-in: host work is already complete when it is recorded."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
     def synchronize(self) -> None:
         pass
 
@@ -121,7 +124,17 @@ class _HostEvent:
 
 
 class _HostStream:
-    """A CUDA stream stand-in: the host runs everything in program order on one 'stream'."""
+    """A CUDA stream stand-in: the host runs everything in program order on one 'stream'.
+
+    A class (not a factory function): libraries annotate with `torch.cuda.Stream | None`.
+    """
+
+    _one: "_HostStream | None" = None
+
+    def __new__(cls, *args, **kwargs):
+        if cls._one is None:
+            cls._one = super().__new__(cls)
+        return cls._one  # one stream: the current one (so no side-stream sync)
 
     def wait_stream(self, stream) -> None:
         pass
@@ -143,8 +156,8 @@ def _patch_streams() -> None:
     """Reason: the MoE all-to-all dispatcher copies routing metadata on a side CUDA stream and syncs on its event."""
     import contextlib
 
-    torch.cuda.Stream = lambda *a, **k: _HOST_STREAM  # one stream: the current one (so no side-stream sync)
-    torch.cuda.Event = lambda *a, **k: _HostEvent()
+    torch.cuda.Stream = _HostStream
+    torch.cuda.Event = _HostEvent
     torch.cuda.current_stream = lambda *a, **k: _HOST_STREAM
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
 

@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from megatron_apo.models.routing import capture_hf_routing, last_position_experts
 from megatron_apo.rollout.engine import RolloutEngine, Sample, SamplingParams
 from megatron_apo.rollout.sampling import request_seed, sample_tokens
 from megatron_apo.rollout.sync_group import measure_broadcast_bandwidth
@@ -106,6 +107,7 @@ class CPUEngine(RolloutEngine):
         self._sync = EngineSyncState()
         self._store = WeightStore()  # received buckets become the weights (no copy per sync)
         self._params = dict(self.model.named_parameters())
+        self._moe_top_k = int(getattr(self.model.config, "num_experts_per_tok", 0) or 0)  # 0: dense
         self._slots = hf_tensor_slots(self.model)  # by HF checkpoint name (experts: views of fused parameters)
         self._tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
         # transformers 5.x renamed past_key_values -> cache (the old name is deprecated); support both lines
@@ -262,8 +264,16 @@ class CPUEngine(RolloutEngine):
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
         pos = (mask.cumsum(-1) - 1).clamp_(min=0)
+        with capture_hf_routing(self.model, self._moe_top_k) as router_calls:
+            return self._decode(ids, mask, pos, params, gens, router_calls)
+
+    def _decode(self, ids, mask, pos, params: SamplingParams, gens: list[torch.Generator],
+                router_calls: list) -> list[Sample]:
+        b = ids.shape[0]
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         past, next_logits = self._cache_of(out), out.logits[:, -1].float()
+        # MoE: the experts of the position whose logits sample the next token, per layer (docs/models.md)
+        experts, routed = last_position_experts(router_calls, b), [[] for _ in range(b)]
         last_pos = pos[:, -1]
         stop = set(params.stop_token_ids)
         tokens: list[list[int]] = [[] for _ in range(b)]
@@ -277,6 +287,8 @@ class CPUEngine(RolloutEngine):
                     continue
                 tokens[i].append(int(tok[i]))
                 logps[i].append(float(lp[i]))
+                if experts is not None:
+                    routed[i].append(experts[i].tolist())
                 if int(tok[i]) in stop:
                     done[i], finish[i] = True, "stop"
             if all(done) or step + 1 == params.max_new_tokens:
@@ -286,5 +298,9 @@ class CPUEngine(RolloutEngine):
             out = self.model(input_ids=tok.unsqueeze(-1), attention_mask=mask, position_ids=last_pos.unsqueeze(-1),
                              use_cache=True, **{self._cache_kw: past})
             past, next_logits = self._cache_of(out), out.logits[:, -1].float()
-        return [Sample(-1, -1, tokens[i], logps[i], finish[i], {"logprob_space": params.logprob_space()})
-                for i in range(b)]
+            experts = last_position_experts(router_calls, b)
+        meta = [{"logprob_space": params.logprob_space()} for _ in range(b)]
+        for i in range(b):
+            if routed[i]:
+                meta[i]["routed_experts"] = routed[i]  # [T][layers][k]
+        return [Sample(-1, -1, tokens[i], logps[i], finish[i], meta[i]) for i in range(b)]

@@ -24,20 +24,23 @@ class RLBatch:
     rewards: torch.Tensor  # [N] float
     advantages: torch.Tensor  # [N, T] float
     group_index: torch.Tensor  # [N] int64: which prompt the sample answers
+    # MoE with an engine that reports it: [N, T, layers, k] int64 experts the rollout routed response token j's
+    # predicting position to (-1 past the response); None otherwise
+    rollout_experts: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
         return self.tokens.shape[0]
 
     def select(self, idx: torch.Tensor | slice) -> "RLBatch":
-        return RLBatch(**{k: getattr(self, k)[idx] for k in self.__dataclass_fields__})
+        return RLBatch(**{k: _rows(getattr(self, k), idx) for k in self.__dataclass_fields__})
 
     def micro_batches(self, micro_batch_size: int) -> list[dict]:
         """Micro-batch dicts for the Megatron schedule (the loss functions read and write these dicts)."""
         out = []
         s = self.tokens.shape[1]
         for i in range(0, self.size, micro_batch_size):
-            mb = {k: getattr(self, k)[i : i + micro_batch_size] for k in self.__dataclass_fields__}
+            mb = {k: _rows(getattr(self, k), slice(i, i + micro_batch_size)) for k in self.__dataclass_fields__}
             mb["position_ids"] = torch.arange(s).unsqueeze(0).expand(mb["tokens"].shape[0], -1).contiguous()
             out.append(mb)
         return out
@@ -73,7 +76,23 @@ def build_batch(
         rollout_lp[i, :rl] = torch.tensor(smp.logprobs, dtype=torch.float32)
         group[i] = p
     adv = advantages.reshape(n, 1).float() * mask
-    return RLBatch(tokens, resp_index, response_ids, mask, rollout_lp, rewards.reshape(n).float(), adv, group)
+    return RLBatch(tokens, resp_index, response_ids, mask, rollout_lp, rewards.reshape(n).float(), adv, group,
+                   _rollout_experts(flat, t))
+
+
+def _rows(t: torch.Tensor | None, idx):
+    return None if t is None else t[idx]
+
+
+def _rollout_experts(flat: list, t: int) -> torch.Tensor | None:
+    routed = [s.meta.get("routed_experts") for _, s in flat]
+    if not routed or not all(routed):  # a dense model, or an engine that does not report routing
+        return None
+    layers, k = len(routed[0][0]), len(routed[0][0][0])
+    out = torch.full((len(flat), t, layers, k), -1, dtype=torch.long)
+    for i, r in enumerate(routed):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
 
 
 def response_logits(logits: torch.Tensor, resp_index: torch.Tensor) -> torch.Tensor:

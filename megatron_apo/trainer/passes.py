@@ -21,6 +21,7 @@ import torch
 
 from megatron_apo.algorithms.losses import LossInputs, compute_policy_loss, loss_inputs
 from megatron_apo.config import AlgorithmConfig
+from megatron_apo.models.routing import response_routing_mismatch
 from megatron_apo.ops.vocab_parallel import vocab_parallel_logprob_stats
 from megatron_apo.rollout.sampling import logprob_mismatch
 from megatron_apo.trainer.batch import response_logits
@@ -32,6 +33,7 @@ class PassSettings:
     vocab_size: int  # the true vocabulary (Megatron's padded rows are excluded by the ops)
     temperature: float = 1.0  # the rollout temperature: log-probs are those of the sampling distribution
     tis_cap: float | None = None  # one-step-off-policy: truncated importance weights pi_old / pi_rollout
+    routing: list | None = None  # MoE: router maps captured during the old-policy forward (moe_metrics.routing_capture)
 
     @property
     def inputs(self) -> LossInputs:
@@ -80,6 +82,8 @@ def old_policy_pass(settings: PassSettings):
         m = batch["response_mask"]
         gap = batch["old_logprobs"] - batch["rollout_logprobs"]
         metrics = logprob_mismatch(batch["rollout_logprobs"], batch["old_logprobs"], m)
+        if settings.routing is not None and batch.get("rollout_experts") is not None:
+            metrics["rollout/routing_mismatch"] = response_routing_mismatch(settings.routing, batch)
         if settings.tis_cap is not None:
             # The rollouts came from the previous weights: scaling A by the truncated ratio scales every
             # A-linear loss term (the dual-clipped PG, its clip bound, the APO pull weight |A|) by it.

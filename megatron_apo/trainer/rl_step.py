@@ -16,6 +16,7 @@ import torch
 
 from megatron_apo.parallel import control_plane
 from megatron_apo.trainer.batch import RLBatch
+from megatron_apo.trainer.moe_metrics import aux_loss_metrics, routing_capture
 from megatron_apo.trainer.optim import zero_grads
 from megatron_apo.trainer.passes import PassSettings, old_policy_pass, reference_pass, train_pass
 from megatron_apo.trainer.schedule import forward_backward
@@ -23,11 +24,14 @@ from megatron_apo.trainer.schedule import forward_backward
 
 @dataclass
 class RLModels:
-    """What an RL step updates and reads: the DDP-wrapped policy chunks, their optimizer, the frozen reference."""
+    """What an RL step updates and reads: the DDP-wrapped policy chunks, their optimizer, the frozen reference
+    (and, for MoE models, the architecture and the router's aux-loss coefficient, for its metric)."""
 
     policy: list
     optimizer: object
     reference: torch.nn.Module
+    model_cfg: object = None
+    moe_aux_loss_coeff: float = 0.0
 
 
 def lr_at(step: int, t) -> float:
@@ -57,7 +61,7 @@ def rl_step(step: int, batch: RLBatch, models: RLModels, settings: PassSettings,
         forward_backward([models.reference], micro, reference_pass(settings), seq, mbs, forward_only=True)
     metrics["time/reference_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), routing_capture(models.policy, settings):  # MoE: rollout/routing_mismatch
         old = forward_backward(models.policy, micro, old_policy_pass(settings), seq, mbs, forward_only=True)
     metrics.update(_gather_last_stage_metrics(old))
 
@@ -77,6 +81,8 @@ def rl_step(step: int, batch: RLBatch, models: RLModels, settings: PassSettings,
             grad_norm = float(gn or 0.0)
             train_metrics.extend(out)
     metrics.update(_gather_last_stage_metrics(train_metrics))
+    if models.model_cfg is not None:
+        metrics.update(aux_loss_metrics(models.model_cfg, models.moe_aux_loss_coeff, t.ppo_epochs * len(micro)))
     metrics["time/train_s"] = time.perf_counter() - t0
     metrics["train/skipped_updates"] = float(skipped)
     metrics["train/grad_norm"] = grad_norm

@@ -98,7 +98,8 @@ def _build_models(cfg: RunConfig, model_cfg) -> RLModels:
         raise ConfigError("trainer.recompute=full needs a GPU (Megatron snapshots CUDA RNG states in every recomputed "
                           "layer); set trainer.recompute=none on CPU")
     policy = [wrap_ddp(build_gpt_model(model_cfg, params_dtype=dtype, transformer_impl=impl,
-                                       recompute=t.recompute == "full"),
+                                       recompute=t.recompute == "full",
+                                       moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff),
                        use_distributed_optimizer=t.use_distributed_optimizer)]
     optimizer = build_optimizer(policy, t)  # the trainer section is the optimizer config (config.OptimConfig)
     reference = build_gpt_model(model_cfg, params_dtype=dtype, transformer_impl=impl)
@@ -106,7 +107,8 @@ def _build_models(cfg: RunConfig, model_cfg) -> RLModels:
     reference.eval()
     if t.ref_cpu_offload and _cuda():
         reference.cpu()
-    return RLModels(policy=policy, optimizer=optimizer, reference=reference)
+    return RLModels(policy=policy, optimizer=optimizer, reference=reference, model_cfg=model_cfg,
+                    moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff)
 
 
 def _load_weights(cfg: RunConfig, ckpt_dir: Path, models: RLModels) -> tuple[int, dict | None]:

@@ -17,7 +17,11 @@ def validate_run_config(cfg: RunConfig, world_size: int | None = None) -> ModelC
     if world_size is not None and world_size < 1:
         raise ConfigError(f"{world_size} processes: launch at least one (--nproc / WORLD_SIZE)")
     model_cfg = load_model_config(cfg.model.config)
-    model_cfg.validate(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, source=f"model {model_cfg.name}")
+    model_cfg.validate(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, source=f"model {model_cfg.name}",
+                       expert_parallel_size=p.expert_model_parallel_size)
+    if cfg.model.moe_aux_loss_coeff > 0 and not model_cfg.is_moe:
+        raise ConfigError(f"model.moe_aux_loss_coeff={cfg.model.moe_aux_loss_coeff} needs a mixture-of-experts model "
+                          f"({model_cfg.name} is dense); remove it")
     cfg.validate()  # every section's choices and ranges (load_config ran it too; a config built in code may not)
     for key in ("nccl_timeout_minutes", "control_timeout_minutes"):
         if getattr(cfg.parallel, key) < 1:

@@ -68,3 +68,38 @@ def moe_logits_grads_norm(tp: int, ep: int, distributed_optimizer: bool = False)
         "ep_rank": ps.get_expert_model_parallel_rank(),
         "expert_offset": ps.get_expert_model_parallel_rank() * (cfg.num_moe_experts // ep),
     }
+
+
+def routing_vs_transformers(router_noise: float = 0.0) -> dict:
+    """Routing maps of tiny-qwen3-moe in Megatron and in transformers' Qwen3MoeForCausalLM with the same weights
+    (the HF router weights optionally perturbed by `router_noise`), and their mismatch."""
+    from megatron_apo.models.hf_mapping import hf_config_from_model_config, megatron_to_hf
+    from megatron_apo.models.routing import capture_routing, hf_routing, megatron_routing, routing_mismatch
+    from megatron_apo.models.sharding import iter_local_params
+    from megatron_apo.rollout.cpu_engine import build_hf_model, hf_tensor_slots
+
+    init_distributed(ParallelConfig(1, 1))
+    cfg = load_model_config(MOE_MODEL)
+    model = build_gpt_model(cfg)
+    set_fixed_weights(model)
+    model.eval()
+    hf = build_hf_model(hf_config_from_model_config(cfg))
+    slots = hf_tensor_slots(hf)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for lp in iter_local_params(model):
+            for hf_name, t in megatron_to_hf(cfg, lp.global_name, lp.tensor.detach()):
+                param, index = slots[hf_name]
+                if router_noise and hf_name.endswith("mlp.gate.weight"):
+                    t = t + router_noise * torch.randn(t.shape, generator=gen)
+                (param.data if index is None else param.data[index]).copy_(t)
+    tokens = fixed_tokens(cfg.vocab_size, 2, SEQ)
+    pos = torch.arange(SEQ).expand(2, -1)
+    with torch.no_grad(), capture_routing(model) as maps:
+        model(tokens, pos, attention_mask=None)
+    ours = megatron_routing(maps, 2, SEQ)
+    theirs = hf_routing(hf, tokens, cfg.moe_router_topk)
+    mask = torch.ones(2, SEQ)
+    mask[:, : SEQ // 2] = 0  # e.g. only the response half
+    return {"layers": len(maps), "per_token_experts": ours.sum(-1).unique().tolist(),
+            "mismatch": routing_mismatch(ours, theirs), "masked_mismatch": routing_mismatch(ours, theirs, mask)}
