@@ -85,10 +85,10 @@ class ModelConfig:
                 f"{where}pipeline parallel size {pipeline_parallel_size} does not divide num_layers={self.num_layers}"
             )
         if expert_parallel_size > 1 and not self.is_moe:
-            raise ValueError(f"{where}expert parallel size {expert_parallel_size} needs a mixture-of-experts model; "
+            raise InputError(f"{where}expert parallel size {expert_parallel_size} needs a mixture-of-experts model; "
                              "set parallel.expert_model_parallel_size=1")
         if self.is_moe and self.num_moe_experts % expert_parallel_size:
-            raise ValueError(f"{where}expert parallel size {expert_parallel_size} does not divide "
+            raise InputError(f"{where}expert parallel size {expert_parallel_size} does not divide "
                              f"num_moe_experts={self.num_moe_experts}; pick an EP that divides it")
 
     @classmethod
