@@ -47,6 +47,7 @@ def _distinct_step_tensors(states: list[dict]) -> None:
         assert len(ids) == len(set(ids))
 
 
+@pytest.mark.slow
 def test_optimizer_state_round_trip_tp2_is_exact(saved_tp2):
     ckpt, saver = saved_tp2
     resumed = run_distributed(train_save_or_resume, 2, 2, ckpt, False, 2, True, timeout=300)

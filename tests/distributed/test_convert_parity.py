@@ -14,6 +14,8 @@ from megatron_apo.models.convert import convert_megatron_to_hf
 from megatron_apo.parallel import run_distributed
 from tests.helpers.hf_models import build_hf_model, convert_then_run, sample_tokens
 
+pytestmark = pytest.mark.slow  # every test here takes more than ~10 s on 2 cores
+
 KINDS = ("qwen2", "qwen2-tied", "llama31", "qwen3")
 
 

@@ -46,6 +46,7 @@ def test_harness_surfaces_child_traceback():
     assert "rank 1" in str(e.value)
 
 
+@pytest.mark.slow
 def test_harness_times_out_naming_ranks():
     with pytest.raises(DistributedError, match=r"ranks \[0\] did not finish within 3s"):
         run_distributed(_hangs, 1, timeout=3)
@@ -78,6 +79,7 @@ def test_cli_bad_input_is_one_line():
     assert "does not divide num_query_groups" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_smoke_tp2_loss_falls():
     r = subprocess.run([sys.executable, "-m", "megatron_apo.cli", "smoke", "--tp", "2", "--steps", "12"],
                        capture_output=True, text=True, timeout=300)

@@ -106,6 +106,7 @@ def test_run_config_checks_the_new_settings():
             validate_run_config(cfg)
 
 
+@pytest.mark.slow
 def test_checkpoints_load_across_layer_specs(tmp_path):
     out = run_distributed(bodies.spec_interchange_body, 1, str(tmp_path), timeout=300)[0]
     # TE's attention and norm FP8 metadata: absent from a local-spec checkpoint, left at the fresh default

@@ -46,6 +46,7 @@ def test_pp2_1f1b_matches_pp1(dense_reference):
     _assert_same(_merge(run_distributed(loss_and_grads, 2, tp=1, pp=2, timeout=180)), dense_reference)
 
 
+@pytest.mark.slow
 def test_tp2_pp2_matches_dense(dense_reference):
     _assert_same(_merge(run_distributed(loss_and_grads, 4, tp=2, pp=2, timeout=240)), dense_reference)
 

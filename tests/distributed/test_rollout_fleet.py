@@ -95,6 +95,7 @@ def test_engine_killed_during_generate_loses_and_duplicates_nothing(ray_cluster,
         f.shutdown()
 
 
+@pytest.mark.slow
 def test_single_engine_lost_mid_generate_is_replaced_by_a_trainer_sync(ray_cluster, tmp_path):
     """num_engines=1: the replacement gets the trainer's weights by a sync (no peer, no object store), and
     the interrupted generate resumes: every sample exactly once, the same as an undisturbed run."""

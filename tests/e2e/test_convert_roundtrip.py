@@ -83,6 +83,7 @@ def test_round_trip_tp2_pp2_is_bit_exact_and_generates_the_same_tokens(qwen_tied
     assert tok("w5 w7")["input_ids"] == [5, 7]
 
 
+@pytest.mark.slow
 def test_training_checkpoint_dirs_resolve_to_latest(qwen_tied_round_trip, tmp_path):
     root, _ = qwen_tied_round_trip
     train = tmp_path / "ckpts"

@@ -132,6 +132,7 @@ def test_every_checkpoint_damaged_is_one_clear_error(three_saves, tmp_path):
     assert err.startswith("CheckpointCorrupt: no intact checkpoint in") and "checkpoint.resume=false" in err, err
 
 
+@pytest.mark.slow
 def test_convert_refuses_a_flipped_byte(three_saves, tmp_path):
     ckpt = _copy(three_saves[0] / "iter_0000003", tmp_path / "it")
     victim = sorted((ckpt / "model").glob("*.distcp"))[0]

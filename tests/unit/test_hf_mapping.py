@@ -158,6 +158,7 @@ def test_hf_config_reading_accepts_transformers5_rope_parameters_and_rejects_unk
         model_config_from_hf_config(dict(d, rope_scaling={"rope_type": "yarn", "factor": 4.0}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["qwen2", "qwen2-tied", "llama31", "qwen3", "qwen3-moe"])
 def test_megatron_filled_through_mapping_matches_transformers_logits(kind, tmp_path):
     model = build_hf_model(kind)

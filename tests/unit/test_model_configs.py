@@ -21,6 +21,7 @@ def test_configs_present():
     assert EXPECTED <= set(available_model_configs())
 
 
+@pytest.mark.slow
 def test_meta_param_counts_match_published():
     counts = meta_param_counts_cached()
     checked = 0
