@@ -99,11 +99,27 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def find_free_port() -> int:
+# Why not bind(port 0): that hands out the kernel's ephemeral ports (32768+ on Linux), which every process
+# starting at the same moment (spawned ranks, a replacement vLLM engine core, Ray workers) also draws from, so the
+# port could be taken between this check and the store binding it. A random port below that range rarely is.
+_PORT_RANGE = (20000, 32000)
+
+
+def find_free_port(bind_host: str = "127.0.0.1", attempts: int = 64) -> int:
+    """A port free on `bind_host` now, for a TCPStore about to bind it (MASTER_PORT, the weight-sync store)."""
     import socket
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+    rng = random.SystemRandom()
+    for _ in range(attempts):
+        port = rng.randrange(*_PORT_RANGE)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((bind_host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # a crowded range: any free port
+        s.bind((bind_host, 0))
         return s.getsockname()[1]
 
 

@@ -49,32 +49,10 @@ class SyncEndpoint:
 
         `host`: the address the engines connect to; None = `rendezvous_host()` (Ray's node IP of this process).
         """
+        from megatron_apo.parallel.distributed import find_free_port
+
         host = host or rendezvous_host()
-        return cls(host, _free_port_below_ephemeral(host if host != "0.0.0.0" else ""), world_size, backend,
-                   timeout_s)
-
-
-# Why not bind(port 0): that hands out the kernel's ephemeral ports (32768+ on Linux), which every process
-# starting up at the same moment (a replacement vLLM engine core, Ray workers) also draws from, so the port
-# could be taken between this check and the TCPStore binding it. A random port below that range rarely is.
-_PORT_RANGE = (20000, 32000)
-
-
-def _free_port_below_ephemeral(bind_host: str, attempts: int = 64) -> int:
-    import random
-
-    rng = random.SystemRandom()
-    for _ in range(attempts):
-        port = rng.randrange(*_PORT_RANGE)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((bind_host, port))
-            except OSError:
-                continue
-            return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # a crowded range: any free port
-        s.bind((bind_host, 0))
-        return s.getsockname()[1]
+        return cls(host, find_free_port(host if host != "0.0.0.0" else ""), world_size, backend, timeout_s)
 
 
 def rendezvous_host(configured: str | None = None) -> str:
