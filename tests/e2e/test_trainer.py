@@ -266,12 +266,32 @@ def test_launcher_forwards_sigterm_and_locks_out_dir(env, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert second.returncode == 2 and "is in use by another trainer (pid " in second.stderr, second.stderr
     children = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
-    assert children
+    ranks = [pid for pid in children if "spawn_main" in _cmdline(pid)]
+    assert len(ranks) == 2, [_cmdline(pid) for pid in children]  # tp=2
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=300) == 75, p.stdout.read()
     log = p.stdout.read()
     assert "stopped by a signal after step" in log
     stopped = read_metadata(latest_checkpoint(out / "checkpoints"))["step"]
     assert 1 <= stopped < 50 and read_metrics(out / "metrics.jsonl")[-1]["step"] == stopped
-    for pid in children:
-        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    for pid in ranks:  # killed by the launcher or by their parent-death signal before it exited
+        assert not _alive(pid), _cmdline(pid)
+    # multiprocessing's resource tracker exits when it reads EOF from the launcher's pipe: a moment after it
+    deadline = time.time() + 15
+    while time.time() < deadline and any(_alive(pid) for pid in children):
+        time.sleep(0.2)
+    assert not [pid for pid in children if _alive(pid)], [_cmdline(pid) for pid in children if _alive(pid)]
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _alive(pid: str) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
+        return False
