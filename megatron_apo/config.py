@@ -187,13 +187,16 @@ class ParallelConfig:
     control_timeout_minutes: int = 360  # the gloo control plane: ranks wait there while rank 0 rolls out
 
     def validate(self, world_size: int) -> None:
-        """The one TP x PP (x EP) divisibility check; ConfigError names the keys and the fix."""
+        """The one TP x PP (x EP) divisibility check and the timeout ranges; ConfigError names the keys and the fix."""
         tp, pp, ep = (self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
                       self.expert_model_parallel_size)
         for key, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
                            ("expert_model_parallel_size", ep)):
             if value < 1:
                 raise ConfigError(f"parallel.{key}={value} must be >= 1")
+        for key in ("nccl_timeout_minutes", "control_timeout_minutes"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"parallel.{key} must be >= 1 (minutes), got {getattr(self, key)}")
         vpp = self.virtual_pipeline_model_parallel_size
         if vpp is not None and (vpp < 1 or pp == 1):
             raise ConfigError(f"parallel.virtual_pipeline_model_parallel_size={vpp} needs "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import re
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from megatron_apo.config import (
     DType,
     LossAggMode,
     OptimConfig,
+    ParallelConfig,
     RunConfig,
     TrainerSection,
     UserError,
@@ -124,3 +126,15 @@ def test_a_user_error_is_one_line():
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith("megatron-apo plan: error: model config 'no-such-model' not found")
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("nccl_timeout_minutes", 0, "parallel.nccl_timeout_minutes must be >= 1 (minutes), got 0"),
+    ("control_timeout_minutes", -5, "parallel.control_timeout_minutes must be >= 1 (minutes), got -5"),
+    ("expert_model_parallel_size", 3, "world size 4 / PP 1 is not divisible by TP*EP = 6"),
+])
+def test_parallel_config_checks_its_ranges_and_the_grid(field, value, message):
+    p = ParallelConfig(tensor_model_parallel_size=2, **{field: value})
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        p.validate(world_size=4)
+    ParallelConfig(tensor_model_parallel_size=2).validate(world_size=4)  # the defaults pass
