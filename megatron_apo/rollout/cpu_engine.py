@@ -138,9 +138,6 @@ class CPUEngine(RolloutEngine):
     def weights_version(self) -> int:
         return self._sync.version
 
-    def sync_state(self) -> dict:
-        return self._sync.as_dict()
-
     def load_hf_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]], adopt: bool = False) -> list[str]:
         """Copies HF-named full tensors into the model; returns the names loaded.
 

@@ -251,11 +251,6 @@ class RolloutFleet:
 
         return ray.get([a.weights_version.remote() for a in self._actors])
 
-    def sync_states(self) -> list[dict]:
-        import ray
-
-        return ray.get([a.sync_state.remote() for a in self._actors])
-
     def needs_sync(self) -> bool:
         """Some engine was replaced and does not hold the fleet's weights yet."""
         return any(self._stale)

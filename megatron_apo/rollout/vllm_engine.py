@@ -184,9 +184,6 @@ class VLLMEngine(RolloutEngine):
     def weights_version(self) -> int:
         return self._sync.version
 
-    def sync_state(self) -> dict:
-        return self._sync.as_dict()
-
     def update_weights(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """From files: the tensors are written to a safetensors file the workers read (never RPC arguments)."""
         from safetensors.torch import save_file

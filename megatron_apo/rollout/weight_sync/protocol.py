@@ -140,7 +140,3 @@ class EngineSyncState:
             raise WeightSyncError(f"weight sync v{result.version} rejected: {self.failure}")
         self.check_complete(set(result.loaded), expected)
         self.mark_loaded(result.version, result.checksum)
-
-    def as_dict(self) -> dict:
-        return {"version": self.version, "serving": self.serving, "checksum": self.last_checksum,
-                "failure": self.failure}
