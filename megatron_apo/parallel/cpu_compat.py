@@ -93,6 +93,7 @@ def apply() -> None:
     _patch_uneven_sequence_parallel_collectives()
     _patch_torch_norm_sequence_parallel()
     _patch_grad_clipping()
+    _patch_recompute_rng_snapshot()
     _APPLIED = True
 
 
@@ -102,6 +103,27 @@ def rng_tracker_kwargs() -> dict:
     Reason: the default tracker snapshots CUDA RNG states; the inference tracker does not.
     """
     return {} if cuda_available() else {"inference_rng_tracker": True}
+
+
+def _patch_recompute_rng_snapshot() -> None:
+    """Full recompute (`trainer.recompute=full`) on the host.
+
+    Megatron snapshots the CPU and the CUDA RNG state before each layer and restores both before recomputing it.
+    On the host the CPU generator is the only one and megatron snapshots it already (`torch.get_rng_state`), so
+    the CUDA part is an empty placeholder that restores nothing. The recomputation runs inside backward, which
+    torch dispatches through the factory mode with that mode popped: the recomputed layer (its `device="cuda"`
+    causal mask) needs the mode pushed again."""
+    from megatron.core.tensor_parallel import random as tp_random
+
+    tp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    tp_random._set_cuda_rng_state = lambda *args, **kwargs: None
+    recompute_backward = tp_random.CheckpointFunction.backward
+
+    def backward_with_host_factories(ctx, *grads):
+        with _MODE:
+            return recompute_backward(ctx, *grads)
+
+    tp_random.CheckpointFunction.backward = staticmethod(backward_with_host_factories)
 
 
 class _HostEvent:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from megatron_apo.config import ConfigError, RunConfig
+from megatron_apo.config import RunConfig
 from megatron_apo.dtypes import torch_dtype
 from megatron_apo.logging_utils import get_logger
 from megatron_apo.models import build_gpt_model
@@ -94,9 +94,6 @@ def train(cfg: RunConfig) -> list[dict]:
 def _build_models(cfg: RunConfig, model_cfg) -> RLModels:
     """The DDP-wrapped policy, its Megatron optimizer, and the frozen reference (same architecture)."""
     dtype, impl, t = torch_dtype(cfg.model.params_dtype), cfg.model.transformer_impl, cfg.trainer
-    if t.recompute == "full" and not _cuda():
-        raise ConfigError("trainer.recompute=full needs a GPU (Megatron snapshots CUDA RNG states in every recomputed "
-                          "layer); set trainer.recompute=none on CPU")
     policy = [wrap_ddp(build_gpt_model(model_cfg, params_dtype=dtype, transformer_impl=impl,
                                        recompute=t.recompute == "full",
                                        moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff),

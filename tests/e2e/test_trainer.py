@@ -87,6 +87,22 @@ def test_one_step_off_policy_overlaps_rollout_and_applies_tis(env, tmp_path):
         assert 0 < h["rollout/tis_weight_mean"] <= 2.0 and 0 <= h["rollout/tis_truncated_frac"] <= 1
 
 
+@pytest.mark.slow
+def test_full_recompute_trains_like_no_recompute(env, tmp_path):
+    """trainer.recompute=full at TP=2: the step-2 metrics (after an update made from step 1's gradients) equal the
+    run without recompute, to float rounding (1e-5 relative): recompute trades compute for memory, not numbers."""
+    reward = _parity_reward(tmp_path)
+    runs = {}
+    for mode in ("none", "full"):
+        extra = [f"trainer.recompute={mode}", f"data.reward_fn={reward}:compute_score"]
+        cfg = load_config(None, overrides(env, tmp_path / mode, tp=2, steps=2, extra=extra))
+        runs[mode] = run_distributed(_train, 2, cfg, timeout=400)[0]
+    assert runs["none"][0]["train/grad_norm"] > 0  # the first step did update the policy
+    for plain, recomputed in zip(runs["none"], runs["full"]):
+        for key in ("loss", "train/grad_norm", "entropy", "reward/mean"):
+            assert recomputed[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-7), key
+
+
 _NOT_REPRODUCIBLE = ("time/", "throughput/")  # wall-clock measurements
 
 
