@@ -16,6 +16,7 @@ import pytest
 from megatron_apo.parallel import run_distributed
 from megatron_apo.trainer.metrics import MetricsLogger, read_metrics
 from tests.helpers.checkpoint_bodies import resume_newest_intact, save_steps, save_until_error
+from tests.helpers.procs import alive
 
 
 @pytest.fixture
@@ -255,8 +256,7 @@ def test_ranks_do_not_outlive_a_killed_launcher(tmp_path):
     p.kill()
     p.wait()
     deadline = time.time() + 30
-    while time.time() < deadline and any(Path(f"/proc/{c}").exists() for c in children):
+    while time.time() < deadline and any(alive(c) for c in children):
         time.sleep(0.2)
-    alive = [c for c in children if Path(f"/proc/{c}").exists()
-             and "zombie" not in Path(f"/proc/{c}/status").read_text().lower()]
-    assert not alive, f"ranks {alive} outlived the launcher"
+    survivors = [c for c in children if alive(c)]
+    assert not survivors, f"ranks {survivors} outlived the launcher"

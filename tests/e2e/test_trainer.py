@@ -16,6 +16,7 @@ from megatron_apo.config import load_config
 from megatron_apo.parallel import run_distributed
 from megatron_apo.trainer.checkpoint import latest_checkpoint, list_checkpoints, read_metadata
 from megatron_apo.trainer.metrics import read_metrics
+from tests.helpers.procs import alive, cmdline
 from tests.helpers.rl_setup import overrides, toy_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -282,8 +283,8 @@ def test_launcher_forwards_sigterm_and_locks_out_dir(env, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert second.returncode == 2 and "is in use by another trainer (pid " in second.stderr, second.stderr
     children = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
-    ranks = [pid for pid in children if "spawn_main" in _cmdline(pid)]
-    assert len(ranks) == 2, [_cmdline(pid) for pid in children]  # tp=2
+    ranks = [pid for pid in children if "spawn_main" in cmdline(pid)]
+    assert len(ranks) == 2, [cmdline(pid) for pid in children]  # tp=2
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=300) == 75, p.stdout.read()
     log = p.stdout.read()
@@ -291,23 +292,10 @@ def test_launcher_forwards_sigterm_and_locks_out_dir(env, tmp_path):
     stopped = read_metadata(latest_checkpoint(out / "checkpoints"))["step"]
     assert 1 <= stopped < 50 and read_metrics(out / "metrics.jsonl")[-1]["step"] == stopped
     for pid in ranks:  # killed by the launcher or by their parent-death signal before it exited
-        assert not _alive(pid), _cmdline(pid)
+        assert not alive(pid), cmdline(pid)
     # multiprocessing's resource tracker exits when it reads EOF from the launcher's pipe: a moment after it
     deadline = time.time() + 15
-    while time.time() < deadline and any(_alive(pid) for pid in children):
+    while time.time() < deadline and any(alive(pid) for pid in children):
         time.sleep(0.2)
-    assert not [pid for pid in children if _alive(pid)], [_cmdline(pid) for pid in children if _alive(pid)]
+    assert not [pid for pid in children if alive(pid)], [cmdline(pid) for pid in children if alive(pid)]
 
-
-def _cmdline(pid: str) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _alive(pid: str) -> bool:
-    try:
-        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
-    except OSError:
-        return False
