@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_apo.config import InputError
 from megatron_apo.data.parquet import DataReport, read_verl_parquet
 from megatron_apo.data.schema import InvalidDataError, PromptRow
 from megatron_apo.data.tokenizer import Tokenizer
@@ -94,8 +95,9 @@ class PromptSampler:
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_items"] != self.num_items:
-            raise ValueError(f"sampler state is for {state['num_items']} prompts but the dataset has {self.num_items}; "
-                             "resume with the same data file and max_prompt_length")
+            raise InputError(f"the checkpoint's sampler state is for {state['num_items']} prompts but data.train_files "
+                             f"has {self.num_items}; resume with the same data files and data.max_prompt_length, "
+                             "or start afresh in a new out_dir")
         self.seed, self.shuffle = int(state["seed"]), bool(state["shuffle"])
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._epoch_order(self.epoch)

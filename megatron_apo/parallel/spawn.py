@@ -2,7 +2,9 @@
 
 Used by the tests for every distributed check, by the benchmarks, the CPU demo and conversion. Each child
 gets RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT like torchrun would set; a failing child's traceback is
-re-raised in the parent, and a hang ends at `timeout` with the ranks that did not finish named.
+re-raised in the parent, and a hang ends at `timeout` with the ranks that did not finish named. A rank's
+`UserError` (a bad config or input file found only once the ranks run, e.g. a checkpoint that does not fit) is
+re-raised as itself, so the CLI prints it as one line.
 
 `host_only=True` hides every GPU from the children (CUDA_VISIBLE_DEVICES=""), so they run the CPU path
 (gloo, host tensors, no set_device) whatever the node has: conversion with TP x PP > GPUs needs that.
@@ -19,11 +21,23 @@ import time
 import traceback
 from typing import Any, Callable
 
+from megatron_apo.config import UserError
+from megatron_apo.logging_utils import get_logger
 from megatron_apo.parallel.distributed import find_free_port
 
 
 class DistributedError(RuntimeError):
     pass
+
+
+class _RankUserError:
+    """A rank's `UserError` (config.UserError) on its way to the parent, with the rank's traceback for DEBUG logs."""
+
+    def __init__(self, error: UserError, tb: str) -> None:
+        self.error, self.tb = error, tb
+
+    def __str__(self) -> str:
+        return self.tb
 
 
 def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict, q, threads: int,
@@ -42,6 +56,8 @@ def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwa
         torch.set_num_threads(threads)
         result = fn(*args, **kwargs)
         q.put((rank, True, result))
+    except UserError as e:  # the user's mistake (a config, a file): the parent re-raises it as it is
+        q.put((rank, False, _RankUserError(e, traceback.format_exc())))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         q.put((rank, False, traceback.format_exc()))
     finally:
@@ -164,6 +180,10 @@ def _run_once(fn, world_size, args, kwargs, timeout, threads_per_process, host_o
                 p.kill()
                 p.join()
     if failures:
+        first = failures[min(failures)]
+        if isinstance(first, _RankUserError):  # one line at the CLI, like the same mistake caught before the ranks
+            get_logger(__name__).debug("rank %d raised:\n%s", min(failures), first.tb)
+            raise first.error
         raise DistributedError(f"{getattr(fn, '__name__', fn)} failed" + _format_failures(failures))
     return [results[r] for r in range(world_size)]
 

@@ -317,7 +317,8 @@ def _dcp_load(sharded: dict, folder: Path, loader=None):
                                 "truncated or damaged") from e
 
 
-_DAMAGE_HINTS = ("EOFError", "UnpicklingError", "truncated", "unexpected end", "invalid load key", "corrupt")
+_DAMAGE_HINTS = ("EOFError", "UnpicklingError", "truncated", "unexpected end", "invalid load key", "corrupt",
+                 "is not a distributed checkpoint")  # a part folder emptied or never written
 
 
 def _looks_damaged(e: BaseException) -> bool:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_apo.config import ConfigError
 from megatron_apo.parallel import control_plane
 from megatron_apo.trainer.batch import RLBatch
 from megatron_apo.trainer.moe_metrics import aux_loss_metrics, routing_capture
@@ -95,7 +96,7 @@ def _dp_shard(batch: RLBatch) -> RLBatch:
 
     dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     if batch.size % dp:
-        raise ValueError(f"rollout batch of {batch.size} samples does not split over {dp} data-parallel ranks; "
+        raise ConfigError(f"rollout batch of {batch.size} samples does not split over {dp} data-parallel ranks; "
                          "make data.train_batch_size * rollout.n a multiple of the DP size")
     per = batch.size // dp
     return batch.select(slice(r * per, (r + 1) * per))

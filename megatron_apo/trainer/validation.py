@@ -16,6 +16,13 @@ def validate_run_config(cfg: RunConfig, world_size: int | None = None) -> ModelC
                p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.expert_model_parallel_size)
     if world_size is not None and world_size < 1:
         raise ConfigError(f"{world_size} processes: launch at least one (--nproc / WORLD_SIZE)")
+    if world_size is not None:  # each data-parallel rank trains an equal share of every RL step's samples
+        dp = world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+        samples = cfg.data.train_batch_size * cfg.rollout.n
+        if samples % dp:
+            raise ConfigError(f"data.train_batch_size * rollout.n = {cfg.data.train_batch_size} * {cfg.rollout.n} = "
+                              f"{samples} samples per step do not split over {dp} data-parallel ranks; make it a "
+                              f"multiple of {dp}")
     model_cfg = load_model_config(cfg.model.config)
     model_cfg.validate(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, source=f"model {model_cfg.name}",
                        expert_parallel_size=p.expert_model_parallel_size)

@@ -46,6 +46,24 @@ def test_harness_surfaces_child_traceback():
     assert "rank 1" in str(e.value)
 
 
+def _bad_config_on_rank_one():
+    import os
+
+    from megatron_apo.config import ConfigError
+
+    if os.environ["RANK"] == "1":
+        raise ConfigError("checkpoint.load: this checkpoint's model is not model.config")
+
+
+def test_a_rank_user_error_is_raised_as_itself():
+    """A user's mistake found only inside the ranks stays a one-line error at the CLI, not a DistributedError."""
+    from megatron_apo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="this checkpoint's model is not model.config") as e:
+        run_distributed(_bad_config_on_rank_one, 2, timeout=60)
+    assert not isinstance(e.value, DistributedError) and "Traceback" not in str(e.value)
+
+
 @pytest.mark.slow
 def test_harness_times_out_naming_ranks():
     with pytest.raises(DistributedError, match=r"ranks \[0\] did not finish within 3s"):

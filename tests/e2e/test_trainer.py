@@ -219,16 +219,36 @@ def test_nan_loss_skips_the_step_and_training_continues(env, tmp_path):
     (["algorithm.loss_agg_mode=token-sum"], "'algorithm.loss_agg_mode': Invalid value 'token-sum', expected one of "
                                             "[token-mean, seq-mean-token-sum"),
     (["trainer.total_steps=0"], "trainer.total_steps must be >= 1, got 0"),
+    (["--nproc=4", "data.train_batch_size=3", "rollout.n=3"],
+     "data.train_batch_size * rollout.n = 3 * 3 = 9 samples per step do not split over 2 data-parallel ranks"),
 ])
 def test_bad_config_fails_fast_with_one_line(env, tmp_path, extra, message):
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "megatron_apo.cli", "train", *overrides(env, tmp_path), *extra],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    flags = [e for e in extra if e.startswith("--")]  # before the overrides, as argparse wants them
+    r = subprocess.run([sys.executable, "-m", "megatron_apo.cli", "train", *flags, *overrides(env, tmp_path),
+                        *[e for e in extra if e not in flags]], cwd=REPO, capture_output=True, text=True, timeout=120)
     elapsed = time.time() - t0
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert elapsed < 1.0, f"bad config took {elapsed:.2f}s to be rejected (including interpreter start)"
+
+
+def test_an_unloadable_checkpoint_found_by_the_ranks_is_one_line(env, tmp_path):
+    """Resume runs inside the ranks; the user's mistake found there (here `latest` names a folder whose model/ part
+    was never written) reaches the CLI as one line naming the folder and the fix, not a rank's traceback."""
+    it = tmp_path / "run" / "checkpoints" / "iter_0000001"
+    (it / "model").mkdir(parents=True)
+    (it / "megatron_apo.json").write_text("{}")
+    (it.parent / "latest").write_text("1\n")
+    r = subprocess.run([sys.executable, "-m", "megatron_apo.cli", "train",
+                        *overrides(env, tmp_path / "run", tp=1, steps=1)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    error = r.stderr.strip().splitlines()[-1]
+    assert error.startswith("megatron-apo train: error: no intact checkpoint in ") and str(it / "model") in error
+    assert "checkpoint.resume=false" in error
 
 
 def _bad_parquet(tmp_path: Path, kind: str) -> Path:

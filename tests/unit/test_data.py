@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from megatron_apo.config import InputError
 from megatron_apo.data import (
     InvalidDataError,
     PromptDataset,
@@ -189,7 +190,7 @@ def test_sampler_deterministic_resumable_and_covers_each_epoch():
     other = PromptSampler(10, seed=8)
     assert [other.next_indices(4) for _ in range(3)] != batches
     assert PromptSampler(5, seed=1, shuffle=False).next_indices(7) == [0, 1, 2, 3, 4, 0, 1]
-    with pytest.raises(ValueError, match="same data file"):
+    with pytest.raises(InputError, match="resume with the same data files"):
         PromptSampler(11, seed=7).load_state_dict(state)
 
 
