@@ -16,6 +16,12 @@ def validate_run_config(cfg: RunConfig, world_size: int | None = None) -> ModelC
                p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.expert_model_parallel_size)
     if world_size is not None and world_size < 1:
         raise ConfigError(f"{world_size} processes: launch at least one (--nproc / WORLD_SIZE)")
+    model_cfg = load_model_config(cfg.model.config)
+    model_cfg.validate(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, source=f"model {model_cfg.name}",
+                       expert_parallel_size=p.expert_model_parallel_size)
+    if cfg.model.moe_aux_loss_coeff > 0 and not model_cfg.is_moe:
+        raise ConfigError(f"model.moe_aux_loss_coeff={cfg.model.moe_aux_loss_coeff} needs a mixture-of-experts model "
+                          f"({model_cfg.name} is dense); remove it")
     if world_size is not None:  # each data-parallel rank trains an equal share of every RL step's samples
         dp = world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
         samples = cfg.data.train_batch_size * cfg.rollout.n
@@ -23,12 +29,6 @@ def validate_run_config(cfg: RunConfig, world_size: int | None = None) -> ModelC
             raise ConfigError(f"data.train_batch_size * rollout.n = {cfg.data.train_batch_size} * {cfg.rollout.n} = "
                               f"{samples} samples per step do not split over {dp} data-parallel ranks; make it a "
                               f"multiple of {dp}")
-    model_cfg = load_model_config(cfg.model.config)
-    model_cfg.validate(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, source=f"model {model_cfg.name}",
-                       expert_parallel_size=p.expert_model_parallel_size)
-    if cfg.model.moe_aux_loss_coeff > 0 and not model_cfg.is_moe:
-        raise ConfigError(f"model.moe_aux_loss_coeff={cfg.model.moe_aux_loss_coeff} needs a mixture-of-experts model "
-                          f"({model_cfg.name} is dense); remove it")
     cfg.validate()  # every section's choices and ranges (load_config ran it too; a config built in code may not)
     if not cfg.data.train_files:
         raise ConfigError("data.train_files is empty: give at least one verl-schema parquet file")
