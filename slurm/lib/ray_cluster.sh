@@ -56,7 +56,9 @@ ray_cluster_up() {
   mkdir -p logs
   # "auto": ports derived from the job id, so jobs sharing one host (a test cluster) never collide
   [ "$RAY_HEAD_PORT" = auto ] && RAY_HEAD_PORT=$((22000 + SLURM_JOB_ID % 1000))
-  [ "$RAY_PORT_BASE" = auto ] && RAY_PORT_BASE=$((40000 + SLURM_JOB_ID % 40 * 500))
+  # below the kernel's ephemeral range (32768-60999 on Linux), where any outgoing connection could hold a port
+  # when Ray binds it, and below megatron_apo's own picks (20000-32000): 10000-18999, 300 ports (3 nodes) a job
+  [ "$RAY_PORT_BASE" = auto ] && RAY_PORT_BASE=$((10000 + SLURM_JOB_ID % 30 * 300))
   local head head_gpus head_visible="" head_res clients=("${RAY_CLIENT_HOSTS[@]}")
   if [ "${#RAY_FLEET_HOSTS[@]}" -gt 0 ]; then
     head="${RAY_FLEET_HOSTS[0]}"; head_gpus="$FLEET_GPUS_PER_NODE"; head_res='{"apo_rollout_node": 1}'
