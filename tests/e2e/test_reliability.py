@@ -16,7 +16,7 @@ import pytest
 from megatron_apo.parallel import run_distributed
 from megatron_apo.trainer.metrics import MetricsLogger, read_metrics
 from tests.helpers.checkpoint_bodies import resume_newest_intact, save_steps, save_until_error
-from tests.helpers.procs import alive
+from tests.helpers.procs import survivors
 
 
 @pytest.fixture
@@ -255,8 +255,5 @@ def test_ranks_do_not_outlive_a_killed_launcher(tmp_path):
     assert len(children) >= 2, children
     p.kill()
     p.wait()
-    deadline = time.time() + 30
-    while time.time() < deadline and any(alive(c) for c in children):
-        time.sleep(0.2)
-    survivors = [c for c in children if alive(c)]
-    assert not survivors, f"ranks {survivors} outlived the launcher"
+    left = survivors(children, grace_s=30)
+    assert not left, f"ranks {left} outlived the launcher"

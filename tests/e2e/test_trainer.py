@@ -16,7 +16,7 @@ from megatron_apo.config import load_config
 from megatron_apo.parallel import run_distributed
 from megatron_apo.trainer.checkpoint import latest_checkpoint, list_checkpoints, read_metadata
 from megatron_apo.trainer.metrics import read_metrics
-from tests.helpers.procs import alive, cmdline
+from tests.helpers.procs import alive, cmdline, survivors
 from tests.helpers.rl_setup import overrides, toy_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -314,8 +314,6 @@ def test_launcher_forwards_sigterm_and_locks_out_dir(env, tmp_path):
     for pid in ranks:  # killed by the launcher or by their parent-death signal before it exited
         assert not alive(pid), cmdline(pid)
     # multiprocessing's resource tracker exits when it reads EOF from the launcher's pipe: a moment after it
-    deadline = time.time() + 15
-    while time.time() < deadline and any(alive(pid) for pid in children):
-        time.sleep(0.2)
-    assert not [pid for pid in children if alive(pid)], [cmdline(pid) for pid in children if alive(pid)]
+    left = survivors(children, grace_s=15)
+    assert not left, [cmdline(pid) for pid in left]
 

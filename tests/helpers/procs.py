@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 
@@ -18,3 +19,11 @@ def alive(pid: str | int) -> bool:
         return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
     except OSError:
         return False
+
+
+def survivors(pids, grace_s: float) -> list:
+    """The pids still running after up to `grace_s` seconds of waiting for all of them to exit."""
+    deadline = time.time() + grace_s
+    while time.time() < deadline and any(alive(pid) for pid in pids):
+        time.sleep(0.2)
+    return [pid for pid in pids if alive(pid)]
