@@ -247,7 +247,8 @@ def compute_advantages(
     group_index: the prompt id of each response (ints or strings; with the memory on they must identify the
     prompt across steps, e.g. the dataset index or uid). success: which responses are correct (default
     rewards > 0). The calibrator (e.g. `AnswerMemory`) runs
-    when `adv_calibration_memory` is true; it then needs `answers` (final answers) and `texts` (responses).
+    when `adv_calibration_memory` is true; it then needs `answers` (normalisable final answers, e.g. what the
+    reward extracted: the last `\\boxed{}`, not the whole response) and `texts` (the responses).
     """
     cfg = resolve_algorithm_config(config)
     rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1)

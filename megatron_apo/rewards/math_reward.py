@@ -80,6 +80,12 @@ def math_score(solution_str: str, ground_truth: str, extra_info: dict | None = N
         return 1.0 if math_equivalent(answer, ground_truth) else 0.0
 
 
+def dapo_math_answer(solution_str: str) -> str | None:
+    """The answer `dapo_math_score` checks: the last box, else the last `Answer:` line."""
+    answer = extract_last_boxed(solution_str or "")
+    return answer if answer is not None else extract_answer_line(solution_str or "")
+
+
 def dapo_math_score(solution_str: str, ground_truth: str, extra_info: dict | None = None,
                     timeout_s: float | None = DEFAULT_TIMEOUT_S) -> float:
     return math_score(solution_str, ground_truth, extra_info, allow_answer_line=True, timeout_s=timeout_s)

@@ -2,24 +2,33 @@
 
 It owns everything that is not SPMD: the dataset and its resumable sampler, the tokenizer, the reward
 pool, the Ray rollout fleet and the weight-sync group's sending end, and the answer memory.
+
+Every file of `data.train_files` (and `val_files`) is read, in order. Rewards are scored in
+`data.reward_workers` processes; a sample whose reward fails (raises, returns a non-number or NaN/inf, kills
+its process) is counted (`reward/errors`, `reward/nonfinite`) and left out of training, and a step where
+more than `data.reward_max_error_frac` of the samples fail stops the run with one line.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
-from megatron_apo.algorithms.advantages import AnswerMemory, compute_advantages
+from megatron_apo.algorithms.advantages import AnswerMemory, compute_advantages, normalize_answer
 from megatron_apo.config import RunConfig
 from megatron_apo.data.dataset import PromptDataset, PromptSampler
 from megatron_apo.data.tokenizer import load_tokenizer
 from megatron_apo.models.config import ModelConfig
-from megatron_apo.rewards.pool import RewardItem, RewardPool
+from megatron_apo.rewards.pool import RewardBatch, RewardItem, RewardPool, TooManyRewardErrors
 from megatron_apo.rollout.engine import SamplingParams
 from megatron_apo.trainer.batch import RLBatch, build_batch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,10 +42,14 @@ class Controller:
         self.cfg = cfg
         self.model_cfg = model_cfg
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        self.dataset = PromptDataset.from_parquet(cfg.data.train_files[0], self.tokenizer,
+        self.dataset = PromptDataset.from_parquet(cfg.data.train_files, self.tokenizer,
                                                   cfg.data.max_prompt_length, on_invalid=cfg.data.on_invalid)
-        self.sampler = PromptSampler(len(self.dataset), seed=cfg.seed, shuffle=cfg.data.shuffle)
-        self.rewards = RewardPool(num_workers=0, timeout_s=5.0, reward_fn=cfg.data.reward_fn, on_error="zero")
+        self.sampler = PromptSampler(len(self.dataset), seed=cfg.seed, shuffle=cfg.data.shuffle,
+                                     sources=self.dataset.sources)
+        self.rewards = RewardPool(num_workers=cfg.data.resolved_reward_workers(), timeout_s=5.0,
+                                  reward_fn=cfg.data.reward_fn, on_error="zero",
+                                  max_error_frac=cfg.data.reward_max_error_frac)
+        self._reward_warned = False
         self.memory = AnswerMemory.from_config(cfg.algorithm) if cfg.algorithm.adv_calibration_memory else None
         self.fleet = self._start_fleet()
         self._sync_group = None
@@ -104,19 +117,20 @@ class Controller:
         reward_items = [RewardItem(items[p].row.data_source, texts[i], items[p].row.ground_truth,
                                    items[p].row.extra_info)
                         for i, (p, _) in enumerate(flat)]
-        scored = self.rewards.score(reward_items)
+        scored = self.score(reward_items)
         rewards = torch.tensor(scored.scores, dtype=torch.float32)
-        group_ids = torch.tensor([idx[p] for p, _ in flat])
-        adv = compute_advantages(rewards, group_ids, self.cfg.algorithm, calibrator=self.memory,
-                                 answers=texts, texts=texts)
+        adv = advantages_of(scored, [idx[p] for p, _ in flat], texts, self.cfg.algorithm, self.memory)
         batch = build_batch(prompts, samples, rewards, adv)
         lengths = batch.response_mask.sum(1)
-        correct = {(p, texts[i].strip()) for i, (p, _) in enumerate(flat) if rewards[i] > 0}
+        correct = {(p, normalize_answer(_answer(scored, texts, i))) for i, (p, _) in enumerate(flat) if rewards[i] > 0}
         metrics = {
             "reward/mean": rewards.mean().item(),
             "reward/pass_rate": (rewards > 0).float().mean().item(),
             "reward/distinct_correct": len(correct) / len(prompts),  # distinct correct answers per prompt
             "reward/timeouts": float(scored.num_timeouts),
+            "reward/errors": float(scored.num_errors),
+            "reward/nonfinite": float(scored.num_nonfinite),
+            "time/reward_s": scored.seconds,
             "response/length_mean": lengths.mean().item(),
             "response/length_max": lengths.max().item(),
             "response/truncated_frac": sum(s.finish_reason == "length" for _, s in flat) / len(flat),
@@ -125,6 +139,24 @@ class Controller:
             "fleet/weights_version": float(self.fleet.weights_version()),
         }
         return Rollout(batch, metrics)
+
+    def score(self, items: Sequence[RewardItem]) -> RewardBatch:
+        """Rewards of one batch; failures are counted, the first one of the run is logged with its message."""
+        name = f"data.reward_fn={self.cfg.data.reward_fn}" if self.cfg.data.reward_fn else \
+            "the data_source reward registry (data.reward_fn unset)"
+        try:
+            scored = self.rewards.score(items)
+        except TooManyRewardErrors as e:
+            raise TooManyRewardErrors(f"{name}: {e} (data.reward_max_error_frac="
+                                      f"{self.cfg.data.reward_max_error_frac:g}); fix the reward function",
+                                      e.num_errors, e.num_items, e.first_error) from None
+        if scored.num_errors and not self._reward_warned:
+            self._reward_warned = True  # once per run; reward/errors and reward/nonfinite count every step
+            first = next(e for e in scored.errors if e is not None)
+            logger.warning("%s: %d of %d samples failed to score and are left out of training (first: %s); "
+                           "reward/errors and reward/nonfinite count them every step", name, scored.num_errors,
+                           len(items), first)
+        return scored
 
     def evaluate(self, step: int, label: str) -> dict | None:
         """pass@k of the weights the fleet serves now, on data.val_files; writes <out_dir>/eval/step_XXXXXXX.json."""
@@ -136,7 +168,7 @@ class Controller:
         if not self.cfg.data.val_files or self.cfg.trainer.eval_n <= 0:
             return None
         if self._val is None:
-            self._val = PromptDataset.from_parquet(self.cfg.data.val_files[0], self.tokenizer,
+            self._val = PromptDataset.from_parquet(self.cfg.data.val_files, self.tokenizer,
                                                    self.cfg.data.max_prompt_length, on_invalid=self.cfg.data.on_invalid)
         prompts = [self._val[i] for i in range(min(len(self._val), self.cfg.trainer.eval_max_prompts))]
         r = self.cfg.rollout
@@ -155,6 +187,29 @@ class Controller:
         self.sampler.load_state_dict(state["sampler"])
         if self.memory is not None and state.get("memory") is not None:
             self.memory.load_state_dict(state["memory"])
+
+
+def _answer(scored: RewardBatch, texts: Sequence[str], i: int) -> str:
+    """The final answer the reward read from sample i (the whole text when it named none)."""
+    return scored.answers[i] if scored.answers and scored.answers[i] is not None else texts[i]
+
+
+def advantages_of(scored: RewardBatch, prompt_ids: Sequence, texts: Sequence[str], algorithm,
+                  memory: AnswerMemory | None) -> torch.Tensor:
+    """Per-sample advantages; the answer memory compares the reward's extracted final answers, not whole texts.
+
+    A sample whose reward failed (`scored.errors`) is no training signal: advantage 0, and left out of its
+    group's mean and std and of the memory.
+    """
+    n = len(scored.scores)
+    keep = [i for i in range(n) if scored.errors[i] is None]
+    adv = torch.zeros(n, dtype=torch.float32)
+    if keep:
+        rewards = torch.tensor([scored.scores[i] for i in keep], dtype=torch.float32)
+        adv[keep] = compute_advantages(rewards, torch.tensor([prompt_ids[i] for i in keep]), algorithm,
+                                       calibrator=memory, answers=[_answer(scored, texts, i) for i in keep],
+                                       texts=[texts[i] for i in keep])
+    return adv
 
 
 def _strip_stop(ids: list[int], stop: tuple[int, ...]) -> list[int]:

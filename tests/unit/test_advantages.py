@@ -144,3 +144,42 @@ def test_memory_on_without_calibrator_names_the_key():
         compute_advantages(REWARDS, GROUPS, {"adv_calibration": "magic"})
     with pytest.raises(ValueError, match="algorithm.calib_memory_gamma"):
         AnswerMemory(gamma=2.0)
+
+
+def test_memory_compares_the_rewards_final_answers_not_whole_responses():
+    """Two responses with a slightly different wording and the same boxed answer are one mode: the trainer passes
+    the reward's extracted answer to the memory (passing whole texts, as before, made them two answers)."""
+    from megatron_apo.rewards import RewardItem, RewardPool
+    from megatron_apo.trainer.controller import advantages_of
+
+    cfg = {"adv_calibration_memory": True, "calib_memory_gamma": 0.5}
+    step1 = [COMMON + " so the answer is \\boxed{42}", "I think it is \\boxed{41}"]
+    step2 = [COMMON + " hence the answer is \\boxed{ 42 }", "I think it is \\boxed{40}"]
+    with RewardPool(num_workers=0) as pool:
+        scored1, scored2 = (pool.score([RewardItem("math", t, "42") for t in texts]) for texts in (step1, step2))
+    assert scored1.scores == scored2.scores == [1.0, 0.0] and scored2.answers[0] == "42"
+    mem = AnswerMemory.from_config(cfg)
+    base = advantages_of(scored1, [7, 7], step1, cfg, mem)
+    damped = advantages_of(scored2, [7, 7], step2, cfg, mem)
+    assert base[0] > 0 and torch.isclose(damped[0], base[0] * 0.5)  # freq 1: the same answer as last step
+    assert damped[1] == base[1] < 0
+    whole_texts = AnswerMemory.from_config(cfg)  # the old call: answers=texts
+    for texts in (step1, step2):
+        old = compute_advantages(torch.tensor([1.0, 0.0]), [7, 7], cfg, calibrator=whole_texts, answers=texts,
+                                 texts=texts)
+    assert torch.isclose(old[0], base[0])  # not recognised as the same answer
+
+
+def test_failed_rewards_are_no_training_signal():
+    """A sample whose reward failed gets advantage 0 and is left out of its group's mean and std."""
+    from megatron_apo.rewards.pool import RewardBatch
+    from megatron_apo.trainer.controller import advantages_of
+
+    scored = RewardBatch(scores=[1.0, 0.0, 0.0, 1.0, 0.0], timed_out=[False] * 5,
+                         errors=[None, None, "ValueError: nan", None, None], answers=["a", None, None, "b", None],
+                         nonfinite=[False, False, True, False, False])
+    adv = advantages_of(scored, [0, 0, 0, 1, 1], ["t"] * 5, {}, None)
+    expected = grpo_advantages(torch.tensor([1.0, 0.0, 1.0, 0.0]), [0, 0, 1, 1])
+    assert adv[2] == 0.0
+    assert torch.allclose(adv[[0, 1, 3, 4]], expected)
+    assert adv.isfinite().all()

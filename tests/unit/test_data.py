@@ -194,6 +194,37 @@ def test_sampler_deterministic_resumable_and_covers_each_epoch():
         PromptSampler(11, seed=7).load_state_dict(state)
 
 
+def test_every_data_file_is_read_and_the_sampler_visits_all(tmp_path, hf_tok_dir):
+    """data.train_files lists several files: all are read, in order, and one epoch visits the prompts of each."""
+    tok = load_tokenizer(hf_tok_dir)
+    a = write_verl_parquet([good_row(i, f"k=3 sum={i} :") for i in range(3)], tmp_path / "a.parquet")
+    b = write_verl_parquet([good_row(i, f"k=2 sum={i} :", gt=str(i)) for i in range(5)] + [good_row(9, "x " * 20)],
+                           tmp_path / "b.parquet")
+    ds = PromptDataset.from_parquet([a, b], tok, max_prompt_length=12)
+    assert len(ds) == 8  # 3 + 5; b's over-length row dropped and counted
+    assert [p.row.messages[0]["content"][:3] for p in ds.items] == ["k=3"] * 3 + ["k=2"] * 5
+    assert ds.sources == [(str(a), 3), (str(b), 5)]
+    assert ds.report.total_rows == 9 and len(ds.report.too_long_rows) == 1
+    assert len(PromptDataset.from_parquet(a, tok)) == 3  # one path (not a list) still works
+
+    sampler = PromptSampler(len(ds), seed=3, sources=ds.sources)
+    seen = {ds[i].row.messages[0]["content"] for i in sampler.next_indices(8)}
+    assert len(seen) == 8  # one epoch: every prompt of both files once
+
+    # resume: same files (even renamed) continue; files with other prompt counts are one clear error
+    state = sampler.state_dict()
+    assert state["sources"] == [["a.parquet", 3], ["b.parquet", 5]]
+    renamed = PromptSampler(8, seed=3, sources=[("a2.parquet", 3), ("b2.parquet", 5)])
+    renamed.load_state_dict(state)
+    assert renamed.next_indices(4) == sampler.next_indices(4)
+    with pytest.raises(InputError, match=r"a.parquet \(3\), b.parquet \(5\).*resume with the same data files"):
+        PromptSampler(8, seed=3, sources=[("b.parquet", 5), ("a.parquet", 3)]).load_state_dict(state)
+    with pytest.raises(InputError, match="for 8 prompts .* has 3"):
+        PromptSampler(3, seed=3, sources=[("a.parquet", 3)]).load_state_dict(state)
+    legacy = {k: v for k, v in state.items() if k != "sources"}  # a checkpoint written before multi-file data
+    PromptSampler(8, seed=3, sources=ds.sources).load_state_dict(legacy)
+
+
 def test_toy_dataset_and_valid_answers():
     rows = make_toy_dataset(100, seed=0, k_values=(2, 3), min_solutions=3)
     assert {r["extra_info"]["k"] for r in rows} == {2, 3}

@@ -8,6 +8,7 @@ import pytest
 from megatron_apo.rewards import (
     RewardItem,
     RewardPool,
+    TooManyRewardErrors,
     compute_score,
     load_reward_fn,
     registered_data_sources,
@@ -169,3 +170,75 @@ def test_pool_errors_raise_with_sample_index_or_count(reward_file):
     with RewardPool(num_workers=0) as pool:
         with pytest.raises(ValueError, match="data_source='unknown_set'"):
             pool.score([RewardItem("unknown_set", "x", "y")])
+
+
+BAD_REWARDS = textwrap.dedent('''
+    import os
+
+    def varied(data_source, solution_str, ground_truth, extra_info=None):
+        """What broken reward functions return: each one is an error, never a score."""
+        if solution_str == "raise":
+            raise KeyError("no such field")
+        return {"none": None, "string": "1.0", "nan": float("nan"), "inf": float("inf"), "list": [1.0],
+                "dict": {"score": 1.0, "answer": "42"}}.get(solution_str, 1.0)
+
+    def dies(data_source, solution_str, ground_truth, extra_info=None):
+        if solution_str == "die":
+            os._exit(3)  # a scorer that takes its process with it
+        return 1.0
+''')
+
+
+@pytest.fixture(scope="module")
+def bad_rewards(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bad_rewards") / "bad_rewards.py"
+    path.write_text(BAD_REWARDS)
+    return path
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_broken_reward_values_are_counted_errors_not_scores(bad_rewards, workers):
+    texts = ["ok", "raise", "none", "string", "nan", "inf", "list", "dict", "ok"]
+    with RewardPool(num_workers=workers, on_error="zero", reward_fn=f"{bad_rewards}:varied") as pool:
+        batch = pool.score([RewardItem("x", t, "y") for t in texts])
+    assert batch.scores == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+    failed = [t for t, e in zip(texts, batch.errors) if e is not None]
+    assert failed == ["raise", "none", "string", "nan", "inf", "list"]
+    assert [t for t, f in zip(texts, batch.nonfinite) if f] == ["nan", "inf"]
+    assert "KeyError" in batch.errors[1] and "NoneType" in batch.errors[2] and "str '1.0'" in batch.errors[3]
+    assert batch.metrics()["reward/errors"] == 6.0 and batch.metrics()["reward/nonfinite"] == 2.0
+    assert batch.answers[7] == "42"  # a dict return's 'answer' is the answer
+    assert batch.answers[0] == "ok" and batch.answers[1] is None
+
+
+def test_more_than_max_error_frac_stops_the_batch(bad_rewards):
+    items = [RewardItem("x", t, "y") for t in ["ok", "raise", "nan", "ok"]]
+    with RewardPool(num_workers=0, on_error="zero", max_error_frac=0.5, reward_fn=f"{bad_rewards}:varied") as pool:
+        assert pool.score(items).num_errors == 2  # exactly half: allowed
+        with pytest.raises(TooManyRewardErrors, match=r"3 of 4 samples failed to score .*first: KeyError"):
+            pool.score(items[:3] + [RewardItem("x", "inf", "y")])
+
+
+def test_a_reward_that_kills_its_worker_is_an_error_then_a_clear_stop(bad_rewards):
+    """os._exit in the reward function takes down a worker, not the trainer: that sample is an error naming the
+    exit code, the worker is replaced; a function that always does it stops the batch after a few deaths."""
+    with RewardPool(num_workers=1, timeout_s=5.0, on_error="zero", reward_fn=f"{bad_rewards}:dies") as pool:
+        batch = pool.score([RewardItem("x", t, "y") for t in ["ok", "die", "ok", "ok"]])
+        assert batch.scores == [1.0, 0.0, 1.0, 1.0]
+        assert "exit code 3" in batch.errors[1] and batch.num_errors == 1
+        start = time.monotonic()
+        with pytest.raises(TooManyRewardErrors, match="died 3 times in a row .*exit code 3"):
+            pool.score([RewardItem("x", "die", "y")] * 200)
+        assert time.monotonic() - start < 30  # gave up after a few deaths, not 200 restarts
+        assert pool.score([RewardItem("x", "ok", "y")] * 2).scores == [1.0, 1.0]  # usable again afterwards
+
+
+def test_rewards_name_the_final_answer_they_read():
+    items = [RewardItem("math", "long reasoning ... so \\boxed{\\frac{1}{2}}", "0.5"),
+             RewardItem("math_dapo", "so\nAnswer: 12", "12"),
+             RewardItem("toy_digit_sum", " 4+4+4 \n", "12", {"k": 3}),
+             RewardItem("aime2024", "no box at all", "3")]
+    with RewardPool(num_workers=0) as pool:
+        batch = pool.score(items)
+    assert batch.answers == ["\\frac{1}{2}", "12", "4+4+4", None]
+    assert batch.scores == [1.0, 1.0, 1.0, 0.0]
