@@ -227,9 +227,28 @@ class DataSection(_Section):
     shuffle: bool = True
     on_invalid: OnInvalid = OnInvalid.skip  # skip | error
     reward_fn: Optional[str] = None  # "path/to/file.py:fn" with verl's compute_score signature
+    # processes scoring rewards in parallel (each sample keeps its time limit); None: half the controller node's
+    # cores, at least 1; 0: in the controller's own process (no isolation: a reward that exits ends the run)
+    reward_workers: Optional[int] = None
+    # a step stops (one line naming data.reward_fn) when more than this share of its samples fail to score
+    # (the reward raised, returned a non-number or NaN/inf, or killed its process); failed samples never train
+    reward_max_error_frac: float = 0.5
 
     def _check(self) -> None:
         self._at_least("train_batch_size", 1)
+        if self.reward_workers is not None:
+            self._at_least("reward_workers", 0, " (0 scores in the controller's process; leave unset for the default)")
+        if not 0.0 <= self.reward_max_error_frac <= 1.0:
+            raise ConfigError(f"data.reward_max_error_frac must be in [0, 1], got {self.reward_max_error_frac}")
+
+    def resolved_reward_workers(self) -> int:
+        """`reward_workers`, or half the cores this process may run on (a Slurm step's share), at least 1."""
+        import os
+
+        if self.reward_workers is not None:
+            return self.reward_workers
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+        return max(1, cores // 2)
 
 
 @dataclass
@@ -299,6 +318,10 @@ class TrainerSection(OptimConfig, _Section):
     def _check(self) -> None:
         for key in ("total_steps", "ppo_epochs", "micro_batch_size"):
             self._at_least(key, 1)
+        for key in ("lr", "min_lr"):  # the optimizer would fail deep inside the ranks, or train on NaN
+            v = getattr(self, key)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"trainer.{key} must be a finite number >= 0, got {v}")
 
 
 @dataclass
@@ -321,28 +344,9 @@ class RunConfig:
     trainer: TrainerSection = field(default_factory=TrainerSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     seed: int = 1234
-    # processes scoring rewards in parallel (each sample keeps its time limit); None: half the controller node's
-    # cores, at least 1; 0: in the controller's own process (no isolation: a reward that exits ends the run)
-    reward_workers: Optional[int] = None
-    # a step stops (one line naming data.reward_fn) when more than this share of its samples fail to score
-    # (the reward raised, returned a non-number or NaN/inf, or killed its process); failed samples never train
-    reward_max_error_frac: float = 0.5
     out_dir: str = "runs/default"
 
     def validate(self) -> None:
-        if self.reward_workers is not None:
-            self._at_least("reward_workers", 0, " (0 scores in the controller's process; leave unset for the default)")
-        if not 0.0 <= self.reward_max_error_frac <= 1.0:
-            raise ConfigError(f"data.reward_max_error_frac must be in [0, 1], got {self.reward_max_error_frac}")
-
-    def resolved_reward_workers(self) -> int:
-        """`reward_workers`, or half the cores this process may run on (a Slurm step's share), at least 1."""
-        import os
-
-        if self.reward_workers is not None:
-            return self.reward_workers
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-        return max(1, cores // 2)
         """Every section's choices and ranges (no files, no world size: see trainer/validation.py)."""
         for section in (self.model, self.algorithm, self.data, self.rollout, self.trainer):
             section.validate()
@@ -412,7 +416,3 @@ def _known_hint(schema: type, key: str) -> str:
     if not dataclasses.is_dataclass(cls):
         return ""
     return f"; valid keys here: {', '.join(f.name for f in dataclasses.fields(cls))}"
-        for key in ("lr", "min_lr"):  # the optimizer would fail deep inside the ranks, or train on NaN
-            v = getattr(self, key)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ConfigError(f"trainer.{key} must be a finite number >= 0, got {v}")
