@@ -64,8 +64,8 @@ def test_te_spec_bf16_matches_fp32_local_spec():
 
 
 def test_vocab_parallel_ops_on_cuda_equal_dense():
+    from tests.distributed.test_vocab_parallel_ops import CASES, check_against_dense
     from tests.helpers.vocab_parallel_bodies import run_ops_case
-    from tests.test_vocab_parallel_ops import CASES, check_against_dense
 
     for name, case in CASES.items():
         if case.get("strided"):
@@ -77,7 +77,7 @@ def test_vocab_parallel_ops_on_cuda_equal_dense():
 def rl_step_body(cfg) -> dict:
     from megatron_apo.trainer.train import train
 
-    return {"history": train(cfg), "cuda": torch.cuda.is_available()}
+    return {"history": train(cfg).history, "cuda": torch.cuda.is_available()}
 
 
 def test_one_rl_step_on_gpu(tmp_path_factory):

@@ -76,8 +76,24 @@ def test_hadolint_catches_a_bad_dockerfile(tmp_path):
 def test_every_pin_matches_pyproject():
     reqs = dockerfile_pip_requirements(DOCKERFILE.read_text())
     names = {canonicalize_name(r.name) for r in reqs}
-    assert {"vllm", "ray", "megatron-core", "nemo-run", "leptonai"} <= names
+    assert {"vllm", "ray", "megatron-core", "pytest", "pytest-timeout"} <= names
     assert pin_mismatches(reqs, pyproject_requirements()) == []
+
+
+def test_no_job_launcher_in_the_image():
+    """NeMo-Run's leptonai pins prometheus-fastapi-instrumentator==7.0.0, vLLM needs >=8: the image cannot hold
+    both, and needs no launcher (jobs are submitted from elsewhere). It stays in the launch and dev extras."""
+    names = {canonicalize_name(r.name) for r in dockerfile_pip_requirements(DOCKERFILE.read_text())}
+    assert not names & {"nemo-run", "leptonai"}
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for extra in ("launch", "dev"):
+        assert "nemo-run" in {canonicalize_name(Requirement(r).name) for r in extras[extra]}, extra
+
+
+def test_cuda_device_max_connections_is_not_image_wide():
+    """vLLM engines and Ray must not inherit it: the trainer sets it for its own CUDA context (docs/gpu.md)."""
+    env_lines = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    assert not re.search(r"^ENV .*CUDA_DEVICE_MAX_CONNECTIONS", env_lines, re.M)
 
 
 def test_pin_check_flags_drift():
