@@ -190,6 +190,8 @@ class CPUEngine(RolloutEngine):
 
     def join_sync_group(self, endpoint: SyncEndpoint, rank: int) -> None:
         """Blocks until every member (trainer sender + all engines) has joined."""
+        if self._sync.group is not None:
+            self._sync.group.close()
         self._sync.group = open_sync_group(endpoint, rank)
 
     def receive_weights(self, version: int) -> dict:
@@ -200,7 +202,12 @@ class CPUEngine(RolloutEngine):
         (the engine still refuses to serve until a later sync verifies).
         """
         staged: list[tuple[str, torch.Tensor]] = []
-        result = receive_weights(self._sync.group, staged.extend, expected_version=version, ring=self._store)
+
+        def stage(tensors):  # a bucket with a wrong name or shape fails here: reported, and the sync still drains
+            self._check_tensors(tensors)
+            staged.extend(tensors)
+
+        result = receive_weights(self._sync.group, stage, expected_version=version, ring=self._store)
         if result.ok and self._sync.check_complete(set(result.loaded), self._expected_names(), raise_error=False):
             self.load_hf_tensors(staged, adopt=True)
             self._store.commit()

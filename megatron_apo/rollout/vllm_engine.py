@@ -30,7 +30,7 @@ import torch
 from megatron_apo.logging_utils import get_logger
 from megatron_apo.rollout.engine import EngineDied, RolloutEngine, Sample, SamplingParams
 from megatron_apo.rollout.sampling import request_seed
-from megatron_apo.rollout.weight_sync import EngineSyncState, SyncEndpoint, WeightSyncError
+from megatron_apo.rollout.weight_sync import EngineSyncState, SyncEndpoint, WeightLoadError, WeightSyncError
 
 WORKER_EXTENSION = "megatron_apo.rollout.vllm_worker.SyncWorkerExtension"
 
@@ -166,7 +166,11 @@ class VLLMEngine(RolloutEngine):
         import psutil
 
         self._closing = True
-
+        if self._sync.group is not None:
+            try:  # the workers free their sync group's NCCL communicator (a restart would leak one per engine)
+                self._rpc("close_sync_group")
+            except Exception:  # noqa: BLE001 - the engine core is already dead
+                pass
         try:
             self.llm.llm_engine.engine_core.shutdown()
         except Exception:  # noqa: BLE001 - already dead
@@ -198,7 +202,7 @@ class VLLMEngine(RolloutEngine):
     def join_sync_group(self, endpoint: SyncEndpoint, rank_offset: int) -> None:
         """Every TP worker joins as rank_offset + its vLLM rank (the fleet reserves TP ranks per engine)."""
         self._rpc("join_sync_group", endpoint.host, endpoint.port, endpoint.world_size, endpoint.backend,
-                  endpoint.timeout_s, rank_offset)
+                  endpoint.timeout_s, rank_offset, endpoint.secret)
         self._sync.group = endpoint
 
     def receive_weights(self, version: int) -> dict:
@@ -215,7 +219,8 @@ class VLLMEngine(RolloutEngine):
         errors += [f"parameters not updated, e.g. {r['missing']}" for r in results if r["ok"] and r["missing"]]
         if errors:
             self._sync.failure = "; ".join(errors)
-            raise WeightSyncError(f"weight sync v{version} rejected: {self._sync.failure}")
+            failed = WeightLoadError if any(r.get("load_failed") for r in results) else WeightSyncError
+            raise failed(f"weight sync v{version} rejected: {self._sync.failure}")
         if len({r["checksum"] for r in results}) != 1:
             self._sync.failure = "TP workers received different syncs"
             raise WeightSyncError(self._sync.failure)

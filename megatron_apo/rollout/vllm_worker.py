@@ -22,12 +22,11 @@ from megatron_apo.rollout.weight_sync import BufferRing, receive_weights
 
 class SyncWorkerExtension:
     def join_sync_group(self, host: str, port: int, world_size: int, backend: str, timeout_s: float,
-                        rank_offset: int) -> int:
-        """Joins as sync rank `rank_offset + this worker's vLLM rank`; blocks until the group is complete."""
-        endpoint = SyncEndpoint(str(host), int(port), int(world_size), str(backend), float(timeout_s))
-        old = getattr(self, "_weight_sync_group", None)
-        if old is not None:
-            old.close()
+                        rank_offset: int, secret: str) -> int:
+        """Joins as sync rank `rank_offset + this worker's vLLM rank`; blocks until the group is complete.
+        `secret`: the group's (it crosses vLLM's RPC from the engine actor, which got it through Ray)."""
+        endpoint = SyncEndpoint(str(host), int(port), int(world_size), str(backend), float(timeout_s), str(secret))
+        self.close_sync_group()
         rank = int(rank_offset) + int(self.rank)
         self._weight_sync_group = open_sync_group(endpoint, rank, device=self.device)
         return rank
@@ -67,6 +66,12 @@ class SyncWorkerExtension:
         out = result.as_dict()
         out["missing"] = sorted(set(dict(model.named_parameters())) - updated)[:5] if result.ok else []
         return out
+
+    def close_sync_group(self) -> None:
+        """Frees the sync group (its NCCL communicator): on a new group and when the engine closes."""
+        old, self._weight_sync_group = getattr(self, "_weight_sync_group", None), None
+        if old is not None:
+            old.close()
 
     def sync_group_bandwidth(self, nbytes: int) -> float:
         return float(measure_broadcast_bandwidth(self._weight_sync_group, int(nbytes)))

@@ -6,11 +6,11 @@ One sync group (sync rank 0 = the trainer's global rank 0, ranks 1.. = engine pr
 |---------------|------------------------------------------------------------------------------------|
 | `buckets`     | the sent dtype, bucket layout, packing / unpacking, the checksum                   |
 | `buffers`     | reusable send/receive buffers (`BufferRing`, `WeightStore`), shared memory         |
-| `protocol`    | headers and payloads on the wire, `receive_weights`, `EngineSyncState`             |
+| `protocol`    | headers (JSON + HMAC) and payloads on the wire, `receive_weights`, `EngineSyncState` |
 | `plan`        | which trainer rank holds which block of which HF tensor, bucket by bucket          |
 | `sender`      | `TrainerWeightSender`: every trainer rank in lockstep, rank 0 broadcasts            |
 
-The group itself (gloo or NCCL over a TCP store) is `megatron_apo.rollout.sync_group`.
+The group itself (gloo or NCCL over an authenticated TCP store, header MACs) is `megatron_apo.rollout.sync_group`.
 """
 
 from megatron_apo.rollout.sync_group import SyncEndpoint, open_sync_group
@@ -30,7 +30,10 @@ from megatron_apo.rollout.weight_sync.buffers import BufferRing, WeightStore
 from megatron_apo.rollout.weight_sync.protocol import (
     EngineSyncState,
     SyncResult,
+    WeightLoadError,
+    WeightSyncAuthError,
     WeightSyncError,
+    WeightSyncTimeout,
     receive_weights,
     send_bucket,
     send_end,
@@ -39,7 +42,7 @@ from megatron_apo.rollout.weight_sync.sender import SyncStats, TrainerWeightSend
 
 __all__ = [
     "ALIGN", "DEFAULT_BUCKET_BYTES", "ENGINE_DTYPES", "Bucket", "BufferRing", "EngineSyncState", "SyncEndpoint",
-    "SyncResult", "SyncStats", "TrainerWeightSender", "WeightStore", "WeightSyncError", "bucket_checksum",
-    "bucket_layout", "combine_checksums", "open_sync_group", "pack_bucket", "receive_weights", "send_bucket",
-    "send_end", "sync_dtype", "unpack_bucket",
+    "SyncResult", "SyncStats", "TrainerWeightSender", "WeightLoadError", "WeightStore", "WeightSyncAuthError",
+    "WeightSyncError", "WeightSyncTimeout", "bucket_checksum", "bucket_layout", "combine_checksums", "open_sync_group",
+    "pack_bucket", "receive_weights", "send_bucket", "send_end", "sync_dtype", "unpack_bucket",
 ]

@@ -1,13 +1,15 @@
 """The send-receive protocol over one sync group (sync rank 0 sends, every engine process receives).
 
-    for each bucket:  header {"type": "bucket", version, index, entries, nbytes, checksum}  (object broadcast)
+    for each bucket:  header {"type": "bucket", version, index, entries, nbytes, checksum}  (JSON + HMAC)
                       payload: one flat uint8 buffer of `nbytes`                              (tensor broadcast)
     finally:          header {"type": "end", version, num_buckets, num_tensors, checksum}
 
-`receive_weights` verifies each bucket's checksum before loading it; a bad bucket is not loaded, the
-rest of the sync is still drained (the sender must not hang), and the engine refuses to serve until a
-later sync verifies (`EngineSyncState`). The per-sync checksum (over the bucket checksums) is reported
-back so the fleet can check that every engine got the same bytes.
+Headers are JSON authenticated with the group's key (`sync_group.broadcast_json`): a forged header, and so
+a forged bucket checksum, is refused with `WeightSyncAuthError`. `receive_weights` verifies each bucket's
+checksum before loading it; a bad bucket is not loaded, and a bucket whose load raises stops loading; either
+way the rest of the sync is still drained (the sender must not hang) and reported, and the engine refuses to
+serve until a later sync verifies (`EngineSyncState`). The per-sync checksum (over the bucket checksums) is
+reported back so the fleet can check that every engine got the same bytes.
 """
 
 from __future__ import annotations
@@ -17,26 +19,31 @@ from typing import Callable
 
 import torch
 
+from megatron_apo.rollout.sync_group import WeightSyncAuthError, WeightSyncError, WeightSyncTimeout
 from megatron_apo.rollout.weight_sync.buckets import Bucket, bucket_checksum, combine_checksums, unpack_bucket
 from megatron_apo.rollout.weight_sync.buffers import BufferRing, WeightStore
 
+__all__ = ["EngineSyncState", "SyncResult", "WeightLoadError", "WeightSyncAuthError", "WeightSyncError",
+           "WeightSyncTimeout", "receive_weights", "send_bucket", "send_end"]
 
-class WeightSyncError(RuntimeError):
-    pass
+
+class WeightLoadError(WeightSyncError):
+    """An engine received a sync but could not load it (e.g. a tensor of the wrong shape): the fleet treats
+    that engine as dead (replaces it; the replacement gets the weights by the next sync)."""
 
 
 def send_bucket(group, bucket: Bucket, version: int, index: int, async_op: bool = False):
     """Header, then payload; with `async_op` the payload's handle is returned (keep `bucket.flat` until it is done)."""
-    group.broadcast_object({"type": "bucket", "version": version, "index": index, "entries": bucket.entries,
-                            "nbytes": bucket.nbytes, "checksum": bucket.checksum}, src=0)
+    group.broadcast_json({"type": "bucket", "version": version, "index": index, "entries": bucket.entries,
+                          "nbytes": bucket.nbytes, "checksum": bucket.checksum}, src=0)
     return group.broadcast(bucket.flat, src=0, async_op=async_op)
 
 
 def send_end(group, version: int, checksums: list[str], num_tensors: int) -> str:
     """The closing header; returns the per-sync checksum it carries."""
     total = combine_checksums(checksums)
-    group.broadcast_object({"type": "end", "version": version, "num_buckets": len(checksums),
-                            "num_tensors": num_tensors, "checksum": total}, src=0)
+    group.broadcast_json({"type": "end", "version": version, "num_buckets": len(checksums),
+                          "num_tensors": num_tensors, "checksum": total}, src=0)
     return total
 
 
@@ -49,6 +56,7 @@ class SyncResult:
     num_tensors: int
     loaded: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    load_failed: bool = False  # a bucket verified but the engine could not load it
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -63,13 +71,16 @@ def receive_weights(group, load_fn: Callable[[list[tuple[str, torch.Tensor]]], o
     Pipelined: bucket k+1 is already on the wire while bucket k is checked and loaded. `ring` gives the
     receive buffers: a `BufferRing` (two, reused; `load_fn` must copy) or a `WeightStore` (`load_fn` may
     keep the tensors it gets, they are views of buffers this sync owns until the sync after next).
+
+    A `load_fn` that raises is reported (in `errors`), and the rest of the sync is still received, checked
+    and drained, without loading: the sender never waits on a receiver that gave up.
     """
     if group is None:
         raise WeightSyncError("receive_weights: this engine has not joined a sync group (join_sync_group first)")
     ring = ring or BufferRing()
     ring.begin_sync()
     checksums, loaded, errors = [], [], []
-    counts = {"tensors": 0}
+    counts = {"tensors": 0, "load_failed": False}
 
     def process(header, buf, handle):
         handle.wait()
@@ -80,16 +91,26 @@ def receive_weights(group, load_fn: Callable[[list[tuple[str, torch.Tensor]]], o
             errors.append(f"bucket {header['index']}: version {header['version']} != expected {expected_version}")
         elif got != header["checksum"]:
             errors.append(f"bucket {header['index']}: checksum mismatch (received {got}, sender {header['checksum']})")
-        else:
+        elif not counts["load_failed"]:
             tensors = unpack_bucket(buf, header["entries"])
-            load_fn(tensors)
+            try:
+                load_fn(tensors)
+            except Exception as e:  # noqa: BLE001 - reported; the sync is drained so the sender is not left waiting
+                counts["load_failed"] = True
+                errors.append(f"bucket {header['index']}: loading failed: {type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+                return
             loaded.extend(n for n, _ in tensors)
 
     prev = None
     while True:
-        header = group.broadcast_object(None, src=0)
+        header = group.broadcast_json(None, src=0)
+        if not isinstance(header, dict) or header.get("type") not in ("bucket", "end"):
+            raise WeightSyncError(f"weight sync: unexpected header {str(header)[:80]!r}")
         if header["type"] == "end":
             break
+        if header["index"] != len(checksums) + (prev is not None):
+            raise WeightSyncError(f"weight sync: bucket {header['index']} arrived out of order")
         _, buf = ring.take(header["nbytes"], group.device)
         handle = group.broadcast(buf, src=0, async_op=True)
         if prev is not None:
@@ -103,7 +124,8 @@ def receive_weights(group, load_fn: Callable[[list[tuple[str, torch.Tensor]]], o
                       f"{header['num_buckets']} / {header['num_tensors']}")
     if not errors and combine_checksums(checksums) != header["checksum"]:
         errors.append("per-sync checksum mismatch")
-    return SyncResult(header["version"], not errors, header["checksum"], len(checksums), num_tensors, loaded, errors)
+    return SyncResult(header["version"], not errors, header["checksum"], len(checksums), num_tensors, loaded, errors,
+                      counts["load_failed"])
 
 
 @dataclass
@@ -137,6 +159,7 @@ class EngineSyncState:
     def apply(self, result: SyncResult, expected: set[str]) -> None:
         if not result.ok:
             self.serving, self.failure = False, "; ".join(result.errors)
-            raise WeightSyncError(f"weight sync v{result.version} rejected: {self.failure}")
+            failed = WeightLoadError if result.load_failed else WeightSyncError
+            raise failed(f"weight sync v{result.version} rejected: {self.failure}")
         self.check_complete(set(result.loaded), expected)
         self.mark_loaded(result.version, result.checksum)
