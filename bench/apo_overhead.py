@@ -33,7 +33,7 @@ def _bench(args) -> dict:
     from megatron_apo.parallel import ParallelConfig, init_distributed
     from megatron_apo.trainer.batch import RLBatch
     from megatron_apo.trainer.optim import OptimConfig, build_optimizer, wrap_ddp, zero_grads
-    from megatron_apo.trainer.passes import PassSettings, old_policy_pass, reference_pass, train_pass
+    from megatron_apo.trainer.passes import OldPolicyPass, PassSettings, ReferencePass, TrainPass
     from megatron_apo.trainer.schedule import forward_backward
 
     init_distributed(ParallelConfig(args.tp, 1), seed=0)
@@ -60,12 +60,15 @@ def _bench(args) -> dict:
             micro = batch.micro_batches(mbs)
             torch.distributed.barrier()
             t0 = time.perf_counter()
+            ref_pass = ReferencePass(settings, len(micro)) if mode != "grpo" else None
             with torch.no_grad():
-                if mode != "grpo":
-                    forward_backward([ref], micro, reference_pass(settings), s, mbs, forward_only=True)
-                forward_backward(policy, micro, old_policy_pass(settings), s, mbs, forward_only=True)
+                if ref_pass is not None:
+                    forward_backward([ref], micro, ref_pass, s, mbs, forward_only=True)
+                old_pass = OldPolicyPass(settings, ref_pass.outputs if ref_pass else [None] * len(micro))
+                forward_backward(policy, micro, old_pass, s, mbs, forward_only=True)
             zero_grads(policy, opt)
-            forward_backward(policy, micro, train_pass(settings), s, mbs)
+            train = TrainPass(settings, ref_pass.outputs if ref_pass else None, old_pass.outputs)
+            forward_backward(policy, micro, train, s, mbs)
             opt.step()
             torch.distributed.barrier()
             if rep >= args.warmup:

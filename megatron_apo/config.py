@@ -6,7 +6,7 @@ APO/verl config's `actor` section can be pasted into `algorithm:`. Errors name t
 Choice fields are str-valued Enums (`Choice`): OmegaConf rejects a bad value at merge, naming the key and the valid
 values, and `cfg.algorithm.loss_agg_mode == "token-mean"` still holds. Two choices stay registry-checked strings,
 because a registry, not this file, owns their values: `algorithm.loss_mode` (the loss registry,
-`algorithms/losses.py`) and `rollout.engine` (`rollout.engine.ENGINES`). Range checks live with each section
+`algorithms/registry.py`) and `rollout.engine` (`rollout.engine.ENGINES`). Range checks live with each section
 (`validate()`), run by `load_config` and again by the trainer's `validate_run_config`.
 """
 
@@ -68,7 +68,7 @@ LossAggMode = _choice("LossAggMode", ("token-mean", "seq-mean-token-sum", "seq-m
 ApoRectification = _choice("ApoRectification", ("paper", "split"))
 ApoPullForm = _choice("ApoPullForm", ("ratio_clip", "ratio", "log"))
 ApoPullWeight = _choice("ApoPullWeight", ("abs_adv", "indicator"))
-KlLossType = _choice("KlLossType", ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3"))  # aliases: settings.py
+KlLossType = _choice("KlLossType", ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3"))  # aliases: losses/common.py
 AdvStdScope = _choice("AdvStdScope", ("group", "batch"))
 AdvCalibration = _choice("AdvCalibration", ("none", "inverse_success"))
 DType = _choice("DType", tuple(DTYPE_NAMES))  # the one dtype table (megatron_apo/dtypes.py), aliases included
@@ -114,49 +114,146 @@ def _choice_type(hint) -> type[Choice] | None:
 
 @dataclass
 class AlgorithmConfig(_Section):
-    """Loss and advantage settings (docs/algorithms.md). Defaults are the APO paper's.
-
-    The ranges are checked by `algorithms.settings.validate_algorithm_config` (also used for plain mappings)."""
+    """Loss and advantage settings (docs/algorithms.md); defaults are the APO paper's. Names follow the official APO
+    repository's README, so an APO/verl `actor` section pastes in. The dataclass validates itself (`validate()`:
+    choices, then the ranges in `_check`); `algorithm.loss_mode` is checked against the loss registry
+    (`algorithms/registry.py`) once `loss_modules` are imported, by `trainer/validation.py::validate_run_config`."""
 
     _section: typing.ClassVar[str] = "algorithm"
 
-    loss_mode: str = "apo_ratio"  # the loss registry's names: vanilla | apo_ratio | casp | ...
+    loss_mode: str = "apo_ratio"
+    """A registered loss: vanilla | apo_ratio | casp | any name registered by a module of `loss_modules`."""
+
+    loss_modules: list[str] = field(default_factory=list)
+    """Python modules imported on the CLI and on every rank before the config is checked, so that their
+    `@register_policy_loss` losses can be named by `loss_mode` (e.g. [my_pkg.my_loss])."""
+
     loss_agg_mode: LossAggMode = LossAggMode["token-mean"]
+    """How per-token terms are reduced over the response mask (verl's modes)."""
+
     clip_ratio_low: float = 0.2
+    """PPO clip: r is clipped below at 1 - clip_ratio_low; in [0, 1)."""
+
     clip_ratio_high: float = 0.2
+    """PPO clip: r is clipped above at 1 + clip_ratio_high; >= 0."""
+
     clip_ratio_c: float = 3.0
+    """Dual clip for A < 0: the token loss is at most -A * clip_ratio_c; > 1."""
+
     entropy_coeff: float = 0.0
+    """Weight of the entropy bonus (subtracted from the loss); 0 = off."""
+
     apo_push_coeff: float = 1.05
+    """APO lambda: weight of the sampled token's ratio on A < 0 tokens; >= 0."""
+
     apo_pull_coeff: float = 0.1
+    """APO beta: weight of the anchor (safe-manifold) pull on A < 0 tokens; >= 0."""
+
     apo_topk: int = 8
+    """APO: size K of the safe manifold, the reference's Top-K at each position."""
+
     apo_exclude_sampled: bool = True
-    apo_rectification: ApoRectification = ApoRectification.paper  # paper (r~ = push*r - pull*M/Z_ref) | split
-    apo_pull_form: ApoPullForm = ApoPullForm.ratio_clip  # ratio_clip | ratio | log  (split form only)
-    apo_pull_weight: ApoPullWeight = ApoPullWeight.abs_adv  # abs_adv | indicator
+    """APO: remove the sampled token from the safe manifold."""
+
+    apo_rectification: ApoRectification = ApoRectification.paper
+    """APO form: paper (r~ = push*r - pull*r_anchor in the dual clip) | split (push*PG + pull*Pull)."""
+
+    apo_pull_form: ApoPullForm = ApoPullForm.ratio_clip
+    """APO split form only: ratio_clip | ratio | log (the pull term of M / M_old)."""
+
+    apo_pull_weight: ApoPullWeight = ApoPullWeight.abs_adv
+    """APO split form only: the pull's weight, |A| (abs_adv) or 1 (indicator)."""
+
     use_kl_loss: bool = False
+    """Add kl_loss_coef * KL(pi, pi_ref) on every response token."""
+
     use_kl_loss_on_wrong: bool = False
+    """Add the KL term on A < 0 tokens only (the conditional-KL baseline)."""
+
     kl_loss_coef: float = 0.001
-    kl_loss_type: KlLossType = KlLossType.low_var_kl  # kl (k1) | abs | mse (k2) | low_var_kl (k3)
+    """Weight of the KL term; >= 0."""
+
+    kl_loss_type: KlLossType = KlLossType.low_var_kl
+    """KL estimator: kl (k1) | abs | mse (k2) | low_var_kl (k3)."""
+
     casp_topn: int = 3
+    """CaSP: N, the policy's Top-N candidates per position."""
+
     casp_alpha: float = 0.01
+    """CaSP: share of a correct forking token's ratio spread over the Top-N; in [0, 1]."""
+
     casp_top1_gamma: float = 0.1
-    casp_entropy_quantile: float = 0.8  # high-entropy ("forking") tokens: above this quantile of the response
+    """CaSP: extra push on a wrong token that is the policy's argmax (A' = A * (1 + gamma)); >= 0."""
+
+    casp_entropy_quantile: float = 0.8
+    """CaSP: high-entropy ("forking") tokens lie above this quantile of their response's entropy; in [0, 1]."""
+
     norm_adv_by_std: bool = True
-    adv_std_scope: AdvStdScope = AdvStdScope.group  # group (GRPO) | batch (centre per group, divide by batch std)
-    adv_calibration: AdvCalibration = AdvCalibration.none  # none | inverse_success
+    """GRPO: divide the centred rewards by their standard deviation."""
+
+    adv_std_scope: AdvStdScope = AdvStdScope.group
+    """group (GRPO) | batch (centre per group, divide by the batch's standard deviation)."""
+
+    adv_calibration: AdvCalibration = AdvCalibration.none
+    """none | inverse_success (hard prompts' advantages weigh more)."""
+
     calib_alpha: float = 1.0
+    """inverse_success: exponent of (1 - success rate); >= 0."""
+
     adv_calibration_memory: bool = False
+    """Scale a correct response's advantage down by how frequent its answer mode already is (AnswerMemory)."""
+
     calib_memory_gamma: float = 0.5
-    calib_memory_ngram: int = 3  # word n-grams of the reasoning in a memory signature
-    calib_memory_similarity: float = 0.5  # Jaccard of n-gram sets at or above which two answers are one mode
-    calib_memory_max_per_prompt: int = 64  # newest correct answers kept per prompt
-    anchor_metrics: bool = False  # log the reference Top-K (anchor) metrics for every loss mode (one Top-K more)
-    logprob_chunk_size: int = 4096  # tokens per chunk in the vocab-parallel ops (bounds peak memory)
+    """AnswerMemory: scale is 1 - gamma * frequency; in [0, 1]."""
+
+    calib_memory_ngram: int = 3
+    """AnswerMemory: word n-grams of the reasoning in a memory signature."""
+
+    calib_memory_similarity: float = 0.5
+    """AnswerMemory: Jaccard of n-gram sets at or above which two answers are one mode; in [0, 1]."""
+
+    calib_memory_max_per_prompt: int = 64
+    """AnswerMemory: newest correct answers kept per prompt."""
+
+    anchor_metrics: bool = False
+    """Log the reference Top-K (anchor) metrics for every loss mode (the reference pass computes one Top-K more)."""
+
+    logprob_chunk_size: int = 4096
+    """Tokens per chunk in the vocab-parallel ops (bounds peak memory)."""
 
     def _check(self) -> None:
-        from megatron_apo.algorithms.settings import validate_algorithm_config
+        if not isinstance(self.loss_mode, str) or not self.loss_mode:
+            self._bad("loss_mode", "must be the name of a registered loss")
+        if not all(isinstance(m, str) and m for m in self.loss_modules):
+            self._bad("loss_modules", "must be a list of module names")
+        for key, lo, hi in (("clip_ratio_low", 0.0, 1.0), ("clip_ratio_high", 0.0, None), ("entropy_coeff", None, None),
+                            ("apo_push_coeff", 0.0, None), ("apo_pull_coeff", 0.0, None), ("kl_loss_coef", 0.0, None),
+                            ("casp_alpha", 0.0, 1.0), ("casp_top1_gamma", 0.0, None),
+                            ("casp_entropy_quantile", 0.0, 1.0), ("calib_alpha", 0.0, None),
+                            ("calib_memory_gamma", 0.0, 1.0), ("calib_memory_similarity", 0.0, 1.0)):
+            self._number(key, lo, hi, hi_open=key == "clip_ratio_low")
+        self._number("clip_ratio_c", 1.0, None, lo_open=True)
+        for key in ("apo_topk", "casp_topn", "calib_memory_ngram", "calib_memory_max_per_prompt", "logprob_chunk_size"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                self._bad(key, "must be a positive integer")
+        for key in ("apo_exclude_sampled", "use_kl_loss", "use_kl_loss_on_wrong", "anchor_metrics", "norm_adv_by_std",
+                    "adv_calibration_memory"):
+            if not isinstance(getattr(self, key), bool):
+                self._bad(key, "must be true or false")
 
-        validate_algorithm_config(self)
+    def _bad(self, key: str, why: str) -> None:
+        raise ConfigError(f"algorithm.{key}={getattr(self, key)!r}: {why}")
+
+    def _number(self, key: str, lo: float | None, hi: float | None, lo_open: bool = False,
+                hi_open: bool = False) -> None:
+        v = getattr(self, key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            self._bad(key, "must be a finite number")
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            self._bad(key, f"must be {'>' if lo_open else '>='} {lo}")
+        if hi is not None and (v >= hi if hi_open else v > hi):
+            self._bad(key, f"must be {'<' if hi_open else '<='} {hi}")
 
 
 @dataclass

@@ -1,6 +1,11 @@
-"""RL algorithms on vocab-sharded logits: policy losses (vanilla PPO/GRPO, APO, CaSP, KL) and advantages."""
+"""RL algorithms on vocab-sharded logits: the loss registry (`registry.py`, torch-free), the policy losses (`losses/`:
+vanilla PPO/GRPO, APO, CaSP, KL) and the advantages (`advantages.py`)."""
 
-from megatron_apo.algorithms.settings import resolve_algorithm_config, validate_algorithm_config
+from megatron_apo.algorithms.registry import (
+    LossInputs,
+    register_policy_loss,
+    resolve_algorithm_config,
+)
 
 _LAZY = {
     "AnswerMemory": "advantages", "broadcast_to_tokens": "advantages", "compute_advantages": "advantages",
@@ -19,6 +24,6 @@ def __getattr__(name):
 
 
 __all__ = [
-    "AnswerMemory", "aggregate_loss", "broadcast_to_tokens", "compute_advantages", "compute_policy_loss",
-    "grpo_advantages", "inverse_success_weights", "kl_penalty", "resolve_algorithm_config", "validate_algorithm_config",
+    "AnswerMemory", "LossInputs", "aggregate_loss", "broadcast_to_tokens", "compute_advantages", "compute_policy_loss",
+    "grpo_advantages", "inverse_success_weights", "kl_penalty", "register_policy_loss", "resolve_algorithm_config",
 ]

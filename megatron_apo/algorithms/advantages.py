@@ -14,7 +14,7 @@ from typing import Any, Optional, Protocol, Sequence
 
 import torch
 
-from megatron_apo.algorithms.settings import resolve_algorithm_config
+from megatron_apo.algorithms.registry import resolve_algorithm_config
 from megatron_apo.config import ConfigError
 
 GRPO_EPS = 1e-6

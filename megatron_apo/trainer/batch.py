@@ -36,12 +36,14 @@ class RLBatch:
         return RLBatch(**{k: _rows(getattr(self, k), idx) for k in self.__dataclass_fields__})
 
     def micro_batches(self, micro_batch_size: int) -> list[dict]:
-        """Micro-batch dicts for the Megatron schedule (the loss functions read and write these dicts)."""
+        """Micro-batch dicts for the Megatron schedule. The passes only read them; `mb_index` (the position in this
+        list) keys each pass's outputs (trainer/passes.py)."""
         out = []
         s = self.tokens.shape[1]
         for i in range(0, self.size, micro_batch_size):
             mb = {k: _rows(getattr(self, k), slice(i, i + micro_batch_size)) for k in self.__dataclass_fields__}
             mb["position_ids"] = torch.arange(s).unsqueeze(0).expand(mb["tokens"].shape[0], -1).contiguous()
+            mb["mb_index"] = len(out)
             out.append(mb)
         return out
 

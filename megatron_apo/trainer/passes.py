@@ -1,25 +1,30 @@
 """The three model passes of an RL step, as loss functions for Megatron's forward-backward schedule.
 
-Each pass runs on the last pipeline stage with this rank's vocab shard of the logits and writes its
-results into the micro-batch dicts, so a later pass over the same micro-batches finds them there:
+Each pass's loss function runs on the last pipeline stage with this rank's vocab shard of the logits. The forward-only
+passes return typed outputs, one per micro-batch (keyed by the micro-batch's `mb_index`), kept by the pass object;
+nothing is written into the micro-batch dicts:
 
-  reference pass (frozen reference model, forward only): ref_logprobs [b,T] and, when the loss mode
-      declares it needs them, the vocab-parallel global Top-K of pi_ref, ref_topk_indices [b,T,K] and
-      their log-probs ref_topk_logprobs  -- one pass gives all;
-  old pass (policy before the update, forward only):    old_logprobs, old_anchor_logprobs = log pi_old at
-      ref_topk_indices, and for CaSP old_topk_indices (Top-N of pi_old);
-  train pass (policy, forward + backward):              compute_policy_loss(...).
+  ReferencePass (frozen reference, forward only) -> RefOutputs: log pi_ref(y), and the vocab-parallel global Top-K of
+      pi_ref (ids and log-probs) when the loss or the anchor metrics ask -- one vocab pass gives all;
+  OldPolicyPass (policy before the update, forward only; reads RefOutputs for the Top-K ids) -> OldOutputs: log
+      pi_old(y), log pi_old at the reference Top-K and at pi_old's own Top-N when asked, the one-step-off-policy
+      importance weights, the rollout-mismatch metrics;
+  TrainPass (policy, forward + backward; reads both) -> compute_policy_loss(...).
 
-Which optional inputs are computed follows the loss mode's registered declaration (`LossInputs`).
+What is computed follows `loss_inputs` (algorithms/registry.py): the loss mode's declaration, the KL settings and the
+anchor metrics, and nothing else. On earlier pipeline stages no loss function runs and the outputs stay None: only
+the last stage, where every loss function runs, needs them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
-from megatron_apo.algorithms.losses import LossInputs, compute_policy_loss, loss_inputs
+from megatron_apo.algorithms.losses import compute_policy_loss
+from megatron_apo.algorithms.registry import LossInputs, loss_inputs
 from megatron_apo.config import AlgorithmConfig
 from megatron_apo.models.routing import response_routing_mismatch
 from megatron_apo.ops.vocab_parallel import vocab_parallel_logprob_stats
@@ -37,8 +42,28 @@ class PassSettings:
 
     @property
     def inputs(self) -> LossInputs:
-        """What the loss mode declared it needs (its `@register_policy_loss` inputs)."""
+        """What the passes compute: the loss mode's declaration, the KL settings, the anchor metrics."""
         return loss_inputs(self.algorithm)
+
+
+@dataclass
+class RefOutputs:
+    """The frozen reference's results for one micro-batch, [b, T] / [b, T, K]; detached."""
+
+    logprobs: Optional[torch.Tensor]  # log pi_ref(y)
+    topk_indices: Optional[torch.Tensor] = None  # the global Top-K ids of pi_ref, by probability
+    topk_logprobs: Optional[torch.Tensor] = None  # log pi_ref at them
+
+
+@dataclass
+class OldOutputs:
+    """The pre-update policy's results for one micro-batch, [b, T] / [b, T, K|N]; detached."""
+
+    logprobs: torch.Tensor  # log pi_old(y)
+    at_ref_topk: Optional[torch.Tensor] = None  # log pi_old at the reference Top-K (APO's M_old)
+    topn_logprobs: Optional[torch.Tensor] = None  # log pi_old at its own Top-N (CaSP)
+    is_weights: Optional[torch.Tensor] = None  # one-step-off-policy: min(pi_old / pi_rollout, tis_cap), 0 at padding
+    metrics: dict = field(default_factory=dict)  # rollout mismatch (and MoE routing) diagnostics
 
 
 def _scaled_response_logits(logits: torch.Tensor, batch: dict, temperature: float) -> torch.Tensor:
@@ -53,70 +78,90 @@ def _stats(settings: PassSettings, rl: torch.Tensor, batch: dict, ids: torch.Ten
                                         mask=batch["response_mask"], with_entropy=False)
 
 
-def reference_pass(settings: PassSettings):
-    def loss_fn(batch: dict, logits: torch.Tensor):
-        rl = _scaled_response_logits(logits, batch, settings.temperature)
-        k = settings.algorithm.apo_topk if settings.inputs.ref_topk or settings.algorithm.anchor_metrics else 0
-        st = _stats(settings, rl, batch, batch["response_ids"].unsqueeze(-1), topk=k)
-        batch["ref_logprobs"] = st.logprobs[..., 0].detach()
-        if k:
-            batch["ref_topk_indices"], batch["ref_topk_logprobs"] = st.topk_indices, st.topk_logprobs.detach()
+class ReferencePass:
+    """Forward-only loss function of the reference model; `outputs[i]` is micro-batch i's RefOutputs."""
+
+    def __init__(self, settings: PassSettings, num_micro_batches: int):
+        self.settings, self.inputs = settings, settings.inputs
+        self.outputs: list[Optional[RefOutputs]] = [None] * num_micro_batches
+
+    def __call__(self, batch: dict, logits: torch.Tensor):
+        rl = _scaled_response_logits(logits, batch, self.settings.temperature)
+        k = self.inputs.ref_topk
+        st = _stats(self.settings, rl, batch, batch["response_ids"].unsqueeze(-1), topk=k)
+        self.outputs[batch["mb_index"]] = RefOutputs(
+            st.logprobs[..., 0].detach(),
+            st.topk_indices if k else None,
+            st.topk_logprobs.detach() if k and self.inputs.ref_topk_logprobs else None,
+        )
         return rl.sum() * 0.0, {}
 
-    return loss_fn
 
+class OldPolicyPass:
+    """Forward-only loss function of the policy before the update; `outputs[i]` is micro-batch i's OldOutputs."""
 
-def old_policy_pass(settings: PassSettings):
-    def loss_fn(batch: dict, logits: torch.Tensor):
-        rl = _scaled_response_logits(logits, batch, settings.temperature)
+    def __init__(self, settings: PassSettings, ref: list[Optional[RefOutputs]]):
+        self.settings, self.inputs, self.ref = settings, settings.inputs, ref
+        self.outputs: list[Optional[OldOutputs]] = [None] * len(ref)
+
+    def __call__(self, batch: dict, logits: torch.Tensor):
+        s = self.settings
+        rl = _scaled_response_logits(logits, batch, s.temperature)
         ids = batch["response_ids"].unsqueeze(-1)
-        if "ref_topk_indices" in batch:  # log pi_old at the reference Top-K, for the APO pull ratio
-            ids = torch.cat([ids, batch["ref_topk_indices"]], dim=-1)
-        casp = settings.algorithm.casp_topn if settings.inputs.old_topn else 0
-        st = _stats(settings, rl, batch, ids, topk=casp)
-        batch["old_logprobs"] = st.logprobs[..., 0].detach()
-        if "ref_topk_indices" in batch:
-            batch["old_anchor_logprobs"] = st.logprobs[..., 1:].detach()
-        if casp:
-            batch["old_topk_indices"], batch["old_topk_logprobs"] = st.topk_indices, st.topk_logprobs.detach()
-        m = batch["response_mask"]
-        gap = batch["old_logprobs"] - batch["rollout_logprobs"]
-        metrics = logprob_mismatch(batch["rollout_logprobs"], batch["old_logprobs"], m)
-        if settings.routing is not None and batch.get("rollout_experts") is not None:
-            metrics["rollout/routing_mismatch"] = response_routing_mismatch(settings.routing, batch)
-        if settings.tis_cap is not None:
-            # The rollouts came from the previous weights: scaling A by the truncated ratio scales every
-            # A-linear loss term (the dual-clipped PG, its clip bound, the APO pull weight |A|) by it.
-            w = torch.exp(gap.clamp(max=20.0)).clamp(max=settings.tis_cap) * m
-            batch["advantages"] = batch["advantages"] * w
-            metrics["rollout/tis_weight_mean"] = ((w * m).sum() / m.sum().clamp(min=1)).detach()
-            metrics["rollout/tis_truncated_frac"] = (((gap.exp() > settings.tis_cap).float() * m).sum()
+        at_ref = self.inputs.old_at_ref_topk
+        if at_ref:  # log pi_old at the reference Top-K: one more column of the same vocab pass
+            ids = torch.cat([ids, self.ref[batch["mb_index"]].topk_indices], dim=-1)
+        st = _stats(s, rl, batch, ids, topk=self.inputs.topn)
+        old = st.logprobs[..., 0].detach()
+        m, rollout = batch["response_mask"], batch["rollout_logprobs"]
+        metrics = logprob_mismatch(rollout, old, m)
+        if s.routing is not None and batch.get("rollout_experts") is not None:
+            metrics["rollout/routing_mismatch"] = response_routing_mismatch(s.routing, batch)
+        is_weights = None
+        if s.tis_cap is not None:
+            # The rollouts came from the previous weights: the truncated ratio pi_old / pi_rollout weighs each token
+            # (the loss scales the advantage by it, hence every A-linear term).
+            gap = old - rollout
+            is_weights = torch.exp(gap.clamp(max=20.0)).clamp(max=s.tis_cap) * m
+            metrics["rollout/tis_weight_mean"] = ((is_weights * m).sum() / m.sum().clamp(min=1)).detach()
+            metrics["rollout/tis_truncated_frac"] = (((gap.exp() > s.tis_cap).float() * m).sum()
                                                      / m.sum().clamp(min=1)).detach()
-        return rl.sum() * 0.0, metrics
+        self.outputs[batch["mb_index"]] = OldOutputs(
+            old,
+            st.logprobs[..., 1:].detach() if at_ref else None,
+            st.topk_logprobs.detach() if self.inputs.topn else None,
+            is_weights,
+            metrics,
+        )
+        return rl.sum() * 0.0, {}
 
-    return loss_fn
 
+class TrainPass:
+    """The training loss function: the policy loss from the micro-batch and its reference / old-policy outputs."""
 
-def train_pass(settings: PassSettings):
-    def loss_fn(batch: dict, logits: torch.Tensor):
-        rl = _scaled_response_logits(logits, batch, settings.temperature)
+    def __init__(self, settings: PassSettings, ref: Optional[list[Optional[RefOutputs]]],
+                 old: list[Optional[OldOutputs]]):
+        self.settings, self.ref, self.old = settings, ref, old  # ref None: no reference pass ran (a loss without one)
+
+    def __call__(self, batch: dict, logits: torch.Tensor):
+        rl = _scaled_response_logits(logits, batch, self.settings.temperature)
+        old = self.old[batch["mb_index"]]
+        ref = self.ref[batch["mb_index"]] if self.ref is not None else RefOutputs(None)
         loss, metrics = compute_policy_loss(
             rl,
             batch["response_ids"],
-            batch["old_logprobs"],
+            old.logprobs,
             batch["advantages"],
             batch["response_mask"],
-            settings.algorithm,
-            ref_logprobs=batch.get("ref_logprobs"),
-            ref_topk_indices=batch.get("ref_topk_indices"),
-            ref_topk_logprobs=batch.get("ref_topk_logprobs"),
-            old_anchor_logprobs=batch.get("old_anchor_logprobs"),
-            old_topk_indices=batch.get("old_topk_indices"),
-            old_topk_logprobs=batch.get("old_topk_logprobs"),
-            vocab_size=settings.vocab_size,
+            self.settings.algorithm,
+            ref_logprobs=ref.logprobs,
+            ref_topk_indices=ref.topk_indices,
+            ref_topk_logprobs=ref.topk_logprobs,
+            old_anchor_logprobs=old.at_ref_topk,
+            old_topk_logprobs=old.topn_logprobs,
+            is_weights=old.is_weights,
+            vocab_size=self.settings.vocab_size,
         )
         metrics = {k: (v.detach() if torch.is_tensor(v) else torch.tensor(float(v))) for k, v in metrics.items()}
         metrics["loss"] = loss.detach()
         return loss, metrics
-
-    return loss_fn

@@ -1,8 +1,10 @@
 """One RL step on every trainer rank: rollout batch -> reference / old-policy / train passes -> optimizer steps.
 
 The picture (docs/architecture.md): the batch broadcast by rank 0 is split over data-parallel ranks, the frozen
-reference computes its log-probs and vocab-parallel Top-K, the pre-update policy its old log-probs, then PPO epochs
-of mini-batch updates run the loss. Metrics are means over the last pipeline stage's micro-batches.
+reference computes its log-probs and vocab-parallel Top-K (RefOutputs), the pre-update policy its old log-probs
+(OldOutputs), then PPO epochs of mini-batch updates run the loss on the micro-batch and both outputs (TrainPass).
+Each pass's outputs are handed to the next explicitly (trainer/passes.py). Metrics are means over the last pipeline
+stage's micro-batches.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from megatron_apo.parallel import control_plane
 from megatron_apo.trainer.batch import RLBatch
 from megatron_apo.trainer.moe_metrics import aux_loss_metrics, routing_capture
 from megatron_apo.trainer.optim import zero_grads
-from megatron_apo.trainer.passes import PassSettings, old_policy_pass, reference_pass, train_pass
+from megatron_apo.trainer.passes import OldPolicyPass, PassSettings, ReferencePass, TrainPass
 from megatron_apo.trainer.schedule import forward_backward
 
 
@@ -58,13 +60,16 @@ def rl_step(step: int, batch: RLBatch, models: RLModels, settings: PassSettings,
     metrics: dict = {}
 
     t0 = time.perf_counter()
+    ref = ReferencePass(settings, len(micro))
     with torch.no_grad(), _resident(models.reference, t.ref_cpu_offload):
-        forward_backward([models.reference], micro, reference_pass(settings), seq, mbs, forward_only=True)
+        forward_backward([models.reference], micro, ref, seq, mbs, forward_only=True)
     metrics["time/reference_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    old = OldPolicyPass(settings, ref.outputs)
     with torch.no_grad(), routing_capture(models.policy, settings):  # MoE: rollout/routing_mismatch
-        old = forward_backward(models.policy, micro, old_policy_pass(settings), seq, mbs, forward_only=True)
-    metrics.update(_gather_last_stage_metrics(old))
+        forward_backward(models.policy, micro, old, seq, mbs, forward_only=True)
+    metrics.update(_gather_last_stage_metrics([o.metrics for o in old.outputs if o is not None]))
+    train = TrainPass(settings, ref.outputs, old.outputs)  # outputs exist on the last stage, where the loss runs
 
     mini = t.ppo_mini_batch_size // _dp_size() if t.ppo_mini_batch_size else len(micro) * mbs
     mini_mbs = max(1, mini // mbs)
@@ -72,7 +77,7 @@ def rl_step(step: int, batch: RLBatch, models: RLModels, settings: PassSettings,
     for _epoch in range(t.ppo_epochs):
         for i in range(0, len(micro), mini_mbs):
             zero_grads(models.policy, models.optimizer)
-            out = forward_backward(models.policy, micro[i : i + mini_mbs], train_pass(settings), seq, mbs)
+            out = forward_backward(models.policy, micro[i : i + mini_mbs], train, seq, mbs)
             if not _all_finite(out):
                 skipped += 1  # a NaN/inf loss: drop this update, keep training
                 continue

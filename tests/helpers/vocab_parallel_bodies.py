@@ -94,7 +94,6 @@ def run_loss_case(case: dict, rank: int, tp: int) -> dict:
         x, case["ids"], case["old_logprobs"], case["advantages"], case["mask"], case["config"],
         ref_logprobs=case.get("ref_logprobs"), ref_topk_indices=case.get("ref_topk_indices"),
         ref_topk_logprobs=case.get("ref_topk_logprobs"), old_anchor_logprobs=case.get("old_anchor_logprobs"),
-        old_topk_indices=case.get("old_topk_indices"),
         old_topk_logprobs=case.get("old_topk_logprobs"), vocab_size=case["vocab_size"],
     )
     loss.backward()

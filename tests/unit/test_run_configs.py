@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_apo.algorithms.settings import validate_algorithm_config
+from megatron_apo.algorithms.registry import resolve_algorithm_config
 from megatron_apo.config import load_config
 from megatron_apo.models.config import load_model_config
 
@@ -18,7 +18,7 @@ def test_run_config_is_consistent(path):
     cfg = load_config(path)
     p = cfg.parallel
     load_model_config(cfg.model.config).validate(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
-    validate_algorithm_config(cfg.algorithm)
+    resolve_algorithm_config(cfg.algorithm)  # validates, and checks loss_mode against the registry
     assert cfg.algorithm.loss_mode == "apo_ratio" and cfg.rollout.engine == "vllm"
 
 
@@ -61,4 +61,4 @@ def test_study_config_is_consistent(path):
     paths = {"model": cfg.task.model, "train": "t.parquet", "val": "v.parquet", "tokenizer": "tok"}
     for method in cfg.methods:  # every run's RunConfig loads and its algorithm settings validate
         run = load_config(None, run_overrides(cfg, paths, "ckpt", Path("/tmp/x"), method, cfg.seeds[0]))
-        validate_algorithm_config(run.algorithm)
+        resolve_algorithm_config(run.algorithm)
