@@ -25,6 +25,9 @@ def _run_smoke(args) -> int:
     from megatron_apo.parallel import run_distributed
     from megatron_apo.trainer.smoke import smoke_train
 
+    for flag in ("tp", "pp", "dp", "steps"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     load_model_config(args.model).validate(args.tp, args.pp)  # fail fast, before any process starts
     world = args.tp * args.pp * args.dp
     losses = run_distributed(smoke_train, world, tp=args.tp, pp=args.pp, steps=args.steps, model=args.model,
@@ -147,10 +150,33 @@ def _add_eval(sub) -> None:
     p.set_defaults(func=_run_eval)
 
 
+# samples per prompt: each engine call holds --n x --prompts-per-call sequences (prompt + --max-new-tokens tokens
+# each) and their texts; past this, run several evaluations with different --seed and overlay them
+EVAL_MAX_N = 4096
+
+
+def _check_eval_args(args) -> None:
+    if not 1 <= args.n <= EVAL_MAX_N:
+        raise InputError(f"--n {args.n}: samples per prompt must be in [1, {EVAL_MAX_N}] (each engine call holds "
+                         f"--n x --prompts-per-call sequences in memory); for more, run several evals with "
+                         "different --seed")
+    for flag in ("prompts_per_call", "max_new_tokens", "engine_tp"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("engines", "reward_workers"):
+        if getattr(args, flag) < 0:
+            raise InputError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit must be >= 1, got {args.limit}")
+    if not args.reward_timeout > 0:
+        raise InputError(f"--reward-timeout must be > 0 seconds, got {args.reward_timeout}")
+
+
 def _run_eval(args) -> int:
     from megatron_apo.eval.main import EvalJob, run_eval
     from megatron_apo.eval.runner import EvalConfig
 
+    _check_eval_args(args)
     config = EvalConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                         seed=args.seed, prompts_per_call=args.prompts_per_call,
                         correct_threshold=args.correct_threshold)

@@ -44,6 +44,11 @@ class Tokenizer:
     def stop_token_ids(self) -> tuple[int, ...]:
         return () if self.eos_token_id is None else (int(self.eos_token_id),)
 
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the tokenizer can produce (added special tokens included)."""
+        raise NotImplementedError
+
 
 class HFTokenizer(Tokenizer):
     def __init__(self, hf_tokenizer, template: str = "auto"):
@@ -56,6 +61,10 @@ class HFTokenizer(Tokenizer):
         self.template = ("chat" if has_chat else "plain") if template == "auto" else template
         self.eos_token_id = hf_tokenizer.eos_token_id
         self.pad_token_id = hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else self.eos_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
 
     def encode(self, text: str) -> list[int]:
         # Chat templates already contain any BOS; plain prompts are verbatim, so never add special tokens.
@@ -82,6 +91,10 @@ class SentencePieceTokenizer(Tokenizer):
         self.eos_token_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
         self.pad_token_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_token_id
         self._special = {i for i in (self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()) if i >= 0}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
 
     def encode(self, text: str) -> list[int]:
         return list(self.sp.encode(text))

@@ -69,6 +69,10 @@ class ModelConfig:
     def validate(self, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, source: str = "",
                  expert_parallel_size: int = 1) -> None:
         where = f"{source}: " if source else f"model config {self.name}: "
+        for what, size in (("tensor", tensor_parallel_size), ("pipeline", pipeline_parallel_size),
+                           ("expert", expert_parallel_size)):
+            if size < 1:  # before the divisibility checks, which would divide by it
+                raise InputError(f"{where}{what} parallel size must be >= 1, got {size}")
         if self.architecture not in ARCHITECTURES:
             raise InputError(f"{where}architecture={self.architecture!r} is unknown; use one of {ARCHITECTURES}")
         if self.num_attention_heads % self.num_query_groups:
