@@ -264,6 +264,9 @@ class ModelSection(_Section):
     params_dtype: DType = DType.float32  # float32 | bfloat16 | float16 (or fp32, bf16, fp16, half, float)
     # transformer_engine (fused TE layers, GPU) | local (megatron-core's own); None: TE with CUDA, local without
     transformer_impl: Optional[TransformerImpl] = None
+    # megatron-core's fused kernels with CUDA (bias-activation, bias-dropout, RoPE, gradient accumulation where its
+    # kernel exists; docs/gpu.md "Fused kernels"); false turns them all off. Always off without CUDA.
+    fusions: bool = True
     # MoE models: weight of the router's load-balancing loss (docs/models.md); 0 turns it off. Logged as
     # train/moe_aux_loss when > 0. The reference model never carries it.
     moe_aux_loss_coeff: float = 0.0

@@ -37,9 +37,33 @@ def resolve_transformer_impl(requested: str | None = None) -> str:
             raise TransformerEngineMissing(
                 f"model.transformer_impl=transformer_engine ({how}) but Transformer Engine does not import "
                 f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); install the gpu "
-                "extra (pip install -e '.[gpu]', or use the project's image) or set model.transformer_impl=local"
+                "stack with bash scripts/install_gpu.sh (torch first, then TE built against it; a plain "
+                "pip install -e '.[gpu]' builds TE against another torch), use the project's image, "
+                "or set model.transformer_impl=local"
             ) from None
     return impl
+
+
+def fusion_flags(fusions: bool = True, ddp: bool = False, *, cuda: bool | None = None,
+                 fused_rope: bool | None = None, wgrad_kernel: bool | None = None) -> dict:
+    """megatron-core's fused-kernel flags (`model.fusions`, docs/gpu.md "Fused kernels"): on with CUDA, off without.
+
+    RoPE fusion needs Transformer Engine's fused RoPE kernel. Gradient-accumulation fusion writes weight gradients
+    straight into DDP's `main_grad` (so only for a model that will be DDP-wrapped: `ddp`) and needs a wgrad kernel
+    for every linear, megatron-core's own output layer included even under TE (apex's `fused_weight_gradient_mlp_cuda`).
+    `cuda`, `fused_rope`, `wgrad_kernel`: what this machine has (probed when None).
+    """
+    on = fusions and (torch.cuda.is_available() if cuda is None else cuda)
+    if on and fused_rope is None:
+        from megatron.core.models.common.embeddings import rope_utils
+
+        fused_rope = rope_utils.fused_apply_rotary_pos_emb is not None
+    if on and ddp and wgrad_kernel is None:
+        from megatron.core.tensor_parallel import layers
+
+        wgrad_kernel = layers._grad_accum_fusion_available
+    return dict(bias_activation_fusion=on, bias_dropout_fusion=on, apply_rope_fusion=bool(on and fused_rope),
+                gradient_accumulation_fusion=bool(on and ddp and wgrad_kernel))
 
 
 def transformer_config(
@@ -54,7 +78,11 @@ def transformer_config(
     transformer_impl: str | None = None,
     moe_aux_loss_coeff: float = 0.0,
     expert_parallel_size: int | None = None,
+    fusions: bool = True,
+    ddp: bool = False,
 ):
+    """Megatron's TransformerConfig for `cfg` (SwiGLU, RMSNorm, RoPE). `fusions` (model.fusions): megatron-core's
+    fused kernels with CUDA (fusion_flags); `ddp`: the model will be DDP-wrapped (its grads live in main_grad)."""
     from megatron.core import parallel_state
     from megatron.core.transformer import TransformerConfig
 
@@ -102,6 +130,7 @@ def transformer_config(
         # the expert layers read it to mark their weights expert-parallel (allreduce=False): DDP then reduces
         # their grads over the expert-data-parallel group and the optimizer keeps them apart
         kwargs.update(moe_config(cfg, moe_aux_loss_coeff), expert_model_parallel_size=expert_parallel_size)
+    kwargs.update(fusion_flags(fusions, ddp))
     kwargs.update(cpu_compat.transformer_config_overrides())
     return TransformerConfig(**kwargs)
 
@@ -149,7 +178,8 @@ def build_gpt_model(
 ):
     """The GPTModel chunk for this rank's pipeline stage (pre/post_process from Megatron's parallel state).
 
-    `transformer_impl=...` (in `config_kwargs`): "transformer_engine" | "local" | None (by device).
+    `transformer_impl=...` (in `config_kwargs`): "transformer_engine" | "local" | None (by device);
+    `fusions=False` turns megatron-core's fused kernels off, `ddp=True` for a model that will be DDP-wrapped.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel

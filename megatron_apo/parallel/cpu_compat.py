@@ -12,7 +12,9 @@ from torch.overrides import TorchFunctionMode
 
 _APPLIED = False
 
-# Megatron-core flags whose fused kernels exist only on CUDA; TransformerConfig must disable them.
+# Megatron-core flags whose fused kernels exist only on CUDA; TransformerConfig must disable them. With CUDA
+# models.builder.fusion_flags turns on bias-activation, bias-dropout, RoPE and gradient-accumulation fusion
+# (model.fusions); masked-softmax fusion and the persistent LayerNorm are apex kernels the image does not have.
 CPU_TRANSFORMER_CONFIG_OVERRIDES = dict(
     use_cpu_initialization=True,  # weights are created on the host, never moved to a GPU
     gradient_accumulation_fusion=False,  # fused wgrad accumulation is an apex/CUDA kernel

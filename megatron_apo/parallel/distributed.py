@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from megatron_apo.config import ParallelConfig
 from megatron_apo.parallel import control_plane, cpu_compat
+from megatron_apo.parallel.cuda_context import bind_gpu
 
 DEFAULT_TIMEOUT_MINUTES = 30  # the default (data-plane) group: every rank is busy in lockstep there
 DEFAULT_CONTROL_TIMEOUT_MINUTES = 360  # the control plane: ranks 1..N wait while rank 0 rolls out / evaluates
@@ -60,7 +61,7 @@ def init_distributed(
     backend = backend or default_backend()
     if not dist.is_initialized():
         if backend == "nccl":
-            torch.cuda.set_device(local_device_index())
+            bind_gpu(local_device_index())  # one CUDA work queue for this rank's context only (cuda_context.py)
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     world = dist.get_world_size()
     parallel.validate(world)

@@ -95,11 +95,11 @@ def _build_models(cfg: RunConfig, model_cfg) -> RLModels:
     """The DDP-wrapped policy, its Megatron optimizer, and the frozen reference (same architecture)."""
     dtype, impl, t = torch_dtype(cfg.model.params_dtype), cfg.model.transformer_impl, cfg.trainer
     policy = [wrap_ddp(build_gpt_model(model_cfg, params_dtype=dtype, transformer_impl=impl,
-                                       recompute=t.recompute == "full",
+                                       recompute=t.recompute == "full", fusions=cfg.model.fusions, ddp=True,
                                        moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff),
                        use_distributed_optimizer=t.use_distributed_optimizer)]
     optimizer = build_optimizer(policy, t)  # the trainer section is the optimizer config (config.OptimConfig)
-    reference = build_gpt_model(model_cfg, params_dtype=dtype, transformer_impl=impl)
+    reference = build_gpt_model(model_cfg, params_dtype=dtype, transformer_impl=impl, fusions=cfg.model.fusions)
     reference.requires_grad_(False)
     reference.eval()
     if t.ref_cpu_offload and _cuda():

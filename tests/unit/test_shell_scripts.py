@@ -9,8 +9,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted(str(p.relative_to(REPO)) for p in [*REPO.glob("slurm/*.sbatch"), *REPO.glob("slurm/lib/*.sh"),
-                                                     REPO / "scripts" / "slurm_local.sh",
-                                                     REPO / "scripts" / "gpu_check.sh"])
+                                                     *REPO.glob("scripts/*.sh")])
 
 
 def test_the_scripts_exist():
@@ -62,3 +61,17 @@ def test_qwen3_235b_sbatch_is_its_config_and_plan():
     p.validate(trainer * 8)
     # train_apo.sbatch passes EP on to the trainer
     assert '"parallel.expert_model_parallel_size=$EP"' in (REPO / "slurm" / "train_apo.sbatch").read_text()
+
+
+def test_gpu_install_builds_te_against_the_installed_torch():
+    """`pip install -e '.[gpu]'` builds TE's torch module against the newest torch in an isolated env (it then does
+    not load): install_gpu.sh installs torch first and TE without build isolation; the docs and the builder's
+    error name the script."""
+    text = (REPO / "scripts" / "install_gpu.sh").read_text()
+    assert text.index('pip_install "$torch_spec"') < text.index("pip_install --no-build-isolation \"$req\"")
+    assert "transformer-engine*|transformer_engine*)" in text
+    from megatron_apo.models import builder
+
+    for where in ("README.md", "docs/vllm.md", "docs/gpu.md"):
+        assert "scripts/install_gpu.sh" in (REPO / where).read_text(), where
+    assert "scripts/install_gpu.sh" in Path(builder.__file__).read_text()
