@@ -366,6 +366,8 @@ class RolloutSection(_Section):
     sync_bucket_mb: int = 64
     sync_host: Optional[str] = None  # address engines reach trainer rank 0 at; None: Ray's node IP of rank 0
     sync_dtype: Optional[DType] = None  # dtype weights are sent in; None: the engine's (vllm bfloat16, cpu float32)
+    # seconds any side of a weight sync waits for the others (joining, a header, a bucket) before a named error
+    sync_timeout_s: float = 300.0
     # Generate step n+1's rollouts while step n trains (weights one version old), corrected by truncated
     # importance sampling: each token's advantage is scaled by min(pi_old / pi_rollout, tis_cap).
     one_step_off_policy: bool = False
@@ -374,6 +376,7 @@ class RolloutSection(_Section):
 
     def _check(self) -> None:
         self._at_least("n", 1)
+        self._at_least("sync_timeout_s", 1.0)
         if self.one_step_off_policy:
             self._at_least("tis_cap", 1.0, " (it truncates pi_old / pi_rollout)")
 

@@ -73,16 +73,37 @@ def is_expert_param(global_name: str) -> bool:
     return _EXPERT_RE.match(global_name) is not None
 
 
+# Megatron's tensor-parallel layout by a weight's role: a column-parallel layer (qkv, fc1, the vocab-parallel
+# embedding and output layer) is split along its output dim 0, a row-parallel one (proj, fc2) along its input dim 1,
+# and a row-parallel layer's bias is whole on every rank. The backend's own label is not trusted for these: TE 2.11
+# labels a Linear built with parallel_mode=None "dim 0", and megatron-core builds every expert linear that way when
+# EP > 1 or expert-TP > 1, the row-parallel expert fc2 included (docs/gpu.md).
+_SPLIT_BY_ROLE = {
+    "linear_qkv.weight": 0, "linear_qkv.bias": 0, "linear_fc1.weight": 0, "linear_fc1.bias": 0,
+    "word_embeddings.weight": 0, "output_layer.weight": 0,
+    "linear_proj.weight": 1, "linear_fc2.weight": 1, "linear_proj.bias": None, "linear_fc2.bias": None,
+}
+
+
+def tp_split_dim(global_name: str, param: torch.Tensor) -> int | None:
+    """The TP split dim of a parameter: from its role (`_SPLIT_BY_ROLE`), else from the backend's label
+    (`tensor_model_parallel` / `partition_dim`, e.g. a layer norm: replicated)."""
+    role = ".".join(global_name.rsplit(".", 2)[-2:])
+    if role in _SPLIT_BY_ROLE:
+        return _SPLIT_BY_ROLE[role]
+    split = getattr(param, "partition_dim", -1) if getattr(param, "tensor_model_parallel", False) else None
+    return split if split is not None and split >= 0 else None
+
+
 def iter_local_params(model: torch.nn.Module, vp_stage: int | None = None) -> Iterator[LocalParam]:
     """Every parameter of this rank's model chunk with its global name and TP split dim."""
     inner = unwrap(model)
     offset = layer_offset(inner, vp_stage)
     experts = expert_offset(inner)
     for name, p in inner.named_parameters():
-        split = getattr(p, "partition_dim", -1) if getattr(p, "tensor_model_parallel", False) else None
         gname = global_param_name(name, offset, experts)
         gated = bool(inner.config.gated_linear_unit) and is_fc1(gname)
-        yield LocalParam(gname, p, split if split is not None and split >= 0 else None, gated)
+        yield LocalParam(gname, p, tp_split_dim(gname, p), gated)
 
 
 def is_fc1(global_name: str) -> bool:

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 from megatron_apo.rollout.engine import EngineDied, Sample, SamplingParams
 from megatron_apo.rollout.sync_group import SyncEndpoint
-from megatron_apo.rollout.weight_sync import WeightSyncError
+from megatron_apo.rollout.weight_sync import WeightLoadError, WeightSyncError
 
 
 class FleetError(RuntimeError):
@@ -290,13 +290,17 @@ class RolloutFleet:
         import ray
 
         ray.get(self._join_refs)
-        results, errors = [], []
+        results, errors, failed_loads = [], [], []
         for i, ref in enumerate(refs):
             try:
                 results.append(ray.get(ref))
             except ray.exceptions.RayTaskError as e:
                 errors.append(f"engine {i}: {e.cause if getattr(e, 'cause', None) else e}")
                 results.append(None)
+                if isinstance(getattr(e, "cause", None), WeightLoadError):
+                    failed_loads.append(i)
+        if errors and len(failed_loads) == len(errors):  # engines that could not load it: treated as dead
+            return self._replace_failed_loads(failed_loads, results, errors, expected_checksum)
         if not errors and expected_checksum is not None:
             errors += [f"engine {i}: checksum {r['checksum']} != trainer's {expected_checksum}"
                        for i, r in enumerate(results) if r["checksum"] != expected_checksum]
@@ -306,6 +310,24 @@ class RolloutFleet:
             raise WeightSyncError("weight sync rejected: " + "; ".join(errors))
         self._version = results[0]["version"]
         self._stale = [False] * self.num_engines
+        return results
+
+    def _replace_failed_loads(self, failed: list[int], results: list, errors: list[str],
+                              expected_checksum: str | None) -> list:
+        """Engines that received a sync but could not load it (WeightLoadError) are replaced, like a dead engine;
+        each replacement gets the weights by the next sync. The engines that loaded it serve this version."""
+        wrong = [f"engine {i}: checksum {r['checksum']} != trainer's {expected_checksum}" for i, r in enumerate(results)
+                 if r is not None and expected_checksum is not None and r["checksum"] != expected_checksum]
+        if wrong:
+            self._stale = [True] * self.num_engines
+            raise WeightSyncError("weight sync rejected: " + "; ".join(errors + wrong))
+        logging.getLogger(__name__).warning("weight sync: %s; replacing engine(s) %s", "; ".join(errors), failed)
+        loaded = [r for r in results if r is not None]
+        if loaded:
+            self._version = loaded[0]["version"]
+        self._stale = [r is None for r in results]
+        for slot in failed:
+            self._restart(slot)
         return results
 
     def shutdown(self) -> None:

@@ -81,7 +81,8 @@ class Controller:
         # NCCL only where both ends are GPUs (vLLM engines); CPU engines join over gloo even from a GPU trainer
         nccl = self.cfg.rollout.engine == "vllm" and torch.cuda.is_available()
         ep = self.fleet.sync_endpoint(backend="nccl" if nccl else "gloo",
-                                      host=rendezvous_host(self.cfg.rollout.sync_host), fresh=self._sync_group is None)
+                                      host=rendezvous_host(self.cfg.rollout.sync_host),
+                                      timeout_s=self.cfg.rollout.sync_timeout_s, fresh=self._sync_group is None)
         if ep is not self._sync_endpoint:
             if self._sync_group is not None:
                 self._sync_group.close()

@@ -1,0 +1,303 @@
+"""The weight-sync channel is authenticated, never hangs, and sends the right shapes (docs/rollout.md,
+docs/reliability.md "Weight-sync channel", docs/gpu.md).
+
+* The store listens on the rendezvous address only; a member refuses a store whose rank 0 lacks the group's
+  secret, rank 0 refuses a member that lacks it, and an engine refuses a forged, altered or replayed header
+  (`WeightSyncAuthError`); nothing received is unpickled.
+* A stalled member is a named `WeightSyncTimeout` within the group's timeout, on either side.
+* An engine whose load of a verified bucket fails drains the rest of the sync and reports it; the fleet replaces
+  it, the trainer's next sync brings the replacement up (CPU engines, real Ray).
+* The sync plan's HF shapes are right under Transformer Engine's TP labels, experts built with
+  parallel_mode=None included (dense and MoE, TP x EP, real gloo ranks).
+
+Real gloo groups throughout: rank 0 and the members run on threads of this process (or Ray actors).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+
+from megatron_apo.rollout.sync_group import (
+    NcclSyncGroup,
+    SyncEndpoint,
+    WeightSyncAuthError,
+    WeightSyncTimeout,
+    open_sync_group,
+)
+from megatron_apo.rollout.weight_sync import WeightStore, pack_bucket, receive_weights, send_bucket, send_end
+
+PROBE = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8]]
+
+
+def _endpoint(world_size=2, timeout_s=20.0, secret=None) -> SyncEndpoint:
+    ep = SyncEndpoint.new(world_size, "gloo", host="127.0.0.1", timeout_s=timeout_s)
+    return ep if secret is None else SyncEndpoint(ep.host, ep.port, ep.world_size, "gloo", timeout_s, secret)
+
+
+class _Thread(threading.Thread):
+    """Runs fn(*args) and keeps its result or exception."""
+
+    def __init__(self, fn, *args):
+        super().__init__(target=self._run, args=(fn, args), daemon=True)
+        self.result, self.error = None, None
+
+    def _run(self, fn, args):
+        try:
+            self.result = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            self.error = e
+
+    def outcome(self, timeout=60.0):
+        self.join(timeout)
+        assert not self.is_alive(), "the thread is still blocked"
+        return self.result, self.error
+
+
+def _pair(ep):
+    """(rank 0's group, rank 1's group), both joined."""
+    member = _Thread(open_sync_group, ep, 1)
+    member.start()
+    sender = open_sync_group(ep, 0)
+    group, err = member.outcome()
+    assert err is None, err
+    return sender, group
+
+
+def _tensors(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(f"w{i}", torch.randn(64, 33, generator=g)) for i in range(3)]
+
+
+# ---- the store ------------------------------------------------------------------------------------------------------
+
+def test_store_listens_on_the_rendezvous_address_only():
+    ep = _endpoint()
+    sender, member = _pair(ep)
+    listening = [c.laddr for c in psutil.Process().net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == ep.port]
+    assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
+    sender.close(), member.close()
+
+
+def test_member_refuses_a_store_whose_rank0_lacks_the_secret():
+    ep = _endpoint(timeout_s=3.0)
+    rank0 = _Thread(open_sync_group, ep, 0)
+    rank0.start()
+    foreign = SyncEndpoint(ep.host, ep.port, 2, "gloo", 3.0, "ab" * 32)  # the right address, another secret
+    t0 = time.monotonic()
+    with pytest.raises(WeightSyncAuthError, match="not this run's sync group"):
+        open_sync_group(foreign, 1)
+    assert time.monotonic() - t0 < 2.5  # refused at once, not after a timeout
+    _, err = rank0.outcome()  # and rank 0, whose member never came, stops with a named error within its timeout
+    assert isinstance(err, WeightSyncTimeout) and "sync rank 1 did not join within 3s" in str(err)
+
+
+def test_rank0_refuses_a_member_that_lacks_the_secret():
+    ep = _endpoint(timeout_s=10.0)
+    rank0 = _Thread(open_sync_group, ep, 0)
+    rank0.start()
+    # a foreign process: a plain store client; the nonce is public, the member tag needs the secret
+    client = torch.distributed.TCPStore(ep.host, ep.port, 2, is_master=False, timeout=datetime.timedelta(seconds=10))
+    nonce = json.loads(client.get("weight_sync/hello"))["nonce"]
+    client.set(f"weight_sync/{nonce}/member/1", "0" * 64)
+    _, err = rank0.outcome()
+    assert isinstance(err, WeightSyncAuthError) and "sync rank 1 does not hold the run's secret" in str(err)
+
+
+# ---- headers and buckets --------------------------------------------------------------------------------------------
+
+def _send_sync(group, version, named, forge=None):
+    """Rank 0's side of one sync of one bucket; `forge(group, header)` replaces the bucket header's broadcast."""
+    bucket = pack_bucket(named)
+    if forge is None:
+        send_bucket(group, bucket, version, 0)
+    else:
+        forge(group, {"type": "bucket", "version": version, "index": 0, "entries": bucket.entries,
+                      "nbytes": bucket.nbytes, "checksum": bucket.checksum})
+        group.broadcast(bucket.flat, src=0)
+    return send_end(group, version, [bucket.checksum], len(named))
+
+
+def _receive(group, version):
+    staged = []
+    return receive_weights(group, staged.extend, expected_version=version, ring=WeightStore()), staged
+
+
+def _wire(group, payload: bytes, mac_of: bytes | None = None):
+    """Broadcasts a header's bytes with the MAC of `mac_of` (default: of the bytes themselves)."""
+    group._seq += 1
+    wire = group._mac(payload if mac_of is None else mac_of) + payload
+    group.broadcast(torch.tensor([len(wire)], dtype=torch.int64), src=0)
+    group.broadcast(torch.frombuffer(bytearray(wire), dtype=torch.uint8), src=0)
+
+
+def _forged_checksum(group, header):
+    """An attacker on the wire swaps in the checksum of its own bytes; the header's MAC is the sender's."""
+    real = json.dumps(header, separators=(",", ":")).encode()
+    _wire(group, json.dumps(dict(header, checksum="0" * 32), separators=(",", ":")).encode(), mac_of=real)
+
+
+def _foreign_key(group, header):
+    """A sender without the group's secret: a well-formed header MAC'd with another key."""
+    key, group._key = group._key, b"not the run's secret".ljust(32)
+    try:
+        group.broadcast_json(header, src=0)
+    finally:
+        group._key = key
+
+
+@pytest.mark.parametrize("forge", [_forged_checksum, _foreign_key], ids=["altered-header", "foreign-key"])
+def test_engine_refuses_a_forged_header(forge):
+    sender, member = _pair(_endpoint(timeout_s=2.0))
+    receiver = _Thread(_receive, member, 1)
+    receiver.start()
+    try:
+        _send_sync(sender, 1, _tensors(), forge=forge)
+    except Exception:  # noqa: BLE001 - the receiver has stopped listening: the sender may see a broken link
+        pass
+    _, err = receiver.outcome()
+    assert isinstance(err, WeightSyncAuthError) and "failed authentication" in str(err)
+
+
+def test_authentic_sync_loads_and_a_replayed_header_is_refused():
+    sender, member = _pair(_endpoint(timeout_s=5.0))
+    named = _tensors(1)
+    receiver = _Thread(_receive, member, 1)
+    receiver.start()
+    _send_sync(sender, 1, named)
+    (result, staged), err = receiver.outcome()
+    assert err is None and result.ok and result.loaded == ["w0", "w1", "w2"]
+    for (n, got), (_, want) in zip(staged, named):
+        assert torch.equal(got, want)
+    # the same (authentic) header bytes sent again: the MAC covers the group's header sequence number
+    header = {"type": "end", "version": 1, "num_buckets": 1, "num_tensors": 3, "checksum": result.checksum}
+    old_seq = sender._seq
+    receiver = _Thread(_receive, member, 1)
+    receiver.start()
+    sender._seq = old_seq - 1  # the MAC it had the first time
+    payload = json.dumps(header, separators=(",", ":")).encode()
+    _wire(sender, payload)
+    _, err = receiver.outcome()
+    assert isinstance(err, WeightSyncAuthError)
+
+
+# ---- deadlines --------------------------------------------------------------------------------------------------
+
+def test_a_stalled_member_is_a_named_timeout_on_both_sides():
+    sender, member = _pair(_endpoint(timeout_s=2.0))
+    # an engine waiting for a header that never comes
+    t0 = time.monotonic()
+    with pytest.raises(WeightSyncTimeout, match="rollout.sync_timeout_s"):
+        receive_weights(member, lambda tensors: None)
+    assert time.monotonic() - t0 < 10
+    # a sender whose engine stopped receiving (a bucket bigger than the socket buffers)
+    sender2, member2 = _pair(_endpoint(timeout_s=2.0))
+    big = pack_bucket([("w", torch.zeros(64 << 20, dtype=torch.uint8))])
+    t0 = time.monotonic()
+    with pytest.raises(WeightSyncTimeout, match="rollout.sync_timeout_s"):
+        send_bucket(sender2, big, 1, 0)
+    assert time.monotonic() - t0 < 10
+    del member2
+
+
+def test_a_failed_load_drains_the_sync_and_reports_it():
+    sender, member = _pair(_endpoint(timeout_s=60.0))
+    calls = []
+
+    def load(tensors):
+        calls.append([n for n, _ in tensors])
+        raise ValueError("shape (8, 4) does not match the model's (4, 8)\nsecond line")
+
+    receiver = _Thread(receive_weights, member, load, 1)
+    receiver.start()
+    t0 = time.monotonic()
+    checksums = []
+    for i, named in enumerate([_tensors(2), _tensors(3), _tensors(4)]):  # three buckets
+        bucket = pack_bucket(named)
+        send_bucket(sender, bucket, 1, i)
+        checksums.append(bucket.checksum)
+    send_end(sender, 1, checksums, 9)
+    result, err = receiver.outcome(timeout=30)
+    assert time.monotonic() - t0 < 30  # the sender was never left waiting for the timeout (60 s)
+    assert err is None and not result.ok and result.load_failed and result.num_buckets == 3
+    assert result.errors == ["bucket 0: loading failed: ValueError: shape (8, 4) does not match the model's (4, 8)"]
+    assert len(calls) == 1  # the later buckets were drained, not loaded
+
+
+@pytest.mark.slow
+def test_fleet_replaces_an_engine_whose_load_failed_and_the_next_sync_restores_it(ray_cluster, tmp_path):
+    from megatron_apo.rollout.engine import SamplingParams
+    from megatron_apo.rollout.fleet import EngineSpec, RolloutFleet
+    from tests.helpers.rollout_helpers import TINY_HF_CONFIG, random_hf_state, reference_logits, sync_from_driver
+
+    fleet = RolloutFleet(EngineSpec("tests.helpers.weight_sync_helpers:FailingLoadCPUEngine",
+                                    dict(hf_config=TINY_HF_CONFIG, named_tensors=random_hf_state(0), version=0,
+                                         fail_marker=str(tmp_path / "failed"))), num_engines=2)
+    try:
+        new = random_hf_state(7)
+        t0 = time.monotonic()
+        refs, total, _ = sync_from_driver(fleet, 1, new)  # timeout 120 s: a hang would show
+        results = fleet.finish_weight_sync(refs, expected_checksum=total)
+        assert time.monotonic() - t0 < 60
+        assert (tmp_path / "failed").exists() and fleet.restarts == 1
+        assert sorted(r is None for r in results) == [False, True]  # one engine failed its load and was replaced
+        assert fleet.weights_version() == 1 and fleet.needs_sync()
+        out = fleet.generate([[1, 2, 3], [4, 5]], SamplingParams(n=2, max_new_tokens=4, seed=1))
+        assert [len(samples) for samples in out] == [2, 2]  # the engine that loaded v1 serves alone meanwhile
+        refs, total, _ = sync_from_driver(fleet, 2, new, fresh=True)  # the replacement joins the next sync
+        fleet.finish_weight_sync(refs, expected_checksum=total)
+        assert fleet.engine_versions() == [2, 2] and not fleet.needs_sync()
+        want = reference_logits(new, PROBE)
+        for got in fleet.logits(PROBE):
+            assert (got - want).abs().max() <= 1e-5
+    finally:
+        fleet.shutdown()
+
+
+# ---- NCCL communicators are freed -------------------------------------------------------------------------------
+
+def test_nccl_group_close_destroys_its_communicator():
+    """(No NCCL on CPU: the communicator is a stand-in; the real close path is the one the GPU runs.)"""
+
+    class Comm:
+        destroyed = 0
+
+        def destroy(self):
+            Comm.destroyed += 1
+
+    group = NcclSyncGroup.__new__(NcclSyncGroup)
+    group._comm, group._store = Comm(), object()
+    group.close()
+    group.close()  # twice: freed once
+    assert Comm.destroyed == 1 and group._comm is None
+
+
+# ---- shapes under Transformer Engine's labels ---------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,tp,ep", [("tiny", 2, 1), ("tiny-qwen3-moe", 2, 1), ("tiny-qwen3-moe", 2, 2)])
+def test_sync_plan_shapes_under_transformer_engine_labels(model, tp, ep):
+    from megatron_apo.models import load_model_config
+    from megatron_apo.models.hf_mapping import hf_shapes
+    from megatron_apo.parallel import run_distributed
+    from tests.helpers.weight_sync_helpers import te_labelled_plan_body
+
+    want = hf_shapes(load_model_config(model))
+    plans = run_distributed(te_labelled_plan_body, tp * ep, tp, ep, model, timeout=300)
+    for plan in plans:  # every rank agrees on the plan
+        assert {n: shape for n, (shape, _) in plan.items()} == want
+        for name, (shape, pieces) in plan.items():  # the pieces tile each HF tensor exactly
+            by_dim = {}
+            for dim, start, length in pieces:
+                by_dim.setdefault(dim, []).append((start, length))
+            for dim, spans in by_dim.items():
+                spans.sort()
+                assert spans[0][0] == 0 and all(a + la == b for (a, la), (b, _) in zip(spans, spans[1:]))
+                assert spans[-1][0] + spans[-1][1] == shape[dim], (name, shape, pieces)
