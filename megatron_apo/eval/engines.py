@@ -53,7 +53,7 @@ def open_engine(hf_dir: Path, engines: int = 0, ray_address: str | None = None, 
     Without `ray_address` the fleet starts its own local Ray instance ("local"): a bare `ray.init()` would
     attach to whatever cluster /tmp/ray/ray_current_cluster names, possibly a stale one (then it hangs).
     """
-    from megatron_apo.rollout.engine import make_engine_spec
+    from megatron_apo.rollout.engines import make_engine_spec
 
     spec = make_engine_spec(engine, model_path=str(hf_dir), engine_tp=engine_tp,
                             gpu_memory_utilization=gpu_memory_utilization)

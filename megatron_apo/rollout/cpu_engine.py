@@ -106,7 +106,6 @@ class CPUEngine(RolloutEngine):
         self.max_batch_size = max_batch_size
         self._sync = EngineSyncState()
         self._store = WeightStore()  # received buckets become the weights (no copy per sync)
-        self._params = dict(self.model.named_parameters())
         self._moe_top_k = int(getattr(self.model.config, "num_experts_per_tok", 0) or 0)  # 0: dense
         self._slots = hf_tensor_slots(self.model)  # by HF checkpoint name (experts: views of fused parameters)
         self._tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
@@ -114,24 +113,6 @@ class CPUEngine(RolloutEngine):
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         if named_tensors is not None:
             self.update_weights(version, named_tensors)
-
-    @classmethod
-    def from_pretrained(cls, path: str, **kwargs) -> "CPUEngine":
-        """From an HF folder (config.json + safetensors, e.g. written by `megatron-apo convert`), local files only."""
-        import json
-        import os
-
-        from transformers import AutoModelForCausalLM
-
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"{path}: not a Hugging Face model folder (no config.json)")
-        with open(os.path.join(path, "config.json")) as f:
-            hf_config = json.load(f)
-        src = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
-                                                   dtype=kwargs.get("dtype", torch.float32))
-        kwargs.setdefault("version", 0)
-        named = [(n, _slot_view(slot).detach()) for n, slot in hf_tensor_slots(src).items()]
-        return cls(hf_config, named_tensors=named, **kwargs)
 
     # ---- weights ----------------------------------------------------------------------------------------
 
@@ -252,6 +233,7 @@ class CPUEngine(RolloutEngine):
             gens = [torch.Generator().manual_seed(request_seed(seed, request_ids[p], s)) for p, s in chunk]
             for (p, s), sample in zip(chunk, self._generate_rows(prompts, params, gens)):
                 sample.prompt_index, sample.sample_index = p, s
+                sample.meta["weights_version"] = self._sync.version
                 out[p][s] = sample
         return out  # type: ignore[return-value]
 

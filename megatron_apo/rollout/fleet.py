@@ -12,18 +12,25 @@ current weights take its chunks. When none is left (e.g. `num_engines=1`), `gene
 `FleetNeedsSync`; the trainer syncs (which opens a new sync group, the membership having changed) and
 calls `generate` again with the same prompts, which resumes: samples already returned are kept, not
 regenerated. An engine whose weights were loaded from files at construction (eval) is current at once.
+
+Threads: with one-step-off-policy the trainer's prefetch thread runs `generate` while the main thread syncs
+weights. One lock (`_lock`) covers every restart and the sync state (`_actors`, `_stale`, `_version`,
+`_endpoint`), and a whole sync holds it (`sync_session`): an engine dies at most one restart, and no engine is
+replaced between the opening of a sync group and the end of that sync. `generate` waits for engines without
+the lock. Each sample carries the version of the weights that generated it (`meta["weights_version"]`).
 """
 
 from __future__ import annotations
 
-import importlib
+import contextlib
 import logging
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+import signal
+import threading
+from typing import Sequence
 
-from megatron_apo.rollout.engine import EngineDied, Sample, SamplingParams
+from megatron_apo.rollout.engine import EngineDied, EngineSpec, Sample, SamplingParams
 from megatron_apo.rollout.sync_group import SyncEndpoint
 from megatron_apo.rollout.weight_sync import WeightLoadError, WeightSyncError
 
@@ -36,34 +43,20 @@ class FleetNeedsSync(FleetError):
     """No live engine holds the fleet's weights: run a weight sync, then call `generate` again (it resumes)."""
 
 
-@dataclass
-class EngineSpec:
-    """How to build one engine actor. `engine_cls`: a RolloutEngine class or 'module:Class'."""
+def init_ray(address: str | None = None, num_cpus: int | None = None, gpus: list[str] | None = None,
+             **kwargs) -> bool:
+    """ray.init once: a local cluster by default (no dashboard), or an existing one at `address`. Returns whether
+    this call started a local cluster (its owner shuts it down: `shutdown_ray`).
 
-    engine_cls: Any
-    kwargs: dict = field(default_factory=dict)
-    num_cpus: float = 0.5
-    num_gpus: float = 0.0
-    sync_ranks_per_engine: int = 1  # processes per engine in the sync group (vLLM: its TP workers)
-    env_vars: dict = field(default_factory=dict)
-    placement_bundles: list[dict] | None = None  # one placement group per engine (vLLM TP>1: a GPU bundle per rank)
-
-    def resolve_cls(self):
-        if isinstance(self.engine_cls, str):
-            module, _, name = self.engine_cls.partition(":")
-            return getattr(importlib.import_module(module), name)
-        return self.engine_cls
-
-
-def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) -> None:
-    """ray.init once: a local cluster by default (no dashboard), or an existing one at `address`.
-
-    Workers get this checkout on PYTHONPATH so they import the same megatron_apo as the driver.
+    Workers get this checkout on PYTHONPATH so they import the same megatron_apo as the driver. `gpus` (a local
+    cluster only): the GPUs, as `CUDA_VISIBLE_DEVICES` names them, the cluster may use (`rollout.placement`).
+    A stop handler the caller installed for SIGTERM stays installed (ray.init would replace it with its own,
+    which raises SystemExit wherever the process is, e.g. inside `ray.get`).
     """
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
@@ -76,16 +69,67 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
         # Ray turns token auth on for every new local cluster and logs a warning about it each time (RAY_AUTH_MODE
         # cannot be set here instead: Ray reads it when imported). Auth stays on; only the notice is dropped.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    ray.init(address=address or "local", num_cpus=None if address else num_cpus, include_dashboard=False, **local,
-             runtime_env=runtime_env, **kwargs)
+    starts = not address or address == "local"  # a new cluster of our own
+    if gpus is not None and starts:
+        local["num_gpus"] = len(gpus)
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main else None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        if "num_gpus" in local:  # Ray's node takes its GPU ids from the starting process's CUDA_VISIBLE_DEVICES
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+        ray.init(address=address or "local", num_cpus=None if address else num_cpus, include_dashboard=False,
+                 **local, runtime_env=runtime_env, **kwargs)
+    finally:
+        if "num_gpus" in local:
+            _restore_env("CUDA_VISIBLE_DEVICES", visible)
+        if callable(handler):
+            signal.signal(signal.SIGTERM, handler)
+    return starts
+
+
+def _restore_env(key: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
+
+
+def shutdown_ray(grace_s: float = 10.0) -> None:
+    """Shuts down the local Ray cluster this process started, and reaps every Ray process it left behind.
+
+    `ray.shutdown()` stops the GCS and raylet; the raylet's agents (dashboard agent, runtime-env agent) and
+    workers can outlive them, and in a spawned trainer rank no atexit hook runs to catch up.
+    """
+    import psutil
+    import ray
+
+    ours = [p for p in psutil.Process().children(recursive=True) if _is_ray_process(p)]
+    ray.shutdown()
+    _, alive = psutil.wait_procs(ours, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
+
+
+def _is_ray_process(p) -> bool:
+    import psutil
+
+    try:
+        return p.name().startswith("ray") or "/ray/" in " ".join(p.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
 
 
 class RolloutFleet:
     def __init__(self, spec: EngineSpec, num_engines: int, ray_address: str | None = None,
-                 chunk_size: int | None = None, max_restarts: int = 8):
+                 chunk_size: int | None = None, max_restarts: int = 8, ray_gpus: list[str] | None = None):
+        """`ray_gpus`: the GPUs a local Ray cluster started here may use (`rollout.placement.engine_gpus`)."""
         if num_engines < 1:
             raise ValueError(f"RolloutFleet: num_engines must be >= 1, got {num_engines}")
-        init_ray(ray_address)
+        self._owns_ray = init_ray(ray_address, gpus=ray_gpus)
+        self._lock = threading.RLock()  # restarts and sync state; see the module docstring
         self.spec = spec
         self.num_engines = num_engines
         self.chunk_size = chunk_size
@@ -135,7 +179,8 @@ class RolloutFleet:
         return list(self._actors)
 
     def _restart(self, slot: int) -> None:
-        """A new actor in `slot`; it gets work once it holds the fleet's weights (from files or the next sync)."""
+        """A new actor in `slot`; it gets work once it holds the fleet's weights (from files or the next sync).
+        Called with `_lock` held."""
         import ray
 
         if self.restarts >= self.max_restarts:
@@ -157,15 +202,16 @@ class RolloutFleet:
         """Replaces every engine actor that has died since it was last used; returns their slots."""
         import ray
 
-        dead = []
-        for slot, ref in enumerate([a.weights_version.remote() for a in self._actors]):
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayActorError:
-                dead.append(slot)
-        for slot in dead:
-            self._restart(slot)
-        return dead
+        with self._lock:
+            dead = []
+            for slot, ref in enumerate([a.weights_version.remote() for a in self._actors]):
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    dead.append(slot)
+            for slot in dead:
+                self._restart(slot)
+            return dead
 
     # ---- generation -------------------------------------------------------------------------------------
 
@@ -194,7 +240,7 @@ class RolloutFleet:
         inflight: dict = {}
         queued: list[int] = []  # chunks waiting for an engine that holds the current weights
 
-        def submit(ci: int, slot: int) -> None:
+        def submit(ci: int, slot: int) -> None:  # with _lock held
             if self._stale[slot]:
                 live = [i for i in range(self.num_engines) if not self._stale[i]]
                 if not live:
@@ -205,9 +251,10 @@ class RolloutFleet:
             ref = self._actors[slot].generate.remote(prompts[a:b], params, request_ids=list(range(a, b)))
             inflight[ref] = (ci, slot, self._incarnation[slot])
 
-        for ci in range(len(chunks)):
-            if ci not in done:
-                submit(ci, ci % self.num_engines)
+        with self._lock:
+            for ci in range(len(chunks)):
+                if ci not in done:
+                    submit(ci, ci % self.num_engines)
         while inflight:
             ready, _ = ray.wait(list(inflight), num_returns=1)
             ref = ready[0]
@@ -218,9 +265,10 @@ class RolloutFleet:
                 dead = isinstance(e, ray.exceptions.RayActorError) or isinstance(getattr(e, "cause", None), EngineDied)
                 if not dead:
                     raise
-                if incarnation == self._incarnation[slot]:
-                    self._restart(slot)
-                submit(ci, slot)  # only this unfinished chunk goes again
+                with self._lock:  # waits for a sync in progress; that sync may have replaced the engine already
+                    if incarnation == self._incarnation[slot]:
+                        self._restart(slot)
+                    submit(ci, slot)  # only this unfinished chunk goes again
                 continue
             a, _ = chunks[ci]
             for i, samples in enumerate(out):
@@ -246,6 +294,14 @@ class RolloutFleet:
     def weights_version(self) -> int:
         return self._version
 
+    @contextlib.contextmanager
+    def sync_session(self):
+        """Holds the fleet's lock for one whole weight sync (`sync_endpoint`, `begin_weight_sync`, the trainer's
+        send, `finish_weight_sync`): a `generate` on another thread cannot replace an engine in the middle of it
+        (it waits, then finds the engine replaced and synced). Engines keep generating meanwhile."""
+        with self._lock:
+            yield
+
     def engine_versions(self) -> list[int]:
         import ray
 
@@ -269,48 +325,51 @@ class RolloutFleet:
         The engines start joining at once (asynchronously); the trainer's rank 0 joins as sync rank 0
         with `open_sync_group(endpoint, 0)`, which completes the rendezvous.
         """
-        self.replace_dead_engines()  # a dead member would fail the sync; its replacement joins the new group
-        if self._endpoint is not None and self._endpoint.backend == backend and not fresh:
-            return self._endpoint
-        world = 1 + self.num_engines * self.spec.sync_ranks_per_engine
-        ep = SyncEndpoint.new(world, backend, host, timeout_s)
-        self._join_refs = [a.join_sync_group.remote(ep, 1 + i * self.spec.sync_ranks_per_engine)
-                           for i, a in enumerate(self._actors)]
-        self._endpoint = ep
-        return ep
+        with self._lock:
+            self.replace_dead_engines()  # a dead member would fail the sync; its replacement joins the new group
+            if self._endpoint is not None and self._endpoint.backend == backend and not fresh:
+                return self._endpoint
+            world = 1 + self.num_engines * self.spec.sync_ranks_per_engine
+            ep = SyncEndpoint.new(world, backend, host, timeout_s)
+            self._join_refs = [a.join_sync_group.remote(ep, 1 + i * self.spec.sync_ranks_per_engine)
+                               for i, a in enumerate(self._actors)]
+            self._endpoint = ep
+            return ep
 
     def begin_weight_sync(self, version: int) -> list:
         """Every engine starts receiving sync `version` (call before the trainer's `TrainerWeightSender.sync`)."""
-        if self._endpoint is None:
-            raise WeightSyncError("begin_weight_sync: no sync group; call sync_endpoint() and join it first")
-        return [a.receive_weights.remote(version) for a in self._actors]
+        with self._lock:
+            if self._endpoint is None:
+                raise WeightSyncError("begin_weight_sync: no sync group; call sync_endpoint() and join it first")
+            return [a.receive_weights.remote(version) for a in self._actors]
 
     def finish_weight_sync(self, refs: list, expected_checksum: str | None = None) -> list[dict]:
         """Waits for every engine; raises WeightSyncError naming the engines that rejected the sync."""
         import ray
 
-        ray.get(self._join_refs)
-        results, errors, failed_loads = [], [], []
-        for i, ref in enumerate(refs):
-            try:
-                results.append(ray.get(ref))
-            except ray.exceptions.RayTaskError as e:
-                errors.append(f"engine {i}: {e.cause if getattr(e, 'cause', None) else e}")
-                results.append(None)
-                if isinstance(getattr(e, "cause", None), WeightLoadError):
-                    failed_loads.append(i)
-        if errors and len(failed_loads) == len(errors):  # engines that could not load it: treated as dead
-            return self._replace_failed_loads(failed_loads, results, errors, expected_checksum)
-        if not errors and expected_checksum is not None:
-            errors += [f"engine {i}: checksum {r['checksum']} != trainer's {expected_checksum}"
-                       for i, r in enumerate(results) if r["checksum"] != expected_checksum]
-        if errors:
-            # every engine refuses to serve until a sync verifies: none gets work, none is a source of weights
-            self._stale = [True] * self.num_engines
-            raise WeightSyncError("weight sync rejected: " + "; ".join(errors))
-        self._version = results[0]["version"]
-        self._stale = [False] * self.num_engines
-        return results
+        with self._lock:
+            ray.get(self._join_refs)
+            results, errors, failed_loads = [], [], []
+            for i, ref in enumerate(refs):
+                try:
+                    results.append(ray.get(ref))
+                except ray.exceptions.RayTaskError as e:
+                    errors.append(f"engine {i}: {e.cause if getattr(e, 'cause', None) else e}")
+                    results.append(None)
+                    if isinstance(getattr(e, "cause", None), WeightLoadError):
+                        failed_loads.append(i)
+            if errors and len(failed_loads) == len(errors):  # engines that could not load it: treated as dead
+                return self._replace_failed_loads(failed_loads, results, errors, expected_checksum)
+            if not errors and expected_checksum is not None:
+                errors += [f"engine {i}: checksum {r['checksum']} != trainer's {expected_checksum}"
+                           for i, r in enumerate(results) if r["checksum"] != expected_checksum]
+            if errors:
+                # every engine refuses to serve until a sync verifies: none gets work, none is a source of weights
+                self._stale = [True] * self.num_engines
+                raise WeightSyncError("weight sync rejected: " + "; ".join(errors))
+            self._version = results[0]["version"]
+            self._stale = [False] * self.num_engines
+            return results
 
     def _replace_failed_loads(self, failed: list[int], results: list, errors: list[str],
                               expected_checksum: str | None) -> list:
@@ -331,18 +390,24 @@ class RolloutFleet:
         return results
 
     def shutdown(self) -> None:
+        """Closes every engine; a local Ray cluster the fleet started goes too, with all its processes."""
         import ray
 
-        ray.wait([a.close.remote() for a in self._actors], num_returns=len(self._actors), timeout=60)
-        for a in self._actors:
-            try:
-                ray.kill(a, no_restart=True)
-            except Exception:  # noqa: BLE001
-                pass
-        self._actors = []
-        if self._pgs:
-            from ray.util.placement_group import remove_placement_group
+        with self._lock:
+            if self._actors:
+                ray.wait([a.close.remote() for a in self._actors], num_returns=len(self._actors), timeout=60)
+            for a in self._actors:
+                try:
+                    ray.kill(a, no_restart=True)
+                except Exception:  # noqa: BLE001
+                    pass
+            self._actors = []
+            if self._pgs:
+                from ray.util.placement_group import remove_placement_group
 
-            for pg in self._pgs.values():
-                remove_placement_group(pg)
-            self._pgs = {}
+                for pg in self._pgs.values():
+                    remove_placement_group(pg)
+                self._pgs = {}
+            if self._owns_ray and ray.is_initialized():
+                shutdown_ray()
+            self._owns_ray = False

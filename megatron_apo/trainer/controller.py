@@ -12,6 +12,7 @@ more than `data.reward_max_error_frac` of the samples fail stops the run with on
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -61,18 +62,22 @@ class Controller:
 
     def _start_fleet(self):
         from megatron_apo.models.hf_mapping import hf_config_from_model_config
-        from megatron_apo.rollout.engine import make_engine_spec
+        from megatron_apo.rollout.engines import make_engine_spec
         from megatron_apo.rollout.fleet import RolloutFleet
+        from megatron_apo.rollout.placement import engine_gpus, ranks_on_node
+        from megatron_apo.trainer.lifecycle import signals_blocked
 
         r = self.cfg.rollout
         spec = make_engine_spec(r.engine, hf_config=hf_config_from_model_config(self.model_cfg), engine_tp=r.engine_tp,
                                 gpu_memory_utilization=r.gpu_memory_utilization, seed=self.cfg.seed)
-        from megatron_apo.trainer.lifecycle import signals_blocked
-
+        gpus = None
+        if not r.ray_address and torch.cuda.is_available():
+            # this node's trainer ranks hold its first GPUs: a local Ray cluster gets only the others (docs/gpu.md)
+            gpus = engine_gpus(ranks_on_node(), os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count())
         # Ray's processes (GCS, raylet, engine workers) inherit SIGUSR1 blocked: Slurm's time-limit signal reaches
         # every process of the step, and without a handler they would die of it while the trainer checkpoints.
         with signals_blocked((signal.SIGUSR1,)):
-            return RolloutFleet(spec, r.num_engines, ray_address=r.ray_address)
+            return RolloutFleet(spec, r.num_engines, ray_address=r.ray_address, ray_gpus=gpus)
 
     def sync_group(self):
         """The trainer's end of the sync group; reopened whenever the fleet opened a new one (engine restart)."""

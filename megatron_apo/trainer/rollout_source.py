@@ -4,7 +4,8 @@ Synchronous: step n's rollouts are generated with the weights of step n, after s
 One-step-off-policy (`rollout.one_step_off_policy`): step n+1's rollouts are generated on a thread while step n
 trains, with step n's (pre-update) weights; the loss corrects for the lag with truncated importance sampling
 (`rollout.tis_cap`, docs/algorithms.md). The engine actors run one call at a time, so the weight sync after
-step n queues behind that generation.
+step n queues behind that generation; the fleet's lock keeps the two threads from both replacing an engine
+that died (`RolloutFleet.sync_session`).
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ class FleetWeights:
         """Sends the policy's weights as `version`; returns the seconds it took."""
         t0 = time.perf_counter()
         if self.controller is not None:
-            group = self.controller.sync_group()
-            refs = self.controller.fleet.begin_weight_sync(version)
-            control_plane.barrier()  # the others wait here (gloo), not in the sender's NCCL transfers
-            stats = self.sender.sync(group, version)
-            self.controller.fleet.finish_weight_sync(refs, stats.checksum)
+            fleet = self.controller.fleet
+            with fleet.sync_session():  # the prefetch thread's generate replaces no engine during this sync
+                group = self.controller.sync_group()
+                refs = fleet.begin_weight_sync(version)
+                control_plane.barrier()  # the others wait here (gloo), not in the sender's NCCL transfers
+                stats = self.sender.sync(group, version)
+                fleet.finish_weight_sync(refs, stats.checksum)
         else:
             control_plane.barrier()
             self.sender.sync(None, version)

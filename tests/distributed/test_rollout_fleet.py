@@ -207,3 +207,66 @@ def test_megatron_trainer_syncs_to_two_engines(fleet, tp, pp, shm):
     for got in fleet.logits(PROBE):
         assert got.shape == after.shape
         assert (got - after).abs().max() <= 1e-5
+
+
+@pytest.fixture
+def control_plane_of_one():
+    """A one-rank trainer's control plane in this process (in-memory store): what FleetWeights.sync needs."""
+    import torch.distributed as dist
+
+    from megatron_apo.parallel import control_plane
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    control_plane.init(timeout_minutes=2)
+    yield
+    control_plane.destroy()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_engine_death_while_a_prefetch_and_a_sync_overlap(ray_cluster, control_plane_of_one):
+    """One-step-off-policy's two threads: the prefetch's `generate` and the main thread's weight sync both find
+    an engine dead, round after round. One restart per death, every sample exactly once, and each made by the
+    weights of the version it reports (compared token by token with a local engine holding that version)."""
+    import concurrent.futures
+
+    import ray
+
+    from megatron_apo.trainer.rollout_source import FleetWeights
+    from tests.helpers.rollout_helpers import DriverController, DriverSender
+
+    rounds = 4
+    weights = {v: random_hf_state(40 + v) for v in range(rounds + 1)}
+    f = RolloutFleet(EngineSpec("megatron_apo.rollout.cpu_engine:CPUEngine",
+                                dict(hf_config=TINY_HF_CONFIG, named_tensors=weights[0], version=0)),
+                     num_engines=2, chunk_size=1, max_restarts=2 * rounds)
+    sync = FleetWeights(DriverController(f, timeout_s=60), DriverSender(weights)).sync
+    prefetch = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rollout")
+    try:
+        sync(0)
+        for r in range(rounds):
+            params = SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=100 + r)
+            future = prefetch.submit(f.generate, PROMPTS, params)  # step r+1's rollout while step r "trains"
+            time.sleep(0.3 * (r % 3))  # the death lands at a different point of the generation each round
+            victim = f.actors[r % 2]
+            ray.kill(victim, no_restart=True)
+            with pytest.raises(ray.exceptions.RayActorError):
+                for _ in range(300):
+                    ray.get(victim.weights_version.remote())
+                    time.sleep(0.05)
+            sync(r + 1)  # the main thread's sync, racing the prefetch's restart of the same engine
+            out = future.result(timeout=120)
+            assert f.restarts == r + 1  # exactly one restart per death, whichever thread saw it first
+            assert f.engine_versions() == [r + 1, r + 1] and not f.needs_sync()
+            keys = [(s.prompt_index, s.sample_index) for samples in out for s in samples]
+            assert keys == [(p, i) for p in range(len(PROMPTS)) for i in range(params.n)]
+            versions = {s.meta["weights_version"] for samples in out for s in samples}
+            assert versions <= {r, r + 1}, versions
+            local = {v: CPUEngine(TINY_HF_CONFIG, weights[v], version=v).generate(PROMPTS, params) for v in versions}
+            for p, samples in enumerate(out):
+                for s in samples:
+                    want = local[s.meta["weights_version"]][p][s.sample_index]
+                    assert s.token_ids == want.token_ids and s.logprobs == pytest.approx(want.logprobs, abs=1e-5)
+    finally:
+        prefetch.shutdown(wait=True, cancel_futures=True)
+        f.shutdown()

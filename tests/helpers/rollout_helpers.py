@@ -60,13 +60,26 @@ def sync_from_driver(fleet, version, named, corrupt_bucket=None, bucket_bytes=64
 
     `corrupt_bucket`: flip one bit of that bucket on the wire, after its checksum was taken. `fresh`: a new
     group (needed after another process, e.g. a spawned trainer, was the group's rank 0)."""
-    from megatron_apo.rollout.weight_sync import open_sync_group, pack_bucket, send_bucket, send_end
+    group = driver_sync_group(fleet, fresh=fresh)
+    refs = fleet.begin_weight_sync(version)
+    total, nbuckets = send_hf_tensors(group, version, named, corrupt_bucket, bucket_bytes)
+    return refs, total, nbuckets
 
-    endpoint = fleet.sync_endpoint("gloo", timeout_s=120, fresh=fresh)
+
+def driver_sync_group(fleet, fresh=False, timeout_s: float = 120):
+    """The pytest process's end (sync rank 0) of the fleet's current sync group, opened once per endpoint."""
+    from megatron_apo.rollout.weight_sync import open_sync_group
+
+    endpoint = fleet.sync_endpoint("gloo", timeout_s=timeout_s, fresh=fresh)
     if endpoint not in _GROUPS:  # the trainer opens its end once per endpoint and reuses it
         _GROUPS[endpoint] = open_sync_group(endpoint, 0)
-    group = _GROUPS[endpoint]
-    refs = fleet.begin_weight_sync(version)
+    return _GROUPS[endpoint]
+
+
+def send_hf_tensors(group, version, named, corrupt_bucket=None, bucket_bytes=64 << 10) -> tuple[str, int]:
+    """Sends HF-named tensors as sync `version` in buckets; returns (the sync's checksum, number of buckets)."""
+    from megatron_apo.rollout.weight_sync import pack_bucket, send_bucket, send_end
+
     checksums, pending, size, n = [], [], 0, 0
     for name, t in named + [("", None)]:
         if t is not None:
@@ -81,7 +94,31 @@ def sync_from_driver(fleet, version, named, corrupt_bucket=None, bucket_bytes=64
             n += len(pending)
             pending, size = [], 0
     total = send_end(group, version, checksums, n)
-    return refs, total, len(checksums)
+    return total, len(checksums)
+
+
+class DriverController:
+    """What `trainer.rollout_source.FleetWeights` needs of the trainer's controller, with the pytest process as
+    sync rank 0: the fleet, and `sync_group()` (reopened whenever the fleet opened a new group)."""
+
+    def __init__(self, fleet, timeout_s: float = 120):
+        self.fleet, self.timeout_s = fleet, timeout_s
+
+    def sync_group(self):
+        return driver_sync_group(self.fleet, timeout_s=self.timeout_s)
+
+
+class DriverSender:
+    """`FleetWeights`'s sender: sends the HF-named tensors `weights[version]` (like TrainerWeightSender.sync)."""
+
+    def __init__(self, weights: dict[int, list]):
+        self.weights = weights
+
+    def sync(self, group, version):
+        import types
+
+        total, _ = send_hf_tensors(group, version, self.weights[version])
+        return types.SimpleNamespace(checksum=total)
 
 
 class CrashingVLLMEngine(VLLMEngine):

