@@ -52,17 +52,72 @@ def test_rl_steps_tp2_log_loss_reward_and_diagnostics(env, tmp_path):
         # the fleet serves the trainer's weights: its sampling log-probs equal the trainer's old log-probs
         assert r["rollout/logprob_abs_diff"] < 1e-4
     assert rows[-1]["fleet/weights_version"] == 2.0  # synced after each step
-    assert any(k.startswith("apo/") or "anchor" in k or "manifold" in k for k in rows[0])  # APO diagnostics
+    # the APO diagnostics of the default (paper) form, exactly: the loss's own and the anchor metrics of its inputs
+    for r in rows:
+        assert {k for k in r if k.startswith(("apo/", "anchor/"))} == APO_PAPER_METRICS
+        assert all(math.isfinite(r[k]) for k in APO_PAPER_METRICS)
+        assert 0 < r["anchor/topk_mass"] <= 1 and 0 <= r["apo/pulled_frac"] <= 1
     assert list((tmp_path / "tensorboard").iterdir())
     assert read_metadata(latest_checkpoint(tmp_path / "checkpoints"))["step"] == 3
 
 
 @pytest.mark.slow
-def test_rl_step_pp2(env, tmp_path):
-    cfg = load_config(None, overrides(env, tmp_path, tp=1, pp=2, steps=1, extra=["algorithm.loss_mode=vanilla"]))
-    history = run_distributed(_train, 2, cfg, timeout=300)[0]
-    assert len(history) == 1 and math.isfinite(history[0]["loss"])
-    assert history[0]["rollout/logprob_abs_diff"] < 1e-4
+def test_rl_step_pp2_equals_pp1(env, tmp_path):
+    """Two APO steps at PP=2 give the metrics of the same steps at TP=1/PP=1 (from the same initial weights), to
+    1e-5: the reference Top-K and old log-probs reach the loss on the last stage, and the update is the same."""
+    init = run_distributed(_save_initial_weights, 1, env["model"], str(tmp_path / "init"), timeout=120)[0]
+    reward = _parity_reward(tmp_path)  # non-zero advantages: step 1 updates the weights step 2 starts from
+    runs = {}
+    for pp in (1, 2):
+        extra = [f"checkpoint.load={init}", f"data.reward_fn={reward}:compute_score"]
+        cfg = load_config(None, overrides(env, tmp_path / f"pp{pp}", tp=1, pp=pp, steps=2, extra=extra))
+        runs[pp] = run_distributed(_train, pp, cfg, timeout=300)[0]
+    assert [h["step"] for h in runs[2]] == [1, 2] and runs[1][0]["train/grad_norm"] > 0
+    for dense, piped in zip(runs[1], runs[2]):
+        assert {k for k in piped if k.startswith(("apo/", "anchor/"))} == APO_PAPER_METRICS
+        for key in ("loss", "pg_loss", "train/grad_norm", "entropy", "ppo_kl", "ref_kl", "reward/mean",
+                    "apo/anchor_ratio", "apo/rectified_clipfrac", "anchor/safe_mass_wrong"):
+            assert piped[key] == pytest.approx(dense[key], rel=1e-5, abs=1e-6), key
+        assert piped["rollout/logprob_abs_diff"] < 1e-4
+
+
+APO_PAPER_METRICS = {"apo/rectified_loss", "apo/rectified_clipfrac", "apo/anchor_ratio", "apo/pulled_frac",
+                     "anchor/topk_mass", "anchor/safe_mass", "anchor/safe_mass_wrong", "anchor/sampled_in_topk"}
+
+
+def _save_initial_weights(model_yaml: str, out: str) -> str:
+    """A random model of `model_yaml` saved as a checkpoint, so runs with different layouts start from one set of
+    weights (each layout would otherwise draw its own per stage)."""
+    from megatron_apo.models import build_gpt_model, load_model_config
+    from megatron_apo.parallel import init_distributed
+    from megatron_apo.trainer.checkpoint import save_checkpoint
+
+    init_distributed(seed=11)
+    return str(save_checkpoint(out, 1, [build_gpt_model(load_model_config(model_yaml))], metadata={"step": 1}))
+
+
+@pytest.mark.slow
+def test_a_loss_from_loss_modules_trains_through_the_cli(env, tmp_path):
+    """algorithm.loss_modules: a loss registered in a module outside the package (tests/helpers/user_loss.py) is
+    found by `megatron-apo train` and its fresh ranks; it trains two steps, its reference Top-K input is computed
+    and its own metric is logged."""
+    p = _cli([*overrides(env, tmp_path, tp=1, steps=2), "algorithm.loss_modules=[tests.helpers.user_loss]",
+              "algorithm.loss_mode=test_user_loss_module"])
+    assert p.wait(timeout=400) == 0, p.stdout.read()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert 0 < r["user/ref_topk_mass"] <= 1 and math.isfinite(r["loss"])
+        assert "apo/anchor_ratio" not in r  # the user's loss ran, not the default
+
+
+def test_an_unknown_loss_module_is_one_line(env, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "megatron_apo.cli", "train", *overrides(env, tmp_path),
+                        "algorithm.loss_modules=[no_such_pkg.my_loss]", "algorithm.loss_mode=my_loss"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "algorithm.loss_modules: cannot import 'no_such_pkg.my_loss'" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def _parity_reward(tmp_path: Path) -> Path:

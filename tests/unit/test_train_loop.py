@@ -1,8 +1,10 @@
-"""The train loop's pure pieces: the checkpoint decision, the lr schedule, the package logger's format and ranks."""
+"""The train loop's pieces: the checkpoint decision, the lr schedule, the package logger's format and ranks, and the
+RL step's passes (typed outputs, nothing written into the micro-batches)."""
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from types import SimpleNamespace
 
@@ -50,3 +52,85 @@ def test_logger_format_and_rank_filter(capsys, monkeypatch):
     assert "rank3" in _emit(capsys, monkeypatch, "3", logging.WARNING)
     assert _emit(capsys, monkeypatch, "0", logging.DEBUG) == ""
     assert "rank3" in _emit(capsys, monkeypatch, "3", logging.DEBUG, verbose=True)  # --verbose: every rank, DEBUG
+
+
+def _passes_body(cases: list) -> list[dict]:
+    """The three passes of an RL step on a tiny model (1 rank), for each (algorithm, tis_cap): what each returns,
+    and whether any wrote into the micro-batch dicts."""
+    from megatron_apo.parallel import init_distributed
+
+    init_distributed(seed=3)
+    return [_passes(algorithm, tis_cap) for algorithm, tis_cap in cases]
+
+
+def _passes(algorithm: dict, tis_cap) -> dict:
+    import torch
+
+    from megatron_apo.config import AlgorithmConfig
+    from megatron_apo.models import build_gpt_model, load_model_config
+    from megatron_apo.trainer.batch import RLBatch
+    from megatron_apo.trainer.passes import OldPolicyPass, PassSettings, ReferencePass, TrainPass
+    from megatron_apo.trainer.schedule import forward_backward
+
+    cfg = load_model_config("tiny")
+    policy, reference = build_gpt_model(cfg), build_gpt_model(cfg)
+    g = torch.Generator().manual_seed(0)
+    n, prompt, t = 4, 4, 4
+    ids = torch.randint(0, cfg.vocab_size, (n, t), generator=g)
+    batch = RLBatch(tokens=torch.cat([torch.randint(0, cfg.vocab_size, (n, prompt), generator=g), ids], 1),
+                    resp_index=(prompt - 1 + torch.arange(t)).expand(n, -1).contiguous(), response_ids=ids,
+                    response_mask=torch.ones(n, t), rollout_logprobs=torch.full((n, t), -3.0),
+                    rewards=torch.zeros(n), advantages=torch.tensor([1.0, -1.0, 0.5, -0.5])[:, None].expand(n, t),
+                    group_index=torch.zeros(n, dtype=torch.long))
+    micro = batch.micro_batches(2)
+    before = [{k: v.clone() if torch.is_tensor(v) else v for k, v in mb.items()} for mb in micro]
+    settings = PassSettings(AlgorithmConfig(**algorithm), vocab_size=cfg.vocab_size, tis_cap=tis_cap)
+    with torch.no_grad():
+        ref = ReferencePass(settings, len(micro))
+        forward_backward([reference], micro, ref, prompt + t, 2, forward_only=True)
+        old = OldPolicyPass(settings, ref.outputs)
+        forward_backward([policy], micro, old, prompt + t, 2, forward_only=True)
+        out = forward_backward([policy], micro, TrainPass(settings, ref.outputs, old.outputs), prompt + t, 2,
+                               forward_only=True)
+    unchanged = all(mb.keys() == b.keys() and all(torch.equal(mb[k], v) for k, v in b.items() if torch.is_tensor(v))
+                    for mb, b in zip(micro, before))
+
+    def shape(x):
+        return None if x is None else tuple(x.shape)
+
+    return {"unchanged": unchanged, "losses": [float(m["loss"]) for m in out], "metrics": sorted(out[0]),
+            "ref": [(shape(o.logprobs), shape(o.topk_indices), shape(o.topk_logprobs)) for o in ref.outputs],
+            "old": [(shape(o.logprobs), shape(o.at_ref_topk), shape(o.topn_logprobs), shape(o.is_weights))
+                    for o in old.outputs],
+            "tis": [float(o.metrics.get("rollout/tis_weight_mean", -1)) for o in old.outputs]}
+
+
+PASS_CASES = [
+    # the paper form: the reference Top-K and its log-probs, nothing more from the old pass
+    ({"loss_mode": "apo_ratio", "apo_topk": 5}, None, ((2, 4), (2, 4, 5), (2, 4, 5)), ((2, 4), None, None, None)),
+    # the split form: log pi_old at the reference Top-K instead of log pi_ref there; one-step-off-policy weights
+    ({"loss_mode": "apo_ratio", "apo_rectification": "split"}, 2.0, ((2, 4), (2, 4, 8), None),
+     ((2, 4), (2, 4, 8), None, (2, 4))),
+    # CaSP: only pi_old's Top-N; vanilla: log pi_ref(y) alone (the ref_kl metric)
+    ({"loss_mode": "casp"}, None, ((2, 4), None, None), ((2, 4), None, (2, 4, 3), None)),
+    ({"loss_mode": "vanilla"}, None, ((2, 4), None, None), ((2, 4), None, None, None)),
+]
+
+
+@pytest.fixture(scope="module")
+def passes_results():
+    from megatron_apo.parallel import run_distributed
+
+    return run_distributed(_passes_body, 1, [(a, w) for a, w, _, _ in PASS_CASES], timeout=180)[0]
+
+
+@pytest.mark.parametrize("i", range(len(PASS_CASES)))
+def test_passes_return_what_the_loss_declares_and_never_write_the_micro_batches(passes_results, i):
+    algorithm, tis_cap, ref, old = PASS_CASES[i]
+    got = passes_results[i]
+    assert got["unchanged"]  # the advantages are not rewritten by the importance weights, nothing is added
+    assert got["ref"] == [ref, ref] and got["old"] == [old, old]  # one output per micro-batch
+    assert len(got["losses"]) == 2 and all(math.isfinite(v) for v in got["losses"])
+    assert all(0 < w <= tis_cap for w in got["tis"]) if tis_cap else got["tis"] == [-1.0, -1.0]
+    assert ("apo/anchor_ratio" in got["metrics"]) == (algorithm.get("apo_rectification") is None
+                                                       and algorithm["loss_mode"] == "apo_ratio")
