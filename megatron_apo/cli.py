@@ -55,23 +55,34 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     b = sub.add_parser("megatron-to-hf", help="Megatron checkpoint (any TP/PP/EP) -> HF folder")
     b.add_argument("--megatron", required=True,
                    help="checkpoint folder (model/ + megatron_apo.json) or a training dir of iter_* folders")
-    b.add_argument("--out", required=True, help="output HF folder")
+    b.add_argument("--out", help="output HF folder (required unless --verify-only)")
     b.add_argument("--tokenizer", default=None, help="folder whose tokenizer files are copied into the output")
     b.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint dtype)")
     b.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.add_argument("--verify-only", action="store_true",
+                   help="only check every file against the checkpoint's checksums.json (reads nothing else)")
+    b.add_argument("--allow-unverified", action="store_true",
+                   help="convert a checkpoint that has no checksums.json (it runs code when read: trusted sources "
+                        "only)")
     b.set_defaults(func=_run_convert)
 
 
 def _run_convert(args) -> int:
-    from megatron_apo.models.convert import convert_hf_to_megatron, convert_megatron_to_hf
+    from megatron_apo.models.convert import convert_hf_to_megatron, convert_megatron_to_hf, verify_megatron_checkpoint
 
+    if args.direction == "megatron-to-hf" and args.verify_only:
+        print(verify_megatron_checkpoint(args.megatron))
+        return 0
+    if args.direction == "megatron-to-hf" and not args.out:
+        raise InputError("convert megatron-to-hf needs --out (or --verify-only)")
     if args.direction == "hf-to-megatron":
         report = convert_hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, ep=args.ep, dtype=args.dtype,
                                         progress=not args.quiet)
     else:
         report = convert_megatron_to_hf(args.megatron, args.out, tokenizer=args.tokenizer, dtype=args.dtype,
-                                        max_shard_size=args.max_shard_size, progress=not args.quiet)
+                                        max_shard_size=args.max_shard_size, progress=not args.quiet,
+                                        allow_unverified=args.allow_unverified)
     print(report.summary())
     return 0
 
@@ -201,37 +212,35 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
-    import os
     import signal
 
     from megatron_apo.config import load_config
+    from megatron_apo.parallel.launch_env import launch_env
     from megatron_apo.trainer.lifecycle import EXIT_OK, EXIT_PREEMPTED, exit_code
     from megatron_apo.trainer.preflight import preflight  # torch-free: bad input fails in well under 1 s
     from megatron_apo.trainer.validation import validate_run_config
 
     cfg = load_config(args.config, args.overrides)
-    launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ  # torchrun / srun: this process is one rank
+    env = launch_env()  # under torchrun / srun this process is one rank
     if args.nproc is not None and args.nproc < 1:
         raise InputError(f"--nproc must be >= 1, got {args.nproc}")
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) if launched else (
+    world = env.world_size if env.launched else (
         args.nproc or cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
         * cfg.parallel.expert_model_parallel_size)
     validate_run_config(cfg, world)
-    if not launched or int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
-        preflight(cfg, None if launched else world)  # data, tokenizer, engine, out_dir lock: before any rank starts
-    if launched:
-        from megatron_apo.trainer.train import train
+    if env.rank == 0:
+        preflight(cfg, None if env.launched else world)  # data, tokenizer, engine, out_dir lock: before any rank starts
+    from megatron_apo.trainer.train import train
 
-        train(cfg)
-        return exit_code(int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))))
+    if env.launched:
+        return exit_code(train(cfg), env.rank)
     from megatron_apo.parallel import run_distributed
-    from megatron_apo.trainer.lifecycle import train_rank
 
     # SIGTERM/SIGUSR1 to this launcher reach every rank (they checkpoint and stop); if the launcher itself is
     # killed, the ranks get SIGTERM from the kernel: they never go on training as orphans.
-    results = run_distributed(train_rank, world, cfg, timeout=24 * 3600,
-                              forward_signals=(signal.SIGTERM, signal.SIGUSR1))
-    history, stopped_at = results[0]
+    result = run_distributed(train, world, cfg, timeout=24 * 3600,
+                             forward_signals=(signal.SIGTERM, signal.SIGUSR1))[0]
+    history, stopped_at = result.history, result.stopped_at
     if history:
         last = history[-1]
         print(f"train: {len(history)} steps; last reward {last.get('reward/mean', float('nan')):.3f}, "

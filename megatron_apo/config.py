@@ -311,9 +311,6 @@ class ParallelConfig:
                               "change parallel.expert_model_parallel_size or the number of processes")
 
 
-ParallelSection = ParallelConfig  # the run config's name for it
-
-
 @dataclass
 class DataSection(_Section):
     _section: typing.ClassVar[str] = "data"
@@ -435,6 +432,13 @@ class CheckpointSection:
     keep_last: int = 2
     load: Optional[str] = None  # initial weights (policy and reference) from a Megatron checkpoint
     resume: bool = True  # continue from the latest checkpoint in `dir` when there is one
+    # load a checkpoint that has no checksums.json (its files cannot be verified before they are read; a Megatron
+    # checkpoint runs code when loaded): only for one from a trusted source (docs/reliability.md, "Security")
+    allow_unverified: bool = False
+    # resume although the algorithm/optimizer settings, rollout.n or data.train_batch_size changed (they are named)
+    allow_config_change: bool = False
+    # resume at another TP/PP size from a checkpoint whose optimizer state cannot be resharded: fresh Adam state
+    reset_optimizer: bool = False
 
 
 @dataclass

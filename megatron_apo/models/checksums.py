@@ -2,6 +2,12 @@
 
 A truncated or bit-flipped `.distcp` otherwise loads as a bare `EOFError` deep in torch.distributed.checkpoint,
 or silently as wrong weights. Verification is shared out over the ranks when a process group is up.
+
+Verification runs before any reader opens a file: torch's DCP reader unpickles `.metadata` and megatron-core
+`torch.load`s `common.pt`, so a file changed after the save must be refused before it is read. A checkpoint
+without a manifest is refused too (`UnverifiedCheckpoint`) unless the caller allows it. A CRC32 is not a
+signature: whoever can write the folder can recompute the manifest, so a checkpoint must still come from
+someone you trust (docs/reliability.md, "Security").
 """
 
 from __future__ import annotations
@@ -17,6 +23,10 @@ CHECKSUM_FILE = "checksums.json"
 
 class CheckpointCorrupt(UserError, ValueError):
     """A file of a checkpoint is missing or does not match the checksum recorded when it was saved."""
+
+
+class UnverifiedCheckpoint(UserError, ValueError):
+    """A checkpoint has no checksum manifest, and the caller did not allow loading it unverified."""
 
 
 def crc32_file(path: Path) -> str:
@@ -57,20 +67,31 @@ def checksum_files(folder: Path, only: list[str] | None = None, collective: bool
     return mine
 
 
-def verify_checkpoint(it: str | Path, prefix: str = "", collective: bool = True) -> None:
+def verify_checkpoint(it: str | Path, prefix: str = "", collective: bool = True, allow_unverified: bool = False,
+                      how_to_allow: str = "checkpoint.allow_unverified=true") -> bool:
     """Raises CheckpointCorrupt naming a file (under `prefix`, e.g. "model/") whose CRC32 differs from the one
-    recorded at save, or that is missing. A checkpoint saved without checksums passes unverified."""
+    recorded at save, or that is missing. A checkpoint without a manifest raises UnverifiedCheckpoint, or with
+    `allow_unverified` passes unverified (returns False; True when it was verified)."""
     it = Path(it)
     manifest = it / CHECKSUM_FILE
     if not manifest.is_file():
-        return
+        if allow_unverified:
+            return False
+        raise UnverifiedCheckpoint(
+            f"{it} has no {CHECKSUM_FILE}, so its files cannot be verified before they are read (a Megatron "
+            f"checkpoint runs code when it is loaded); set {how_to_allow} only for a checkpoint from a source you "
+            "trust")
     try:
         recorded = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError, OSError):
         raise CheckpointCorrupt(f"{manifest} is damaged (not the JSON written at save)") from None
     names = sorted(n for n in recorded if n.startswith(prefix))
     rank, world = _rank_world() if collective else (0, 1)
-    bad = []
+    # a file the save did not write (a planted pickle) is refused like a changed one
+    root = it / prefix if prefix.endswith("/") else it
+    on_disk = {str(p.relative_to(it)) for p in root.rglob("*") if p.is_file()} if root.is_dir() else set()
+    bad = [f"{it / n} is not in {CHECKSUM_FILE} (not written by the save)"
+           for n in sorted(on_disk - set(recorded) - {CHECKSUM_FILE}) if n.startswith(prefix)][:1] if rank == 0 else []
     for name in names[rank::world]:
         f = it / name
         if not f.is_file():
@@ -82,3 +103,4 @@ def verify_checkpoint(it: str | Path, prefix: str = "", collective: bool = True)
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise CheckpointCorrupt(f"{sorted(bad)[0]}{more}")
+    return True

@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-from megatron_apo.config import InputError, MissingInputError
+from megatron_apo.config import InputError, MissingInputError, UserError
+from megatron_apo.diskio import DiskError, describe_os_error
+from megatron_apo.models.checksums import CHECKSUM_FILE, verify_checkpoint
 from megatron_apo.models.config import ModelConfig
 from megatron_apo.models.hf_mapping import (
     OUTPUT_LAYER,
@@ -100,6 +102,19 @@ def current_rss_bytes() -> int:
     import psutil
 
     return psutil.Process().memory_info().rss
+
+
+@contextlib.contextmanager
+def _disk_errors_one_line(out: str | Path):
+    """An OSError while writing `out` (a full disk, a quota) becomes DiskError: one line naming `out`, the cause,
+    and that nothing was left behind (atomic_output_dir removed its temporary folder)."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, UserError):
+            raise
+        raise DiskError(e.errno or 0, describe_os_error(e, out, f"export not written ({Path(out).name} not "
+                                                                "created): writing")) from None
 
 
 @contextlib.contextmanager
@@ -310,15 +325,30 @@ def _count(n: int, nbytes: int, lp, first_copy: bool) -> tuple[int, int]:
 
 # ------------------------------------------------------------------------------- Megatron -> HF
 
+def verify_megatron_checkpoint(ckpt: str | Path) -> str:
+    """`convert --verify-only`: checks every file of a Megatron checkpoint against its checksum manifest without
+    reading any of them otherwise (nothing is unpickled). Returns a one-line summary; raises CheckpointCorrupt /
+    UnverifiedCheckpoint."""
+    folder = resolve_checkpoint(ckpt)
+    verify_checkpoint(folder, collective=False, how_to_allow="--allow-unverified (at your own risk)")
+    n = len(json.loads((folder / CHECKSUM_FILE).read_text())["files"])
+    return (f"convert --verify-only: {folder}: all {n} files match {CHECKSUM_FILE} (integrity only: a CRC32 is not "
+            "a signature; load checkpoints from trusted sources only)")
+
+
 def convert_megatron_to_hf(ckpt: str | Path, out: str | Path, tokenizer: str | Path | None = None,
                            dtype: str | torch.dtype | None = None, max_shard_size: str | int = "5GB",
-                           progress: bool = True) -> ConversionReport:
-    """Megatron checkpoint (any TP/PP; a checkpoint folder or a training dir of iter_*) -> HF folder."""
+                           progress: bool = True, allow_unverified: bool = False) -> ConversionReport:
+    """Megatron checkpoint (any TP/PP; a checkpoint folder or a training dir of iter_*) -> HF folder.
+
+    The checkpoint's files are checked against its checksum manifest before any is read; one without a manifest
+    is refused unless `allow_unverified` (a torch_dist checkpoint is code-equivalent: trusted sources only).
+    A write error (a full disk) is one line naming the output; nothing is left behind."""
     reset_peak_rss()
     start, start_rss = time.time(), current_rss_bytes()
     folder = resolve_checkpoint(ckpt)
     cfg, meta = read_checkpoint_metadata(folder)
-    reader = DistCheckpointReader(folder / MODEL_SUBDIR, cfg)
+    reader = DistCheckpointReader(folder / MODEL_SUBDIR, cfg, allow_unverified=allow_unverified)
     target = parse_dtype(dtype) or reader.dtype
     max_bytes = parse_size(max_shard_size)
     if tokenizer is None and (folder / TOKENIZER_SUBDIR).is_dir():
@@ -329,7 +359,7 @@ def convert_megatron_to_hf(ckpt: str | Path, out: str | Path, tokenizer: str | P
     deltas: list[float] = []
     groups = reader.groups()
     total = sum(reader.tensor_bytes(n) for g in groups for n in g)
-    with atomic_output_dir(out) as tmp:
+    with _disk_errors_one_line(out), atomic_output_dir(out) as tmp:
         writer = ShardedSafetensorsWriter(tmp, specs, max_bytes)
         try:
             with _Progress(total, "megatron-to-hf", progress) as bar:

@@ -1,19 +1,27 @@
 """The Megatron checkpoint layout megatron-apo writes and reads, and tensor-by-tensor reading of it.
 
+This module owns the layout's names; `trainer/checkpoint.py` (training saves) and `models/convert.py` use them.
 A checkpoint is a folder holding
   * `model/`            a `megatron.core.dist_checkpointing` checkpoint (torch_dist) of `model.sharded_state_dict()`,
                         so one written at some TP/PP loads at any other;
-  * `megatron_apo.json` `{"model_config": ModelConfig.to_dict(), ...}` plus what conversion knows (source, dtype).
-Training checkpoints are `<ckpt_dir>/iter_XXXXXXX/` folders of that layout; `resolve_checkpoint` picks one.
+  * `megatron_apo.json` `{"model_config": ModelConfig.to_dict(), ...}` plus what conversion knows (source, dtype);
+  * `checksums.json`    the CRC32 of every other file (`models/checksums.py`), verified before any file is read.
+Training checkpoints are `<ckpt_dir>/iter_<step, 7 digits or more>/` folders of that layout, and `<ckpt_dir>/latest`
+(and `latest_checkpointed_iteration.txt`, Megatron-LM's name) holds the newest step; `resolve_checkpoint` picks one.
 
 `DistCheckpointReader` reads single layers' tensors straight from the torch_dist storage with
 `torch.distributed.checkpoint` (no process group, no model), so exporting needs memory for one layer only.
+
+A torch_dist folder is code-equivalent: torch's reader unpickles `.metadata` and megatron-core `common.pt`. Every
+reader here verifies the checksum manifest first, so a file changed after the save is refused before it is opened;
+a checkpoint must still come from someone you trust (docs/reliability.md, "Security").
 """
 
 from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,8 +44,49 @@ from megatron_apo.models.spec_interchange import local_spelling
 
 METADATA_FILE = "megatron_apo.json"
 MODEL_SUBDIR = "model"
+# `latest_checkpointed_iteration.txt` is the name Megatron-LM's own tools look for; `latest` is ours
 LATEST_FILES = ("latest", "latest_checkpointed_iteration.txt")
-_ITER = re.compile(r"^iter_(\d+)$")
+ITER_RE = re.compile(r"^iter_(\d+)$")  # iter_0000012; 8 digits from step 10,000,000 on
+TMP_RE = re.compile(r"^(iter_\d+|\.latest|\.latest_checkpointed_iteration\.txt)\.tmp-\d+$")  # unfinished saves
+
+
+def iter_dir_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def iter_step(folder: str | Path) -> int | None:
+    """The step of an `iter_*` folder name, or None for any other name."""
+    m = ITER_RE.match(Path(folder).name)
+    return int(m.group(1)) if m else None
+
+
+def list_iterations(ckpt_dir: str | Path) -> list[Path]:
+    """The complete `iter_*` checkpoints of a training dir, oldest first (unfinished saves are ignored)."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    found = [p for p in d.iterdir() if p.is_dir() and iter_step(p) is not None and is_checkpoint(p)]
+    return sorted(found, key=iter_step)
+
+
+def read_latest(ckpt_dir: str | Path) -> tuple[Path, str] | None:
+    """(the `latest` file found, its first line) for a training dir, or None when it has neither file."""
+    for name in LATEST_FILES:
+        f = Path(ckpt_dir) / name
+        if f.is_file():
+            text = f.read_text().strip()
+            return f, text.splitlines()[0].strip() if text else ""
+    return None
+
+
+def write_latest(ckpt_dir: str | Path, step: int) -> None:
+    """Points both `latest` files at `step`, each replaced atomically."""
+    import os
+
+    for name in LATEST_FILES:
+        tmp = Path(ckpt_dir) / f".{name}.tmp-{os.getpid()}"
+        tmp.write_text(f"{step}\n")
+        os.replace(tmp, Path(ckpt_dir) / name)
 
 
 def is_checkpoint(folder: Path) -> bool:
@@ -51,18 +100,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise MissingInputError(f"Megatron checkpoint {path} does not exist")
     if is_checkpoint(path):
         return path
-    for name in LATEST_FILES:
-        f = path / name
-        if f.is_file():
-            text = f.read_text().strip()
-            cand = path / (text if text.startswith("iter_") else f"iter_{int(text):07d}") if text else None
-            if cand is None or not is_checkpoint(cand):
-                raise MissingInputError(f"{f} points to {text!r}, which is not a checkpoint folder with "
-                                        f"{MODEL_SUBDIR}/ and {METADATA_FILE}")
-            return cand
-    iters = sorted((int(m.group(1)), p) for p in path.iterdir() if (m := _ITER.match(p.name)) and is_checkpoint(p))
+    latest = read_latest(path)
+    if latest is not None:
+        f, text = latest
+        cand = path / text if text.startswith("iter_") else path / iter_dir_name(int(text)) if text.isdigit() else None
+        if cand is None or not is_checkpoint(cand):
+            raise MissingInputError(f"{f} points to {text!r}, which is not a checkpoint folder with "
+                                    f"{MODEL_SUBDIR}/ and {METADATA_FILE}")
+        return cand
+    iters = list_iterations(path)
     if iters:
-        return iters[-1][1]
+        return iters[-1]
     if (path / MODEL_SUBDIR).is_dir() and not (path / METADATA_FILE).is_file():
         raise MissingInputError(f"{path / METADATA_FILE} is missing; it must hold {{\"model_config\": ...}}")
     raise MissingInputError(f"{path} is not a Megatron checkpoint: expected {MODEL_SUBDIR}/ + {METADATA_FILE}, "
@@ -105,10 +153,11 @@ def save_model(model, folder: str | Path) -> None:
 
 
 def load_megatron_model(folder: str | Path, params_dtype: torch.dtype | None = None,
-                        transformer_impl: str | None = None):
+                        transformer_impl: str | None = None, allow_unverified: bool = False):
     """Builds the model for the current TP/PP layout and loads a checkpoint written at any TP/PP and either spec.
 
     Returns (model, ModelConfig). Collective over all ranks (Megatron parallel state must be initialised).
+    `allow_unverified`: load a checkpoint that has no checksum manifest (only one from a trusted source).
     """
     from megatron.core import parallel_state as ps
 
@@ -117,7 +166,7 @@ def load_megatron_model(folder: str | Path, params_dtype: torch.dtype | None = N
 
     ckpt = resolve_checkpoint(folder)
     cfg, _ = read_checkpoint_metadata(ckpt)
-    reader = DistCheckpointReader(ckpt / MODEL_SUBDIR, cfg)
+    reader = DistCheckpointReader(ckpt / MODEL_SUBDIR, cfg, allow_unverified=allow_unverified)
     model = build_gpt_model(cfg, params_dtype=params_dtype or reader.dtype, perform_initialization=False,
                             transformer_impl=transformer_impl)
     sharded = model.sharded_state_dict()
@@ -127,7 +176,6 @@ def load_megatron_model(folder: str | Path, params_dtype: torch.dtype | None = N
         # Vocab padding depends on TP: read the vocabulary tensors whole and re-pad them for this layout.
         for key in [k for k in sharded if k.endswith((EMBEDDING, OUTPUT_LAYER))]:
             del sharded[key]
-    verify_checkpoint(ckpt, prefix=f"{MODEL_SUBDIR}/")  # the CRC32s recorded at save, when there are any
     state, _ = load_any_spec(sharded, ckpt / MODEL_SUBDIR)  # written by either layer spec
     model.load_state_dict(state, strict=False)
     if repad:
@@ -159,7 +207,7 @@ class DistCheckpointReader:
     [num_layers, num_experts, ...], however many EP ranks wrote it); expert e of layer i is the chunk at (i, e).
     """
 
-    def __init__(self, folder: str | Path, cfg: ModelConfig):
+    def __init__(self, folder: str | Path, cfg: ModelConfig, allow_unverified: bool = False):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -167,7 +215,9 @@ class DistCheckpointReader:
         self.cfg = cfg
         if not (self.folder / ".metadata").is_file():
             raise MissingInputError(f"{self.folder} is not a torch_dist checkpoint (no .metadata file)")
-        verify_checkpoint(self.folder.parent, prefix=f"{self.folder.name}/", collective=False)
+        # before torch's reader unpickles .metadata: a file changed since the save never gets opened
+        verify_checkpoint(self.folder.parent, prefix=f"{self.folder.name}/", collective=False,
+                          allow_unverified=allow_unverified, how_to_allow="--allow-unverified")
         self._reader = dcp.FileSystemReader(str(self.folder))
         try:
             md = self._reader.read_metadata()
@@ -271,7 +321,9 @@ class DistCheckpointReader:
         from torch.distributed.checkpoint.api import CheckpointException
 
         try:
-            dcp.load(state, storage_reader=self._reader, planner=_SlicePlanner(offsets), no_dist=True)
+            with warnings.catch_warnings():  # one process on purpose (no_dist): torch's warning says only that
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(state, storage_reader=self._reader, planner=_SlicePlanner(offsets), no_dist=True)
         except CheckpointException as e:  # a BaseException in torch: turn it into a one-line input error
             cause = [ln for ln in str(e).strip().splitlines() if ln.strip()][-1].strip()
             raise InputError(f"{self.folder}: cannot read {names[0]}"

@@ -11,13 +11,6 @@ from __future__ import annotations
 import torch
 
 
-def compute_device() -> torch.device:
-    """The device this process computes on: its current GPU when CUDA is in use, else the host."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where `model`'s weights live (the first parameter; the host for a parameterless module)."""
     for p in model.parameters():

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from megatron_apo.config import ParallelConfig
 from megatron_apo.parallel import control_plane, cpu_compat
 from megatron_apo.parallel.cuda_context import bind_gpu
+from megatron_apo.parallel.launch_env import export_torch_env
 
 DEFAULT_TIMEOUT_MINUTES = 30  # the default (data-plane) group: every rank is busy in lockstep there
 DEFAULT_CONTROL_TIMEOUT_MINUTES = 360  # the control plane: ranks 1..N wait while rank 0 rolls out / evaluates
@@ -51,7 +52,7 @@ def init_distributed(
     from megatron.core import parallel_state
 
     parallel = parallel or ParallelConfig()
-    _env_from_slurm()
+    export_torch_env()
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -123,11 +124,3 @@ def find_free_port(bind_host: str = "127.0.0.1", attempts: int = 64) -> int:
         s.bind((bind_host, 0))
         return s.getsockname()[1]
 
-
-def _env_from_slurm() -> None:
-    """srun sets SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; map them to torch's names if torchrun did not."""
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
-        return
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")

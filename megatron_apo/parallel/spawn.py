@@ -24,6 +24,7 @@ from typing import Any, Callable
 from megatron_apo.config import UserError
 from megatron_apo.logging_utils import get_logger
 from megatron_apo.parallel.distributed import find_free_port
+from megatron_apo.parallel.launch_env import rank_env
 
 
 class DistributedError(RuntimeError):
@@ -46,10 +47,7 @@ def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwa
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initialises CUDA in this process
     if parent_death_signal:
         _set_parent_death_signal(parent_death_signal, parent_pid)
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )
+    os.environ.update(rank_env(rank, world_size, port))
     try:
         import torch
 

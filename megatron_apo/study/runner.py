@@ -125,7 +125,7 @@ def run_overrides(cfg: StudyConfig, paths: dict, ref_ckpt: str, run_dir: Path, m
 def _train_entry(rcfg):
     from megatron_apo.trainer.train import train
 
-    return train(rcfg)
+    return train(rcfg).history
 
 
 def run_dir_of(out: Path, method: str, seed: int) -> Path:

@@ -11,29 +11,27 @@ from __future__ import annotations
 
 import contextlib
 import signal
+from dataclasses import dataclass, field
 
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 75
 
-_stopped_at: int | None = None
+
+@dataclass
+class TrainResult:
+    """What `train()` returns on every rank: the per-step metrics (rank 0; empty elsewhere), and the step after
+    which a stop signal ended the run (checkpointed), or None when it was not stopped."""
+
+    history: list[dict] = field(default_factory=list)
+    stopped_at: int | None = None
 
 
-def note_stopped(step: int) -> None:
-    """Called by every trainer rank when it leaves the loop on a stop signal (after the checkpoint)."""
-    global _stopped_at
-    _stopped_at = step
-
-
-def stopped_at() -> int | None:
-    return _stopped_at
-
-
-def exit_code(rank: int = 0) -> int:
+def exit_code(result: TrainResult, rank: int = 0) -> int:
     """Rank 0 carries the preemption code; the other ranks exit 0. srun's `--kill-on-bad-exit` ends a step at the
     first non-zero exit: the other ranks, done with their checkpoint part, must not cut short rank 0's shutdown
     of the rollout fleet (srun would then report their 143, not 75)."""
-    return EXIT_PREEMPTED if _stopped_at is not None and rank == 0 else EXIT_OK
+    return EXIT_PREEMPTED if result.stopped_at is not None and rank == 0 else EXIT_OK
 
 
 def checkpoint_due(step: int, total_steps: int, save_interval: int, stopping: bool) -> bool:
@@ -61,14 +59,6 @@ class StopFlag:
         from megatron_apo.parallel import control_plane
 
         return control_plane.any_true(self.raised)
-
-
-def train_rank(cfg) -> tuple[list[dict], int | None]:
-    """The local launcher's rank body: `train(cfg)`, plus whether this rank stopped on a signal."""
-    from megatron_apo.trainer.train import train
-
-    history = train(cfg)
-    return history, stopped_at()
 
 
 @contextlib.contextmanager

@@ -7,8 +7,8 @@ import os
 import time
 from pathlib import Path
 
+from megatron_apo.diskio import describe_os_error
 from megatron_apo.logging_utils import get_logger
-from megatron_apo.trainer.diskio import describe_os_error
 
 log = get_logger(__name__)
 
@@ -52,7 +52,27 @@ class MetricsLogger:
             self.progress.start()
 
     def log(self, step: int, metrics: dict) -> None:
-        record = {"step": step, "time": time.time(), **{k: _scalar(v) for k, v in metrics.items()}}
+        self.write(self.record(step, metrics))
+
+    @staticmethod
+    def record(step: int, metrics: dict) -> dict:
+        """One step's record as it is written (plain JSON data: the checkpoint of the step keeps a copy)."""
+        return {"step": step, "time": time.time(), **{k: _scalar(v) for k, v in metrics.items()}}
+
+    def replay(self, record: dict | None) -> bool:
+        """Appends a checkpoint's copy of its step's record when metrics.jsonl lacks that step (a kill between the
+        checkpoint's rename and the metrics write). True when it did."""
+        if not record or "step" not in record:
+            return False
+        if any(r["step"] == record["step"] for r in read_metrics(self.path)):
+            return False
+        self._append((json.dumps(record) + "\n").encode())
+        log.info("metrics: step %d's record restored from its checkpoint (the run was killed before writing it)",
+                 record["step"])
+        return True
+
+    def write(self, record: dict) -> None:
+        step = record["step"]
         self._append((json.dumps(record) + "\n").encode())
         if self.tb is not None:
             for k, v in record.items():

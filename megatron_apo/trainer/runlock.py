@@ -60,8 +60,22 @@ class OutDirLock:
 
 
 def check_out_dir_free(out_dir: str | Path) -> None:
-    """Raises OutDirLocked when a live trainer holds `out_dir` (the launcher's check before it spawns ranks)."""
-    OutDirLock(out_dir).acquire().release()
+    """Raises OutDirLocked when a live trainer holds `out_dir` (the launcher's check before it spawns ranks).
+
+    Creates nothing: a run that then fails validation leaves no lock file (nor an empty out_dir) behind.
+    """
+    path = Path(out_dir) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return  # no trainer ever held it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise OutDirLocked(f"{path.parent} is in use by another trainer ({_holder(path)}); "
+                           "stop it first, or give this run another out_dir") from None
+    finally:
+        os.close(fd)
 
 
 def _holder(path: Path) -> str:

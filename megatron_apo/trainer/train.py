@@ -23,21 +23,22 @@ from megatron_apo.logging_utils import get_logger
 from megatron_apo.models import build_gpt_model
 from megatron_apo.parallel import init_distributed
 from megatron_apo.trainer.checkpoint import load_model_weights, resume_checkpoint, save_checkpoint
-from megatron_apo.trainer.lifecycle import StopFlag, checkpoint_due, note_stopped
+from megatron_apo.trainer.config_guard import check_resume_config, checkpoint_record
+from megatron_apo.trainer.lifecycle import StopFlag, TrainResult, checkpoint_due
 from megatron_apo.trainer.optim import build_optimizer, wrap_ddp
 from megatron_apo.trainer.passes import PassSettings
-from megatron_apo.trainer.rl_step import RLModels, lr_at, rl_step
+from megatron_apo.trainer.rl_step import RLModels, rl_step
 from megatron_apo.trainer.rollout_source import FleetWeights, RolloutSource
 from megatron_apo.trainer.runlock import claim_run_dirs
 from megatron_apo.trainer.validation import validate_run_config
 
-__all__ = ["lr_at", "train"]  # lr_at lives in rl_step; kept importable from here
-
 log = get_logger(__name__)
 
 
-def train(cfg: RunConfig) -> list[dict]:
-    """Runs on every trainer rank. Returns the per-step metrics on rank 0 (an empty list elsewhere)."""
+def train(cfg: RunConfig) -> TrainResult:
+    """Runs on every trainer rank. Returns the per-step metrics on rank 0 (an empty list elsewhere), and the step
+    a stop signal ended the run after (`megatron-apo train` then exits with lifecycle.EXIT_PREEMPTED)."""
+    stop = StopFlag()  # from the start: a stop signal during start-up (fleet start, first sync) stops after step 1
     model_cfg = validate_run_config(cfg)
     p, t = cfg.parallel, cfg.trainer
     init_distributed(p, seed=cfg.seed,
@@ -46,7 +47,12 @@ def train(cfg: RunConfig) -> list[dict]:
     models = _build_models(cfg, model_cfg)
     ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.out_dir) / "checkpoints")
     run_lock = claim_run_dirs(cfg.out_dir, ckpt_dir) if rank == 0 else None  # one live trainer per out_dir
-    start_step, extra = _load_weights(cfg, ckpt_dir, models)
+    try:
+        start_step, meta, extra = _load_weights(cfg, ckpt_dir, models)
+    except BaseException:
+        if run_lock is not None:
+            run_lock.release()
+        raise
     controller = _start_controller(cfg, model_cfg, extra) if rank == 0 else None
     fleet = FleetWeights(controller, _weight_sender(cfg, model_cfg, models))
     source = RolloutSource(controller, fleet.sync, t.total_steps, off_policy=cfg.rollout.one_step_off_policy)
@@ -54,10 +60,12 @@ def train(cfg: RunConfig) -> list[dict]:
                             tis_cap=cfg.rollout.tis_cap if cfg.rollout.one_step_off_policy else None)
     fleet.sync(start_step)  # the fleet serves exactly the weights training continues from
     metrics_log = _metrics_logger(cfg, start_step) if rank == 0 else None
+    if metrics_log is not None and meta is not None:
+        metrics_log.replay(meta.get("metrics"))  # a kill after the checkpoint's rename lost this step's record
     if rank == 0 and start_step == 0:
         controller.evaluate(0, "initial")
-    stop = StopFlag()
-    history: list[dict] = []
+    result = TrainResult()
+    history = result.history
     step = start_step
     try:
         while step < t.total_steps:
@@ -69,13 +77,14 @@ def train(cfg: RunConfig) -> list[dict]:
             metrics["time/step_s"] = time.perf_counter() - t_step
             metrics["throughput/tokens_per_s"] = float(batch.response_mask.sum()) / metrics["time/step_s"]
             stopping = stop.agreed()
+            record = metrics_log.record(step, metrics) if rank == 0 else None
             if checkpoint_due(step, t.total_steps, cfg.checkpoint.save_interval, stopping):
-                _save(cfg, ckpt_dir, step, models, model_cfg, controller)
+                _save(cfg, ckpt_dir, step, models, model_cfg, controller, record)
             if rank == 0:
-                metrics_log.log(step, metrics)
+                metrics_log.write(record)
                 history.append({"step": step, **metrics})
             if stopping:
-                note_stopped(step)  # `megatron-apo train` exits with lifecycle.EXIT_PREEMPTED
+                result.stopped_at = step
                 log.info("train: stop signal received; checkpointed step %d in %s", step, ckpt_dir)
                 break
         if rank == 0 and step == t.total_steps:
@@ -88,7 +97,7 @@ def train(cfg: RunConfig) -> list[dict]:
             controller.shutdown()
         if run_lock is not None:
             run_lock.release()
-    return history
+    return result
 
 
 def _build_models(cfg: RunConfig, model_cfg) -> RLModels:
@@ -108,18 +117,24 @@ def _build_models(cfg: RunConfig, model_cfg) -> RLModels:
                     moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff)
 
 
-def _load_weights(cfg: RunConfig, ckpt_dir: Path, models: RLModels) -> tuple[int, dict | None]:
+def _load_weights(cfg: RunConfig, ckpt_dir: Path, models: RLModels) -> tuple[int, dict | None, dict | None]:
     """Initial weights (checkpoint.load, else the reference copies the random policy), then a resume from the
-    newest intact checkpoint of `ckpt_dir` (a damaged `latest` is reported and skipped). Returns (step, extra)."""
-    if cfg.checkpoint.load:
-        load_model_weights(cfg.checkpoint.load, models.policy)
-        load_model_weights(cfg.checkpoint.load, [models.reference])
+    newest intact checkpoint of `ckpt_dir` (a damaged `latest` is reported and skipped), refused when the run
+    config changed a guarded setting (trainer/config_guard.py). Returns (step, metadata, extra)."""
+    c = cfg.checkpoint
+    if c.load:
+        load_model_weights(c.load, models.policy, allow_unverified=c.allow_unverified)
+        load_model_weights(c.load, [models.reference], allow_unverified=c.allow_unverified)
     else:
         models.reference.load_state_dict(models.policy[0].module.state_dict())
-    if not cfg.checkpoint.resume:
-        return 0, None
-    meta, extra = resume_checkpoint(ckpt_dir, models.policy, models.optimizer)
-    return (int(meta["step"]), extra) if meta is not None else (0, extra)
+    if not c.resume:
+        return 0, None, None
+    meta, extra = resume_checkpoint(ckpt_dir, models.policy, models.optimizer, allow_unverified=c.allow_unverified,
+                                    reset_optimizer=c.reset_optimizer)
+    if meta is None:
+        return 0, None, extra
+    check_resume_config(meta, cfg, f"{ckpt_dir} (step {meta['step']})", log if dist.get_rank() == 0 else None)
+    return int(meta["step"]), meta, extra
 
 
 def _start_controller(cfg: RunConfig, model_cfg, extra: dict | None):
@@ -146,9 +161,11 @@ def _metrics_logger(cfg: RunConfig, start_step: int):
                          wandb_project=t.wandb_project, progress=t.progress)
 
 
-def _save(cfg: RunConfig, ckpt_dir: Path, step: int, models: RLModels, model_cfg, controller) -> None:
+def _save(cfg: RunConfig, ckpt_dir: Path, step: int, models: RLModels, model_cfg, controller, record) -> None:
+    # `metrics`: this step's record, replayed into metrics.jsonl by a resume if a kill came before it was written
     save_checkpoint(ckpt_dir, step, models.policy, models.optimizer,
-                    metadata={"model_config": model_cfg.to_dict(), "fleet_version": step},
+                    metadata={"model_config": model_cfg.to_dict(), "fleet_version": step, "metrics": record,
+                              **checkpoint_record(cfg)},
                     extra={"controller": controller.state_dict() if controller else None},
                     keep_last=cfg.checkpoint.keep_last)
 

@@ -209,8 +209,9 @@ def test_truncated_metadata_is_one_line(three_saves, tmp_path):
     (it / "checksums.json").unlink()  # a checkpoint without checksums: the .metadata reader itself must say it
     md = it / "model" / ".metadata"
     md.write_bytes(md.read_bytes()[:50])
-    err = _one_line_error(["convert", "megatron-to-hf", "--megatron", str(it), "--out", str(tmp_path / "hf"),
-                           "--quiet"])
+    args = ["convert", "megatron-to-hf", "--megatron", str(it), "--out", str(tmp_path / "hf"), "--quiet"]
+    assert "has no checksums.json" in _one_line_error(args)  # unverifiable: refused unless the user allows it
+    err = _one_line_error(args + ["--allow-unverified"])
     assert f"{md} is damaged or truncated" in err, err
 
 
@@ -257,3 +258,149 @@ def test_ranks_do_not_outlive_a_killed_launcher(tmp_path):
     p.wait()
     left = survivors(children, grace_s=30)
     assert not left, f"ranks {left} outlived the launcher"
+
+
+# ------------------------------------------------------------------------------------------- a checkpoint is data
+
+class _Planted:
+    """Unpickling this runs `touch <marker>`: what a hostile checkpoint file would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _recompute_manifest(it: Path) -> None:
+    from megatron_apo.models.checksums import checksum_files
+
+    sums = {n: c for n, c in checksum_files(it, collective=False).items() if n != "checksums.json"}
+    (it / "checksums.json").write_text(json.dumps({"algorithm": "crc32", "files": sums}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("manifest", ["recomputed", "deleted", "deleted+allowed"])
+def test_a_planted_pickle_in_a_checkpoint_never_runs(three_saves, tmp_path, manifest):
+    import torch
+
+    ckpt = _copy(three_saves[0], tmp_path / "ckpt")
+    it = ckpt / "iter_0000003"
+    marker = tmp_path / "pwned"
+    (it / "extra.json").unlink()  # an older version's extra.pt takes its place
+    torch.save({"controller": _Planted(marker)}, it / "extra.pt")
+    torch.save(_Planted(marker), it / "rng" / "rank_00000.pt")
+    if manifest == "recomputed":  # whoever planted it covered their tracks
+        _recompute_manifest(it)
+    else:
+        (it / "checksums.json").unlink()
+    got = run_distributed(resume_newest_intact, 1, str(ckpt), manifest == "deleted+allowed", timeout=300)[0]
+    assert not marker.exists()  # nothing was unpickled beyond tensors and plain data
+    if manifest == "deleted":
+        assert got[0].startswith("UnverifiedCheckpoint: ") and "checkpoint.allow_unverified=true" in got[0], got
+    else:  # loaded with weights_only=True: the planted objects are refused, the weights are the saved ones
+        assert got[0] == 3 and _same(got[2], three_saves[1][3]), got[0]
+
+
+@pytest.mark.slow
+def test_a_planted_metadata_is_refused_before_it_is_read(three_saves, tmp_path):
+    import pickle
+
+    it = _copy(three_saves[0] / "iter_0000003", tmp_path / "it")
+    marker = tmp_path / "pwned"
+    (it / "model" / ".metadata").write_bytes(pickle.dumps(_Planted(marker)))  # torch's reader would pickle.load it
+    for args in (["--out", str(tmp_path / "hf"), "--quiet"], ["--verify-only"]):
+        err = _one_line_error(["convert", "megatron-to-hf", "--megatron", str(it), *args])
+        assert f"{it / 'model' / '.metadata'} is damaged (its CRC32 differs" in err, err
+        assert not marker.exists() and not (tmp_path / "hf").exists()
+    # a file the save never wrote is refused too (a manifest cannot vouch for it)
+    (it / "model" / ".metadata").write_bytes((three_saves[0] / "iter_0000003" / "model" / ".metadata").read_bytes())
+    (it / "model" / "extra.distcp").write_bytes(pickle.dumps(_Planted(marker)))
+    err = _one_line_error(["convert", "megatron-to-hf", "--megatron", str(it), "--verify-only"])
+    assert "extra.distcp is not in checksums.json" in err, err
+    (it / "model" / "extra.distcp").unlink()
+    r = subprocess.run([sys.executable, "-m", "megatron_apo.cli", "convert", "megatron-to-hf", "--megatron", str(it),
+                        "--verify-only"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "all" in r.stdout and "match checksums.json" in r.stdout, r.stdout + r.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_disk_full_during_the_hf_export_is_one_line_and_leaves_nothing(three_saves, small_disk):
+    fd = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        os.write(fd, b"\0" * ((3 << 20) - (400 << 10)))  # about 400 KiB left
+    except OSError:
+        pass
+    os.close(fd)
+    err = _one_line_error(["convert", "megatron-to-hf", "--megatron", str(three_saves[0]), "--out",
+                           str(small_disk / "hf"), "--quiet"])
+    assert "No space left on device" in err and str(small_disk / "hf") in err, err
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]  # no output, no temporary folder
+
+
+@pytest.fixture(scope="module")
+def saved_at_tp2(tmp_path_factory):
+    from tests.helpers.checkpoint_bodies import train_save_or_resume
+
+    ckpt = str(tmp_path_factory.mktemp("tp2") / "ckpt")
+    run_distributed(train_save_or_resume, 2, 2, ckpt, True, timeout=300)
+    return ckpt
+
+
+@pytest.mark.slow
+def test_resume_at_another_tp_size_is_one_line_or_resets_adam_when_allowed(saved_at_tp2):
+    from tests.helpers.checkpoint_bodies import resume_at_layout
+
+    err = run_distributed(resume_at_layout, 1, 1, 1, saved_at_tp2, False, timeout=300)[0]
+    assert err.startswith("OptimizerLayoutChanged: ") and "tensor 2 -> 1" in err, err
+    assert "checkpoint.reset_optimizer=true" in err and len(err.splitlines()) == 1, err
+    step, losses = run_distributed(resume_at_layout, 1, 1, 1, saved_at_tp2, True, timeout=300)[0]
+    assert step == 2 and all(np.isfinite(losses))
+
+
+def _train_history(cfg):
+    from megatron_apo.trainer.train import train
+
+    return train(cfg).history
+
+
+@pytest.mark.slow
+def test_resume_guards_the_config_and_replays_a_lost_metrics_record(tmp_path):
+    """Run 2 steps; drop step 2's metrics line (a kill between the checkpoint's rename and the metrics write);
+    a resume with another lr is refused naming it; the resume with the same config restores step 2's record."""
+    from megatron_apo.config import ConfigError, load_config
+    from tests.helpers.rl_setup import overrides, toy_env
+
+    env = toy_env(tmp_path / "toy")
+    out = tmp_path / "run"
+    args = lambda steps, *extra: overrides(env, out, tp=1, steps=steps,  # noqa: E731
+                                           extra=["checkpoint.save_interval=1", "trainer.tensorboard=false", *extra])
+    run_distributed(_train_history, 1, load_config(None, args(2)), timeout=400)
+    metrics = out / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2]
+    metrics.write_text(lines[0] + "\n")
+    saved = json.loads((out / "checkpoints" / "iter_0000002" / "megatron_apo.json").read_text())
+    assert saved["run_config"]["trainer"]["lr"] == 1e-3 and len(saved["config_fingerprint"]) == 64
+    with pytest.raises(ConfigError, match=r"trainer.lr: 0.001 -> 0.002.*checkpoint.allow_config_change=true"):
+        run_distributed(_train_history, 1, load_config(None, args(3, "trainer.lr=2e-3")), timeout=400)
+    history = run_distributed(_train_history, 1, load_config(None, args(3)), timeout=400)[0]
+    assert [h["step"] for h in history] == [3]
+    rows = read_metrics(metrics)
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[1]["loss"] == json.loads(lines[1])["loss"]
+
+
+def test_a_validation_failure_leaves_no_lock_behind(tmp_path):
+    """preflight checks that no trainer holds out_dir before it reads the data; that check must create nothing."""
+    from tests.helpers.rl_setup import overrides
+
+    bad = tmp_path / "bad.parquet"
+    bad.write_text("not parquet")
+    env = {"model": "tiny", "train": str(bad), "tokenizer": str(tmp_path / "tok.model")}
+    (tmp_path / "tok.model").write_text("x")
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "megatron_apo.cli", "train", *overrides(env, out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert not out.exists(), sorted(p.name for p in out.iterdir())

@@ -30,7 +30,7 @@ def env(tmp_path_factory):
 def _train(cfg):
     from megatron_apo.trainer.train import train
 
-    return train(cfg)
+    return train(cfg).history
 
 
 def _cli(args: list[str], **kw) -> subprocess.Popen:

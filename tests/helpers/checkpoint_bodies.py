@@ -111,7 +111,7 @@ def save_until_error(ckpt: str, steps: int) -> str:
     return "no error"
 
 
-def resume_newest_intact(ckpt: str):
+def resume_newest_intact(ckpt: str, allow_unverified: bool = False):
     """World of 1: resume_checkpoint into a fresh model; returns (metadata step, extra, weights)."""
     from megatron_apo.trainer.checkpoint import resume_checkpoint
 
@@ -119,7 +119,21 @@ def resume_newest_intact(ckpt: str):
     chunks = [wrap_ddp(build_gpt_model(load_model_config("tiny")), use_distributed_optimizer=True)]
     opt = build_optimizer(chunks, OptimConfig(lr=1e-2, use_distributed_optimizer=True))
     try:
-        meta, extra = resume_checkpoint(ckpt, chunks, opt)
+        meta, extra = resume_checkpoint(ckpt, chunks, opt, allow_unverified=allow_unverified)
     except Exception as e:  # noqa: BLE001
         return f"{type(e).__name__}: {e}", None, None
     return meta["step"], extra, {n: p.detach().clone().numpy() for n, p in chunks[0].named_parameters()}
+
+
+def resume_at_layout(tp: int, pp: int, ckpt: str, reset_optimizer: bool):
+    """Loads a checkpoint at TP x PP (world TP*PP) and trains one step. Returns (step, loss) or 'Type: message'."""
+    init_distributed(ParallelConfig(tp, pp), seed=1)
+    chunks = [wrap_ddp(build_gpt_model(load_model_config("tiny")), use_distributed_optimizer=True)]
+    opt = build_optimizer(chunks, OptimConfig(lr=1e-2, use_distributed_optimizer=True))
+    try:
+        meta, _ = load_checkpoint(ckpt, chunks, opt, reset_optimizer=reset_optimizer)
+    except Exception as e:  # noqa: BLE001 - the test inspects it
+        return f"{type(e).__name__}: {e}"
+    tokens = torch.randint(0, 200, (8, 17), generator=torch.Generator().manual_seed(3))
+    losses = _lm_step(chunks, opt, tokens)
+    return meta["step"], losses
