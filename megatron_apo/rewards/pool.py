@@ -271,11 +271,11 @@ class RewardPool:
             code = w.process.exitcode
             self._replace(w)
             deaths_in_a_row += 1
-            err = (f"the reward worker process died while scoring (exit code {code}: os._exit, a signal or "
-                   "a crash in C code)")
+            why = f"exit code {code}: os._exit, a signal or a crash in C code"
+            err = f"the reward worker process died while scoring ({why})"
             if deaths_in_a_row >= _MAX_DEATHS_IN_A_ROW:
                 raise TooManyRewardErrors(f"the reward worker process died {deaths_in_a_row} times in a row "
-                                          f"({err})", len(failed) + 1, n, err)
+                                          f"(last {why})", len(failed) + 1, n, err)
             if idx is not None:
                 record(idx, 0.0, "error", err)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -251,17 +252,40 @@ def _load_tiny(ckpt: str) -> int:
     return meta["step"]
 
 
+def _train_with_a_nan_advantage(cfg):
+    """A NaN reaches the loss through one sample's advantage (a NaN reward cannot: it is a failed sample)."""
+    import megatron_apo.trainer.controller as controller
+
+    real = controller.advantages_of
+
+    def first_nan(*args, **kwargs):
+        adv = real(*args, **kwargs)
+        adv[0] = float("nan")
+        return adv
+
+    controller.advantages_of = first_nan
+    return _train(cfg)
+
+
 @pytest.mark.slow
 def test_nan_loss_skips_the_step_and_training_continues(env, tmp_path):
-    reward = tmp_path / "nan_reward.py"
-    reward.write_text("import math\n"
+    reward = tmp_path / "nan_reward.py"  # NaN for one response in 7: failed samples, counted, never trained on
+    reward.write_text("import zlib\n"
                       "def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
-                      "    return float('nan') if len(solution_str) % 2 else 1.0\n")
+                      "    return float('nan') if zlib.crc32(solution_str.encode()) % 7 == 0 else 1.0\n")
+    # two train files: the controller reads both (the sampler's checkpointed state names each)
     cfg = load_config(None, overrides(env, tmp_path, tp=2, steps=2,
-                                      extra=[f"data.reward_fn={reward}:compute_score", "algorithm.loss_mode=vanilla"]))
-    history = run_distributed(_train, 2, cfg, timeout=300)[0]
+                                      extra=[f"data.reward_fn={reward}:compute_score", "algorithm.loss_mode=vanilla",
+                                             f"data.train_files=[{env['train']},{env['val']}]"]))
+    history = run_distributed(_train_with_a_nan_advantage, 2, cfg, timeout=300)[0]
     assert len(history) == 2
     assert all(h["train/skipped_updates"] >= 1 for h in history)
+    assert all(h["reward/errors"] == h["reward/nonfinite"] < 16 / 2 for h in history)
+    assert sum(h["reward/nonfinite"] for h in history) >= 1
+    ckpt = latest_checkpoint(tmp_path / "checkpoints")
+    extra = (json.loads((ckpt / "extra.json").read_text()) if (ckpt / "extra.json").is_file()
+             else __import__("torch").load(ckpt / "extra.pt", weights_only=True))  # older checkpoint layout
+    assert extra["controller"]["sampler"]["sources"] == [["train.parquet", 32], ["val.parquet", 4]]
 
 
 @pytest.mark.parametrize("extra, message", [
