@@ -131,11 +131,11 @@ def spec_interchange_body(tmp: str) -> dict:
     set_seed(99)
     fresh = build_gpt_model(cfg, transformer_impl="local")
     out["fresh_differs"] = not all(torch.equal(fresh.state_dict()[k], v) for k, v in want.items())
-    load_model_weights(te_dir, [fresh])
+    load_model_weights(te_dir, [fresh], allow_unverified=True)  # hand-written here: no checksum manifest
     out["loaded_equal"] = all(torch.equal(fresh.state_dict()[k], v) for k, v in want.items())
 
     # 3) the exporter's reader sees local-spec names in a TE checkpoint
-    reader = DistCheckpointReader(os.path.join(te_dir, "model"), cfg)
+    reader = DistCheckpointReader(os.path.join(te_dir, "model"), cfg, allow_unverified=True)
     layer0 = reader.load(reader.groups()[1])
     out["reader_names"] = sorted(n.split(".", 3)[3] for n in layer0)
     out["reader_equal"] = all(torch.equal(t, want[n]) for n, t in layer0.items())
@@ -150,7 +150,7 @@ def spec_interchange_body(tmp: str) -> dict:
     out["old_into_te_equal"] = all(torch.equal(state[te_spelling(k)], v) for k, v in want.items())
     set_seed(98)
     fresh = build_gpt_model(cfg, transformer_impl="local")
-    load_model_weights(old, [fresh])
+    load_model_weights(old, [fresh], allow_unverified=True)
     out["old_into_local_equal"] = all(torch.equal(fresh.state_dict()[k], v) for k, v in want.items())
 
     # 4) a tensor missing under both spellings is still an error
@@ -160,7 +160,7 @@ def spec_interchange_body(tmp: str) -> dict:
     dist_checkpointing.save(partial, os.path.join(broken, "model"))
     write_checkpoint_metadata(broken, cfg)
     try:
-        load_model_weights(broken, [build_gpt_model(cfg, transformer_impl="local")])
+        load_model_weights(broken, [build_gpt_model(cfg, transformer_impl="local")], allow_unverified=True)
         out["missing"] = "loaded"
     except CrossSpecError as e:
         out["missing"] = str(e)
