@@ -72,20 +72,37 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, gpus: list
     starts = not address or address == "local"  # a new cluster of our own
     if gpus is not None and starts:
         local["num_gpus"] = len(gpus)
-    main = threading.current_thread() is threading.main_thread()
-    handler = signal.getsignal(signal.SIGTERM) if main else None
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    try:
-        if "num_gpus" in local:  # Ray's node takes its GPU ids from the starting process's CUDA_VISIBLE_DEVICES
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-        ray.init(address=address or "local", num_cpus=None if address else num_cpus, include_dashboard=False,
-                 **local, runtime_env=runtime_env, **kwargs)
-    finally:
-        if "num_gpus" in local:
-            _restore_env("CUDA_VISIBLE_DEVICES", visible)
-        if callable(handler):
-            signal.signal(signal.SIGTERM, handler)
+    with _keep_sigterm_handler():
+        try:
+            if "num_gpus" in local:  # Ray's node takes its GPU ids from the starting process's CUDA_VISIBLE_DEVICES
+                os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+            ray.init(address=address or "local", num_cpus=None if address else num_cpus, include_dashboard=False,
+                     **local, runtime_env=runtime_env, **kwargs)
+        finally:
+            if "num_gpus" in local:
+                _restore_env("CUDA_VISIBLE_DEVICES", visible)
     return starts
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler():
+    """ray.init installs SIGTERM handlers of its own (the driver's raises SystemExit wherever the process is: in
+    the middle of ray.init or of a ray.get). A process with a stop handler of its own (the trainer's StopFlag, which
+    checkpoints and exits 75) keeps it: Ray's handler setter does nothing meanwhile, and the handler is put back."""
+    import ray._private.utils as ray_utils
+
+    handler = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    setter = getattr(ray_utils, "set_sigterm_handler", None)
+    if not callable(handler) or setter is None:  # nothing of ours to keep: Ray's handlers apply
+        yield
+        return
+    ray_utils.set_sigterm_handler = lambda _handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = setter
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _restore_env(key: str, value: str | None) -> None:
