@@ -160,9 +160,17 @@ def test_sender_sends_the_sync_dtype(dtype):
     assert out["ok"] and out["equal"] and out["dtypes"] == [f"torch.{dtype}"]
 
 
-def test_gpu_check_without_a_gpu_says_so_and_exits_0():
+@pytest.mark.parametrize("args", [[], ["--wheels", "gpu_wheels"]])
+def test_gpu_check_without_a_gpu_says_so_and_exits_0(args):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    r = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run(["bash", "scripts/gpu_check.sh", *args], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env=env)
+    assert r.returncode == 0 and not r.stderr, r.stdout + r.stderr
     lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("gpu_check: no NVIDIA GPU"), r.stdout
+
+
+def test_gpu_check_refuses_an_unknown_argument():
+    r = subprocess.run(["bash", "scripts/gpu_check.sh", "--wheel", "x"], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "unknown argument '--wheel'" in r.stderr
