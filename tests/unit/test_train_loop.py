@@ -114,6 +114,8 @@ PASS_CASES = [
     # CaSP: only pi_old's Top-N; vanilla: log pi_ref(y) alone (the ref_kl metric)
     ({"loss_mode": "casp"}, None, ((2, 4), None, None), ((2, 4), None, (2, 4, 3), None)),
     ({"loss_mode": "vanilla"}, None, ((2, 4), None, None), ((2, 4), None, None, None)),
+    # the anchor metrics: the reference Top-K for a mode that does not need it, and nothing else
+    ({"loss_mode": "vanilla", "anchor_metrics": True}, None, ((2, 4), (2, 4, 8), None), ((2, 4), None, None, None)),
 ]
 
 
@@ -134,3 +136,4 @@ def test_passes_return_what_the_loss_declares_and_never_write_the_micro_batches(
     assert all(0 < w <= tis_cap for w in got["tis"]) if tis_cap else got["tis"] == [-1.0, -1.0]
     assert ("apo/anchor_ratio" in got["metrics"]) == (algorithm.get("apo_rectification") is None
                                                        and algorithm["loss_mode"] == "apo_ratio")
+    assert ("anchor/safe_mass_wrong" in got["metrics"]) == (ref[1] is not None)  # logged whenever the Top-K is there
