@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
     from megatron_apo.models import load_model_config
     from megatron_apo.models.hf_mapping import hf_config_from_model_config
     from megatron_apo.parallel import run_distributed
-    from megatron_apo.rollout.engine import make_engine_spec
+    from megatron_apo.rollout.engines import make_engine_spec
     from megatron_apo.rollout.fleet import RolloutFleet
 
     cfg = load_model_config(args.model)
