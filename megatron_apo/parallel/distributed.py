@@ -63,7 +63,10 @@ def init_distributed(
     if not dist.is_initialized():
         if backend == "nccl":
             bind_gpu(local_device_index())  # one CUDA work queue for this rank's context only (cuda_context.py)
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        store = _loopback_store(timeout)  # a local run's rendezvous listens on loopback only
+        ranks = dict(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"])) if store else {}
+        dist.init_process_group(backend=backend, timeout=timeout, store=store, **ranks)
     world = dist.get_world_size()
     parallel.validate(world)
     if not parallel_state.model_parallel_is_initialized():
@@ -76,6 +79,28 @@ def init_distributed(
         )
     control_plane.init(control_timeout_minutes)
     set_seed(seed)
+
+
+def _loopback_store(timeout: datetime.timedelta):
+    """The rendezvous store of a run whose MASTER_ADDR is a loopback address, listening on that address only (torch's
+    env:// store listens on every interface); None otherwise (another host's address, or torchrun's agent store)."""
+    import ipaddress
+    import socket
+
+    host = os.environ["MASTER_ADDR"]
+    try:
+        if not ipaddress.ip_address(host).is_loopback or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            return None
+    except ValueError:  # a host name
+        return None
+    rank, world, port = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["MASTER_PORT"])
+    if rank != 0:
+        return dist.TCPStore(host, port, world, is_master=False, timeout=timeout)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen()
+    return dist.TCPStore(host, port, world, is_master=True, timeout=timeout, master_listen_fd=sock.detach())
 
 
 def set_seed(seed: int) -> None:

@@ -54,13 +54,21 @@ class SyncWorkerExtension:
             # this receive buffer: hand it copies
             updated.update(model.load_weights(weights=[(n, t.clone()) for n, t in tensors]) or ())
 
+        finalize_error = None
         with set_current_vllm_config(self.vllm_config):
             initialize_layerwise_reload(model)
             try:
                 result = receive_weights(getattr(self, "_weight_sync_group", None), load,
                                          expected_version=int(version), ring=self._weight_sync_ring)
             finally:
-                finalize_layerwise_reload(model, self.model_runner.model_config)
+                try:  # a layer's loaders run once the layer is complete: a bad tensor may fail only here
+                    finalize_layerwise_reload(model, self.model_runner.model_config)
+                except Exception as e:  # noqa: BLE001 - reported as a failed load, like one inside receive_weights
+                    finalize_error = e
+        if finalize_error is not None and result.ok:
+            text = str(finalize_error).strip().splitlines()
+            result.ok, result.load_failed = False, True
+            result.errors.append(f"loading failed: {type(finalize_error).__name__}: {text[0] if text else ''}")
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         out = result.as_dict()

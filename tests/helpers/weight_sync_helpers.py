@@ -63,3 +63,17 @@ def te_labelled_plan_body(tp: int, ep: int, model: str) -> dict:
         for piece in bucket.pieces:
             out[piece.hf_name][1].append((piece.dim, piece.start, piece.length))
     return out
+
+
+def rendezvous_listen_body() -> list[str]:
+    """A spawned rank: the addresses this process listens on at MASTER_PORT (rank 0 hosts the training store)."""
+    import os
+
+    import psutil
+
+    from megatron_apo.parallel import init_distributed
+
+    init_distributed(backend="gloo")
+    port = int(os.environ["MASTER_PORT"])
+    return [c.laddr.ip for c in psutil.Process().net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
