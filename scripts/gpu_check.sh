@@ -43,14 +43,14 @@ if [ -n "$wheels" ]; then
   # a bare machine: its own python3 (torch, transformers, numpy, pytest) + the carried wheels, nothing downloaded
   py="${py:-python3}"
   [ -d "$wheels" ] || { echo "gpu_check: --wheels $wheels is not a folder (make it with scripts/gpu_wheels.sh)" >&2; exit 2; }
-  site="$out/site"
+  site="$(cd "$out" && pwd)/site"
   rm -rf "$site" && mkdir -p "$site"
   if "$py" -m pip --version >/dev/null 2>&1; then
     "$py" -m pip install -q --disable-pip-version-check --no-index --no-deps --target "$site" "$wheels"/*.whl
   else  # no pip: a wheel is a zip file laid out for site-packages
     "$py" -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' "$site" "$wheels"/*.whl
   fi
-  export PYTHONPATH="$PWD:$PWD/$site${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
   test_files=(tests/distributed/test_gpu_cuda.py tests/distributed/test_rollout_gpu.py)
   tests_budget=330; bench_budget=140
   bench_args=(--seq 1024 --micro 4 --steps 5)  # megatron-core's local attention materialises s x s scores
@@ -132,7 +132,9 @@ try:
 except (OSError, ET.ParseError) as e:
     rows.append(("gpu tests", f"FAIL (no report, pytest exit {sys.argv[4]}: {e})"))
 lines = [ln for ln in open(sys.argv[2]).read().splitlines() if ln.startswith("{")]
-if sys.argv[3] == "0" and lines:
+if sys.argv[3] == "0" and lines and "skipped" in json.loads(lines[-1]):
+    rows.append(("bench/gpu_step.py", f"SKIP ({json.loads(lines[-1])['skipped']})"))
+elif sys.argv[3] == "0" and lines:
     bench = json.loads(lines[-1])
     rows.append(("bench/gpu_step.py", "PASS " + ", ".join(f"{k}={v}" for k, v in bench.items() if k in (
         "transformer_impl", "train_step_s", "train_mfu", "fleet_vs_vllm_tokens_per_s"))))

@@ -8,6 +8,7 @@ scripts/gpu_check.sh on a machine without a GPU. The CUDA halves are in tests/di
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,48 @@ def test_gpu_check_refuses_an_unknown_argument():
     r = subprocess.run(["bash", "scripts/gpu_check.sh", "--wheel", "x"], cwd=REPO, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 2 and "unknown argument '--wheel'" in r.stderr
+
+
+def _wheel(folder: Path, name: str) -> Path:
+    """A minimal valid wheel holding one module `name`."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {f"{name}.py": "VALUE = 1\n", f"{name}-1.0.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\n"
+             "Version: 1.0\n", f"{name}-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\n"
+             "Root-Is-Purelib: true\nTag: py3-none-any\n"}
+    def digest(text: str) -> str:
+        return base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+
+    record = "".join(f"{p},sha256={digest(t)},{len(t)}\n" for p, t in files.items())
+    record += f"{name}-1.0.dist-info/RECORD,,\n"
+    path = folder / f"{name}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for p, t in {**files, f"{name}-1.0.dist-info/RECORD": record}.items():
+            z.writestr(p, t)
+    return path
+
+
+@pytest.mark.slow
+def test_gpu_check_wheels_flow_with_a_stand_in_gpu(tmp_path):
+    """The --wheels path up to the GPU work, on CPU: a stand-in `nvidia-smi` lists one GPU, so the script installs
+    the folder's wheels into its private site, prints the versions line, runs the gpu tests (skipped: no CUDA)
+    and the bench (no CUDA), and prints one line per item."""
+    (tmp_path / "bin").mkdir()
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.write_text('#!/bin/sh\nif [ "$1" = "-L" ]; then echo "GPU 0: Stand-in"; else echo Stand-in; fi\n')
+    smi.chmod(0o755)
+    (tmp_path / "wheels").mkdir()
+    _wheel(tmp_path / "wheels", "apo_probe_pkg")
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", PYTHON=sys.executable,
+               GPU_CHECK_OUT=str(tmp_path / "out"))
+    r = subprocess.run(["bash", "scripts/gpu_check.sh", "--wheels", str(tmp_path / "wheels")], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "out" / "site" / "apo_probe_pkg.py").exists()
+    assert "versions: python" in r.stdout and "megatron-core 0.16.1" in r.stdout
+    for item in ("TP=1 Megatron LM smoke in bf16", "one RL step per loss mode", "vocab-parallel ops vs dense",
+                 "checkpoint save -> load -> equal", "NCCL trainer -> vLLM weight sync (2 GPUs)"):
+        assert any(ln.startswith(item) and "SKIP (" in ln for ln in r.stdout.splitlines()), (item, r.stdout)
+    assert "bench/gpu_step.py" in r.stdout and "SKIP (no CUDA)" in r.stdout
