@@ -4,8 +4,8 @@ One step, top to bottom (the picture in docs/architecture.md):
   1. rank 0 asks the fleet for n rollouts per prompt        (rollout_source.RolloutSource -> controller.rollout)
   2. rewards, 3. advantages                                 (controller.rollout)
   -> the batch is broadcast to every trainer rank and split over data-parallel ranks
-  4. reference forward: ref log-probs + vocab-parallel Top-K (rl_step -> passes.reference_pass)
-  5. old-policy forward, then PPO epochs with the loss       (rl_step -> passes.old_policy_pass / train_pass)
+  4. reference forward: ref log-probs + vocab-parallel Top-K (rl_step -> passes.ReferencePass -> RefOutputs)
+  5. old-policy forward, then PPO epochs with the loss       (rl_step -> passes.OldPolicyPass, TrainPass)
   6. weight sync to the fleet                                (rollout_source.FleetWeights -> rollout.weight_sync)
   7. checkpoint (lifecycle.checkpoint_due), metrics
 """
