@@ -15,6 +15,7 @@ A sample whose reward function raises, returns something that is not a finite nu
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
 import threading
 import time
 from collections import deque
@@ -106,6 +107,11 @@ def score_item(item: RewardItem, reward_fn=None,
 
 
 def _worker_main(conn: Connection, reward_fn_spec: str | None, timeout_s: float | None) -> None:
+    # Slurm's SIGTERM/SIGUSR1 and a terminal's SIGINT reach the whole process group: the trainer handles them
+    # (finishes the step, checkpoints) and closes the pool, so a worker must not die of them mid-batch. It still
+    # ends when the parent does (EOF on its pipe) and on the pool's SIGKILL.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     reward_fn = None
     try:
         if reward_fn_spec:

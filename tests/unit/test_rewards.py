@@ -242,3 +242,20 @@ def test_rewards_name_the_final_answer_they_read():
         batch = pool.score(items)
     assert batch.answers == ["\\frac{1}{2}", "12", "4+4+4", None]
     assert batch.scores == [1.0, 1.0, 1.0, 0.0]
+
+
+def test_workers_outlive_the_signals_the_trainer_handles(reward_file):
+    """Slurm's SIGTERM/SIGUSR1 and Ctrl-C's SIGINT reach every process of the job; the trainer finishes its step
+    and checkpoints, so the reward workers must not die of them (and turn the step's samples into errors)."""
+    import os
+    import signal
+
+    with RewardPool(num_workers=1, timeout_s=5.0, on_error="zero", reward_fn=f"{reward_file}:behaving") as pool:
+        assert pool.score([RewardItem("x", "ok", "ok")]).scores == [1.0]
+        worker = pool._workers[0].process
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            os.kill(worker.pid, sig)
+        time.sleep(0.5)
+        assert worker.is_alive()
+        batch = pool.score([RewardItem("x", "ok", "ok")] * 3)
+        assert batch.scores == [1.0] * 3 and batch.num_errors == 0 and pool._workers[0].process is worker
