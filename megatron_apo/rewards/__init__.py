@@ -11,6 +11,7 @@ from megatron_apo.rewards.loader import load_reward_fn
 from megatron_apo.rewards.math_reward import math_equivalent, math_score
 from megatron_apo.rewards.pool import (
     RewardBatch,
+    RewardFailed,
     RewardItem,
     RewardPool,
     RewardWorkerError,
@@ -33,6 +34,7 @@ from megatron_apo.rewards.toy import TOY_DATA_SOURCE, toy_digit_sum_score
 __all__ = [
     "BadRewardValue",
     "RewardBatch",
+    "RewardFailed",
     "RewardItem",
     "RewardPool",
     "RewardWorkerError",

@@ -27,6 +27,10 @@ from megatron_apo.config import UserError
 from megatron_apo.rewards.deadline import SampleTimeout, time_limit
 
 
+class RewardFailed(UserError, ValueError):
+    """on_error='raise': a sample's reward function failed (one line naming the sample and the error)."""
+
+
 class TooManyRewardErrors(UserError, RuntimeError):
     """More than `max_error_frac` of a batch failed to score, or the reward worker keeps dying."""
 
@@ -245,7 +249,8 @@ class RewardPool:
             timed_out[idx] = status == "timeout"
             if status in ("error", "nonfinite"):
                 if self.on_error == "raise":
-                    raise ValueError(f"reward of sample {idx} (data_source={items[idx].data_source!r}) failed: {err}")
+                    raise RewardFailed(f"reward of sample {idx} (data_source={items[idx].data_source!r}"
+                                       f"{f', reward_fn={self.reward_fn}' if self.reward_fn else ''}) failed: {err}")
                 errors[idx], nonfinite[idx] = err, status == "nonfinite"
                 failed.append(idx)
                 if len(failed) > self.max_error_frac * n:  # it can only grow: stop now, not after the whole batch

@@ -6,6 +6,7 @@ import time
 import pytest
 
 from megatron_apo.rewards import (
+    RewardFailed,
     RewardItem,
     RewardPool,
     TooManyRewardErrors,
@@ -162,8 +163,8 @@ def test_limit_holds_when_scoring_runs_off_the_main_thread():
 def test_pool_errors_raise_with_sample_index_or_count(reward_file):
     items = [RewardItem("x", "ok", "ok"), RewardItem("x", "boom", "ok")]
     with RewardPool(num_workers=1, timeout_s=2.0, reward_fn=f"{reward_file}:behaving") as pool:
-        with pytest.raises(ValueError, match="reward of sample 1 .*user reward crashed"):
-            pool.score(items)
+        with pytest.raises(RewardFailed, match="reward of sample 1 .*user_rewards.py:behaving.*user reward crashed"):
+            pool.score(items)  # a UserError: one line at the CLI (megatron-apo eval --reward-fn)
     with RewardPool(num_workers=0, timeout_s=2.0, on_error="zero", reward_fn=f"{reward_file}:behaving") as pool:
         batch = pool.score(items)
         assert batch.scores == [1.0, 0.0] and batch.num_errors == 1 and "user reward crashed" in batch.errors[1]
