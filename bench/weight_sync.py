@@ -3,7 +3,8 @@
 Measures one full sync (TP shards to the sender's bucket buffers, HF layout, checksums, broadcast,
 engine-side verification and loading) against the bandwidth limit of the same group: bytes moved / the
 bandwidth of a plain broadcast measured in the same run. `sync_s` is the trainer's time (the engines
-verify the last bucket after it). Prints a table and, as its last line, one JSON object.
+verify the last bucket after it); `engine_split_s` is where the engines' time went (blocked on the wire,
+checksums, loading, the engine's own repack). Prints a table and, as its last line, one JSON object.
 
     python bench/weight_sync.py                      # Qwen2.5-0.5B shape (24 layers), TP=2, 2 engines
     python bench/weight_sync.py --layers 4           # a lighter run for a small machine
@@ -89,13 +90,16 @@ def main(argv=None) -> dict:
     out = run_distributed(trainer_body, args.tp, endpoint, cfg, args.tp, int(args.bucket_mb * 2**20), args.syncs,
                           baseline_bytes, not args.no_shared_memory, dtype, timeout=1800)
     stats = out[0]["stats"]
-    for v, r in enumerate(refs):
-        fleet.finish_weight_sync(r, expected_checksum=stats[v]["checksum"])
+    engine_side = [fleet.finish_weight_sync(r, expected_checksum=stats[v]["checksum"]) for v, r in enumerate(refs)]
     import ray
 
     ray.get(probe)
     assert fleet.engine_versions() == [args.syncs - 1] * args.engines
     last = min(stats[2:] or stats, key=lambda s: s["seconds"])
+    # where the engines' time went in that sync (mean over engines): blocked on the wire, checksums, loading into
+    # the engine, the engine's own repack (vLLM: reprocessing layers into kernel formats)
+    split = {k: round(sum(e.get(k, 0.0) for e in engine_side[last["version"]]) / args.engines, 3)
+             for k in ("wait_s", "check_s", "load_s", "repack_s")}
     bandwidth = out[0]["bandwidth"]
     limit_s = last["bytes"] / bandwidth
     result = {
@@ -108,6 +112,7 @@ def main(argv=None) -> dict:
         "bytes": last["bytes"],
         "broadcast_GBps": round(bandwidth / 1e9, 3), "bandwidth_limit_s": round(limit_s, 3),
         "ratio_to_bandwidth_limit": round(last["seconds"] / limit_s, 3), "fleet_startup_s": round(startup, 1),
+        "engine_split_s": split,
     }
     fleet.shutdown()
     print(f"model {cfg.name} ({cfg.num_layers} layers), TP={args.tp} trainer -> {args.engines} {args.engine} engines, "
@@ -120,6 +125,8 @@ def main(argv=None) -> dict:
     print(f"  bandwidth     {result['broadcast_GBps']:8.3f} GB/s plain broadcast of {args.baseline_mb:.0f} MiB")
     print(f"  limit         {result['bandwidth_limit_s']:8.3f} s   bytes / bandwidth")
     print(f"  ratio         {result['ratio_to_bandwidth_limit']:8.3f} x")
+    print(f"  engine side   wait on the wire {split['wait_s']:.3f} s, checksums {split['check_s']:.3f} s, "
+          f"load {split['load_s']:.3f} s, engine repack {split['repack_s']:.3f} s (mean over engines)")
     print(json.dumps(result))
     return result
 

@@ -12,7 +12,8 @@ actors, or vLLM's TP workers inside them). Members rendezvous over a TCP store a
 Both expose `broadcast(tensor, src)` (the data) and `broadcast_json(obj, src)` (headers).
 
 Security (docs/reliability.md, "Weight-sync channel"): the store listens on the rendezvous address only
-(`rollout.sync_host`, else Ray's node IP: loopback for a local run), never on every interface. Each group
+(`rendezvous_host`: `rollout.sync_host`, else loopback for a one-node Ray cluster, else Ray's address of this
+node), never on every interface. Each group
 has a secret (`SyncEndpoint.secret`, made per group, handed to the engines through Ray): rank 0 proves it
 to the members before they join (a foreign store is refused), every member proves it to rank 0 before the
 group opens (a foreign member is refused), the NCCL unique id is authenticated, and every header is JSON
@@ -83,19 +84,32 @@ class SyncEndpoint:
 
 
 def rendezvous_host(configured: str | None = None) -> str:
-    """The address engines reach this (sending) process at: `configured` if given, else Ray's IP for this
-    node (the one Ray's other nodes already reach it at; 127.0.0.1 for a local Ray), else the address of
-    this host's default route."""
+    """The address engines reach this (sending) process at, and the only one its store listens on: `configured`
+    if given, else, with Ray, 127.0.0.1 for a one-node cluster (a local run) or this node's address in the
+    cluster (the one Ray's other nodes already reach it at), else the address of this host's default route."""
     if configured:
         return configured
     try:
         import ray
 
         if ray.is_initialized():
-            return ray.util.get_node_ip_address()
+            return _ray_node_address(ray)
     except ImportError:  # pragma: no cover - ray is a dependency
         pass
     return _default_route_ip()
+
+
+def _ray_node_address(ray) -> str:
+    """127.0.0.1 when this node is the cluster's only one (the local cluster a fleet starts: every engine runs on
+    this host, so nothing needs to reach the store from outside); else this node's address in the cluster."""
+    node_id = ray.get_runtime_context().get_node_id()
+    alive = [node for node in ray.nodes() if node.get("Alive", True)]
+    if [node.get("NodeID") for node in alive] == [node_id]:
+        return "127.0.0.1"
+    for node in alive:
+        if node.get("NodeID") == node_id and node.get("NodeManagerAddress"):
+            return node["NodeManagerAddress"]
+    return ray.util.get_node_ip_address()
 
 
 def _default_route_ip() -> str:

@@ -14,6 +14,7 @@ reported back so the fleet can check that every engine got the same bytes.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -57,6 +58,10 @@ class SyncResult:
     loaded: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     load_failed: bool = False  # a bucket verified but the engine could not load it
+    # where the receiver's time went: blocked on the wire, checksumming, in `load_fn` (engines may add their own)
+    wait_s: float = 0.0
+    check_s: float = 0.0
+    load_s: float = 0.0
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -81,10 +86,15 @@ def receive_weights(group, load_fn: Callable[[list[tuple[str, torch.Tensor]]], o
     ring.begin_sync()
     checksums, loaded, errors = [], [], []
     counts = {"tensors": 0, "load_failed": False}
+    times = {"wait_s": 0.0, "check_s": 0.0, "load_s": 0.0}
 
     def process(header, buf, handle):
+        t0 = time.perf_counter()
         handle.wait()
+        t1 = time.perf_counter()
         got = bucket_checksum(buf)
+        times["wait_s"] += t1 - t0
+        times["check_s"] += time.perf_counter() - t1
         checksums.append(got)
         counts["tensors"] += len(header["entries"])
         if expected_version is not None and header["version"] != expected_version:
@@ -93,8 +103,10 @@ def receive_weights(group, load_fn: Callable[[list[tuple[str, torch.Tensor]]], o
             errors.append(f"bucket {header['index']}: checksum mismatch (received {got}, sender {header['checksum']})")
         elif not counts["load_failed"]:
             tensors = unpack_bucket(buf, header["entries"])
+            t0 = time.perf_counter()
             try:
                 load_fn(tensors)
+                times["load_s"] += time.perf_counter() - t0
             except Exception as e:  # noqa: BLE001 - reported; the sync is drained so the sender is not left waiting
                 counts["load_failed"] = True
                 errors.append(f"bucket {header['index']}: loading failed: {type(e).__name__}: "
@@ -125,7 +137,7 @@ def receive_weights(group, load_fn: Callable[[list[tuple[str, torch.Tensor]]], o
     if not errors and combine_checksums(checksums) != header["checksum"]:
         errors.append("per-sync checksum mismatch")
     return SyncResult(header["version"], not errors, header["checksum"], len(checksums), num_tensors, loaded, errors,
-                      counts["load_failed"])
+                      counts["load_failed"], **times)
 
 
 @dataclass
