@@ -71,6 +71,8 @@ def math_score(solution_str: str, ground_truth: str, extra_info: dict | None = N
     """
     if not solution_str:
         return 0.0
+    import math_verify  # noqa: F401  (the first import takes seconds on a busy node: not the sample's time)
+
     with time_limit(timeout_s):
         answer = extract_last_boxed(solution_str)
         if answer is None and allow_answer_line:
