@@ -360,7 +360,7 @@ class RolloutSection(_Section):
     top_p: float = 1.0
     top_k: int = -1
     ray_address: Optional[str] = None  # None: start a local Ray
-    sync_bucket_mb: int = 64
+    sync_bucket_mb: Optional[int] = None  # weight-sync bucket size; None: 512 with CUDA (NCCL), 64 on CPU
     sync_host: Optional[str] = None  # address engines reach trainer rank 0 at; None: Ray's node IP of rank 0
     sync_dtype: Optional[DType] = None  # dtype weights are sent in; None: the engine's (vllm bfloat16, cpu float32)
     # seconds any side of a weight sync waits for the others (joining, a header, a bucket) before a named error
@@ -374,6 +374,8 @@ class RolloutSection(_Section):
     def _check(self) -> None:
         self._at_least("n", 1)
         self._at_least("sync_timeout_s", 1.0)
+        if self.sync_bucket_mb is not None:
+            self._at_least("sync_bucket_mb", 1)
         if self.one_step_off_policy:
             self._at_least("tis_cap", 1.0, " (it truncates pi_old / pi_rollout)")
 

@@ -147,9 +147,9 @@ def _start_controller(cfg: RunConfig, model_cfg, extra: dict | None):
 
 
 def _weight_sender(cfg: RunConfig, model_cfg, models: RLModels):
-    from megatron_apo.rollout.weight_sync import TrainerWeightSender, sync_dtype
+    from megatron_apo.rollout.weight_sync import TrainerWeightSender, sync_bucket_bytes, sync_dtype
 
-    return TrainerWeightSender(models.policy, model_cfg, bucket_bytes=cfg.rollout.sync_bucket_mb << 20,
+    return TrainerWeightSender(models.policy, model_cfg, bucket_bytes=sync_bucket_bytes(cfg.rollout),
                                dtype=sync_dtype(cfg.rollout))
 
 

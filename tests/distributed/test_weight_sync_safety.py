@@ -342,3 +342,20 @@ def test_vllm_engine_whose_load_fails_drains_reports_and_is_replaced(ray_cluster
         assert len(fleet.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))[0]) == 1
     finally:
         fleet.shutdown()
+
+
+# ---- settings -----------------------------------------------------------------------------------------------------
+
+def test_bucket_size_defaults_by_device_and_sync_settings_are_checked(monkeypatch):
+    from megatron_apo.config import ConfigError, RolloutSection
+    from megatron_apo.rollout.weight_sync import sync_bucket_bytes
+
+    assert sync_bucket_bytes(RolloutSection(sync_bucket_mb=8)) == 8 << 20
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert sync_bucket_bytes(RolloutSection()) == 64 << 20
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # (only the choice: no CUDA is touched)
+    assert sync_bucket_bytes(RolloutSection()) == 512 << 20
+    with pytest.raises(ConfigError, match="rollout.sync_timeout_s must be >= 1.0"):
+        RolloutSection(sync_timeout_s=0)._check()
+    with pytest.raises(ConfigError, match="rollout.sync_bucket_mb must be >= 1"):
+        RolloutSection(sync_bucket_mb=0)._check()

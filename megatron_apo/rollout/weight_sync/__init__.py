@@ -23,6 +23,7 @@ from megatron_apo.rollout.weight_sync.buckets import (
     bucket_layout,
     combine_checksums,
     pack_bucket,
+    sync_bucket_bytes,
     sync_dtype,
     unpack_bucket,
 )
@@ -44,5 +45,5 @@ __all__ = [
     "ALIGN", "DEFAULT_BUCKET_BYTES", "ENGINE_DTYPES", "Bucket", "BufferRing", "EngineSyncState", "SyncEndpoint",
     "SyncResult", "SyncStats", "TrainerWeightSender", "WeightLoadError", "WeightStore", "WeightSyncAuthError",
     "WeightSyncError", "WeightSyncTimeout", "bucket_checksum", "bucket_layout", "combine_checksums", "open_sync_group",
-    "pack_bucket", "receive_weights", "send_bucket", "send_end", "sync_dtype", "unpack_bucket",
+    "pack_bucket", "receive_weights", "send_bucket", "send_end", "sync_bucket_bytes", "sync_dtype", "unpack_bucket",
 ]

@@ -31,6 +31,15 @@ def sync_dtype(rollout) -> torch.dtype:
     return getattr(torch, DTYPE_NAMES[name])
 
 
+def sync_bucket_bytes(rollout) -> int:
+    """The bucket size: `rollout.sync_bucket_mb`, else 512 MiB where the trainer has CUDA (NCCL: fewer, larger
+    broadcasts keep the link busy) and 64 MiB on CPU (gloo: smaller buffers pipeline as well and cost less memory)."""
+    mb = rollout.sync_bucket_mb
+    if mb is None:
+        mb = 512 if torch.cuda.is_available() else 64
+    return int(mb) << 20
+
+
 def bucket_checksum(flat: torch.Tensor) -> str:
     """A position-sensitive checksum of a flat uint8 buffer (size a multiple of ALIGN), on any device.
 
