@@ -3,11 +3,11 @@
 A truncated or bit-flipped `.distcp` otherwise loads as a bare `EOFError` deep in torch.distributed.checkpoint,
 or silently as wrong weights. Verification is shared out over the ranks when a process group is up.
 
-Verification runs before any reader opens a file: torch's DCP reader unpickles `.metadata` and megatron-core
-`torch.load`s `common.pt`, so a file changed after the save must be refused before it is read. A checkpoint
-without a manifest is refused too (`UnverifiedCheckpoint`) unless the caller allows it. A CRC32 is not a
-signature: whoever can write the folder can recompute the manifest, so a checkpoint must still come from
-someone you trust (docs/reliability.md, "Security").
+Verification runs before any reader opens a file: torch's DCP reader unpickles `.metadata` (and the non-tensor
+objects in `.distcp` files) and megatron-core `torch.load`s `common.pt`, so a file changed after the save must be
+refused before it is read; so is a file the manifest does not list. A checkpoint without a manifest is refused too
+(`UnverifiedCheckpoint`) unless the caller allows it. A CRC32 is not a signature: whoever can write the folder can
+recompute the manifest, so a checkpoint must still come from someone you trust (docs/reliability.md, "Security").
 """
 
 from __future__ import annotations

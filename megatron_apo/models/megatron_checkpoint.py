@@ -12,7 +12,8 @@ Training checkpoints are `<ckpt_dir>/iter_<step, 7 digits or more>/` folders of 
 `DistCheckpointReader` reads single layers' tensors straight from the torch_dist storage with
 `torch.distributed.checkpoint` (no process group, no model), so exporting needs memory for one layer only.
 
-A torch_dist folder is code-equivalent: torch's reader unpickles `.metadata` and megatron-core `common.pt`. Every
+A torch_dist folder is code-equivalent: torch's reader unpickles `.metadata` and the non-tensor objects in the
+`.distcp` files, and megatron-core `torch.load`s `common.pt`. Every
 reader here verifies the checksum manifest first, so a file changed after the save is refused before it is opened;
 a checkpoint must still come from someone you trust (docs/reliability.md, "Security").
 """

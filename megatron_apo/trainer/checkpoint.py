@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core.dist_checkpointing.core import CheckpointingException
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_apo.config import UserError
 from megatron_apo.diskio import DiskError, describe_os_error, find_os_error
@@ -352,6 +354,15 @@ def _looks_damaged(e: BaseException) -> bool:
     return False
 
 
+def _rank_failure(e: BaseException) -> BaseException:
+    """The first rank's own exception inside torch DCP's CheckpointException ({rank: (exception, traceback)})."""
+    for failure in (getattr(e, "failures", None) or {}).values():
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(inner, BaseException):
+            return inner
+    return e
+
+
 def _restore_adam_steps(optimizer) -> None:
     """Gives every parameter its own Adam `step` again, equal to the checkpoint's.
 
@@ -447,17 +458,21 @@ def _load_optimizer(it: Path, meta: dict, model_chunks: list, optimizer, reset_o
                                             metadata={"distrib_optim_sharding_type": sharding})
     try:
         loaded = _dcp_load({"optimizer": optim_sd}, it / "optim")
-    except KeyError as e:  # an older checkpoint (no layout recorded) saved at another TP/PP
+    except (KeyError, CheckpointingException, CheckpointException) as e:  # an older checkpoint of another TP/PP
+        if meta.get("parallel") == _parallel_layout():
+            raise  # same layout: not a layout problem
+        root = _rank_failure(e)
+        why = f"{type(root).__name__}: {_first_line(root)}"
         if reset_optimizer:
             for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
                 sub.optimizer.state.clear()  # the dummy states: Adam allocates fresh ones at its first step
             if rank_zero():
-                log.warning("checkpoint: %s: the optimizer state does not fit this parallel layout (no key %s); "
-                            "Adam starts afresh (checkpoint.reset_optimizer=true)", it.name, _first_line(e))
+                log.warning("checkpoint: %s: the optimizer state does not fit this parallel layout (%s); Adam starts "
+                            "afresh (checkpoint.reset_optimizer=true)", it.name, why)
             return
         raise OptimizerLayoutChanged(
-            f"{it}: the optimizer state does not fit this parallel layout (no key {_first_line(e)}); resume at the "
-            "TP/PP it was saved with, or set checkpoint.reset_optimizer=true to start Adam afresh") from None
+            f"{it}: the optimizer state does not fit this parallel layout ({why}); resume at the TP/PP it was saved "
+            "with, or set checkpoint.reset_optimizer=true to start Adam afresh") from None
     with torch.no_grad():  # fp32 params: the main params are views of the (grad-requiring) model params
         optimizer.load_state_dict(loaded["optimizer"])
     _restore_adam_steps(optimizer)

@@ -349,7 +349,7 @@ def saved_at_tp2(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_resume_at_another_tp_size_is_one_line_or_resets_adam_when_allowed(saved_at_tp2):
+def test_resume_at_another_tp_size_is_one_line_or_resets_adam_when_allowed(saved_at_tp2, tmp_path):
     from tests.helpers.checkpoint_bodies import resume_at_layout
 
     err = run_distributed(resume_at_layout, 1, 1, 1, saved_at_tp2, False, timeout=300)[0]
@@ -357,6 +357,14 @@ def test_resume_at_another_tp_size_is_one_line_or_resets_adam_when_allowed(saved
     assert "checkpoint.reset_optimizer=true" in err and len(err.splitlines()) == 1, err
     step, losses = run_distributed(resume_at_layout, 1, 1, 1, saved_at_tp2, True, timeout=300)[0]
     assert step == 2 and all(np.isfinite(losses))
+    # a checkpoint of an older version records no layout: megatron-core's KeyError becomes the same one line
+    old = _copy(Path(saved_at_tp2), tmp_path / "old")
+    meta_file = old / "iter_0000002" / "megatron_apo.json"
+    meta_file.write_text(json.dumps({k: v for k, v in json.loads(meta_file.read_text()).items() if k != "parallel"}))
+    _recompute_manifest(old / "iter_0000002")
+    err = run_distributed(resume_at_layout, 1, 1, 1, str(old), False, timeout=300)[0]
+    assert err.startswith("OptimizerLayoutChanged: ") and "does not fit this parallel layout" in err, err
+    assert "checkpoint.reset_optimizer=true" in err and len(err.splitlines()) == 1, err
 
 
 def _train_history(cfg):

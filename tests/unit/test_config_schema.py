@@ -90,8 +90,8 @@ def test_the_trainer_section_is_the_optimizer_config():
 
 def test_user_errors_share_one_base():
     from megatron_apo.data.schema import InvalidDataError
-    from megatron_apo.models.checksums import CheckpointCorrupt
     from megatron_apo.diskio import DiskError
+    from megatron_apo.models.checksums import CheckpointCorrupt
     from megatron_apo.trainer.runlock import OutDirLocked
 
     for cls in (ConfigError, InvalidDataError, CheckpointCorrupt, DiskError, OutDirLocked):
