@@ -71,6 +71,7 @@ ApoPullWeight = _choice("ApoPullWeight", ("abs_adv", "indicator"))
 KlLossType = _choice("KlLossType", ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3"))  # aliases: losses/common.py
 AdvStdScope = _choice("AdvStdScope", ("group", "batch"))
 AdvCalibration = _choice("AdvCalibration", ("none", "inverse_success"))
+AdvSignFilter = _choice("AdvSignFilter", ("all", "positive", "negative"))
 DType = _choice("DType", tuple(DTYPE_NAMES))  # the one dtype table (megatron_apo/dtypes.py), aliases included
 TransformerImpl = _choice("TransformerImpl", ("transformer_engine", "local"))
 OnInvalid = _choice("OnInvalid", ("error", "skip"))
@@ -196,6 +197,10 @@ class AlgorithmConfig(_Section):
 
     adv_calibration: AdvCalibration = AdvCalibration.none
     """none | inverse_success (hard prompts' advantages weigh more)."""
+
+    adv_sign_filter: AdvSignFilter = AdvSignFilter.all
+    """all | positive | negative: keep only the A > 0 (or A < 0) responses' advantages, the others get 0 (the
+    study's positive-only / negative-only GRPO controls)."""
 
     calib_alpha: float = 1.0
     """inverse_success: exponent of (1 - success rate); >= 0."""

@@ -242,7 +242,7 @@ def compute_advantages(
     answers: Optional[Sequence[str]] = None,
     texts: Optional[Sequence[str]] = None,
 ) -> torch.Tensor:
-    """Per-response advantages [N] from the algorithm config: GRPO -> inverse-success -> memory hook.
+    """Per-response advantages [N] from the algorithm config: GRPO -> inverse-success -> memory hook -> sign filter.
 
     group_index: the prompt id of each response (ints or strings; with the memory on they must identify the
     prompt across steps, e.g. the dataset index or uid). success: which responses are correct (default
@@ -262,6 +262,9 @@ def compute_advantages(
                               "(e.g. AnswerMemory.from_config(cfg)), answers= and texts=")
         prompt_ids = group_index.tolist() if isinstance(group_index, torch.Tensor) else list(group_index)
         adv = calibrator.calibrate(adv, prompt_ids, answers, texts, ok)
+    if cfg.adv_sign_filter != "all":  # the study's controls: learn from one sign only (docs/science.md)
+        keep = adv > 0 if cfg.adv_sign_filter == "positive" else adv < 0
+        adv = torch.where(keep, adv, torch.zeros_like(adv))
     return adv
 
 
