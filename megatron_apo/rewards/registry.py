@@ -17,6 +17,7 @@ from megatron_apo.rewards.boxed import extract_last_boxed
 from megatron_apo.rewards.codes import CODE_DATA_SOURCE, toy_code_score
 from megatron_apo.rewards.deadline import SampleTimeout
 from megatron_apo.rewards.math_reward import dapo_math_answer, dapo_math_score, math_score
+from megatron_apo.rewards.squeeze import SQUEEZE_DATA_SOURCE, toy_squeeze_score
 from megatron_apo.rewards.toy import TOY_DATA_SOURCE, toy_digit_sum_score
 
 ScoreFn = Callable[[str, str, "dict | None"], float]
@@ -123,3 +124,4 @@ for _prefix in ("aime", "numina_", "deepscaler", "MATH"):
     register_reward(_prefix, math_score, prefix=True)
 register_reward(TOY_DATA_SOURCE, toy_digit_sum_score, answer_fn=str.strip)  # the whole response is the answer
 register_reward(CODE_DATA_SOURCE + "/", toy_code_score, prefix=True, answer_fn=str.strip)
+register_reward(SQUEEZE_DATA_SOURCE + "/", toy_squeeze_score, prefix=True, answer_fn=str.strip)
