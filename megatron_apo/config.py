@@ -410,6 +410,13 @@ class TrainerSection(OptimConfig, _Section):
     ppo_epochs: int = 1
     ppo_mini_batch_size: int = 0  # samples per optimizer step; 0 = the whole step batch
     micro_batch_size: int = 4
+    # >0: micro-batches hold at most this many tokens (samples x their own longest sequence, or the sum of the
+    # lengths when packed), balanced over the DP ranks, instead of micro_batch_size samples padded to the step's
+    # longest sequence; 0 = by count (docs/training.md, "Micro-batches by tokens and packing")
+    micro_batch_tokens: int = 0
+    # several samples share one row of micro_batch_tokens (no padding; positions restart per sample and attention
+    # stays within it: THD with Transformer Engine, a block-diagonal causal mask with the local spec)
+    pack_sequences: bool = False
     lr_warmup_steps: int = 0
     lr_decay_style: LrDecayStyle = LrDecayStyle.constant  # constant | linear | cosine
     ref_cpu_offload: bool = False  # keep the reference model's weights on the host between uses (GPU)
@@ -425,6 +432,10 @@ class TrainerSection(OptimConfig, _Section):
     def _check(self) -> None:
         for key in ("total_steps", "ppo_epochs", "micro_batch_size"):
             self._at_least(key, 1)
+        self._at_least("micro_batch_tokens", 0)
+        if self.pack_sequences and not self.micro_batch_tokens:
+            raise ConfigError("trainer.pack_sequences: true needs trainer.micro_batch_tokens > 0 (the tokens one "
+                              "packed row holds, e.g. 16384)")
         for key in ("lr", "min_lr"):  # the optimizer would fail deep inside the ranks, or train on NaN
             v = getattr(self, key)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:

@@ -29,7 +29,7 @@ from megatron_apo.config import AlgorithmConfig
 from megatron_apo.models.routing import response_routing_mismatch
 from megatron_apo.ops.vocab_parallel import vocab_parallel_logprob_stats
 from megatron_apo.rollout.sampling import logprob_mismatch
-from megatron_apo.trainer.batch import response_logits
+from megatron_apo.trainer.batch import global_loss_scale, response_logits
 
 
 @dataclass
@@ -67,7 +67,7 @@ class OldOutputs:
 
 
 def _scaled_response_logits(logits: torch.Tensor, batch: dict, temperature: float) -> torch.Tensor:
-    rl = response_logits(logits, batch["resp_index"]).float()
+    rl = response_logits(logits, batch["resp_index"], batch.get("resp_row")).float()
     return rl / temperature if temperature != 1.0 else rl
 
 
@@ -162,6 +162,9 @@ class TrainPass:
             is_weights=old.is_weights,
             vocab_size=self.settings.vocab_size,
         )
+        if "agg_norm" in batch:  # token-budget micro-batches: the mini-batch's global normaliser, not this one's
+            loss = loss * global_loss_scale(batch["response_mask"], str(self.settings.algorithm.loss_agg_mode),
+                                            batch["agg_norm"])
         metrics = {k: (v.detach() if torch.is_tensor(v) else torch.tensor(float(v))) for k, v in metrics.items()}
         metrics["loss"] = loss.detach()
         return loss, metrics

@@ -18,7 +18,7 @@ import torch
 
 from megatron_apo.config import ConfigError
 from megatron_apo.parallel import control_plane
-from megatron_apo.trainer.batch import RLBatch
+from megatron_apo.trainer.batch import MicroBatchPlan, RLBatch, plan_micro_batches
 from megatron_apo.trainer.moe_metrics import aux_loss_metrics, routing_capture
 from megatron_apo.trainer.optim import zero_grads
 from megatron_apo.trainer.passes import OldPolicyPass, PassSettings, ReferencePass, TrainPass
@@ -53,31 +53,27 @@ def rl_step(step: int, batch: RLBatch, models: RLModels, settings: PassSettings,
 
     Returns this step's metrics (every rank): pass metrics, timings, skipped updates, grad norm and lr.
     """
-    local = _dp_shard(batch)
-    mbs = min(t.micro_batch_size, local.size)
-    micro = local.micro_batches(mbs)
-    seq = local.tokens.shape[1]
+    plan = _plan(batch, t)
+    micro, seq, mbs, var = plan.micro, plan.seq_length, plan.micro_batch_size, plan.variable
     metrics: dict = {}
 
     t0 = time.perf_counter()
     ref = ReferencePass(settings, len(micro))
     with torch.no_grad(), _resident(models.reference, t.ref_cpu_offload):
-        forward_backward([models.reference], micro, ref, seq, mbs, forward_only=True)
+        forward_backward([models.reference], micro, ref, seq, mbs, forward_only=True, variable_seq_lengths=var)
     metrics["time/reference_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     old = OldPolicyPass(settings, ref.outputs)
     with torch.no_grad(), routing_capture(models.policy, settings):  # MoE: rollout/routing_mismatch
-        forward_backward(models.policy, micro, old, seq, mbs, forward_only=True)
+        forward_backward(models.policy, micro, old, seq, mbs, forward_only=True, variable_seq_lengths=var)
     metrics.update(_gather_last_stage_metrics([o.metrics for o in old.outputs if o is not None]))
     train = TrainPass(settings, ref.outputs, old.outputs)  # outputs exist on the last stage, where the loss runs
 
-    mini = t.ppo_mini_batch_size // _dp_size() if t.ppo_mini_batch_size else len(micro) * mbs
-    mini_mbs = max(1, mini // mbs)
     train_metrics, skipped, grad_norm = [], 0, 0.0
     for _epoch in range(t.ppo_epochs):
-        for i in range(0, len(micro), mini_mbs):
+        for part in plan.mini:
             zero_grads(models.policy, models.optimizer)
-            out = forward_backward(models.policy, micro[i : i + mini_mbs], train, seq, mbs)
+            out = forward_backward(models.policy, micro[part], train, seq, mbs, variable_seq_lengths=var)
             if not _all_finite(out):
                 skipped += 1  # a NaN/inf loss: drop this update, keep training
                 continue
@@ -96,15 +92,17 @@ def rl_step(step: int, batch: RLBatch, models: RLModels, settings: PassSettings,
     return metrics
 
 
-def _dp_shard(batch: RLBatch) -> RLBatch:
+def _plan(batch: RLBatch, t) -> MicroBatchPlan:
+    """This DP rank's micro-batches: by count (padded to the step's longest sequence), or by `micro_batch_tokens`,
+    padded per micro-batch or packed (`pack_sequences`); trainer/batch.py."""
     from megatron.core import parallel_state as ps
 
     dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     if batch.size % dp:
         raise ConfigError(f"rollout batch of {batch.size} samples does not split over {dp} data-parallel ranks; "
                          "make data.train_batch_size * rollout.n a multiple of the DP size")
-    per = batch.size // dp
-    return batch.select(slice(r * per, (r + 1) * per))
+    return plan_micro_batches(batch, r, dp, t.micro_batch_size, t.ppo_mini_batch_size,
+                              micro_batch_tokens=t.micro_batch_tokens, pack=t.pack_sequences)
 
 
 def _gather_last_stage_metrics(per_mb: list[dict]) -> dict:
@@ -124,12 +122,6 @@ def _resident(model, offload: bool):
     finally:
         model.cpu()
         torch.cuda.empty_cache()
-
-
-def _dp_size() -> int:
-    from megatron.core import parallel_state as ps
-
-    return ps.get_data_parallel_world_size()
 
 
 def _all_finite(per_mb: list[dict]) -> bool:

@@ -76,6 +76,19 @@ def aggregate_loss(values: torch.Tensor, mask: torch.Tensor, mode: str) -> torch
                       "seq-mean-token-mean, seq-mean-token-sum-norm")
 
 
+def aggregation_denominator(mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """What `aggregate_loss` divides this [B, T] mask's summed term by: response tokens (+1e-8), sequences
+    (both seq-mean modes: each sums or means a sequence first), or the padded length T. Token-budget micro-batches
+    swap it for the mini-batch's (trainer/batch.py::global_loss_scale)."""
+    if mode == "token-mean":
+        return mask.float().sum() + 1e-8
+    if mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
+        return torch.tensor(float(mask.shape[0]), device=mask.device)
+    if mode == "seq-mean-token-sum-norm":
+        return torch.tensor(float(mask.shape[-1]), device=mask.device)
+    return aggregate_loss(mask.float(), mask, mode)  # the one-line ConfigError naming the modes
+
+
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_type: str) -> torch.Tensor:
     """Per-token KL estimator of pi vs pi_ref from the sampled token's log-probs (k1, abs, k2, k3)."""
     kind = KL_LOSS_TYPES.get(kl_type)
