@@ -66,6 +66,7 @@ def _choice(name: str, values) -> type[Choice]:
 LossAggMode = _choice("LossAggMode", ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
                                       "seq-mean-token-sum-norm"))
 ApoRectification = _choice("ApoRectification", ("paper", "split"))
+ApoAnchorRatio = _choice("ApoAnchorRatio", ("old", "ref"))
 ApoPullForm = _choice("ApoPullForm", ("ratio_clip", "ratio", "log"))
 ApoPullWeight = _choice("ApoPullWeight", ("abs_adv", "indicator"))
 KlLossType = _choice("KlLossType", ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3"))  # aliases: losses/common.py
@@ -165,6 +166,19 @@ class AlgorithmConfig(_Section):
     apo_pull_weight: ApoPullWeight = ApoPullWeight.abs_adv
     """APO split form only: the pull's weight, |A| (abs_adv) or 1 (indicator)."""
 
+    apo_anchor_ratio: ApoAnchorRatio = ApoAnchorRatio.old
+    """APO paper form: the virtual anchor's ratio. old: sum_S (pi_ref/Z_ref) * pi/pi_old, the reference-weighted mean
+    of the anchors' own ratios (1 at pi = pi_old: every update starts inside the trust region) | ref: M / Z_ref (the
+    earlier transcription; drifts with the policy)."""
+
+    apo_all_wrong_pull: float = 0.0
+    """APO gamma: weight of the pull alone on the tokens of groups where every response is wrong (reward <= 0; GRPO
+    gives them A = 0); 0 = off, >= 0."""
+
+    apo_min_anchor_mass: float = 0.0
+    """APO tau: positions whose reference mass on the safe manifold, Z_ref, is below it get no pull (near-deterministic
+    positions whose anchors are junk); in [0, 1), 0 = off."""
+
     use_kl_loss: bool = False
     """Add kl_loss_coef * KL(pi, pi_ref) on every response token."""
 
@@ -233,11 +247,13 @@ class AlgorithmConfig(_Section):
             self._bad("loss_modules", "must be a list of module names")
         for key, lo, hi in (("clip_ratio_low", 0.0, 1.0), ("clip_ratio_high", 0.0, None), ("entropy_coeff", None, None),
                             ("apo_push_coeff", 0.0, None), ("apo_pull_coeff", 0.0, None), ("kl_loss_coef", 0.0, None),
+                            ("apo_all_wrong_pull", 0.0, None),
                             ("casp_alpha", 0.0, 1.0), ("casp_top1_gamma", 0.0, None),
                             ("casp_entropy_quantile", 0.0, 1.0), ("calib_alpha", 0.0, None),
                             ("calib_memory_gamma", 0.0, 1.0), ("calib_memory_similarity", 0.0, 1.0)):
             self._number(key, lo, hi, hi_open=key == "clip_ratio_low")
         self._number("clip_ratio_c", 1.0, None, lo_open=True)
+        self._number("apo_min_anchor_mass", 0.0, 1.0, hi_open=True)
         for key in ("apo_topk", "casp_topn", "calib_memory_ngram", "calib_memory_max_per_prompt", "logprob_chunk_size"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:

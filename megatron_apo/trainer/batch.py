@@ -31,6 +31,9 @@ class RLBatch:
     # MoE with an engine that reports it: [N, T, layers, k] int64 experts the rollout routed response token j's
     # predicting position to (-1 past the response); None otherwise
     rollout_experts: torch.Tensor | None = None
+    # [N, T] bool: response token of a sample whose group has no correct response (every reward <= 0, the test of
+    # reward/pass_rate); APO's all-wrong pull acts there. None: not known (a batch built by hand)
+    all_wrong: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -82,8 +85,16 @@ def build_batch(
         rollout_lp[i, :rl] = torch.tensor(smp.logprobs, dtype=torch.float32)
         group[i] = p
     adv = advantages.reshape(n, 1).float() * mask
-    return RLBatch(tokens, resp_index, response_ids, mask, rollout_lp, rewards.reshape(n).float(), adv, group,
-                   _rollout_experts(flat, t))
+    rewards = rewards.reshape(n).float()
+    return RLBatch(tokens, resp_index, response_ids, mask, rollout_lp, rewards, adv, group,
+                   _rollout_experts(flat, t), all_wrong_tokens(rewards, group, mask))
+
+
+def all_wrong_tokens(rewards: torch.Tensor, group_index: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """[N, T] bool: the response tokens of samples whose group (same `group_index`) has no reward > 0."""
+    any_right = torch.zeros(int(group_index.max()) + 1 if group_index.numel() else 0, dtype=torch.bool)
+    any_right = any_right.index_put((group_index,), rewards > 0, accumulate=True)
+    return (~any_right[group_index]).unsqueeze(-1) & (response_mask > 0)
 
 
 def _rows(t: torch.Tensor | None, idx):

@@ -160,6 +160,7 @@ class TrainPass:
             old_anchor_logprobs=old.at_ref_topk,
             old_topk_logprobs=old.topn_logprobs,
             is_weights=old.is_weights,
+            all_wrong=batch.get("all_wrong"),
             vocab_size=self.settings.vocab_size,
         )
         if "agg_norm" in batch:  # token-budget micro-batches: the mini-batch's global normaliser, not this one's

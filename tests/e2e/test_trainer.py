@@ -77,12 +77,13 @@ def test_rl_step_pp2_equals_pp1(env, tmp_path):
     for dense, piped in zip(runs[1], runs[2]):
         assert {k for k in piped if k.startswith(("apo/", "anchor/"))} == APO_PAPER_METRICS
         for key in ("loss", "pg_loss", "train/grad_norm", "entropy", "ppo_kl", "ref_kl", "reward/mean",
-                    "apo/anchor_ratio", "apo/rectified_clipfrac", "anchor/safe_mass_wrong"):
+                    "apo/anchor_ratio", "apo/neg_grad_off_frac", "anchor/safe_mass_wrong"):
             assert piped[key] == pytest.approx(dense[key], rel=1e-5, abs=1e-6), key
         assert piped["rollout/logprob_abs_diff"] < 1e-4
 
 
-APO_PAPER_METRICS = {"apo/rectified_loss", "apo/rectified_clipfrac", "apo/anchor_ratio", "apo/pulled_frac",
+APO_PAPER_METRICS = {"apo/rectified_loss", "apo/neg_grad_off_frac", "apo/anchor_ratio", "apo/pulled_frac",
+                     "apo/safe_mass", "apo/junk_anchor_frac",
                      "anchor/topk_mass", "anchor/safe_mass", "anchor/safe_mass_wrong", "anchor/sampled_in_topk"}
 
 

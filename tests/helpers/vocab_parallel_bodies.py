@@ -94,7 +94,7 @@ def run_loss_case(case: dict, rank: int, tp: int) -> dict:
         x, case["ids"], case["old_logprobs"], case["advantages"], case["mask"], case["config"],
         ref_logprobs=case.get("ref_logprobs"), ref_topk_indices=case.get("ref_topk_indices"),
         ref_topk_logprobs=case.get("ref_topk_logprobs"), old_anchor_logprobs=case.get("old_anchor_logprobs"),
-        old_topk_logprobs=case.get("old_topk_logprobs"), vocab_size=case["vocab_size"],
+        old_topk_logprobs=case.get("old_topk_logprobs"), all_wrong=case.get("all_wrong"), vocab_size=case["vocab_size"],
     )
     loss.backward()
     return {"loss": loss.detach(), "metrics": {k: float(v) for k, v in metrics.items()}, "grad": x.grad}

@@ -67,36 +67,64 @@ def dense_policy_loss(case: dict):
         probs = logp_all.exp().gather(-1, S_idx)
         M = (probs * in_S).sum(-1)
         nonempty = in_S.any(-1)
-        if c["apo_rectification"] == "paper":
-            # r~ = push*r - pull*M/Z_ref in the dual-clipped surrogate, for A < 0 only
-            Z_ref = (case["ref_topk_logprobs"][..., :K].exp() * in_S).sum(-1)
-            r_anchor = torch.where(nonempty, M / torch.where(nonempty, Z_ref, torch.ones_like(Z_ref)),
-                                   torch.zeros_like(M))
-            rt = c["apo_push_coeff"] * r - c["apo_pull_coeff"] * r_anchor
-            rect = torch.minimum(torch.maximum(-A * rt, -A * torch.clamp(rt, 1 - lo, 1 + hi)), -A * c["clip_ratio_c"])
-            loss = agg(torch.where(A < 0, rect, pg))
-            sel_neg = (m > 0) & (A < 0)
-            metrics["apo/rectified_clipfrac"] = ((rt < 1 - lo) | (rt > 1 + hi))[sel_neg].float().mean()
-            metrics["apo/anchor_ratio"] = r_anchor[sel_neg & nonempty].mean()
+        ref_S = case["ref_topk_logprobs"][..., :K].exp() * in_S  # pi_ref on S
+        Z_ref = ref_S.sum(-1)
+        tau = c["apo_min_anchor_mass"]
+        pulled = nonempty & ~(Z_ref < tau)  # junk anchors (Z_ref < tau) get no pull
+        neg = (m > 0) & (A < 0)
+        gamma = c["apo_all_wrong_pull"]
+        aw = case["all_wrong"].bool() & (m > 0) & pulled if gamma > 0 else torch.zeros_like(neg)
+        if case.get("old_anchor_logprobs") is not None:
+            old_S = case["old_anchor_logprobs"][..., :K]
         else:
-            if case.get("old_anchor_logprobs") is not None:
-                M_old = (case["old_anchor_logprobs"][..., :K].exp() * in_S).sum(-1)
-            else:
-                M_old = M.detach()
+            old_S = logp_all.gather(-1, S_idx).detach()
+        if c["apo_rectification"] == "paper":
+            # r~ = push*r - pull*r_anchor in the dual-clipped surrogate, for A < 0 only
+            safe_Z = torch.where(nonempty, Z_ref, torch.ones_like(Z_ref))
+            if c["apo_anchor_ratio"] == "ref":
+                r_anchor = M / safe_Z
+            else:  # sum_S (pi_ref/Z_ref) * pi/pi_old, each ratio clamped in log space
+                lp_S = logp_all.gather(-1, S_idx)
+                r_anchor = (ref_S / safe_Z[..., None] * torch.exp(torch.clamp(lp_S - old_S, -20, 20))).sum(-1)
+            r_anchor = torch.where(nonempty, r_anchor, torch.zeros_like(r_anchor))
+            rt = c["apo_push_coeff"] * r - c["apo_pull_coeff"] * torch.where(pulled, r_anchor, torch.zeros_like(M))
+            rect = torch.minimum(torch.maximum(-A * rt, -A * torch.clamp(rt, 1 - lo, 1 + hi)), -A * c["clip_ratio_c"])
+            token = torch.where(A < 0, rect, pg)
+            l_aw = gamma * torch.maximum(-r_anchor, -torch.clamp(r_anchor, 1 - lo, 1 + hi))
+            token = token + torch.where(aw, l_aw, torch.zeros_like(l_aw))
+            loss = agg(token)
+            metrics["apo/neg_grad_off_frac"] = ((rt < 1 - lo) | (rt > c["clip_ratio_c"]))[neg].float().mean()
+            sel_r = r_anchor.detach()[neg & nonempty]
+            metrics["apo/anchor_ratio"] = sel_r.median() if sel_r.numel() else torch.tensor(0.0)
+        else:
+            M_old = (old_S.exp() * in_S).sum(-1)
             logM = torch.log(torch.where(nonempty, M, torch.ones_like(M)))
             logM_old = torch.log(torch.where(nonempty, M_old, torch.ones_like(M_old)))
             rho = torch.exp(torch.clamp(logM - logM_old, -20, 20))
-            w = A.abs() if c["apo_pull_weight"] == "abs_adv" else torch.ones_like(A)
             form = c["apo_pull_form"]
-            if form == "ratio_clip":
-                pull = torch.maximum(-w * rho, -w * torch.clamp(rho, 1 - lo, 1 + hi))
-            elif form == "ratio":
-                pull = -w * rho
-            else:
-                pull = -w * logM
-            pull = torch.where((A < 0) & nonempty, pull, torch.zeros_like(pull))
+
+            def pull_of(w):
+                if form == "ratio_clip":
+                    return torch.maximum(-w * rho, -w * torch.clamp(rho, 1 - lo, 1 + hi))
+                if form == "ratio":
+                    return -w * rho
+                return -w * logM
+
+            w = A.abs() if c["apo_pull_weight"] == "abs_adv" else torch.ones_like(A)
+            pull = torch.where((A < 0) & pulled, pull_of(w), torch.zeros_like(w))
             token = torch.where(A < 0, c["apo_push_coeff"] * pg, pg)
+            token = token + torch.where(aw, gamma * pull_of(torch.ones_like(A)), torch.zeros_like(A))
             loss = agg(token) + c["apo_pull_coeff"] * agg(pull)
+            metrics["apo/neg_grad_off_frac"] = ((r < 1 - lo) | (r > c["clip_ratio_c"]))[neg].float().mean()
+            off = rho > 1 + hi if form == "ratio_clip" else torch.zeros_like(neg)
+            sel_p = neg & pulled
+            metrics["apo/pull_grad_off_frac"] = off[sel_p].float().mean() if sel_p.any() else torch.tensor(0.0)
+        junk_at = tau if tau > 0 else 1e-3
+        metrics["apo/junk_anchor_frac"] = (Z_ref < junk_at)[neg].float().mean()
+        metrics["apo/pulled_frac"] = (neg & pulled).float().sum() / m.sum()
+        metrics["apo/safe_mass"] = M.detach()[neg & nonempty].mean()
+        if gamma > 0:
+            metrics["apo/all_wrong_frac"] = aw.float().sum() / m.sum()
         sel = (m > 0) & (A < 0) & nonempty
         metrics["anchor/safe_mass_wrong"] = M[sel].mean() if sel.any() else torch.tensor(0.0)
     else:  # casp, as SimKO: this pass's Top-N, pi_old's own Top-N log-probs rank by rank
@@ -131,7 +159,7 @@ def dense_policy_loss(case: dict):
     loss.backward()
     grad = torch.zeros_like(full)
     grad[..., :VOCAB] = full.grad[..., :VOCAB]
-    return loss.detach(), {k: float(v) for k, v in metrics.items()}, grad
+    return loss.detach(), {k: float(torch.as_tensor(v).detach()) for k, v in metrics.items()}, grad
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -139,12 +167,16 @@ def dense_policy_loss(case: dict):
 
 
 def make_inputs(seed: int, config: dict, all_adv_nonneg: bool = False, with_old_anchor: bool = True,
-                with_old_topk: bool = True) -> dict:
+                with_old_topk: bool = True, all_wrong_row: int | None = None, flat_ref: bool = False) -> dict:
+    """all_wrong_row: that response's group has no correct response (A = 0, `all_wrong`); flat_ref: the reference is
+    flat at the last positions (Z_ref below 0.5 there: junk anchors)."""
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(B, T, PADDED, generator=g) * 1.5
     logits[..., VOCAB:] = 9.0  # padded ids: garbage that must carry no probability
     old_logits = logits + 0.6 * torch.randn(B, T, PADDED, generator=g)  # off-policy: ratios get clipped
     ref_logits = logits + 0.8 * torch.randn(B, T, PADDED, generator=g)
+    if flat_ref:
+        ref_logits[:, 3:] *= 0.2
     old_all = torch.log_softmax(old_logits[..., :VOCAB], -1)
     ref_all = torch.log_softmax(ref_logits[..., :VOCAB], -1)
     ref_topk = torch.sort(ref_all, dim=-1, descending=True, stable=True).indices[..., :8]
@@ -156,6 +188,10 @@ def make_inputs(seed: int, config: dict, all_adv_nonneg: bool = False, with_old_
     mask = torch.ones(B, T)
     mask[0, 4:] = 0
     mask[2, 5:] = 0
+    all_wrong = torch.zeros(B, T, dtype=torch.bool)
+    if all_wrong_row is not None:
+        adv[all_wrong_row] = 0.0
+        all_wrong[all_wrong_row] = mask[all_wrong_row] > 0
     old_topk = torch.sort(old_all, dim=-1, descending=True, stable=True).indices[..., :4]
     ids[3, 1] = old_topk[3, 1, 0]  # a wrong response whose token is pi_old's top-1
     ids[1, 2:4] = logits[1, 2:4, :VOCAB].argmax(-1)  # wrong responses sampling pi's argmax (CaSP's extra push)
@@ -169,9 +205,13 @@ def make_inputs(seed: int, config: dict, all_adv_nonneg: bool = False, with_old_
         old_anchor_logprobs=old_all.gather(-1, ref_topk) if with_old_anchor else None,
         old_topk_indices=old_topk if with_old_topk else None,
         old_topk_logprobs=old_all.gather(-1, old_topk) if with_old_topk else None,
+        all_wrong=all_wrong,
     )
     return case
 
+
+APO_FORMS = {"old": {"apo_anchor_ratio": "old"}, "ref": {"apo_anchor_ratio": "ref"},
+             "split": {"apo_rectification": "split"}}
 
 CASES = {
     "vanilla": make_inputs(0, {"loss_mode": "vanilla"}),
@@ -205,6 +245,13 @@ CASES = {
                                                          "loss_agg_mode": "seq-mean-token-mean",
                                                          "use_kl_loss": True, "kl_loss_coef": 0.1,
                                                          "entropy_coeff": 0.01}),
+    "apo_paper_ref": make_inputs(18, {"loss_mode": "apo_ratio", "apo_anchor_ratio": "ref"}),
+    "apo_paper_old_onpolicy_anchors": make_inputs(19, {"loss_mode": "apo_ratio", "apo_pull_coeff": 0.3},
+                                                  with_old_anchor=False),
+    **{f"apo_{form}_aw{gamma}_tau{tau}": make_inputs(
+        40 + i, {"loss_mode": "apo_ratio", "apo_all_wrong_pull": gamma, "apo_min_anchor_mass": tau,
+                 "apo_pull_coeff": 0.3, **APO_FORMS[form]}, all_wrong_row=2, flat_ref=True)
+       for i, (form, gamma, tau) in enumerate((f, g, t) for f in APO_FORMS for g in (0.0, 1.0) for t in (0.0, 0.5))},
     "casp": make_inputs(12, {"loss_mode": "casp"}),
     "casp_onpolicy_low_quantile": make_inputs(13, {"loss_mode": "casp", "casp_topn": 4, "casp_alpha": 0.3,
                                                    "casp_top1_gamma": 0.5, "casp_entropy_quantile": 0.3},
@@ -247,9 +294,12 @@ def test_clipping_is_exercised():
     casp = run_loss_case(CASES["casp_onpolicy_low_quantile"], 0, 1)["metrics"]
     assert casp["casp/top1_wrong_frac"] > 0 and 0 < casp["casp/forking_frac"] < 1
     split = run_loss_case(CASES["apo_split"], 0, 1)["metrics"]
-    assert 0 < split["apo/pull_clipfrac"] < 1
+    assert 0 < split["apo/pull_grad_off_frac"] < 1 and 0 < split["apo/neg_grad_off_frac"] < 1
     paper = run_loss_case(CASES["apo_paper_strong_pull_no_exclude"], 0, 1)["metrics"]
-    assert 0 < paper["apo/rectified_clipfrac"] < 1 and paper["apo/anchor_ratio"] > 0
+    assert 0 < paper["apo/neg_grad_off_frac"] < 1 and paper["apo/anchor_ratio"] > 0
+    for form in APO_FORMS:  # the knobs act in the grid's cases: junk anchors, all-wrong tokens
+        got = run_loss_case(CASES[f"apo_{form}_aw1.0_tau0.5"], 0, 1)["metrics"]
+        assert 0 < got["apo/junk_anchor_frac"] < 1 and got["apo/all_wrong_frac"] > 0, form
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -267,15 +317,16 @@ def test_apo_equals_vanilla_when_no_advantage_is_negative():
     assert torch.equal(apo["loss"], van["loss"]) and torch.equal(apo["grad"], van["grad"])
 
 
-@pytest.mark.parametrize("form", ["paper", "split"])
-def test_apo_with_no_pull_and_unit_push_is_vanilla(form):
-    case = make_inputs(21, {})
-    apo = _loss_and_grad(case, {"loss_mode": "apo_ratio", "apo_pull_coeff": 0.0, "apo_push_coeff": 1.0,
-                                "apo_rectification": form})
+@pytest.mark.parametrize("form", list(APO_FORMS))
+@pytest.mark.parametrize("tau", [0.0, 0.5])
+def test_apo_with_no_pull_and_unit_push_is_vanilla(form, tau):
+    case = make_inputs(21, {}, flat_ref=True)
+    knobs = {"loss_mode": "apo_ratio", "apo_min_anchor_mass": tau, **APO_FORMS[form]}
+    apo = _loss_and_grad(case, {**knobs, "apo_pull_coeff": 0.0, "apo_push_coeff": 1.0})
     van = _loss_and_grad(case, {"loss_mode": "vanilla"})
     assert torch.allclose(apo["loss"], van["loss"], rtol=0, atol=1e-7)
     assert torch.allclose(apo["grad"], van["grad"], rtol=0, atol=1e-7)
-    pushed = _loss_and_grad(case, {"loss_mode": "apo_ratio", "apo_pull_coeff": 0.0, "apo_rectification": form})
+    pushed = _loss_and_grad(case, {**knobs, "apo_pull_coeff": 0.0})
     assert not torch.allclose(pushed["loss"], van["loss"])  # the 1.05 push does change the loss
 
 
@@ -303,9 +354,9 @@ def test_paper_pull_raises_safe_manifold_mass_on_wrong_responses():
     lp = torch.log_softmax(case["logits"][..., :VOCAB], -1)
     topk = torch.sort(lp, dim=-1, descending=True, stable=True).indices[..., :8]
     case = {**case, "old_logprobs": lp.gather(-1, case["ids"][..., None])[..., 0], "ref_topk_indices": topk,
-            "ref_topk_logprobs": lp.gather(-1, topk)}
+            "ref_topk_logprobs": lp.gather(-1, topk), "old_anchor_logprobs": lp.gather(-1, topk)}
     with_pull = _loss_and_grad(case, {"loss_mode": "apo_ratio"})
-    assert with_pull["metrics"]["apo/rectified_clipfrac"] == 0.0
+    assert with_pull["metrics"]["apo/neg_grad_off_frac"] == 0.0
     assert abs(with_pull["metrics"]["apo/anchor_ratio"] - 1.0) < 1e-5
     no_pull = _loss_and_grad(case, {"loss_mode": "apo_ratio", "apo_pull_coeff": 0.0})
     before = _safe_mass_wrong(case["logits"], case)
@@ -319,9 +370,11 @@ def test_paper_clip_removes_negative_gradients_when_pull_is_large():
     lp = torch.log_softmax(case["logits"][..., :VOCAB], -1)
     topk = torch.sort(lp, dim=-1, descending=True, stable=True).indices[..., :8]
     case = {**case, "old_logprobs": lp.gather(-1, case["ids"][..., None])[..., 0], "ref_topk_indices": topk,
-            "ref_topk_logprobs": lp.gather(-1, topk), "advantages": -case["advantages"].abs()}
-    got = _loss_and_grad(case, {"loss_mode": "apo_ratio", "apo_pull_coeff": 0.5})
-    assert got["metrics"]["apo/rectified_clipfrac"] == 1.0 and got["grad"].abs().max() == 0
+            "ref_topk_logprobs": lp.gather(-1, topk), "old_anchor_logprobs": lp.gather(-1, topk),
+            "advantages": -case["advantages"].abs()}
+    for reading in ("old", "ref"):
+        got = _loss_and_grad(case, {"loss_mode": "apo_ratio", "apo_pull_coeff": 0.5, "apo_anchor_ratio": reading})
+        assert got["metrics"]["apo/neg_grad_off_frac"] == 1.0 and got["grad"].abs().max() == 0
 
 
 def test_masked_positions_with_garbage_inputs_give_finite_loss_and_zero_grad():

@@ -81,7 +81,7 @@ def _passes(algorithm: dict, tis_cap) -> dict:
                     resp_index=(prompt - 1 + torch.arange(t)).expand(n, -1).contiguous(), response_ids=ids,
                     response_mask=torch.ones(n, t), rollout_logprobs=torch.full((n, t), -3.0),
                     rewards=torch.zeros(n), advantages=torch.tensor([1.0, -1.0, 0.5, -0.5])[:, None].expand(n, t),
-                    group_index=torch.zeros(n, dtype=torch.long))
+                    group_index=torch.zeros(n, dtype=torch.long), all_wrong=torch.zeros(n, t, dtype=torch.bool))
     micro = batch.micro_batches(2)
     before = [{k: v.clone() if torch.is_tensor(v) else v for k, v in mb.items()} for mb in micro]
     settings = PassSettings(AlgorithmConfig(**algorithm), vocab_size=cfg.vocab_size, tis_cap=tis_cap)
@@ -106,10 +106,13 @@ def _passes(algorithm: dict, tis_cap) -> dict:
 
 
 PASS_CASES = [
-    # the paper form: the reference Top-K and its log-probs, nothing more from the old pass
-    ({"loss_mode": "apo_ratio", "apo_topk": 5}, None, ((2, 4), (2, 4, 5), (2, 4, 5)), ((2, 4), None, None, None)),
-    # the split form: log pi_old at the reference Top-K instead of log pi_ref there; one-step-off-policy weights
-    ({"loss_mode": "apo_ratio", "apo_rectification": "split"}, 2.0, ((2, 4), (2, 4, 8), None),
+    # the paper form (`old` anchor ratio): the reference Top-K and its log-probs, log pi_old at them
+    ({"loss_mode": "apo_ratio", "apo_topk": 5}, None, ((2, 4), (2, 4, 5), (2, 4, 5)), ((2, 4), (2, 4, 5), None, None)),
+    # the `ref` anchor ratio (M / Z_ref): nothing more from the old pass; the all-wrong pull reads the batch's mask
+    ({"loss_mode": "apo_ratio", "apo_topk": 5, "apo_anchor_ratio": "ref", "apo_all_wrong_pull": 1.0}, None,
+     ((2, 4), (2, 4, 5), (2, 4, 5)), ((2, 4), None, None, None)),
+    # the split form: log pi_old at the reference Top-K too (M_old); one-step-off-policy weights
+    ({"loss_mode": "apo_ratio", "apo_rectification": "split"}, 2.0, ((2, 4), (2, 4, 8), (2, 4, 8)),
      ((2, 4), (2, 4, 8), None, (2, 4))),
     # CaSP: only pi_old's Top-N; vanilla: log pi_ref(y) alone (the ref_kl metric)
     ({"loss_mode": "casp"}, None, ((2, 4), None, None), ((2, 4), None, (2, 4, 3), None)),

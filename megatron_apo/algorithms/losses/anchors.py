@@ -1,6 +1,6 @@
 """APO's safe manifold at each position: S = the reference's Top-K minus the sampled token (`apo_exclude_sampled`),
-and the policy's mass on it, M = sum_S pi. The APO loss builds on it; the anchor metrics log it for every mode
-(`algorithm.anchor_metrics`)."""
+the policy's mass on it, M = sum_S pi, and the log-probs of pi_ref and pi_old at its anchors. The APO loss builds on
+it; the anchor metrics log it for every mode (`algorithm.anchor_metrics`)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,20 @@ def safe_manifold(ctx: LossContext) -> SafeManifold:
     safe = ~in_topk if ctx.cfg.apo_exclude_sampled else torch.ones_like(in_topk)
     log_mass, has_safe = masked_logsumexp(anchor_lp, safe)
     return SafeManifold(anchor_lp, in_topk, safe, log_mass, has_safe)
+
+
+def ref_anchor_logprobs(ctx: LossContext, sm: SafeManifold) -> torch.Tensor:
+    """log pi_ref at the anchors [B, T, K] (0 at padding)."""
+    ref_lp = ctx.given("ref_topk_logprobs", sm.anchor_lp.shape[-1])
+    return torch.where(ctx.mask.unsqueeze(-1), ref_lp, torch.zeros_like(sm.anchor_lp))
+
+
+def old_anchor_logprobs(ctx: LossContext, sm: SafeManifold) -> torch.Tensor:
+    """log pi_old at the anchors [B, T, K]; without them, exact on-policy: sg(log pi)."""
+    old_lp = ctx.given("old_anchor_logprobs", sm.anchor_lp.shape[-1])
+    if old_lp is None:
+        return sm.anchor_lp.detach()
+    return torch.where(ctx.mask.unsqueeze(-1), old_lp, sm.anchor_lp.detach())
 
 
 def anchor_metrics(ctx: LossContext) -> dict[str, torch.Tensor]:

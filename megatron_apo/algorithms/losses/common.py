@@ -36,6 +36,7 @@ class LossContext:
     ref_topk_logprobs: Optional[torch.Tensor] = None  # [B, T, K] log pi_ref at them
     old_anchor_logprobs: Optional[torch.Tensor] = None  # [B, T, K] log pi_old at them
     old_topk_logprobs: Optional[torch.Tensor] = None  # [B, T, N] log pi_old at pi_old's own Top-N
+    all_wrong: Optional[torch.Tensor] = None  # [B, T] bool: the token's group has no correct response (masked)
 
     @property
     def lead(self) -> tuple:

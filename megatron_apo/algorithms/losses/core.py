@@ -34,6 +34,7 @@ def compute_policy_loss(
     old_topk_logprobs: Optional[torch.Tensor] = None,
     ref_topk_logprobs: Optional[torch.Tensor] = None,
     is_weights: Optional[torch.Tensor] = None,
+    all_wrong: Optional[torch.Tensor] = None,
     vocab_size: Optional[int] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The policy loss of the configured `loss_mode` (docs/algorithms.md) on this rank's vocab shard;
@@ -46,8 +47,9 @@ def compute_policy_loss(
     given) and ref_topk_logprobs their log pi_ref; old_anchor_logprobs [B, T, K] log pi_old at those ids;
     old_topk_logprobs [B, T, N] log pi_old at pi_old's own Top-N (else the current values, detached: on-policy).
     is_weights [B, T]: per-token importance weights (one-step-off-policy's truncated pi_old / pi_rollout); they
-    scale the advantage, hence every A-linear term; None = 1. vocab_size: the true vocabulary (Megatron's padded
-    ids beyond it carry no probability). group: the TP group (None = Megatron's).
+    scale the advantage, hence every A-linear term; None = 1. all_wrong [B, T] bool: the token's group has no
+    correct response (RLBatch.all_wrong; APO's `apo_all_wrong_pull` needs it). vocab_size: the true vocabulary
+    (Megatron's padded ids beyond it carry no probability). group: the TP group (None = Megatron's).
     """
     cfg = resolve_algorithm_config(config)
     mode = get_policy_loss(cfg.loss_mode)
@@ -57,7 +59,8 @@ def compute_policy_loss(
                          f"(got shape {tuple(logits.shape)})")
     lead = tuple(logits.shape[:-1])
     for name, t in (("response_ids", response_ids), ("old_logprobs", old_logprobs), ("advantages", advantages),
-                    ("response_mask", response_mask), ("ref_logprobs", ref_logprobs), ("is_weights", is_weights)):
+                    ("response_mask", response_mask), ("ref_logprobs", ref_logprobs), ("is_weights", is_weights),
+                    ("all_wrong", all_wrong)):
         if t is not None and tuple(t.shape) != lead:
             raise ValueError(f"compute_policy_loss: {name} has shape {tuple(t.shape)}, "
                              f"expected {lead} (= logits.shape[:-1])")
@@ -92,6 +95,7 @@ def compute_policy_loss(
         ref_topk_indices=anchors, ref_topk_lp=stats.logprobs[..., 1:] if anchors is not None else None,
         ref_topk_logprobs=ref_topk_logprobs, old_anchor_logprobs=old_anchor_logprobs,
         old_topk_logprobs=old_topk_logprobs,
+        all_wrong=None if all_wrong is None else all_wrong.bool() & mask,
     )
 
     metrics = anchor_metrics(ctx) if anchors is not None else {}
