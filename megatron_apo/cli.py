@@ -215,7 +215,7 @@ def _run_train(args) -> int:
     import signal
 
     from megatron_apo.config import load_config
-    from megatron_apo.parallel.launch_env import launch_env
+    from megatron_apo.launch_env import launch_env
     from megatron_apo.trainer.lifecycle import EXIT_OK, EXIT_PREEMPTED, exit_code
     from megatron_apo.trainer.preflight import preflight  # torch-free: bad input fails in well under 1 s
     from megatron_apo.trainer.validation import validate_run_config

@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 
+from megatron_apo.launch_env import launch_env
+
 ROOT = "megatron_apo"
 VERBOSE_ENV = "MEGATRON_APO_VERBOSE"
 FORMAT = "[megatron-apo rank%(rank)s %(asctime)s] %(message)s"
@@ -23,7 +25,7 @@ def current_rank() -> int:
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
+    return launch_env().rank
 
 
 def verbose() -> bool:

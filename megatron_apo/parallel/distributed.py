@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_apo.config import ParallelConfig
+from megatron_apo.launch_env import export_torch_env
 from megatron_apo.parallel import control_plane, cpu_compat
 from megatron_apo.parallel.cuda_context import bind_gpu
-from megatron_apo.parallel.launch_env import export_torch_env
 
 DEFAULT_TIMEOUT_MINUTES = 30  # the default (data-plane) group: every rank is busy in lockstep there
 DEFAULT_CONTROL_TIMEOUT_MINUTES = 360  # the control plane: ranks 1..N wait while rank 0 rolls out / evaluates

@@ -22,9 +22,9 @@ import traceback
 from typing import Any, Callable
 
 from megatron_apo.config import UserError
+from megatron_apo.launch_env import rank_env
 from megatron_apo.logging_utils import get_logger
 from megatron_apo.parallel.distributed import find_free_port
-from megatron_apo.parallel.launch_env import rank_env
 
 
 class DistributedError(RuntimeError):

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from megatron_apo.config import ConfigError, load_config
+from megatron_apo.launch_env import launch_env, rank_env
 from megatron_apo.models.megatron_checkpoint import iter_dir_name, read_latest, resolve_checkpoint
-from megatron_apo.parallel.launch_env import launch_env, rank_env
 from megatron_apo.trainer.checkpoint import _first_line, latest_checkpoint, list_checkpoints
 from megatron_apo.trainer.config_guard import check_resume_config, checkpoint_record
 from megatron_apo.trainer.metrics import MetricsLogger, read_metrics

@@ -1,7 +1,7 @@
 """Which rank this process is, as the launcher says: torchrun's RANK/WORLD_SIZE/LOCAL_RANK or srun's SLURM_*.
 
-The one place that reads the launcher's environment (the CLI, `init_distributed`) or writes it (the local
-spawner, `run_distributed`).
+The one place that reads the launcher's environment (the CLI, `init_distributed`, the log prefix) or writes it (the
+local spawner, `run_distributed`). Standard library only: the CLI's checks before any rank starts stay torch-free.
 """
 
 from __future__ import annotations
