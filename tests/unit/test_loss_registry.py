@@ -33,11 +33,14 @@ def test_builtin_modes_declare_their_inputs_and_kl_adds_ref_logprobs():
     assert loss_inputs({"loss_mode": "vanilla"}) == LossInputs(ref_logprobs=True)  # the ref_kl metric, every mode
     assert required_inputs({"loss_mode": "vanilla", "use_kl_loss": True}).ref_logprobs
     assert required_inputs({"loss_mode": "vanilla", "use_kl_loss_on_wrong": True}).ref_logprobs
-    # APO: the paper form needs Z_ref (the reference's Top-K log-probs), the split form M_old (the old pass's gather)
+    # APO: Z_ref and w_k (the reference's Top-K log-probs) in both forms; log pi_old at the anchors for the `old`
+    # anchor ratio (the default) and the split form's M_old, not for the `ref` reading (M / Z_ref)
     assert loss_inputs({"loss_mode": "apo_ratio", "apo_topk": 5}) == LossInputs(
+        ref_logprobs=True, ref_topk=5, ref_topk_logprobs=True, old_at_ref_topk=True)
+    assert loss_inputs({"loss_mode": "apo_ratio", "apo_topk": 5, "apo_anchor_ratio": "ref"}) == LossInputs(
         ref_logprobs=True, ref_topk=5, ref_topk_logprobs=True)
     assert loss_inputs({"loss_mode": "apo_ratio", "apo_rectification": "split"}) == LossInputs(
-        ref_logprobs=True, ref_topk=8, old_at_ref_topk=True)
+        ref_logprobs=True, ref_topk=8, ref_topk_logprobs=True, old_at_ref_topk=True)
     assert loss_inputs({"loss_mode": "casp", "casp_topn": 4}) == LossInputs(ref_logprobs=True, topn=4)
     # the anchor metrics add the reference Top-K, and nothing the loss would need
     assert loss_inputs({"loss_mode": "casp", "anchor_metrics": True}) == LossInputs(ref_logprobs=True, ref_topk=8,
