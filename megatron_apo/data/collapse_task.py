@@ -38,8 +38,8 @@ class CodeTaskConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not 4 <= self.num_categories <= 100:
-            raise InputError(f"task.num_categories={self.num_categories}: must be in [4, 100] (two-digit ids)")
+        if not 4 <= self.num_categories <= 999:
+            raise InputError(f"task.num_categories={self.num_categories}: must be in [4, 999] (ids up to three digits)")
         for key in ("hard_fraction", "easy_popular_mass", "hard_popular_mass"):
             if not 0.0 < getattr(self, key) < 1.0:
                 raise InputError(f"task.{key}={getattr(self, key)}: must be in (0, 1)")

@@ -2,14 +2,19 @@
 
 ```yaml
 out_dir: runs/study_toy
-task: {kind: toy_code, num_categories: 96, ...}   # or {kind: files, train: a.parquet, val: b.parquet,
-                                                  #     tokenizer: ..., model: qwen2.5-7b}
+task: {kind: toy_code, num_categories: 96, ...}   # or toy_squeeze (task B), or {kind: files, train: a.parquet,
+                                                  #     val: b.parquet, tokenizer: ..., model: qwen2.5-7b}
+                                                  # task.instances: [0, 1, 2]: the task redrawn per instance,
+                                                  #     each with its own reference SFT (replicates = instances x seeds)
 reference: {sft_steps: 400, ...}                  # or {checkpoint: /path/to/megatron/ckpt} (no SFT)
 rl: [trainer.total_steps=60, ...]                 # RunConfig overrides shared by every run
 seeds: [1, 2, 3]
 methods: {grpo: [algorithm.loss_mode=vanilla], apo: [algorithm.loss_mode=apo_ratio], ...}
 reference_label: reference                        # the untrained reference, evaluated like a method
 baseline: grpo                                    # differences in the table are taken against it
+eval_mode: exact                                  # exact pass@k (listed valid answers) | sampled (eval_n samples)
+primary: [apo]                                    # compared with the baseline at alpha 0.05; the other methods are
+                                                  #     secondary comparisons, Holm-corrected
 ```
 """
 
@@ -24,7 +29,7 @@ from megatron_apo.config import ConfigError
 
 @dataclass
 class TaskSection:
-    kind: str = "toy_code"  # toy_code (generated here) | files (existing parquet + tokenizer + model)
+    kind: str = "toy_code"  # toy_code | toy_squeeze (generated here) | files (existing parquet + tokenizer + model)
     num_categories: int = 96
     hard_fraction: float = 0.3
     easy_popular_mass: float = 0.6
@@ -34,6 +39,8 @@ class TaskSection:
     val: Optional[str] = None
     tokenizer: Optional[str] = None
     model: str = "tiny"  # model_configs name or path (kind=toy_code: its shape, with the task's vocabulary)
+    instances: Optional[list[int]] = None  # task seeds: the task is redrawn (and the reference SFT'd) per instance
+    squeeze: dict[str, Any] = field(default_factory=dict)  # kind=toy_squeeze: SqueezeTaskConfig fields
 
 
 @dataclass
@@ -59,6 +66,11 @@ class StudyConfig:
     baseline: str = "grpo"
     eval_n: int = 64
     bootstrap: int = 2000  # paired bootstrap resamples for the confidence bands
+    eval_mode: str = "sampled"  # sampled: eval_n samples per prompt | exact: p(valid) by teacher forcing (toy tasks)
+    primary: list[str] = field(default_factory=list)  # primary comparisons with the baseline; the others: Holm
+    endpoint_k: int = 16  # the k of the v2 endpoints (exact pass@k on hard prompts)
+    report_dir: Optional[str] = None  # where results.json / report.md / plots go (default out_dir): several configs
+    # can share one out_dir (its task instances, references and finished runs) and report separately
     run_timeout_s: float = 3600.0
 
 
@@ -86,8 +98,21 @@ def load_study_config(path: str | Path | None, overrides: list[str] | tuple[str,
         raise ConfigError(f"{path}: reference_label={cfg.reference_label!r} clashes with a method name")
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
         raise ConfigError(f"{path}: seeds must be a non-empty list of distinct integers (got {cfg.seeds})")
-    if cfg.task.kind not in ("toy_code", "files"):
-        raise ConfigError(f"{path}: task.kind={cfg.task.kind!r}: must be toy_code or files")
+    if cfg.task.kind not in ("toy_code", "toy_squeeze", "files"):
+        raise ConfigError(f"{path}: task.kind={cfg.task.kind!r}: must be toy_code, toy_squeeze or files")
+    if cfg.task.instances is not None and (not cfg.task.instances
+                                           or len(set(cfg.task.instances)) != len(cfg.task.instances)):
+        raise ConfigError(f"{path}: task.instances must be null or a non-empty list of distinct task seeds "
+                          f"(got {cfg.task.instances})")
+    if cfg.task.kind == "files" and cfg.task.instances is not None:
+        raise ConfigError(f"{path}: task.instances redraws a generated task; it does not apply to task.kind=files")
+    if cfg.eval_mode not in ("sampled", "exact"):
+        raise ConfigError(f"{path}: eval_mode={cfg.eval_mode!r}: must be sampled or exact")
+    unknown = [m for m in cfg.primary if m not in cfg.methods or m == cfg.baseline]
+    if unknown:
+        raise ConfigError(f"{path}: primary lists {unknown}: each must be a method other than the baseline")
+    if not 1 <= cfg.endpoint_k <= cfg.eval_n:
+        raise ConfigError(f"{path}: endpoint_k={cfg.endpoint_k}: must be in [1, eval_n={cfg.eval_n}]")
     if cfg.task.kind == "files":
         missing = [k for k in ("train", "val", "tokenizer") if not getattr(cfg.task, k)]
         if missing or not cfg.reference.checkpoint:
@@ -96,6 +121,15 @@ def load_study_config(path: str | Path | None, overrides: list[str] | tuple[str,
     if cfg.eval_n < 1:
         raise ConfigError(f"{path}: eval_n={cfg.eval_n}: must be >= 1")
     return cfg
+
+
+def replicates(cfg: StudyConfig) -> list[tuple[Optional[int], int]]:
+    """(task instance, seed) pairs, instance-major; instance None: the one task of task.seed (v1 layout)."""
+    return [(i, s) for i in (cfg.task.instances or [None]) for s in cfg.seeds]
+
+
+def replicate_name(instance: Optional[int], seed: int) -> str:
+    return f"seed_{seed}" if instance is None else f"inst_{instance}_seed_{seed}"
 
 
 def as_dict(cfg: Any) -> dict:

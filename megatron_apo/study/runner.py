@@ -1,25 +1,33 @@
-"""`megatron-apo study`: methods x seeds -> RL runs on the real stack -> pass@k at large n -> one report.
+"""`megatron-apo study`: methods x replicates -> RL runs on the real stack -> pass@k -> one report.
 
-Every run is the real `train()` (Megatron trainer on `tp` local processes, Ray CPU rollout fleet, weight sync,
-pass@k evaluation of the fleet's weights at the start and the end). Layout under `out_dir`:
+Every run is the real `train()` (Megatron trainer on `tp` local processes, Ray CPU rollout fleet, weight sync).
+Evaluation: `eval_mode: sampled` samples eval_n responses per prompt from the fleet at the start and the end;
+`eval_mode: exact` teacher-forces every listed valid answer on the reference and on the run's final checkpoint
+(eval/exact.py): no sampling noise, and no sampling time. Layout under `out_dir`:
 
-  data/        the task (parquet, tokenizer, model shape) and task.json
-  sft/         the reference checkpoint (kind=toy_code)
-  runs/<method>/seed_<s>/   one RL run; `done.json` is written last, and a run that has it is never re-run
+  data/, sft/                 the task (parquet, tokenizer, model shape, task.json) and its reference checkpoint;
+                              with task.instances, one inst_<i>/{data,sft} per task instance
+  runs/<method>/seed_<s>/     one RL run (inst_<i>_seed_<s>/ with instances); `done.json` is written last, and a
+                              run that has it is never re-run
   results.json, report.md, pass_at_k.png, dynamics.png
 
-A killed study continues where it stopped: finished runs are kept, an unfinished run starts over.
+A stopped or killed study continues where it stopped: finished runs are kept, an unfinished run starts over. A stop
+signal (SIGTERM) reaches the run's ranks, which stop after their step; if the study process dies, the kernel sends
+them SIGTERM (no rank outlives the study).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import signal
 import time
 from pathlib import Path
+from typing import Optional
 
+from megatron_apo.config import ConfigError, UserError
 from megatron_apo.parallel import run_distributed
-from megatron_apo.study.config import StudyConfig, as_dict
+from megatron_apo.study.config import StudyConfig, as_dict, replicate_name, replicates
 
 
 def log(msg: str) -> None:
@@ -40,15 +48,49 @@ def train_char_tokenizer(lines: list[str], prefix: Path) -> Path:
     return prefix.with_suffix(".model")
 
 
-def prepare_task(cfg: StudyConfig, out: Path) -> dict:
-    """Writes (once) the toy task's parquet files, SFT demonstrations, tokenizer and model shape."""
-    data = out / "data"
-    info_file = data / "task.json"
-    if cfg.task.kind == "files":
-        return {"train": cfg.task.train, "val": cfg.task.val, "tokenizer": cfg.task.tokenizer,
-                "model": cfg.task.model, "pairs": None, "pad_id": None}
-    import yaml
+def train_word_tokenizer(lines: list[str], prefix: Path, vocab_size: int) -> Path:
+    """A word-level sentencepiece model (one token per whitespace-separated word), specials as above."""
+    import sentencepiece as spm
 
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(prefix), model_type="word",
+                                   vocab_size=vocab_size, hard_vocab_limit=False, pad_id=0, unk_id=1, bos_id=2,
+                                   eos_id=3, minloglevel=2)
+    return prefix.with_suffix(".model")
+
+
+def instance_dir(out: Path, instance: Optional[int]) -> Path:
+    """Where an instance's task data and reference live (the study's root for the single-task layout)."""
+    return out if instance is None else out / f"inst_{instance}"
+
+
+def _generated_task(cfg: StudyConfig, seed: int, data: Path):
+    """(train rows, eval rows, SFT (prompt, answer) texts, tokenizer file, task.json info) of a generated task."""
+    t = cfg.task
+    if t.kind == "toy_squeeze":
+        from megatron_apo.data.squeeze_task import (
+            SqueezeTaskConfig,
+            make_squeeze_categories,
+            reference_topk_mass,
+            squeeze_behaviour_valid_prob,
+            squeeze_eval_rows,
+            squeeze_sft_pairs,
+            squeeze_train_rows,
+            vocabulary_lines,
+        )
+
+        try:
+            tcfg = SqueezeTaskConfig(**{"num_categories": t.num_categories, "hard_fraction": t.hard_fraction,
+                                        **dict(t.squeeze), "seed": seed})
+        except TypeError as e:
+            raise ConfigError(f"task.squeeze: {e} (the keys are SqueezeTaskConfig's fields)") from None
+        cats = make_squeeze_categories(tcfg)
+        lines = vocabulary_lines(cats, tcfg)
+        tok_file = train_word_tokenizer(lines, data / "toy_sp", vocab_size=len(lines[0].split()) + len(cats) + 4)
+        info = [{"index": c.index, "prompt": c.prompt, "split": c.split, "valid": [list(v) for v in c.valid],
+                 "behaviour_valid_prob": squeeze_behaviour_valid_prob(c), "reference_top8_mass":
+                 reference_topk_mass(c, 8)} for c in cats]
+        return (squeeze_train_rows(cats), squeeze_eval_rows(cats),
+                squeeze_sft_pairs(cats, cfg.reference.sft_per_category, cfg.reference.seed), tok_file, info)
     from megatron_apo.data.collapse_task import (
         CodeTaskConfig,
         behaviour_valid_prob,
@@ -57,42 +99,56 @@ def prepare_task(cfg: StudyConfig, out: Path) -> dict:
         sft_pairs,
         train_rows,
     )
+
+    cats = make_categories(CodeTaskConfig(t.num_categories, t.hard_fraction, t.easy_popular_mass,
+                                          t.hard_popular_mass, seed))
+    pairs_text = sft_pairs(cats, cfg.reference.sft_per_category, cfg.reference.seed)
+    tok_file = train_char_tokenizer([f"{p} {a}" for p, a in pairs_text]
+                                    + [f"{c.prompt} {v}" for c in cats for v in c.valid], data / "toy_sp")
+    info = [{"index": c.index, "prompt": c.prompt, "split": c.split, "valid": list(c.valid),
+             "behaviour_valid_prob": behaviour_valid_prob(c)} for c in cats]
+    return train_rows(cats), eval_rows(cats), pairs_text, tok_file, info
+
+
+def prepare_task(cfg: StudyConfig, out: Path, instance: Optional[int] = None) -> dict:
+    """Writes the generated task's parquet files, SFT demonstrations, tokenizer and model shape (instance: the
+    task seed, else task.seed)."""
+    data = instance_dir(out, instance) / "data"
+    info_file = data / "task.json"
+    if cfg.task.kind == "files":
+        return {"train": cfg.task.train, "val": cfg.task.val, "tokenizer": cfg.task.tokenizer,
+                "model": cfg.task.model, "pairs": None, "pad_id": None}
+    import yaml
+
     from megatron_apo.data.parquet import write_verl_parquet
     from megatron_apo.data.tokenizer import load_tokenizer
     from megatron_apo.models import load_model_config
 
-    t = cfg.task
-    cats = make_categories(CodeTaskConfig(t.num_categories, t.hard_fraction, t.easy_popular_mass,
-                                          t.hard_popular_mass, t.seed))
     data.mkdir(parents=True, exist_ok=True)
-    write_verl_parquet(train_rows(cats), data / "train.parquet")
-    write_verl_parquet(eval_rows(cats), data / "val.parquet")
-    pairs_text = sft_pairs(cats, cfg.reference.sft_per_category, cfg.reference.seed)
-    tok_file = train_char_tokenizer([f"{p} {a}" for p, a in pairs_text]
-                                    + [f"{c.prompt} {v}" for c in cats for v in c.valid],
-                                    data / "toy_sp")
+    train, val, pairs_text, tok_file, categories = _generated_task(
+        cfg, cfg.task.seed if instance is None else instance, data)
+    write_verl_parquet(train, data / "train.parquet")
+    write_verl_parquet(val, data / "val.parquet")
     tok = load_tokenizer(tok_file)
     eos = tok.stop_token_ids[0]
     pairs = [(tok.encode_prompt([{"role": "user", "content": p}]), tok.encode(a) + [eos]) for p, a in pairs_text]
     vocab = tok.sp.get_piece_size()
-    model_cfg = dict(load_model_config(t.model).to_dict(), name=f"{t.model}-toy", vocab_size=vocab)
+    model_cfg = dict(load_model_config(cfg.task.model).to_dict(), name=f"{cfg.task.model}-toy", vocab_size=vocab)
     (data / "model.yaml").write_text(yaml.safe_dump(model_cfg))
-    info = {"vocab_size": vocab, "categories": [
-        {"index": c.index, "prompt": c.prompt, "split": c.split, "valid": list(c.valid),
-         "behaviour_valid_prob": behaviour_valid_prob(c)} for c in cats]}
-    info_file.write_text(json.dumps(info, indent=1) + "\n")
+    info_file.write_text(json.dumps({"vocab_size": vocab, "kind": cfg.task.kind, "categories": categories},
+                                    indent=1) + "\n")
     return {"train": str(data / "train.parquet"), "val": str(data / "val.parquet"), "tokenizer": str(tok_file),
             "model": str(data / "model.yaml"), "pairs": pairs, "pad_id": tok.pad_token_id or 0}
 
 
-def ensure_reference(cfg: StudyConfig, paths: dict, out: Path) -> str:
-    """The reference checkpoint: the configured one, or SFT on the task's demonstrations (once)."""
+def ensure_reference(cfg: StudyConfig, paths: dict, base: Path) -> str:
+    """The reference checkpoint: the configured one, or SFT on the task's demonstrations (once per instance)."""
     if cfg.reference.checkpoint:
         return cfg.reference.checkpoint
     from megatron_apo.trainer.checkpoint import latest_checkpoint
     from megatron_apo.trainer.sft import SFTConfig, make_sft_tensors, sft_train
 
-    sft_dir = out / "sft"
+    sft_dir = base / "sft"
     if (sft_dir / "done.json").is_file() and latest_checkpoint(sft_dir) is not None:
         return str(sft_dir)
     shutil.rmtree(sft_dir, ignore_errors=True)
@@ -101,7 +157,8 @@ def ensure_reference(cfg: StudyConfig, paths: dict, out: Path) -> str:
     tokens, mask = make_sft_tensors(paths["pairs"], paths["pad_id"])
     sft = SFTConfig(model=paths["model"], tp=cfg.tp, steps=r.sft_steps, seed=r.seed, batch_size=r.sft_batch_size,
                     micro_batch_size=r.sft_batch_size, lr=r.sft_lr)
-    losses = run_distributed(sft_train, cfg.tp, sft, tokens, mask, str(sft_dir), timeout=cfg.run_timeout_s)[0]
+    losses = run_distributed(sft_train, cfg.tp, sft, tokens, mask, str(sft_dir), timeout=cfg.run_timeout_s,
+                             forward_signals=(signal.SIGTERM,))[0]
     (sft_dir / "done.json").write_text(json.dumps({"final_loss": losses[-1]}) + "\n")
     return str(sft_dir)
 
@@ -116,8 +173,9 @@ def run_overrides(cfg: StudyConfig, paths: dict, ref_ckpt: str, run_dir: Path, m
         f"out_dir={run_dir}", f"checkpoint.load={ref_ckpt}", "checkpoint.save_interval=0", "checkpoint.keep_last=1",
         f"data.train_files=[{paths['train']}]", f"data.val_files=[{paths['val']}]",
         f"data.tokenizer={paths['tokenizer']}",
-        f"trainer.eval_n={cfg.eval_n}", "trainer.eval_max_prompts=100000", "trainer.tensorboard=false",
-        "trainer.progress=false",
+        # exact evaluation reads the final checkpoint after the run: the trainer samples no evaluation
+        f"trainer.eval_n={0 if cfg.eval_mode == 'exact' else cfg.eval_n}", "trainer.eval_max_prompts=100000",
+        "trainer.tensorboard=false", "trainer.progress=false",
     ]
     return base + list(cfg.rl) + list(cfg.methods[method])
 
@@ -125,33 +183,117 @@ def run_overrides(cfg: StudyConfig, paths: dict, ref_ckpt: str, run_dir: Path, m
 def _train_entry(rcfg):
     from megatron_apo.trainer.train import train
 
-    return train(rcfg).history
+    result = train(rcfg)
+    return result.history, result.stopped_at
 
 
-def run_dir_of(out: Path, method: str, seed: int) -> Path:
-    return out / "runs" / method / f"seed_{seed}"
+def run_dir_of(out: Path, method: str, seed: int, instance: Optional[int] = None) -> Path:
+    return out / "runs" / method / replicate_name(instance, seed)
 
 
-def run_one(cfg: StudyConfig, paths: dict, ref_ckpt: str, out: Path, method: str, seed: int) -> dict:
-    """Trains one (method, seed) unless it has finished before; returns its done.json."""
+class StudyStopped(UserError):
+    """A stop signal ended the study between two steps of a run; rerunning the same command continues."""
+
+
+def exact_eval(rcfg, checkpoint: str, scratch: Path, label: str, cfg: StudyConfig, path: Path) -> str:
+    """Exact pass@k (k = 1..eval_n) of a checkpoint on the run's validation prompts, written to `path` once."""
+    from megatron_apo.eval.exact import evaluate_checkpoint_exact
+    from megatron_apo.eval.report import write_results
+    from megatron_apo.rollout.engine import SamplingParams
+
+    if path.is_file():
+        return str(path)
+    r = rcfg.rollout
+    params = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                            max_new_tokens=rcfg.data.max_response_length)
+    res = evaluate_checkpoint_exact(checkpoint, rcfg.data.val_files, rcfg.data.tokenizer, params,
+                                    list(range(1, cfg.eval_n + 1)), scratch, rcfg.data.max_prompt_length, label=label)
+    tmp = path.with_suffix(".tmp")
+    write_results(res, tmp)
+    tmp.replace(path)
+    return str(path)
+
+
+def run_one(cfg: StudyConfig, paths: dict, ref_ckpt: str, out: Path, method: str, seed: int,
+            instance: Optional[int] = None) -> dict:
+    """Trains one (method, instance, seed) unless it has finished before; returns its done.json."""
     from megatron_apo.config import load_config
 
-    run_dir = run_dir_of(out, method, seed)
+    run_dir = run_dir_of(out, method, seed, instance)
     done = run_dir / "done.json"
     if done.is_file():
         return json.loads(done.read_text())
     shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts over
     rcfg = load_config(None, run_overrides(cfg, paths, ref_ckpt, run_dir, method, seed))
     t0 = time.time()
-    history = run_distributed(_train_entry, cfg.tp, rcfg, timeout=cfg.run_timeout_s)[0]
-    evals = sorted((run_dir / "eval").glob("step_*.json"))
-    if len(evals) < 2:
-        raise RuntimeError(f"study: run {method}/seed_{seed} wrote {len(evals)} eval files in {run_dir}/eval, "
-                           "expected the initial and the final one")
-    record = {"method": method, "seed": seed, "seconds": time.time() - t0, "initial_eval": str(evals[0]),
-              "final_eval": str(evals[-1]), "history": history}
+    # a signal to the study reaches the ranks (they stop after their step); if the study dies, they get SIGTERM
+    history, stopped_at = run_distributed(_train_entry, cfg.tp, rcfg, timeout=cfg.run_timeout_s,
+                                          forward_signals=(signal.SIGTERM,))[0]
+    if stopped_at is not None:
+        raise StudyStopped(f"study: stopped by a signal during run {method}/{run_dir.name} (step {stopped_at}); "
+                           "rerun the same command to continue (finished runs are kept)")
+    t_train = time.time() - t0
+    if cfg.eval_mode == "exact":
+        base = instance_dir(out, instance)
+        initial = exact_eval(rcfg, ref_ckpt, base, "initial", cfg, base / "reference_exact_eval.json")
+        final = exact_eval(rcfg, str(run_dir / "checkpoints"), run_dir, method, cfg, run_dir / "exact_eval.json")
+    else:
+        evals = sorted((run_dir / "eval").glob("step_*.json"))
+        if len(evals) < 2:
+            raise RuntimeError(f"study: run {method}/{run_dir.name} wrote {len(evals)} eval files in {run_dir}/eval, "
+                               "expected the initial and the final one")
+        initial, final = str(evals[0]), str(evals[-1])
+    record = {"method": method, "seed": seed, "instance": instance, "seconds": time.time() - t0,
+              "train_seconds": t_train, "initial_eval": initial, "final_eval": final, "history": history}
     done.write_text(json.dumps(record) + "\n")
     return record
+
+
+def precondition(cfg: StudyConfig, out: Path) -> None:
+    """The mechanism precondition (study/diagnostics.py) on every finished baseline run, cached per run; the
+    summary over replicates goes to out/diagnostics.json for the analysis."""
+    from megatron_apo.config import load_config
+    from megatron_apo.rollout.engine import SamplingParams
+    from megatron_apo.study.diagnostics import run_precondition
+
+    per_rep = []
+    for instance, seed in replicates(cfg):
+        run_dir = run_dir_of(out, cfg.baseline, seed, instance)
+        if not (run_dir / "done.json").is_file():
+            continue
+        cached = run_dir / "precondition.json"
+        if not cached.is_file():
+            paths = prepare_task(cfg, out, instance) if cfg.task.kind != "files" else prepare_task(cfg, out)
+            ref_ckpt = ensure_reference(cfg, paths, instance_dir(out, instance))
+            rcfg = load_config(None, run_overrides(cfg, paths, ref_ckpt, run_dir, cfg.baseline, seed))
+            r = rcfg.rollout
+            params = SamplingParams(n=8, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                    max_new_tokens=rcfg.data.max_response_length,
+                                    stop_token_ids=tuple(_stop_ids(rcfg.data.tokenizer)), seed=seed)
+            stats = run_precondition(str(run_dir / "checkpoints"), ref_ckpt, rcfg.data.val_files, rcfg.data.tokenizer,
+                                     params, rcfg.algorithm.apo_topk, run_dir)
+            cached.write_text(json.dumps(stats) + "\n")
+        per_rep.append(json.loads(cached.read_text()))
+    per_rep = [r for r in per_rep if r["num_states"] > 0]
+    if per_rep:
+        import statistics
+
+        summary = {"replicates": len(per_rep), "num_states": sum(r["num_states"] for r in per_rep),
+                   "valid_in_ref_topk_frac": statistics.fmean(r["valid_in_ref_topk_frac"] for r in per_rep),
+                   "median_mass_outside_ref_topk": statistics.median(r["median_mass_outside_ref_topk"]
+                                                                     for r in per_rep)}
+        (out / "diagnostics.json").write_text(json.dumps({cfg.baseline: summary}, indent=1) + "\n")
+
+
+def _stop_ids(tokenizer_path: str) -> list[int]:
+    from megatron_apo.data.tokenizer import load_tokenizer
+
+    return list(load_tokenizer(tokenizer_path).stop_token_ids)
+
+
+def _pass_summary(path: str, k: int) -> tuple[float, float]:
+    res = json.loads(Path(path).read_text())["overall"]
+    return res["pass@1"], res.get(f"pass@{k}", float("nan"))
 
 
 def run_study(cfg: StudyConfig, out: str | Path | None = None) -> dict:
@@ -162,19 +304,29 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "study_config.json").write_text(json.dumps(as_dict(cfg), indent=1) + "\n")
     t0 = time.time()
-    paths = prepare_task(cfg, out)
-    ref_ckpt = ensure_reference(cfg, paths, out)
-    jobs = [(m, s) for s in cfg.seeds for m in cfg.methods]  # seed-major: every method gets seed 1 first
-    for i, (method, seed) in enumerate(jobs):
-        fresh = not (run_dir_of(out, method, seed) / "done.json").is_file()
-        if fresh:
-            log(f"run {i + 1}/{len(jobs)}: {method} seed {seed}")
-        rec = run_one(cfg, paths, ref_ckpt, out, method, seed)
-        if fresh:
-            final = json.loads(Path(rec["final_eval"]).read_text())["overall"]
-            log(f"  {method} seed {seed} done in {rec['seconds']:.0f}s: pass@1 {final['pass@1']:.3f}, "
-                f"pass@{cfg.eval_n} {final.get(f'pass@{cfg.eval_n}', float('nan')):.3f}")
+    jobs = [(i, s, m) for i, s in replicates(cfg) for m in cfg.methods]  # replicate-major: every method gets one
+    done_before = 0
+    for instance in dict.fromkeys(i for i, _, _ in jobs):
+        paths = prepare_task(cfg, out, instance)
+        ref_ckpt = ensure_reference(cfg, paths, instance_dir(out, instance))
+        for instance_, seed, method in jobs:
+            if instance_ != instance:
+                continue
+            done_before += 1
+            if (run_dir_of(out, method, seed, instance) / "done.json").is_file():
+                continue
+            where = replicate_name(instance, seed).replace("_", " ")
+            log(f"run {done_before}/{len(jobs)}: {method} {where}")
+            rec = run_one(cfg, paths, ref_ckpt, out, method, seed, instance)
+            p1, pk = _pass_summary(rec["final_eval"], cfg.eval_n)
+            log(f"  {method} {where} done in {rec['seconds']:.0f}s (training {rec['train_seconds']:.0f}s): "
+                f"pass@1 {p1:.3f}, pass@{cfg.eval_n} {pk:.3f}")
+    if cfg.eval_mode == "exact":
+        precondition(cfg, out)
     results = analyse(cfg, out)
-    write_report(cfg, results, out)
-    log(f"done in {(time.time() - t0) / 60:.1f} min; wrote {out}/results.json, report.md, pass_at_k.png, dynamics.png")
+    report = Path(cfg.report_dir) if cfg.report_dir else out
+    report.mkdir(parents=True, exist_ok=True)
+    write_report(cfg, results, out, report)
+    log(f"done in {(time.time() - t0) / 60:.1f} min; wrote {report}/results.json, report.md, pass_at_k.png, "
+        "dynamics.png")
     return results
