@@ -78,6 +78,7 @@ TransformerImpl = _choice("TransformerImpl", ("transformer_engine", "local"))
 OnInvalid = _choice("OnInvalid", ("error", "skip"))
 LrDecayStyle = _choice("LrDecayStyle", ("constant", "linear", "cosine"))
 Recompute = _choice("Recompute", ("none", "full"))
+RolloutCorrection = _choice("RolloutCorrection", ("none", "tis_token", "tis_seq", "mask_token", "mask_seq"))
 
 
 class _Section:
@@ -240,6 +241,21 @@ class AlgorithmConfig(_Section):
     logprob_chunk_size: int = 4096
     """Tokens per chunk in the vocab-parallel ops (bounds peak memory)."""
 
+    rollout_correction: RolloutCorrection = RolloutCorrection.none
+    """Rollout-vs-trainer mismatch correction (docs/training.md), a per-token weight on the loss from the ratio
+    pi_old / pi_rollout: none | tis_token (min(ratio, cap)) | tis_seq (the sequence's ratio, truncated at cap) |
+    mask_token / mask_seq (0 for tokens / sequences whose ratio is outside [lower, upper]). On-policy and
+    one-step-off alike; with none and rollout.one_step_off_policy, rollout.tis_cap selects tis_token."""
+
+    rollout_correction_cap: float = 2.0
+    """tis_token / tis_seq: the truncation of the importance ratio; >= 1."""
+
+    rollout_correction_lower: float = 0.5
+    """mask_token / mask_seq: the smallest ratio kept; in [0, 1]."""
+
+    rollout_correction_upper: float = 2.0
+    """mask_token / mask_seq: the largest ratio kept; >= 1."""
+
     def _check(self) -> None:
         if not isinstance(self.loss_mode, str) or not self.loss_mode:
             self._bad("loss_mode", "must be the name of a registered loss")
@@ -254,6 +270,9 @@ class AlgorithmConfig(_Section):
             self._number(key, lo, hi, hi_open=key == "clip_ratio_low")
         self._number("clip_ratio_c", 1.0, None, lo_open=True)
         self._number("apo_min_anchor_mass", 0.0, 1.0, hi_open=True)
+        self._number("rollout_correction_cap", 1.0, None)
+        self._number("rollout_correction_lower", 0.0, 1.0)
+        self._number("rollout_correction_upper", 1.0, None)
         for key in ("apo_topk", "casp_topn", "calib_memory_ngram", "calib_memory_max_per_prompt", "logprob_chunk_size"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -387,7 +406,8 @@ class RolloutSection(_Section):
     # seconds any side of a weight sync waits for the others (joining, a header, a bucket) before a named error
     sync_timeout_s: float = 300.0
     # Generate step n+1's rollouts while step n trains (weights one version old), corrected by truncated
-    # importance sampling: each token's advantage is scaled by min(pi_old / pi_rollout, tis_cap).
+    # importance sampling: each token's loss is weighted by min(pi_old / pi_rollout, tis_cap) -- the
+    # algorithm.rollout_correction=tis_token case, chosen when rollout_correction is none (an alias for it).
     one_step_off_policy: bool = False
     tis_cap: float = 2.0
     gpu_memory_utilization: float = 0.6

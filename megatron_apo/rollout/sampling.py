@@ -4,12 +4,14 @@ The log-prob returned for a sampled token is taken from the distribution it was 
 temperature and top-k/top-p truncation + renormalisation, like vLLM's `processed_logprobs`). The
 trainer's old log-probs use temperature only, over the full vocabulary; `logprob_mismatch` reports
 how far the two are apart so truncation effects are visible in the metrics instead of silently
-biasing the importance ratios.
+biasing the importance ratios; `rollout_correction` turns the per-token ratio into the loss's weights
+(`algorithm.rollout_correction`, docs/training.md).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 
@@ -68,13 +70,80 @@ def logprob_mismatch(engine_logprobs: torch.Tensor, trainer_logprobs: torch.Tens
     `engine_logprobs` come from the sampled (processed) distribution, `trainer_logprobs` from the trainer's
     recomputation (temperature, no truncation). With top-k/top-p the engine's are >= the trainer's by the
     log of the kept mass; with neither, the gap is numerical noise (bf16 engines) plus weight staleness.
-    The trainer logs these every step (its old-policy pass).
+    The trainer logs these every step (its old-policy pass). With the token log-ratio r = log pi_trainer -
+    log pi_engine (tokens drawn from the engine): `rollout/mismatch_k3_kl` the mean of exp(r) - 1 - r (k3, an
+    estimate of KL(pi_engine || pi_trainer)); `..._abs_diff_mean` / `..._abs_diff_max` of |r|;
+    `..._ratio_outside_frac` the share of tokens with exp(r) outside [0.5, 2]; `..._seq_log_ratio_std` the std
+    over sequences of sum_t r (the spread of the sequence-level ratio). The `_mismatch/` keys are the moments
+    `pool_mismatch` needs to combine the max and the std exactly over micro-batches and ranks.
     """
     m = mask.to(engine_logprobs.dtype)
     n = m.sum().clamp(min=1)
-    diff = (engine_logprobs - trainer_logprobs).float() * m
+    diff = torch.where(mask.bool(), (engine_logprobs - trainer_logprobs).float(), 0.0)  # padding may hold junk
+    r = -diff  # log pi_trainer / pi_engine, 0 at padding
+    outside = (r < math.log(0.5)) | (r > math.log(2.0))
+    has_tokens = m.sum(-1) > 0
+    seq = r.sum(-1)[has_tokens]
+    seq_n = float(seq.numel())
+    seq_std = seq.std(unbiased=False) if seq.numel() else seq.new_zeros(())
     return {
         "rollout/logprob_abs_diff": (diff.abs().sum() / n).detach(),
         "rollout/logprob_diff_mean": (diff.sum() / n).detach(),
         "rollout/prob_ratio_mean": ((torch.exp(-diff) * m).sum() / n).detach(),  # E[pi_trainer / pi_engine]
+        "rollout/mismatch_k3_kl": ((torch.expm1(r.clamp(max=20.0)) - r) * m).sum().div(n).detach(),
+        "rollout/mismatch_abs_diff_mean": (r.abs().sum() / n).detach(),
+        "rollout/mismatch_abs_diff_max": r.abs().max().detach() if r.numel() else r.new_zeros(()),
+        "rollout/mismatch_ratio_outside_frac": ((outside.float() * m).sum() / n).detach(),
+        "rollout/mismatch_seq_log_ratio_std": seq_std.detach(),
+        "_mismatch/seq_n": torch.tensor(seq_n),
+        "_mismatch/seq_sum": seq.sum().detach(),
+        "_mismatch/seq_sumsq": seq.square().sum().detach(),
     }
+
+
+def pool_mismatch(per_mb: list[dict]) -> dict:
+    """The max |delta log-prob| and the sequence log-ratio std over all micro-batches' `logprob_mismatch` outputs
+    (of every rank), from their maxima and moments; a mean of per-micro-batch values would be neither."""
+    if not per_mb:
+        return {}
+    n = sum(float(m["_mismatch/seq_n"]) for m in per_mb)
+    s1 = sum(float(m["_mismatch/seq_sum"]) for m in per_mb)
+    s2 = sum(float(m["_mismatch/seq_sumsq"]) for m in per_mb)
+    var = max(0.0, s2 / n - (s1 / n) ** 2) if n else 0.0
+    return {"rollout/mismatch_abs_diff_max": max(float(m["rollout/mismatch_abs_diff_max"]) for m in per_mb),
+            "rollout/mismatch_seq_log_ratio_std": math.sqrt(var)}
+
+
+def rollout_correction(engine_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor, mask: torch.Tensor,
+                       mode: str, cap: float = 2.0, lower: float = 0.5, upper: float = 2.0):
+    """The loss weights [B, T] that correct the rollout-vs-trainer mismatch, and their metrics.
+
+    ratio = pi_trainer / pi_engine per token (pi_trainer: the old-policy pass, the policy the loss's PPO ratio
+    starts from). tis_token: min(ratio, cap); tis_seq: min(prod_t ratio, cap), the sequence's product taken in log
+    space and broadcast over its tokens; mask_token / mask_seq: 1 where the token's / the sequence's ratio is in
+    [lower, upper], else 0. Padding gets 0. Returns (None, {}) for `none`. Metrics:
+    `rollout/correction_weight_mean` over response tokens, and the share of response tokens whose weight was
+    truncated (`rollout/correction_truncated_frac`, tis_*) or masked (`rollout/correction_masked_frac`, mask_*).
+    """
+    mode = str(mode)
+    if mode == "none":
+        return None, {}
+    if mode not in ("tis_token", "tis_seq", "mask_token", "mask_seq"):
+        raise ValueError(f"rollout_correction: unknown mode {mode!r}")
+    m = mask.bool()
+    log_ratio = torch.where(m, trainer_logprobs.float() - engine_logprobs.float(), 0.0)
+    if mode.endswith("_seq"):  # one log-ratio per sequence: the sum over its response tokens
+        log_ratio = log_ratio.sum(-1, keepdim=True).expand_as(log_ratio)
+    if mode.startswith("tis"):
+        hit = log_ratio > math.log(cap)
+        weights = torch.exp(log_ratio.clamp(max=math.log(cap)))
+        key = "rollout/correction_truncated_frac"
+    else:
+        lo = math.log(lower) if lower > 0 else float("-inf")
+        hit = (log_ratio < lo) | (log_ratio > math.log(upper))
+        weights = (~hit).float()
+        key = "rollout/correction_masked_frac"
+    weights = torch.where(m, weights, 0.0)
+    n = m.sum().clamp(min=1)
+    return weights, {"rollout/correction_weight_mean": (weights.sum() / n).detach(),
+                     key: ((hit & m).float().sum() / n).detach()}

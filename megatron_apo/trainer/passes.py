@@ -7,8 +7,8 @@ nothing is written into the micro-batch dicts:
   ReferencePass (frozen reference, forward only) -> RefOutputs: log pi_ref(y), and the vocab-parallel global Top-K of
       pi_ref (ids and log-probs) when the loss or the anchor metrics ask -- one vocab pass gives all;
   OldPolicyPass (policy before the update, forward only; reads RefOutputs for the Top-K ids) -> OldOutputs: log
-      pi_old(y), log pi_old at the reference Top-K and at pi_old's own Top-N when asked, the one-step-off-policy
-      importance weights, the rollout-mismatch metrics;
+      pi_old(y), log pi_old at the reference Top-K and at pi_old's own Top-N when asked, the rollout correction's
+      loss weights (algorithm.rollout_correction), the rollout-mismatch metrics;
   TrainPass (policy, forward + backward; reads both) -> compute_policy_loss(...).
 
 What is computed follows `loss_inputs` (algorithms/registry.py): the loss mode's declaration, the KL settings and the
@@ -28,7 +28,8 @@ from megatron_apo.algorithms.registry import LossInputs, loss_inputs
 from megatron_apo.config import AlgorithmConfig
 from megatron_apo.models.routing import response_routing_mismatch
 from megatron_apo.ops.vocab_parallel import vocab_parallel_logprob_stats
-from megatron_apo.rollout.sampling import logprob_mismatch
+from megatron_apo.parallel import control_plane
+from megatron_apo.rollout.sampling import logprob_mismatch, pool_mismatch, rollout_correction
 from megatron_apo.trainer.batch import global_loss_scale, response_logits
 
 
@@ -37,8 +38,16 @@ class PassSettings:
     algorithm: AlgorithmConfig
     vocab_size: int  # the true vocabulary (Megatron's padded rows are excluded by the ops)
     temperature: float = 1.0  # the rollout temperature: log-probs are those of the sampling distribution
-    tis_cap: float | None = None  # one-step-off-policy: truncated importance weights pi_old / pi_rollout
+    tis_cap: float | None = None  # one-step-off-policy's rollout.tis_cap: tis_token when rollout_correction is none
     routing: list | None = None  # MoE: router maps captured during the old-policy forward (moe_metrics.routing_capture)
+
+    @property
+    def correction(self) -> tuple[str, float]:
+        """The rollout correction mode and its cap; rollout.tis_cap (one-step-off) is the tis_token case."""
+        a = self.algorithm
+        if str(a.rollout_correction) == "none" and self.tis_cap is not None:
+            return "tis_token", self.tis_cap
+        return str(a.rollout_correction), a.rollout_correction_cap
 
     @property
     def inputs(self) -> LossInputs:
@@ -62,7 +71,7 @@ class OldOutputs:
     logprobs: torch.Tensor  # log pi_old(y)
     at_ref_topk: Optional[torch.Tensor] = None  # log pi_old at the reference Top-K (APO's M_old)
     topn_logprobs: Optional[torch.Tensor] = None  # log pi_old at its own Top-N (CaSP)
-    is_weights: Optional[torch.Tensor] = None  # one-step-off-policy: min(pi_old / pi_rollout, tis_cap), 0 at padding
+    is_weights: Optional[torch.Tensor] = None  # the rollout correction's loss weights (sampling.rollout_correction)
     metrics: dict = field(default_factory=dict)  # rollout mismatch (and MoE routing) diagnostics
 
 
@@ -117,15 +126,13 @@ class OldPolicyPass:
         metrics = logprob_mismatch(rollout, old, m)
         if s.routing is not None and batch.get("rollout_experts") is not None:
             metrics["rollout/routing_mismatch"] = response_routing_mismatch(s.routing, batch)
-        is_weights = None
-        if s.tis_cap is not None:
-            # The rollouts came from the previous weights: the truncated ratio pi_old / pi_rollout weighs each token
-            # (the loss scales the advantage by it, hence every A-linear term).
-            gap = old - rollout
-            is_weights = torch.exp(gap.clamp(max=20.0)).clamp(max=s.tis_cap) * m
-            metrics["rollout/tis_weight_mean"] = ((is_weights * m).sum() / m.sum().clamp(min=1)).detach()
-            metrics["rollout/tis_truncated_frac"] = (((gap.exp() > s.tis_cap).float() * m).sum()
-                                                     / m.sum().clamp(min=1)).detach()
+        # The engine sampled from pi_rollout, the loss's ratio starts at pi_old: weigh each token by the (truncated
+        # or masked) ratio pi_old / pi_rollout (the loss scales the advantage by it, hence every A-linear term).
+        mode, cap = s.correction
+        a = s.algorithm
+        is_weights, corr = rollout_correction(rollout, old, m, mode, cap, a.rollout_correction_lower,
+                                              a.rollout_correction_upper)
+        metrics.update(corr)
         self.outputs[batch["mb_index"]] = OldOutputs(
             old,
             st.logprobs[..., 1:].detach() if at_ref else None,
@@ -134,6 +141,18 @@ class OldPolicyPass:
             metrics,
         )
         return rl.sum() * 0.0, {}
+
+
+def gather_old_metrics(outputs: list[Optional[OldOutputs]]) -> dict:
+    """The old-policy pass's metrics on every rank: means over the last stage's micro-batches, except the mismatch's
+    max and sequence-level std, which are combined exactly (sampling.pool_mismatch)."""
+    per_mb = [o.metrics for o in outputs if o is not None]
+    out = control_plane.mean_over_reporting_ranks([{k: v for k, v in d.items() if not k.startswith("_mismatch/")}
+                                                   for d in per_mb])
+    pooled = [{k: float(v) for k, v in d.items() if k.startswith("_mismatch/") or k.endswith("_abs_diff_max")}
+              for d in per_mb if "_mismatch/seq_n" in d]
+    out.update(pool_mismatch([d for part in control_plane.all_gather_object(pooled) for d in part]))
+    return out
 
 
 class TrainPass:

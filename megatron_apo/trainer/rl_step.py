@@ -21,7 +21,7 @@ from megatron_apo.parallel import control_plane
 from megatron_apo.trainer.batch import MicroBatchPlan, RLBatch, plan_micro_batches
 from megatron_apo.trainer.moe_metrics import aux_loss_metrics, routing_capture
 from megatron_apo.trainer.optim import zero_grads
-from megatron_apo.trainer.passes import OldPolicyPass, PassSettings, ReferencePass, TrainPass
+from megatron_apo.trainer.passes import OldPolicyPass, PassSettings, ReferencePass, TrainPass, gather_old_metrics
 from megatron_apo.trainer.schedule import forward_backward
 
 
@@ -66,7 +66,7 @@ def rl_step(step: int, batch: RLBatch, models: RLModels, settings: PassSettings,
     old = OldPolicyPass(settings, ref.outputs)
     with torch.no_grad(), routing_capture(models.policy, settings):  # MoE: rollout/routing_mismatch
         forward_backward(models.policy, micro, old, seq, mbs, forward_only=True, variable_seq_lengths=var)
-    metrics.update(_gather_last_stage_metrics([o.metrics for o in old.outputs if o is not None]))
+    metrics.update(gather_old_metrics(old.outputs))  # mismatch and rollout-correction metrics
     train = TrainPass(settings, ref.outputs, old.outputs)  # outputs exist on the last stage, where the loss runs
 
     train_metrics, skipped, grad_norm = [], 0, 0.0

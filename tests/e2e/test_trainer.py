@@ -142,7 +142,7 @@ def test_one_step_off_policy_overlaps_rollout_and_applies_tis(env, tmp_path):
     assert history[0]["rollout/logprob_abs_diff"] < 1e-4
     assert all(h["rollout/logprob_abs_diff"] > 1e-4 for h in history[1:])
     for h in history:
-        assert 0 < h["rollout/tis_weight_mean"] <= 2.0 and 0 <= h["rollout/tis_truncated_frac"] <= 1
+        assert 0 < h["rollout/correction_weight_mean"] <= 2.0 and 0 <= h["rollout/correction_truncated_frac"] <= 1
 
 
 @pytest.mark.slow

@@ -102,7 +102,7 @@ def _passes(algorithm: dict, tis_cap) -> dict:
             "ref": [(shape(o.logprobs), shape(o.topk_indices), shape(o.topk_logprobs)) for o in ref.outputs],
             "old": [(shape(o.logprobs), shape(o.at_ref_topk), shape(o.topn_logprobs), shape(o.is_weights))
                     for o in old.outputs],
-            "tis": [float(o.metrics.get("rollout/tis_weight_mean", -1)) for o in old.outputs]}
+            "tis": [float(o.metrics.get("rollout/correction_weight_mean", -1)) for o in old.outputs]}
 
 
 PASS_CASES = [
