@@ -124,6 +124,8 @@ def response_routing_mismatch(maps: list[torch.Tensor], batch: dict) -> torch.Te
         dist.all_gather(parts, local.to(torch.uint8).contiguous(), group=group)
         local = torch.cat(parts, dim=1).bool()
     train = local.permute(0, 2, 1, 3)  # [layers, b, s, E]
+    if "resp_row" in batch:  # a packed micro-batch: sample i sits in row resp_row[i] (trainer/batch.py)
+        train = train[:, batch["resp_row"].to(train.device)]
     idx = batch["resp_index"]
     n_layers, _, _, n_experts = train.shape
     train = train.gather(2, idx[None, :, :, None].expand(n_layers, -1, -1, n_experts))  # [layers, b, T, E]

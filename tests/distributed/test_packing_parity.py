@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megatron_apo.parallel import run_distributed
-from tests.helpers.packing_bodies import AGG_MODES, losses_and_grads, packed_row_logits
+from tests.helpers.packing_bodies import AGG_MODES, losses_and_grads, packed_row_logits, packed_row_logits_cuda
 
 pytestmark = pytest.mark.slow
 
@@ -60,3 +60,11 @@ def test_a_packed_row_gives_each_sample_its_own_logits():
     """The block-diagonal mask is what keeps samples apart: without it the later samples' logits change."""
     got = run_distributed(packed_row_logits, 1, timeout=300)[0]
     assert got["masked"] <= 1e-5 and got["unmasked"] > 1e-3
+
+
+@pytest.mark.gpu
+def test_a_packed_row_through_megatrons_thd_path_on_gpu():
+    """Transformer Engine's packed-sequence attention (THD, cu_seqlens): each sample's logits as if alone (bf16)."""
+    got = run_distributed(packed_row_logits_cuda, 1, timeout=300)[0]
+    assert got["te"]
+    assert got["worst"] <= 0.05 * max(1.0, got["scale"])

@@ -104,3 +104,30 @@ def packed_row_logits() -> dict:
                 start += n
             out[name] = worst
     return out
+
+
+def packed_row_logits_cuda() -> dict:
+    """On a GPU with Transformer Engine (bf16): a packed row through Megatron's THD path (PackedSeqParams,
+    cu_seqlens) against each sample alone; also whether the model really is TE (else the mask path ran)."""
+    from megatron_apo.parallel.devices import to_device
+    from megatron_apo.trainer.batch import plan_micro_batches, sequence_lengths
+    from megatron_apo.trainer.schedule import _uses_transformer_engine, model_forward
+
+    init_distributed()
+    cfg = load_model_config("tiny")
+    model = build_gpt_model(cfg, params_dtype=torch.bfloat16).cuda()
+    set_fixed_weights(model)
+    batch = long_tailed_batch(cfg.vocab_size, n=4)
+    mb = to_device(plan_micro_batches(batch, 0, 1, 4, 0, micro_batch_tokens=256, pack=True).micro[0], "cuda")
+    lengths = sequence_lengths(batch).tolist()
+    worst, start = 0.0, 0
+    with torch.no_grad():
+        row = model_forward(model, mb).float()
+        for r in mb["response_ids"].cpu():
+            j = next(j for j in range(batch.size) if torch.equal(batch.response_ids[j, : r.shape[0]], r))
+            n = lengths[j]
+            alone = model(batch.tokens[j : j + 1, :n].cuda(), torch.arange(n, device="cuda")[None],
+                          attention_mask=None).float()
+            worst = max(worst, float((row[0, start : start + n] - alone[0]).abs().max()))
+            start += n
+    return {"te": _uses_transformer_engine(model), "worst": worst, "scale": float(row.abs().max())}
