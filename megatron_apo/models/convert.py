@@ -28,7 +28,7 @@ import torch
 
 from megatron_apo.config import InputError, MissingInputError, UserError
 from megatron_apo.diskio import DiskError, describe_os_error
-from megatron_apo.models.checksums import CHECKSUM_FILE, verify_checkpoint
+from megatron_apo.models.checksums import CHECKSUM_FILE, add_to_manifest, verify_checkpoint
 from megatron_apo.models.config import ModelConfig
 from megatron_apo.models.hf_mapping import (
     OUTPUT_LAYER,
@@ -228,6 +228,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, tp: int = 1, pp:
             copy_tokenizer_files(hf_dir, tmp / TOKENIZER_SUBDIR)
         if not any((tmp / TOKENIZER_SUBDIR).iterdir()):
             (tmp / TOKENIZER_SUBDIR).rmdir()
+        add_to_manifest(tmp)  # megatron_apo.json and the tokenizer files, next to model/'s CRC32s
     deltas = [r["max_abs_delta"] for r in results if r["max_abs_delta"] is not None]
     return ConversionReport(
         out=str(out), direction="hf-to-megatron", dtype=str(target).replace("torch.", ""),

@@ -141,6 +141,21 @@ def test_bad_input_is_one_line_error_and_no_output(tmp_path):
     assert shards[1].name in msg and "missing" in msg
 
 
+def test_a_converted_checkpoint_verifies_whole(qwen_tied_round_trip, tmp_path):
+    """hf-to-megatron records every file it writes (model/, megatron_apo.json) in checksums.json."""
+    from megatron_apo.models.convert import verify_megatron_checkpoint
+
+    meg = qwen_tied_round_trip[0] / "meg"
+    listed = json.loads((meg / "checksums.json").read_text())["files"]
+    assert "megatron_apo.json" in listed and any(n.startswith("model/") for n in listed)
+    assert f"all {len(listed)} files match" in verify_megatron_checkpoint(meg)
+    ckpt = shutil.copytree(meg, tmp_path / "meg")
+    meta = json.loads((ckpt / "megatron_apo.json").read_text())
+    (ckpt / "megatron_apo.json").write_text(json.dumps(dict(meta, dtype="float16")))
+    with pytest.raises(ValueError, match="megatron_apo.json is damaged"):
+        verify_megatron_checkpoint(ckpt)
+
+
 def test_megatron_to_hf_errors_leave_no_output(qwen_tied_round_trip, tmp_path):
     root, _ = qwen_tied_round_trip
     ckpt = tmp_path / "ckpt"

@@ -88,3 +88,25 @@ def test_out_dir_check_creates_nothing(tmp_path):
     held.release()
     check_out_dir_free(out)
     assert (out / LOCK_NAME).is_file()
+
+
+def test_rng_state_is_plain_data_and_round_trips(tmp_path):
+    """What a checkpoint stores per rank loads with torch.load(weights_only=True) and restores every generator."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from megatron_apo.trainer.checkpoint import _rng_state, _set_rng_state
+
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    np.random.standard_normal()  # a cached gaussian is part of numpy's state
+    torch.save(_rng_state(), tmp_path / "rank_00000.pt")
+    want = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist())
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    _set_rng_state(torch.load(tmp_path / "rank_00000.pt", weights_only=True))
+    assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == want
