@@ -75,6 +75,7 @@ class StudyConfig:
 
 
 def load_study_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> StudyConfig:
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -87,7 +88,7 @@ def load_study_config(path: str | Path | None, overrides: list[str] | tuple[str,
         if overrides:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
         cfg: StudyConfig = OmegaConf.to_object(OmegaConf.merge(*layers))
-    except (OmegaConfBaseException, ValueError) as e:  # yaml errors are ValueErrors
+    except (OmegaConfBaseException, ValueError, yaml.YAMLError) as e:  # e.g. an override's unquoted nested list
         raise ConfigError(f"{path}: {str(e).strip().splitlines()[0]}") from None
     cfg.methods = {k: list(v) for k, v in cfg.methods.items() if v is not None}
     if not cfg.methods:

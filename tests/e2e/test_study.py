@@ -65,3 +65,80 @@ def test_study_runs_reports_and_resumes(tmp_path):
     r = subprocess.run(args + drop, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and ": run 1/" not in r.stdout  # nothing re-ran
     assert done.stat().st_mtime_ns == stamp
+
+
+V2_ARGS = ["task.kind=toy_squeeze", "task.num_categories=16", "task.hard_fraction=0.5", "task.instances=[0,1]",
+           "seeds=[1]", "eval_mode=exact", "eval_n=16", "endpoint_k=16", "bootstrap=200", "reference.sft_steps=10",
+           "reference.sft_per_category=4", "reference.sft_batch_size=64",
+           "rl=[trainer.total_steps=2,data.train_batch_size=4,rollout.n=4,trainer.ppo_epochs=2,"
+           "trainer.micro_batch_size=16,data.max_response_length=6,data.max_prompt_length=8,"
+           "algorithm.anchor_metrics=true,'algorithm.loss_modules=[megatron_apo.study.controls]']"]
+
+
+def test_study_v2_exact_evaluation_controls_and_statistics(tmp_path):
+    """Task B, two task instances (each its own reference), exact evaluation, the controls, the v2 statistics."""
+    out = tmp_path / "study"
+    drop = [f"methods.{m}=null" for m in ("grpo_pos_only",)]  # its knob is grpo_neg_only's, the other sign
+    r = subprocess.run([sys.executable, "-m", "megatron_apo.cli", "study", "--config",
+                        str(REPO / "configs" / "study_v2.yaml"), "--out", str(out)] + V2_ARGS + drop,
+                       cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    methods = ["grpo", "apo", "grpo_neg_only", "apo_neg_clipped"]
+    assert res["complete"] and res["eval_mode"] == "exact" and res["labels"] == ["reference"] + methods
+    assert res["seeds"] == ["inst_0_seed_1", "inst_1_seed_1"]
+    for inst in (0, 1):  # each instance: its own task, reference and exact evaluation of the reference
+        assert (out / f"inst_{inst}" / "sft" / "done.json").is_file()
+        ref = json.loads((out / f"inst_{inst}" / "reference_exact_eval.json").read_text())
+        assert len(ref["per_prompt"]) == 16 and all(0 <= p["p_valid"] <= 1 for p in ref["per_prompt"])
+    tasks = [json.loads((out / f"inst_{i}" / "data" / "task.json").read_text())["categories"] for i in (0, 1)]
+    assert [c["valid"] for c in tasks[0]] != [c["valid"] for c in tasks[1]]  # the task was redrawn
+    for split in ("trained_hard", "heldout_hard", "trained"):
+        for label in res["labels"]:
+            e = res["splits"][split]["methods"][label]
+            assert e["pass_at_k"] == sorted(e["pass_at_k"]) and len(e["pass_at_k"]) == 16
+            assert e["seed_t"]["df"] == 1
+    for split in ("heldout_hard", "trained_hard"):
+        comp = res["comparisons"][split]["methods"]
+        assert comp["apo"]["role"] == "primary" and comp["apo_neg_clipped"]["role"] == "secondary"
+        assert "p_holm" in comp["grpo_neg_only"]
+        assert comp["apo"]["ci_low"] <= comp["apo"]["est"] <= comp["apo"]["ci_high"]
+    c = res["criterion_v2"]
+    assert c["applicable"] and c["verdict"] in ("inconclusive", "apo improves on grpo", "apo does not improve on grpo")
+    diag = json.loads((out / "diagnostics.json").read_text())["grpo"]  # the mechanism precondition ran
+    assert diag["num_states"] > 0 and 0 <= diag["valid_in_ref_topk_frac"] <= 1
+    hist = json.loads((out / "runs" / "apo_neg_clipped" / "inst_0_seed_1" / "done.json").read_text())["history"]
+    assert all(h["apo/neg_grad_off_frac"] in (0.0, 1.0) for h in hist)
+    assert "Version-2 criterion" in (out / "report.md").read_text()
+
+
+def test_killed_study_leaves_no_process_behind(tmp_path):
+    """SIGKILL to the study while a run trains: its ranks (and their Ray processes) exit on their own."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    out = tmp_path / "study"
+    args = [sys.executable, "-m", "megatron_apo.cli", "study", "--config", str(REPO / "configs" / "study_v2.yaml"),
+            "--out", str(out)] + V2_ARGS + ["task.instances=[0]"] + [
+                f"methods.{m}=null" for m in ("apo", "grpo_pos_only", "grpo_neg_only", "apo_neg_clipped")]
+    log = tmp_path / "study.log"  # a file, not a pipe: nobody reads a pipe after the kill, and a full one blocks
+    with log.open("w") as f:
+        study = subprocess.Popen(args, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+    deadline = time.time() + 900
+    # the run's rank is up and has started Ray
+    while time.time() < deadline and study.poll() is None and "Started a local Ray instance" not in log.read_text():
+        time.sleep(1)
+    assert "Started a local Ray instance" in log.read_text(), log.read_text()[-3000:]
+    procs = psutil.Process(study.pid).children(recursive=True)
+    assert procs  # the rank and Ray's processes
+    os.kill(study.pid, signal.SIGKILL)
+    study.wait()
+    gone, alive = psutil.wait_procs(procs, timeout=240)
+    leftover = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    for p in leftover:  # do not leave them to the next test
+        p.kill()
+    assert not leftover, [(p.pid, p.name()) for p in leftover]
+    assert not (out / "runs" / "grpo" / "inst_0_seed_1" / "done.json").exists()

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_apo.algorithms.registry import resolve_algorithm_config
+from megatron_apo.algorithms.registry import import_loss_modules, resolve_algorithm_config
 from megatron_apo.config import load_config
 from megatron_apo.models.config import load_model_config
 
@@ -61,4 +61,5 @@ def test_study_config_is_consistent(path):
     paths = {"model": cfg.task.model, "train": "t.parquet", "val": "v.parquet", "tokenizer": "tok"}
     for method in cfg.methods:  # every run's RunConfig loads and its algorithm settings validate
         run = load_config(None, run_overrides(cfg, paths, "ckpt", Path("/tmp/x"), method, cfg.seeds[0]))
+        import_loss_modules(run.algorithm)  # e.g. the study's controls (megatron_apo.study.controls)
         resolve_algorithm_config(run.algorithm)
