@@ -281,6 +281,7 @@ def test_tp1_equals_dense(name):
     check_case(name, CASES[name], [run_loss_case(CASES[name], 0, 1)])
 
 
+@pytest.mark.slow  # ~45 s on 2 cores: every case at TP 2 in one pair of gloo ranks
 def test_tp2_equals_dense():
     names = list(CASES)
     results = run_distributed(loss_body, 2, 2, [CASES[n] for n in names], timeout=240)
