@@ -146,16 +146,22 @@ class Controller:
         }
         return Rollout(batch, metrics)
 
+    def _reward_failure(self, e: TooManyRewardErrors) -> TooManyRewardErrors:
+        return TooManyRewardErrors(f"{self._reward_name()}: {e} (data.reward_max_error_frac="
+                                   f"{self.cfg.data.reward_max_error_frac:g}); fix the reward function",
+                                   e.num_errors, e.num_items, e.first_error)
+
+    def _reward_name(self) -> str:
+        return (f"data.reward_fn={self.cfg.data.reward_fn}" if self.cfg.data.reward_fn else
+                "the data_source reward registry (data.reward_fn unset)")
+
     def score(self, items: Sequence[RewardItem]) -> RewardBatch:
         """Rewards of one batch; failures are counted, the first one of the run is logged with its message."""
-        name = f"data.reward_fn={self.cfg.data.reward_fn}" if self.cfg.data.reward_fn else \
-            "the data_source reward registry (data.reward_fn unset)"
+        name = self._reward_name()
         try:
             scored = self.rewards.score(items)
         except TooManyRewardErrors as e:
-            raise TooManyRewardErrors(f"{name}: {e} (data.reward_max_error_frac="
-                                      f"{self.cfg.data.reward_max_error_frac:g}); fix the reward function",
-                                      e.num_errors, e.num_items, e.first_error) from None
+            raise self._reward_failure(e) from None
         if scored.num_errors and not self._reward_warned:
             self._reward_warned = True  # once per run; reward/errors and reward/nonfinite count every step
             first = next(e for e in scored.errors if e is not None)
@@ -181,8 +187,11 @@ class Controller:
         ecfg = EvalConfig(n=self.cfg.trainer.eval_n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                           max_new_tokens=self.cfg.data.max_response_length, seed=self.cfg.seed,
                           prompts_per_call=max(1, 256 // self.cfg.trainer.eval_n))
-        res = evaluate(self.fleet, self.tokenizer, prompts, ecfg, reward_pool=self.rewards, label=label,
-                       meta={"step": step, "loss_mode": self.cfg.algorithm.loss_mode}, progress=False)
+        try:
+            res = evaluate(self.fleet, self.tokenizer, prompts, ecfg, reward_pool=self.rewards, label=label,
+                           meta={"step": step, "loss_mode": self.cfg.algorithm.loss_mode}, progress=False)
+        except TooManyRewardErrors as e:
+            raise self._reward_failure(e) from None
         write_results(res, Path(self.cfg.out_dir) / "eval" / f"step_{step:07d}.json")
         return res
 
