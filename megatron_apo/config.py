@@ -411,6 +411,9 @@ class RolloutSection(_Section):
     one_step_off_policy: bool = False
     tis_cap: float = 2.0
     gpu_memory_utilization: float = 0.6
+    # MoE (R3): the engine returns the experts it routed every token to and the trainer's routers replay them in
+    # the old-policy and training passes (gate weights and aux loss still from the router); docs/models.md
+    routing_replay: bool = False
 
     def _check(self) -> None:
         self._at_least("n", 1)

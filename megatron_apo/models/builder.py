@@ -80,6 +80,7 @@ def transformer_config(
     expert_parallel_size: int | None = None,
     fusions: bool = True,
     ddp: bool = False,
+    routing_replay: bool = False,
 ):
     """Megatron's TransformerConfig for `cfg` (SwiGLU, RMSNorm, RoPE). `fusions` (model.fusions): megatron-core's
     fused kernels with CUDA (fusion_flags); `ddp`: the model will be DDP-wrapped (its grads live in main_grad)."""
@@ -130,6 +131,8 @@ def transformer_config(
         # the expert layers read it to mark their weights expert-parallel (allreduce=False): DDP then reduces
         # their grads over the expert-data-parallel group and the optimizer keeps them apart
         kwargs.update(moe_config(cfg, moe_aux_loss_coeff), expert_model_parallel_size=expert_parallel_size)
+        # rollout.routing_replay: megatron-core's replay hook in every router (models/routing.py feeds it)
+        kwargs.update(moe_enable_routing_replay=routing_replay)
     kwargs.update(fusion_flags(fusions, ddp))
     kwargs.update(cpu_compat.transformer_config_overrides())
     return TransformerConfig(**kwargs)
@@ -206,6 +209,10 @@ def build_gpt_model(
         rope_scaling_factor=rs.factor if rs is not None else 8.0,
         vp_stage=vp_stage,
     )
+    if tcfg.moe_enable_routing_replay:
+        from megatron_apo.models.routing import install_routing_replay
+
+        install_routing_replay(model)
     if not tcfg.perform_initialization:
         tag_tensor_parallel_params(model)
     if rs is not None and hasattr(model, "rotary_pos_emb"):

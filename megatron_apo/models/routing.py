@@ -134,3 +134,164 @@ def response_routing_mismatch(maps: list[torch.Tensor], batch: dict) -> torch.Te
     known = ((ids[..., 0, 0] >= 0) & (batch["response_mask"] > 0)).float()  # [b, T]
     differs = (train != rollout).any(-1).float() * known  # [layers, b, T]
     return differs.sum() / (known.sum() * n_layers).clamp(min=1)
+
+
+# ---- routing replay (rollout.routing_replay, docs/models.md "Routing replay") ----
+
+
+def prompt_position_experts(calls: list[torch.Tensor], prompt_lengths: list[int]) -> list[list]:
+    """Per row, the expert ids [P_i - 1][layers][k] of a left-padded prefill's prompt positions 0..P_i-2 (the last
+    prompt position predicts the first response token: it is the first of the response routes); `calls` as
+    `capture_hf_routing` records them for that prefill (one per layer, [b*width, k]). Leaves `calls` as it is."""
+    b = len(prompt_lengths)
+    if not calls:
+        return [[] for _ in range(b)]
+    per_layer = torch.stack([c.view(b, -1, c.shape[-1]) for c in calls], dim=2)  # [b, width, layers, k]
+    width = per_layer.shape[1]
+    return [per_layer[i, width - p: width - 1].tolist() for i, p in enumerate(prompt_lengths)]
+
+
+def prompt_experts_tensor(routes: list, lengths: list[int]) -> torch.Tensor:
+    """[N, P, layers, k] int64 from per-sample prompt routes ([P_i - 1][layers][k], -1 past them); `lengths` are
+    the prompt lengths, checked against the routes (an engine that skipped prompt positions is an error)."""
+    from megatron_apo.config import InputError
+
+    for i, (r, p) in enumerate(zip(routes, lengths)):
+        if len(r) != max(0, p - 1):
+            raise InputError(f"sample {i}: the engine returned routed experts for {len(r)} prompt positions, its "
+                             f"prompt has {p} tokens (expected {max(0, p - 1)}); rollout.routing_replay needs all")
+    layers, k = next((len(r[0]), len(r[0][0])) for r in routes if r) if any(routes) else (1, 1)
+    out = torch.full((len(routes), max(1, max(lengths) - 1), layers, k), -1, dtype=torch.long)
+    for i, r in enumerate(routes):
+        if r:
+            out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def replay_positions(batch: dict) -> torch.Tensor:
+    """[b, S, layers, k] expert ids the engine routed each position of this micro-batch's rows to (-1 where it
+    routed nothing that matters: the last response token, padding). Prompt position p of sample i sits at
+    resp_index[i, 0] - (P_i - 1) + p in its row, response-predicting position j at resp_index[i, j].
+
+    Raises InputError when a position the loss depends on (every one up to the last response token's) has no route.
+    """
+    from megatron_apo.config import InputError
+
+    b, s = batch["tokens"].shape
+    resp, prompt = batch.get("rollout_experts"), batch.get("prompt_experts")
+    if resp is None or prompt is None:
+        raise InputError("rollout.routing_replay is on but the rollout samples carry no routed experts: the engine "
+                         "did not return them (an engine that cannot, or rollout.routing_replay was off there)")
+    _, _, layers, k = resp.shape
+    out = torch.full((b, s, layers, k), -1, dtype=torch.long)
+    rows = batch.get("resp_row")
+    n_resp = batch["response_mask"].sum(-1).long().tolist()
+    n_prompt = (prompt[:, :, 0, 0] >= 0).sum(-1).tolist()
+    for i in range(resp.shape[0]):
+        r = i if rows is None else int(rows[i])
+        first = int(batch["resp_index"][i, 0])
+        out[r, first - n_prompt[i]: first] = prompt[i, : n_prompt[i]]
+        out[r, batch["resp_index"][i, : n_resp[i]]] = resp[i, : n_resp[i]]
+        last = int(batch["resp_index"][i, max(0, n_resp[i] - 1)])
+        if (out[r, first - n_prompt[i]: last + 1, :, 0] < 0).any():
+            raise InputError(f"rollout.routing_replay: sample {i} of a micro-batch has positions without a route "
+                             "from the engine (its routes are shorter than its response)")
+    return out
+
+
+def _replay_class():
+    from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+
+    class KnownRoutesReplay(RouterReplay):
+        """megatron-core's replay hook, replaying the engine's top-k where it routed the position (ids >= 0) and
+        the router's own top-k elsewhere (padding, the last response token: no loss term reads them). The
+        probabilities are the router's scores at the replayed experts (gate weights and aux loss stay live)."""
+
+        def get_replay_topk(self, scores, topk, num_groups=None, group_topk=None, default_compute_topk=None):
+            if self.router_replay_action != RouterReplayAction.REPLAY_FORWARD or self.target_topk_idx is None:
+                return super().get_replay_topk(scores, topk, num_groups, group_topk, default_compute_topk)
+            _, own = default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
+            target = self.target_topk_idx.to(scores.device)
+            idx = torch.where(target[:, :1] >= 0, target, own)
+            return scores.gather(1, idx), idx
+
+    return KnownRoutesReplay, RouterReplay, RouterReplayAction
+
+
+def install_routing_replay(model: torch.nn.Module) -> None:
+    """Swaps megatron-core's per-router replay objects (`moe_enable_routing_replay`) for KnownRoutesReplay."""
+    known, base, _ = _replay_class()
+    for m in model.modules():
+        rr = getattr(m, "router_replay", None)
+        if isinstance(rr, base) and not isinstance(rr, known):
+            if rr in base.global_router_replay_instances:  # megatron-core's global list: keep one per router
+                base.global_router_replay_instances.remove(rr)
+            m.router_replay = known()
+
+
+def _replay_routers(chunk: torch.nn.Module) -> list[tuple[int, object]]:
+    """(global 0-based layer, its router's replay object) for every MoE layer of a model chunk with replay on."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    out = []
+    for m in chunk.modules():
+        router = getattr(getattr(m, "mlp", None), "router", None)
+        if isinstance(m, TransformerLayer) and getattr(router, "router_replay", None) is not None:
+            out.append((m.layer_number - 1, router.router_replay))
+    return out
+
+
+def replays_routing(chunks: list) -> bool:
+    return any(_replay_routers(c) for c in chunks)
+
+
+def _set_targets(chunk: torch.nn.Module, routers: list, batch: dict) -> None:
+    """Hands this micro-batch's routes to the chunk's routers in Megatron's token order ([s, b] flattened; under
+    sequence parallelism this TP rank's slice of the sequence)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.utils import get_model_config
+
+    _, _, action = _replay_class()
+    full = replay_positions(batch)  # [b, S, layers, k]
+    n_layers = get_model_config(chunk).num_layers
+    if full.shape[2] != n_layers:
+        from megatron_apo.config import InputError
+
+        raise InputError(f"rollout.routing_replay: the engine's routes cover {full.shape[2]} MoE layers, the model "
+                         f"has {n_layers}")
+    sbk = full.transpose(0, 1)  # [S, b, layers, k]
+    tp = ps.get_tensor_model_parallel_world_size()
+    if get_model_config(chunk).sequence_parallel and tp > 1:
+        sbk = sbk.chunk(tp, dim=0)[ps.get_tensor_model_parallel_rank()]
+    for layer, rr in routers:
+        rr.clear_indices()
+        rr.target_topk_idx = sbk[:, :, layer].reshape(-1, sbk.shape[-1]).contiguous()
+        rr.set_router_replay_action(action.REPLAY_FORWARD)
+
+
+@contextlib.contextmanager
+def replay_routing(chunks: list, micro_batches: list[dict]) -> Iterator[None]:
+    """Every forward of `chunks` inside routes as the rollout engine did: micro-batch i's routes are handed to a
+    chunk's routers just before its i-th forward (Megatron's schedules run each chunk's forwards in micro-batch
+    order; a full-recompute backward re-runs the last forward's routes, right without pipelining).
+    Nothing happens for a model built without replay."""
+    per_chunk = [(c, _replay_routers(c)) for c in chunks]
+    handles = []
+    for chunk, routers in per_chunk:
+        if not routers:
+            continue
+        pending = iter(micro_batches)
+
+        def hook(_module, _args, chunk=chunk, routers=routers, pending=pending):
+            _set_targets(chunk, routers, next(pending))
+
+        handles.append(chunk.register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for _, routers in per_chunk:
+            for _, rr in routers:
+                rr.clear_indices()
+                rr.clear_router_replay_action()

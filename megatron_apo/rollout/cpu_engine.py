@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from megatron_apo.models.routing import capture_hf_routing, last_position_experts
+from megatron_apo.models.routing import capture_hf_routing, last_position_experts, prompt_position_experts
 from megatron_apo.rollout.engine import RolloutEngine, Sample, SamplingParams
 from megatron_apo.rollout.sampling import request_seed, sample_tokens
 from megatron_apo.rollout.sync_group import measure_broadcast_bandwidth
@@ -258,7 +258,9 @@ class CPUEngine(RolloutEngine):
         b = ids.shape[0]
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         past, next_logits = self._cache_of(out), out.logits[:, -1].float()
-        # MoE: the experts of the position whose logits sample the next token, per layer (docs/models.md)
+        # MoE: the experts of every prompt position before the last (rollout.routing_replay replays them), then of
+        # the position whose logits sample the next token, per layer (docs/models.md)
+        prompt_routed = prompt_position_experts(router_calls, mask.sum(-1).tolist())
         experts, routed = last_position_experts(router_calls, b), [[] for _ in range(b)]
         last_pos = pos[:, -1]
         stop = set(params.stop_token_ids)
@@ -289,4 +291,5 @@ class CPUEngine(RolloutEngine):
         for i in range(b):
             if routed[i]:
                 meta[i]["routed_experts"] = routed[i]  # [T][layers][k]
+                meta[i]["prompt_routed_experts"] = prompt_routed[i]  # [P - 1][layers][k]
         return [Sample(-1, -1, tokens[i], logps[i], finish[i], meta[i]) for i in range(b)]

@@ -34,6 +34,9 @@ class RLBatch:
     # [N, T] bool: response token of a sample whose group has no correct response (every reward <= 0, the test of
     # reward/pass_rate); APO's all-wrong pull acts there. None: not known (a batch built by hand)
     all_wrong: torch.Tensor | None = None
+    # MoE, like rollout_experts: [N, P, layers, k] the experts of prompt positions 0..P_i-2 (-1 past them), which
+    # rollout.routing_replay replays with them; None otherwise
+    prompt_experts: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -87,7 +90,7 @@ def build_batch(
     adv = advantages.reshape(n, 1).float() * mask
     rewards = rewards.reshape(n).float()
     return RLBatch(tokens, resp_index, response_ids, mask, rollout_lp, rewards, adv, group,
-                   _rollout_experts(flat, t), all_wrong_tokens(rewards, group, mask))
+                   _rollout_experts(flat, t), all_wrong_tokens(rewards, group, mask), _prompt_experts(flat, prompts))
 
 
 def all_wrong_tokens(rewards: torch.Tensor, group_index: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -110,6 +113,15 @@ def _rollout_experts(flat: list, t: int) -> torch.Tensor | None:
     for i, r in enumerate(routed):
         out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
     return out
+
+
+def _prompt_experts(flat: list, prompts: list[list[int]]) -> torch.Tensor | None:
+    routed = [s.meta.get("prompt_routed_experts") for _, s in flat]
+    if not routed or any(r is None for r in routed):  # an engine that does not report them
+        return None
+    from megatron_apo.models.routing import prompt_experts_tensor
+
+    return prompt_experts_tensor(routed, [len(prompts[p]) for p, _ in flat])
 
 
 def response_logits(logits: torch.Tensor, resp_index: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -264,7 +276,7 @@ def _response_fields(sub: RLBatch, t: int) -> dict:
     out = {}
     for k in sub.__dataclass_fields__:
         v = getattr(sub, k)
-        if k != "tokens" and torch.is_tensor(v) and v.dim() >= 2 and v.shape[1] == full_t:
+        if k not in ("tokens", "prompt_experts") and torch.is_tensor(v) and v.dim() >= 2 and v.shape[1] == full_t:
             v = v[:, :t].contiguous()
         out[k] = v
     return out

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_apo.config import ConfigError
+from megatron_apo.models.routing import replay_routing
 from megatron_apo.parallel import control_plane
 from megatron_apo.trainer.batch import MicroBatchPlan, RLBatch, plan_micro_batches
 from megatron_apo.trainer.moe_metrics import aux_loss_metrics, routing_capture
@@ -64,7 +65,8 @@ def rl_step(step: int, batch: RLBatch, models: RLModels, settings: PassSettings,
     metrics["time/reference_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     old = OldPolicyPass(settings, ref.outputs)
-    with torch.no_grad(), routing_capture(models.policy, settings):  # MoE: rollout/routing_mismatch
+    # MoE: rollout/routing_mismatch; with rollout.routing_replay the routers take the engine's routes
+    with torch.no_grad(), routing_capture(models.policy, settings), replay_routing(models.policy, micro):
         forward_backward(models.policy, micro, old, seq, mbs, forward_only=True, variable_seq_lengths=var)
     metrics.update(gather_old_metrics(old.outputs))  # mismatch and rollout-correction metrics
     train = TrainPass(settings, ref.outputs, old.outputs)  # outputs exist on the last stage, where the loss runs
@@ -73,7 +75,8 @@ def rl_step(step: int, batch: RLBatch, models: RLModels, settings: PassSettings,
     for _epoch in range(t.ppo_epochs):
         for part in plan.mini:
             zero_grads(models.policy, models.optimizer)
-            out = forward_backward(models.policy, micro[part], train, seq, mbs, variable_seq_lengths=var)
+            with replay_routing(models.policy, micro[part]):
+                out = forward_backward(models.policy, micro[part], train, seq, mbs, variable_seq_lengths=var)
             if not _all_finite(out):
                 skipped += 1  # a NaN/inf loss: drop this update, keep training
                 continue

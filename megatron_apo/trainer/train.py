@@ -105,7 +105,8 @@ def _build_models(cfg: RunConfig, model_cfg) -> RLModels:
     dtype, impl, t = torch_dtype(cfg.model.params_dtype), cfg.model.transformer_impl, cfg.trainer
     policy = [wrap_ddp(build_gpt_model(model_cfg, params_dtype=dtype, transformer_impl=impl,
                                        recompute=t.recompute == "full", fusions=cfg.model.fusions, ddp=True,
-                                       moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff),
+                                       moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff,
+                                       routing_replay=cfg.rollout.routing_replay),
                        use_distributed_optimizer=t.use_distributed_optimizer)]
     optimizer = build_optimizer(policy, t)  # the trainer section is the optimizer config (config.OptimConfig)
     reference = build_gpt_model(model_cfg, params_dtype=dtype, transformer_impl=impl, fusions=cfg.model.fusions)

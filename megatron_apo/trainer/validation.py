@@ -26,6 +26,13 @@ def validate_run_config(cfg: RunConfig, world_size: int | None = None) -> ModelC
     if cfg.model.moe_aux_loss_coeff > 0 and not model_cfg.is_moe:
         raise ConfigError(f"model.moe_aux_loss_coeff={cfg.model.moe_aux_loss_coeff} needs a mixture-of-experts model "
                           f"({model_cfg.name} is dense); remove it")
+    if cfg.rollout.routing_replay and not model_cfg.is_moe:
+        raise ConfigError(f"rollout.routing_replay needs a mixture-of-experts model ({model_cfg.name} is dense); "
+                          "remove it")
+    if cfg.rollout.routing_replay and cfg.trainer.recompute == "full" and p.pipeline_model_parallel_size > 1:
+        # a recomputing backward re-runs a router after later micro-batches' forwards set their routes
+        raise ConfigError("rollout.routing_replay with trainer.recompute=full needs pipeline_model_parallel_size 1; "
+                          "turn one of them off")
     if world_size is not None:  # each data-parallel rank trains an equal share of every RL step's samples
         dp = world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
         samples = cfg.data.train_batch_size * cfg.rollout.n
