@@ -98,6 +98,9 @@ def _add_plan(sub) -> None:
     p.add_argument("--seq-length", type=int, default=4096, help="prompt + response tokens (default 4096)")
     p.add_argument("--micro-batch-size", type=int, default=1)
     p.add_argument("--num-micro-batches", type=int, default=8)
+    p.add_argument("--micro-batch-tokens", type=int, default=0,
+                   help="trainer.micro_batch_tokens: tokens per micro-batch (padded or packed); 0 = --micro-batch-size "
+                        "sequences of --seq-length")
     p.add_argument("--recompute", choices=["none", "full"], default="none")
     p.add_argument("--no-reference", action="store_true", help="no frozen reference model (e.g. plain GRPO)")
     p.add_argument("--reference-offload", action="store_true", help="reference weights live on the host")
@@ -119,7 +122,8 @@ def _run_plan(args) -> int:
     cluster = Cluster(num_gpus=args.gpus, gpu_memory_gib=args.gpu_memory, gpus_per_node=args.gpus_per_node,
                       gpu_name=args.gpu_name)
     workload = Workload(seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
-                        num_micro_batches=args.num_micro_batches, recompute=args.recompute,
+                        num_micro_batches=args.num_micro_batches, micro_batch_tokens=args.micro_batch_tokens,
+                        recompute=args.recompute,
                         reference_model=not args.no_reference, reference_offload=args.reference_offload,
                         optimizer_offload=args.optimizer_offload,
                         vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization)

@@ -17,7 +17,8 @@ Trainer, per GPU, for tensor/pipeline/data/expert parallel sizes t, p, d, e (`tr
     optimizer  = 12 * N_dense / d + 12 * N_expert / (d/e)   fp32 main params + Adam m and v, sharded by the
                  distributed optimizer over DP (non-expert) and expert-DP = d/e (experts); 0 on the GPU with
                  optimizer_offload (Megatron-Core's optimizer_cpu_offload; the host then holds them)
-    activations= in_flight * (L/p) * tokens * a_layer / t, with tokens = seq_length * micro_batch_size,
+    activations= in_flight * (L/p) * tokens * a_layer / t, with tokens = seq_length * micro_batch_size, or with a
+                 token budget (trainer.micro_batch_tokens, padded or packed) max(micro_batch_tokens, seq_length),
                  in_flight = min(p, num_micro_batches) micro batches held by the first stage under 1F1B, and
                  a_layer = 12h + 4kv + 6f bytes per token for Qwen2/Llama (q = h; bf16; flash attention keeps no
                  s x s matrix; sequence parallel divides everything by t) -- with full recompute a_layer = 2h
@@ -62,17 +63,29 @@ class Workload:
     seq_length: int = 4096          # prompt + response tokens per sequence
     micro_batch_size: int = 1
     num_micro_batches: int = 8      # per step per DP rank; only min(p, this) are in flight on stage 0
+    # trainer.micro_batch_tokens: a micro-batch holds at most this many tokens (a longer sequence holds its own);
+    # 0 = micro_batch_size sequences of seq_length
+    micro_batch_tokens: int = 0
     recompute: str = "none"         # "none" or "full"
     reference_model: bool = True    # APO / KL methods keep a frozen reference policy
     reference_offload: bool = False  # reference weights live on the host between uses
     optimizer_offload: bool = False  # fp32 main params and Adam states on the host (what-if; see docs/models.md)
     vllm_gpu_memory_utilization: float = 0.85
 
+    @property
+    def micro_batch_token_count(self) -> int:
+        """Tokens in the largest micro-batch: what its activations and logits scale with."""
+        if self.micro_batch_tokens:
+            return max(self.micro_batch_tokens, self.seq_length)
+        return self.seq_length * self.micro_batch_size
+
     def validate(self) -> None:
         if self.recompute not in ("none", "full"):
             raise InputError(f"plan: recompute={self.recompute!r}; use 'none' or 'full'")
         if self.seq_length < 1 or self.micro_batch_size < 1 or self.num_micro_batches < 1:
             raise InputError("plan: seq_length, micro_batch_size and num_micro_batches must be >= 1")
+        if self.micro_batch_tokens < 0:
+            raise InputError("plan: micro_batch_tokens must be >= 0 (0 = micro_batch_size sequences)")
         if not 0.1 <= self.vllm_gpu_memory_utilization <= 1.0:
             raise InputError("plan: vllm_gpu_memory_utilization must be in [0.1, 1]")
 
@@ -286,7 +299,7 @@ def trainer_memory(cfg: ModelConfig, tp: int, pp: int, dp: int, workload: Worklo
     stage = max(range(pp), key=lambda st: stage_parameters(cfg, tp, pp, st, ep))
     dense, expert = stage_dense_and_expert_parameters(cfg, tp, pp, stage, ep)
     n = dense + expert
-    tokens = workload.seq_length * workload.micro_batch_size
+    tokens = workload.micro_batch_token_count
     layers = cfg.num_layers // pp
     in_flight = min(pp, workload.num_micro_batches)
     full_layer = tokens * activation_bytes_per_token_layer(cfg) // tp
@@ -479,7 +492,9 @@ def format_plan(p: Plan, show_all: bool = False) -> str:
     lines = [
         f"model {p.model}: {size}; cluster {c.num_gpus} x {c.gpu_name} "
         f"{c.gpu_memory_gib:g} GiB ({c.num_nodes} node(s) of {c.gpus_per_node})",
-        f"workload: seq {w.seq_length}, micro batch {w.micro_batch_size}, recompute {w.recompute}, reference "
+        f"workload: seq {w.seq_length}, micro batch "
+        + (f"{w.micro_batch_tokens} tokens" if w.micro_batch_tokens else f"{w.micro_batch_size}")
+        + f", recompute {w.recompute}, reference "
         f"{'offloaded' if w.reference_offload else ('on GPU' if w.reference_model else 'none')}"
         + (", optimizer offloaded to the host" if w.optimizer_offload else ""),
         f"split: trainer {p.trainer_gpus} GPUs, fleet {p.fleet_gpus} GPUs"

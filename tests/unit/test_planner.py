@@ -4,6 +4,7 @@ layouts our Slurm examples use."""
 import pytest
 
 from megatron_apo.cli import main as cli_main
+from megatron_apo.config import InputError
 from megatron_apo.launch.planner import (
     GIB,
     Cluster,
@@ -145,6 +146,29 @@ def test_plan_cli_prints_the_table(capsys):
     assert "recommended: trainer TP=8 PP=2 DP=2 on 32 GPUs, fleet 8 x vLLM TP=2 on 16 GPUs" in out
     assert "  8   1   4 " in out and " no" in out  # the PP=1 row is shown and does not fit
 
+
+
+def test_token_budget_sizes_the_micro_batch_activations():
+    """A micro-batch of micro_batch_tokens (padded or packed) holds that many tokens whatever the sequence length;
+    a sequence longer than the budget holds its own micro-batch."""
+    cfg = load_model_config("qwen2.5-32b")
+
+    def mem(**kw):
+        return trainer_memory(cfg, 8, 2, 2, Workload(**kw))
+
+    budget = mem(seq_length=4096, micro_batch_tokens=16384)
+    same = mem(seq_length=16384)
+    assert (budget.activations, budget.logits) == (same.activations, same.logits)
+    assert budget.activations == 4 * mem(seq_length=4096).activations > 0
+    assert mem(seq_length=16384, micro_batch_tokens=4096).activations == same.activations
+    with pytest.raises(InputError, match="micro_batch_tokens"):
+        mem(micro_batch_tokens=-1)
+
+
+def test_plan_cli_takes_the_token_budget(capsys):
+    assert cli_main(["plan", "--model", "qwen2.5-32b", "--gpus", "48", "--seq-length", "4096",
+                     "--micro-batch-tokens", "16384"]) == 0
+    assert "micro batch 16384 tokens" in capsys.readouterr().out
 
 # ---------------------------------------------------------------- MoE (Qwen3-30B-A3B, Qwen3-235B-A22B)
 
