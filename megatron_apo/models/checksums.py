@@ -78,10 +78,11 @@ def add_to_manifest(folder: Path) -> None:
 
 
 def verify_checkpoint(it: str | Path, prefix: str = "", collective: bool = True, allow_unverified: bool = False,
-                      how_to_allow: str = "checkpoint.allow_unverified=true") -> bool:
+                      how_to_allow: str = "checkpoint.allow_unverified=true", refuse_unlisted: bool = True) -> bool:
     """Raises CheckpointCorrupt naming a file (under `prefix`, e.g. "model/") whose CRC32 differs from the one
-    recorded at save, or that is missing. A checkpoint without a manifest raises UnverifiedCheckpoint, or with
-    `allow_unverified` passes unverified (returns False; True when it was verified)."""
+    recorded at save, that is missing, or (`refuse_unlisted`) that the manifest does not list. A checkpoint without
+    a manifest raises UnverifiedCheckpoint, or with `allow_unverified` passes unverified (returns False; True when
+    it was verified)."""
     it = Path(it)
     manifest = it / CHECKSUM_FILE
     if not manifest.is_file():
@@ -103,7 +104,8 @@ def verify_checkpoint(it: str | Path, prefix: str = "", collective: bool = True,
     on_disk = {str(p.relative_to(it)) for p in root.rglob("*") if p.is_file()} if root.is_dir() else set()
     unlisted = [n for n in sorted(on_disk - set(recorded) - {CHECKSUM_FILE})
                 if n.startswith(prefix) and n != "megatron_apo.json" and not n.startswith("tokenizer/")]
-    bad = [f"{it / n} is not in {CHECKSUM_FILE} (not written by the save)" for n in unlisted[:1]] if rank == 0 else []
+    bad = [f"{it / n} is not in {CHECKSUM_FILE} (not written by the save)" for n in unlisted[:1]] \
+        if rank == 0 and refuse_unlisted else []
     for name in names[rank::world]:
         f = it / name
         if not f.is_file():

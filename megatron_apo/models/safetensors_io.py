@@ -111,7 +111,7 @@ class HFCheckpoint:
         except json.JSONDecodeError as e:
             raise InputError(f"{cfg_path}: not valid JSON ({e})") from None
         try:  # folders this project exported carry CRC32s of their shards (others have none: safetensors is data)
-            verify_checkpoint(self.folder, collective=False, allow_unverified=True)
+            verify_checkpoint(self.folder, collective=False, allow_unverified=True, refuse_unlisted=False)
         except CheckpointCorrupt as e:
             raise CheckpointCorrupt(f"{e}; if the weights were replaced on purpose, delete "
                                     f"{self.folder / CHECKSUM_FILE}") from None
