@@ -30,6 +30,11 @@ def model_forward(model, batch: dict) -> torch.Tensor:
         params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
                                  max_seqlen_kv=longest)
         return model(batch["tokens"], batch["position_ids"], attention_mask=None, packed_seq_params=params)
+    if batch["tokens"].is_cuda:  # the local spec's fused causal softmax would ignore the mask
+        from megatron_apo.config import ConfigError
+
+        raise ConfigError("trainer.pack_sequences on a GPU needs model.transformer_impl: transformer_engine "
+                          "(Megatron's packed-sequence attention)")
     mask = packed_attention_mask(cu, batch["tokens"].shape[1])
     with _rope_at(model, batch["position_ids"]):
         return model(batch["tokens"], batch["position_ids"], attention_mask=mask)
