@@ -105,3 +105,23 @@ def test_pack_sequences_needs_a_token_budget():
     with pytest.raises(ConfigError, match="micro_batch_tokens"):
         TrainerSection(micro_batch_tokens=-1).validate()
     TrainerSection(pack_sequences=True, micro_batch_tokens=4096).validate()
+
+
+def test_rope_runs_at_each_tokens_own_position_in_a_packed_row():
+    """RoPE is relative, so a packed sample's logits barely change at an offset; the rotary table is still what
+    Megatron's THD path gives: row position p of sample k rotates by p - start_k."""
+    from megatron_apo.trainer.schedule import _rope_at
+
+    class Table(torch.nn.Module):  # Megatron's RotaryEmbedding(S) returns angles [S, 1, 1, D], row index x freqs
+        def forward(self, s):
+            return (torch.arange(s, dtype=torch.float32)[:, None] * torch.tensor([1.0, 0.1]))[:, None, None, :]
+
+    model = torch.nn.Module()
+    model.rotary_pos_emb = Table()
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2]])
+    table = model.rotary_pos_emb(8)
+    with _rope_at(model, positions):
+        got = model.rotary_pos_emb(8)
+    assert got.shape == (8, 1, 1, 2)
+    assert torch.equal(got[:, 0, 0], table[positions[0], 0, 0]) and not torch.equal(got, table)
+    assert torch.equal(model.rotary_pos_emb(8), table)  # only inside the context
