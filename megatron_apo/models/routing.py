@@ -192,8 +192,8 @@ def replay_positions(batch: dict) -> torch.Tensor:
         first = int(batch["resp_index"][i, 0])
         out[r, first - n_prompt[i]: first] = prompt[i, : n_prompt[i]]
         out[r, batch["resp_index"][i, : n_resp[i]]] = resp[i, : n_resp[i]]
-        last = int(batch["resp_index"][i, max(0, n_resp[i] - 1)])
-        if (out[r, first - n_prompt[i]: last + 1, :, 0] < 0).any():
+        end = int(batch["resp_index"][i, n_resp[i] - 1]) + 1 if n_resp[i] else first  # a masked-out sample: none
+        if (out[r, first - n_prompt[i]: end, :, 0] < 0).any():
             raise InputError(f"rollout.routing_replay: sample {i} of a micro-batch has positions without a route "
                              "from the engine (its routes are shorter than its response)")
     return out

@@ -84,6 +84,13 @@ def test_every_position_up_to_the_last_response_token_gets_its_route():
     assert full[1, :6, 1, 1].tolist() == [10, 11, 12, 13, 14, 15] and (full[1, 6:] == -1).all()
 
 
+def test_a_masked_out_sample_needs_no_response_route():
+    mb = _batch([3, 5], [4, 2])
+    mb["response_mask"][1] = 0  # an empty micro-batch's stand-in sample (trainer/batch.py::_take)
+    full = replay_positions(mb)
+    assert full[1, :4, 0, 0].tolist() == [10, 11, 12, 13] and (full[1, 4:] == -1).all()
+
+
 def test_packed_rows_place_each_sample_at_its_offset():
     mb = _batch([3, 2], [2, 3])
     starts = torch.tensor([0, 5])  # sample 0: 3 + 2 tokens, then sample 1
