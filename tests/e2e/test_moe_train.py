@@ -105,11 +105,35 @@ def test_apo_tp2_ep2_three_steps_with_resume(moe_env, tmp_path):
     assert all(torch.equal(after[n], uninterrupted[n]) for n in after)
 
 
+@pytest.mark.slow  # three CLI runs of one trainer rank plus a Ray CPU fleet
+def test_routing_replay_routes_as_the_engine_and_a_resume_replays_identically(moe_env, tmp_path):
+    """rollout.routing_replay: the trainer's routers take the CPU engine's routes (every prompt and response
+    position); the routing mismatch is exactly 0 and a resumed third step equals an uninterrupted run's."""
+    def args(steps, out):
+        return overrides(moe_env, out, tp=1, steps=steps, extra=[
+            "rollout.routing_replay=true", "checkpoint.save_interval=1", "data.train_batch_size=2",
+            "trainer.micro_batch_size=4", "model.moe_aux_loss_coeff=0.01"])
+
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    _train(args(2, out))
+    _train(args(3, out))
+    _train(args(3, straight))
+    rows, want = read_metrics(out / "metrics.jsonl"), read_metrics(straight / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["rollout/routing_mismatch"] == 0.0
+        assert r["rollout/logprob_abs_diff"] < 1e-4 and math.isfinite(r["loss"])
+        assert 0.5 < r["train/moe_aux_loss"] < 4.0  # the router's probabilities still feed the aux loss
+    assert {k: v for k, v in rows[2].items() if not _wall_clock(k)} == {k: v for k, v in want[2].items()
+                                                                       if not _wall_clock(k)}
+
+
 @pytest.mark.parametrize("model, extra, message", [
     ("moe", ["model.moe_aux_loss_coeff=-0.1"], "model.moe_aux_loss_coeff must be >= 0 (0 turns it off), got -0.1"),
     ("dense", ["model.moe_aux_loss_coeff=0.01"], "needs a mixture-of-experts model"),
     ("dense", ["parallel.expert_model_parallel_size=2"], "needs a mixture-of-experts model"),
     ("moe", ["parallel.expert_model_parallel_size=3"], "does not divide num_moe_experts=4"),
+    ("dense", ["rollout.routing_replay=true"], "rollout.routing_replay needs a mixture-of-experts model"),
 ])
 def test_bad_moe_config_is_one_line(moe_env, tmp_path, model, extra, message):
     args = overrides(moe_env, tmp_path, tp=2)
