@@ -357,6 +357,10 @@ def test_resume_at_another_tp_size_is_one_line_or_resets_adam_when_allowed(saved
     assert "checkpoint.reset_optimizer=true" in err and len(err.splitlines()) == 1, err
     step, losses = run_distributed(resume_at_layout, 1, 1, 1, saved_at_tp2, True, timeout=300)[0]
     assert step == 2 and all(np.isfinite(losses))
+    err = run_distributed(resume_at_layout, 2, 1, 2, saved_at_tp2, False, timeout=300)[0]  # a PP change too
+    assert err.startswith("OptimizerLayoutChanged: ") and "tensor 2 -> 1, pipeline 1 -> 2" in err, err
+    last_stage = run_distributed(resume_at_layout, 2, 1, 2, saved_at_tp2, True, timeout=300)[1]
+    assert last_stage[0] == 2 and last_stage[1] and all(np.isfinite(last_stage[1]))
     # a checkpoint of an older version records no layout: megatron-core's KeyError becomes the same one line
     old = _copy(Path(saved_at_tp2), tmp_path / "old")
     meta_file = old / "iter_0000002" / "megatron_apo.json"
