@@ -58,6 +58,13 @@ def test_replay_is_the_same_at_tp_ep_and_pp(noisy_rollout, replayed, tp, pp, ep)
         assert all(r["train_routing_mismatch"] == 0.0 for r in out)
 
 
+@pytest.mark.slow
+def test_replay_in_packed_micro_batches_is_the_padded_one(noisy_rollout, replayed):
+    m = run_distributed(replay_step, 1, *noisy_rollout, True, pack=True, timeout=300)[0]["metrics"]
+    assert m["rollout/routing_mismatch"] == 0.0
+    assert m["rollout/logprob_abs_diff"] == pytest.approx(replayed["metrics"]["rollout/logprob_abs_diff"], abs=1e-5)
+
+
 # ---- the per-position routes, without a model ----
 
 def _batch(prompt_lens, resp_lens, s=16, layers=2, k=2):

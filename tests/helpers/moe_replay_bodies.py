@@ -44,9 +44,9 @@ def engine_samples(router_noise: float, n: int = 2, max_new_tokens: int = 6) -> 
 
 
 def replay_step(prompts: list, raw: list, replay: bool, tp: int = 1, pp: int = 1, ep: int = 1,
-                drop_routes: bool = False) -> dict:
-    """One RL step on the engine's samples; the step's metrics, and (PP = 1) the fraction of response tokens the
-    train pass routed unlike the engine."""
+                pack: bool = False) -> dict:
+    """One RL step on the engine's samples (`pack`: in packed micro-batches); the step's metrics, and (PP = 1,
+    padded) the fraction of response tokens the train pass routed unlike the engine."""
     from megatron_apo.config import AlgorithmConfig, TrainerSection
     from megatron_apo.models.routing import capture_routing, response_routing_mismatch
     from megatron_apo.rollout.engine import Sample
@@ -59,22 +59,20 @@ def replay_step(prompts: list, raw: list, replay: bool, tp: int = 1, pp: int = 1
     cfg = load_model_config(MOE_MODEL)
     policy = build_gpt_model(cfg, routing_replay=replay, ddp=True, sequence_parallel=tp > 1)
     set_fixed_weights(policy)
-    t = TrainerSection(lr=0.0, micro_batch_size=8, clip_grad=1e9, use_distributed_optimizer=False)
+    t = TrainerSection(lr=0.0, micro_batch_size=8, clip_grad=1e9, use_distributed_optimizer=False,
+                       pack_sequences=pack)
     ddp = wrap_ddp(policy, use_distributed_optimizer=False)
     optimizer = build_optimizer([ddp], t)
     reference = build_gpt_model(cfg, sequence_parallel=tp > 1)
     set_fixed_weights(reference)
     samples = [[Sample(p, s, *fields) for s, fields in enumerate(group)] for p, group in enumerate(raw)]
-    if drop_routes:
-        for s in samples[1]:
-            s.meta.pop("prompt_routed_experts")
     n = sum(len(g) for g in samples)
     batch = build_batch(prompts, samples, torch.zeros(n), torch.linspace(-1, 1, n))
     settings = PassSettings(AlgorithmConfig(loss_mode="vanilla"), vocab_size=cfg.vocab_size)
     models = RLModels([ddp], optimizer, reference, cfg)
     from megatron.core import parallel_state as ps
 
-    if ps.get_pipeline_model_parallel_world_size() > 1:
+    if ps.get_pipeline_model_parallel_world_size() > 1 or pack:
         return {"metrics": {k: float(v) for k, v in rl_step(0, batch, models, settings, t).items()}}
     with capture_routing(ddp) as maps:
         metrics = rl_step(0, batch, models, settings, t)
