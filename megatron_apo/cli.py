@@ -164,6 +164,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--ray-address", help="existing Ray cluster for --engines N (default: start a local one)")
     p.add_argument("--prompts-per-call", type=int, default=8, help="prompts per engine.generate call")
     p.add_argument("--correct-threshold", type=float, default=1.0, help="reward >= this counts as correct")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="export a Megatron checkpoint that has no checksums.json (it runs code when read: trusted "
+                        "sources only)")
     p.set_defaults(func=_run_eval)
 
 
@@ -202,7 +205,7 @@ def _run_eval(args) -> int:
                      skip_invalid=args.skip_invalid, limit=args.limit, reward_fn=args.reward_fn,
                      reward_workers=args.reward_workers, reward_timeout_s=args.reward_timeout,
                      engines=args.engines, engine=args.engine, engine_tp=args.engine_tp, ray_address=args.ray_address,
-                     config=config))
+                     allow_unverified=args.allow_unverified, config=config))
     return 0
 
 

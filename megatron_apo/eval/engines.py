@@ -24,8 +24,9 @@ def is_megatron_checkpoint(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def hf_folder_for(model: Path, scratch: Path) -> Iterator[Path]:
-    """`model` if it is an HF folder; a Megatron checkpoint is exported under `scratch` (removed afterwards)."""
+def hf_folder_for(model: Path, scratch: Path, allow_unverified: bool = False) -> Iterator[Path]:
+    """`model` if it is an HF folder; a Megatron checkpoint is exported under `scratch` (removed afterwards). A
+    checkpoint without checksums.json is refused unless `allow_unverified` (`eval --allow-unverified`)."""
     if not model.is_dir():
         raise MissingInputError(f"model folder not found: {model}")
     if (model / "config.json").is_file():
@@ -39,7 +40,7 @@ def hf_folder_for(model: Path, scratch: Path) -> Iterator[Path]:
     out = scratch / "hf_export"
     shutil.rmtree(out, ignore_errors=True)
     try:
-        convert_megatron_to_hf(model, out, progress=False)
+        convert_megatron_to_hf(model, out, progress=False, allow_unverified=allow_unverified)
         yield out
     finally:
         shutil.rmtree(out, ignore_errors=True)

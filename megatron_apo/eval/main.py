@@ -31,6 +31,7 @@ class EvalJob:
     engine: str = "cpu"  # cpu | vllm, as rollout.engine in training
     engine_tp: int = 1  # tensor parallel inside each vLLM engine
     ray_address: str | None = None  # an existing Ray cluster for the fleet (default: a new local one)
+    allow_unverified: bool = False  # export a Megatron checkpoint without checksums.json (trusted sources only)
     config: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -75,7 +76,8 @@ def _evaluate_into(job: EvalJob, runs: dict[str, dict]) -> dict[str, dict]:
         from megatron_apo.eval.engines import hf_folder_for, open_engine
 
         with contextlib.ExitStack() as stack:
-            hf_dir = stack.enter_context(hf_folder_for(Path(job.model), job.out))
+            hf_dir = stack.enter_context(hf_folder_for(Path(job.model), job.out,
+                                                          allow_unverified=job.allow_unverified))
             _check_architecture(Path(hf_dir))
             tokenizer = load_tokenizer(job.tokenizer or hf_dir, job.template)
             dataset = PromptDataset.from_parquet(job.data, tokenizer, job.max_prompt_length,

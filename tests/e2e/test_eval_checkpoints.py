@@ -51,3 +51,28 @@ def test_eval_through_ray_fleet_matches_in_process(setup):
     res = _eval(model, data, root / "fleet_eval", "fleet", "--engines", 1)
     assert res["meta"]["engine"] == "ray fleet of 1 cpu engine(s)"
     assert res["per_prompt"] == ref["per_prompt"] and res["examples"] == ref["examples"]
+
+
+def test_eval_refuses_an_unverified_megatron_checkpoint_unless_allowed(setup):
+    """A Megatron checkpoint is code-equivalent: without its checksums.json, eval stops in one line naming
+    --allow-unverified before any file is read; with the flag it evaluates as before."""
+    import shutil
+
+    from megatron_apo.models.convert import convert_hf_to_megatron
+
+    root, model, data, ref = setup
+    ckpt = root / "megatron_unverified"
+    convert_hf_to_megatron(model, ckpt, tp=1, progress=False)
+    manifests = list(ckpt.rglob("checksums.json"))
+    assert manifests
+    for m in manifests:
+        m.unlink()
+    cmd = [sys.executable, "-m", "megatron_apo.cli", "eval", "--model", str(ckpt), "--data", str(data), "--n", "2",
+           "--max-new-tokens", "2", "--out", str(root / "refused"), "--reward-workers", "0"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "--allow-unverified" in proc.stderr, proc.stderr
+    assert not (root / "refused").exists()
+    res = _eval(ckpt, data, root / "allowed", "megatron", "--allow-unverified")
+    assert res["per_prompt"] == ref["per_prompt"]
+    shutil.rmtree(root / "allowed")
