@@ -129,7 +129,7 @@ def response_routing_mismatch(maps: list[torch.Tensor], batch: dict) -> torch.Te
     idx = batch["resp_index"]
     n_layers, _, _, n_experts = train.shape
     train = train.gather(2, idx[None, :, :, None].expand(n_layers, -1, -1, n_experts))  # [layers, b, T, E]
-    ids = batch["rollout_experts"].to(train.device)  # [b, T, layers, k]
+    ids = batch["rollout_experts"].to(train.device).long()  # [b, T, layers, k]
     rollout = routing_maps_from_ids(ids.permute(2, 0, 1, 3), n_experts)
     known = ((ids[..., 0, 0] >= 0) & (batch["response_mask"] > 0)).float()  # [b, T]
     differs = (train != rollout).any(-1).float() * known  # [layers, b, T]
@@ -137,6 +137,9 @@ def response_routing_mismatch(maps: list[torch.Tensor], batch: dict) -> torch.Te
 
 
 # ---- routing replay (rollout.routing_replay, docs/models.md "Routing replay") ----
+
+# expert ids as the batch stores them (-1: no route): every rank holds the step's routes, layers x k per token
+ROUTE_DTYPE = torch.int16
 
 
 def prompt_position_experts(calls: list[torch.Tensor], prompt_lengths: list[int]) -> list[list]:
@@ -152,7 +155,7 @@ def prompt_position_experts(calls: list[torch.Tensor], prompt_lengths: list[int]
 
 
 def prompt_experts_tensor(routes: list, lengths: list[int]) -> torch.Tensor:
-    """[N, P, layers, k] int64 from per-sample prompt routes ([P_i - 1][layers][k], -1 past them); `lengths` are
+    """[N, P, layers, k] ROUTE_DTYPE from per-sample prompt routes ([P_i - 1][layers][k], -1 past them); `lengths` are
     the prompt lengths, checked against the routes (an engine that skipped prompt positions is an error)."""
     from megatron_apo.config import InputError
 
@@ -161,10 +164,10 @@ def prompt_experts_tensor(routes: list, lengths: list[int]) -> torch.Tensor:
             raise InputError(f"sample {i}: the engine returned routed experts for {len(r)} prompt positions, its "
                              f"prompt has {p} tokens (expected {max(0, p - 1)}); rollout.routing_replay needs all")
     layers, k = next((len(r[0]), len(r[0][0])) for r in routes if r) if any(routes) else (1, 1)
-    out = torch.full((len(routes), max(1, max(lengths) - 1), layers, k), -1, dtype=torch.long)
+    out = torch.full((len(routes), max(1, max(lengths) - 1), layers, k), -1, dtype=ROUTE_DTYPE)
     for i, r in enumerate(routes):
         if r:
-            out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            out[i, : len(r)] = torch.tensor(r, dtype=ROUTE_DTYPE)
     return out
 
 
@@ -183,15 +186,15 @@ def replay_positions(batch: dict) -> torch.Tensor:
         raise InputError("rollout.routing_replay is on but the rollout samples carry no routed experts: the engine "
                          "did not return them (an engine that cannot, or rollout.routing_replay was off there)")
     _, _, layers, k = resp.shape
-    out = torch.full((b, s, layers, k), -1, dtype=torch.long)
+    out = torch.full((b, s, layers, k), -1, dtype=ROUTE_DTYPE)
     rows = batch.get("resp_row")
     n_resp = batch["response_mask"].sum(-1).long().tolist()
     n_prompt = (prompt[:, :, 0, 0] >= 0).sum(-1).tolist()
     for i in range(resp.shape[0]):
         r = i if rows is None else int(rows[i])
         first = int(batch["resp_index"][i, 0])
-        out[r, first - n_prompt[i]: first] = prompt[i, : n_prompt[i]]
-        out[r, batch["resp_index"][i, : n_resp[i]]] = resp[i, : n_resp[i]]
+        out[r, first - n_prompt[i]: first] = prompt[i, : n_prompt[i]].to(out.dtype)
+        out[r, batch["resp_index"][i, : n_resp[i]]] = resp[i, : n_resp[i]].to(out.dtype)
         end = int(batch["resp_index"][i, n_resp[i] - 1]) + 1 if n_resp[i] else first  # a masked-out sample: none
         if (out[r, first - n_prompt[i]: end, :, 0] < 0).any():
             raise InputError(f"rollout.routing_replay: sample {i} of a micro-batch has positions without a route "
@@ -265,7 +268,7 @@ def _set_targets(chunk: torch.nn.Module, routers: list, batch: dict) -> None:
         sbk = sbk.chunk(tp, dim=0)[ps.get_tensor_model_parallel_rank()]
     for layer, rr in routers:
         rr.clear_indices()
-        rr.target_topk_idx = sbk[:, :, layer].reshape(-1, sbk.shape[-1]).contiguous()
+        rr.target_topk_idx = sbk[:, :, layer].reshape(-1, sbk.shape[-1]).long()  # gather indices
         rr.set_router_replay_action(action.REPLAY_FORWARD)
 
 

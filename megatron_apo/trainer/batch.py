@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_apo.models.routing import ROUTE_DTYPE
 from megatron_apo.rollout.engine import Sample
 
 
@@ -28,7 +29,7 @@ class RLBatch:
     rewards: torch.Tensor  # [N] float
     advantages: torch.Tensor  # [N, T] float
     group_index: torch.Tensor  # [N] int64: which prompt the sample answers
-    # MoE with an engine that reports it: [N, T, layers, k] int64 experts the rollout routed response token j's
+    # MoE with an engine that reports it: [N, T, layers, k] int16 experts the rollout routed response token j's
     # predicting position to (-1 past the response); None otherwise
     rollout_experts: torch.Tensor | None = None
     # [N, T] bool: response token of a sample whose group has no correct response (every reward <= 0, the test of
@@ -109,9 +110,9 @@ def _rollout_experts(flat: list, t: int) -> torch.Tensor | None:
     if not routed or not all(routed):  # a dense model, or an engine that does not report routing
         return None
     layers, k = len(routed[0][0]), len(routed[0][0][0])
-    out = torch.full((len(flat), t, layers, k), -1, dtype=torch.long)
+    out = torch.full((len(flat), t, layers, k), -1, dtype=ROUTE_DTYPE)
     for i, r in enumerate(routed):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        out[i, : len(r)] = torch.tensor(r, dtype=ROUTE_DTYPE)
     return out
 
 
