@@ -83,7 +83,8 @@ def transformer_config(
     routing_replay: bool = False,
 ):
     """Megatron's TransformerConfig for `cfg` (SwiGLU, RMSNorm, RoPE). `fusions` (model.fusions): megatron-core's
-    fused kernels with CUDA (fusion_flags); `ddp`: the model will be DDP-wrapped (its grads live in main_grad)."""
+    fused kernels with CUDA (fusion_flags); `ddp`: the model will be DDP-wrapped (its grads live in main_grad);
+    `routing_replay` (MoE): the routers replay given routes (rollout.routing_replay, models/routing.py)."""
     from megatron.core import parallel_state
     from megatron.core.transformer import TransformerConfig
 
