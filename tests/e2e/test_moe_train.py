@@ -134,6 +134,8 @@ def test_routing_replay_routes_as_the_engine_and_a_resume_replays_identically(mo
     ("dense", ["parallel.expert_model_parallel_size=2"], "needs a mixture-of-experts model"),
     ("moe", ["parallel.expert_model_parallel_size=3"], "does not divide num_moe_experts=4"),
     ("dense", ["rollout.routing_replay=true"], "rollout.routing_replay needs a mixture-of-experts model"),
+    ("moe", ["rollout.routing_replay=true", "trainer.recompute=full", "parallel.pipeline_model_parallel_size=2"],
+     "rollout.routing_replay with trainer.recompute=full needs pipeline_model_parallel_size 1"),
 ])
 def test_bad_moe_config_is_one_line(moe_env, tmp_path, model, extra, message):
     args = overrides(moe_env, tmp_path, tp=2)
