@@ -9,6 +9,7 @@ routing mismatch is the fraction of (token, MoE layer) pairs whose top-k expert 
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator
 
 import torch
@@ -202,6 +203,7 @@ def replay_positions(batch: dict) -> torch.Tensor:
     return out
 
 
+@functools.cache  # one class: megatron-core is imported lazily, so the subclass is made on first use
 def _replay_class():
     from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
