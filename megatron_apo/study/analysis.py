@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_apo.eval.pass_at_k import pass_at_k
-from megatron_apo.study.config import StudyConfig, replicate_name, replicates
+from megatron_apo.study.config import StudyConfig, endpoint_k, replicate_name, replicates
 
 DYNAMICS = [("reward/mean", "reward"), ("entropy", "entropy (sampled positions)"), ("top1_prob", "top-1 probability"),
             ("anchor/safe_mass_wrong", "ref Top-K mass on wrong responses"), ("ref_kl", "KL to reference (k3)"),
@@ -206,7 +206,7 @@ def hard_endpoints(results: dict) -> list[str]:
 def comparisons(results: dict, cfg: StudyConfig) -> dict:
     """Every method against the baseline on the hard endpoints at pass@endpoint_k: seed-level paired t-intervals;
     the primary methods at alpha 0.05 each, the secondary ones Holm-corrected together (per endpoint)."""
-    k = cfg.endpoint_k - 1
+    k = endpoint_k(cfg) - 1
     out = {}
     for split in hard_endpoints(results):
         methods = results["splits"][split]["methods"]
@@ -220,7 +220,7 @@ def comparisons(results: dict, cfg: StudyConfig) -> dict:
                 r.update(p_holm=adjusted[m]["p_holm"], significant=adjusted[m]["rejected"])
             else:
                 r["significant"] = bool(r["ci_low"] > 0 or r["ci_high"] < 0)
-        out[split] = {"k": cfg.endpoint_k, "methods": rows}
+        out[split] = {"k": endpoint_k(cfg), "methods": rows}
     return out
 
 
@@ -266,7 +266,7 @@ def criterion_v2(results: dict, cfg: StudyConfig, out: Path) -> dict:
     first primary method against the baseline; `None` where a check's input was not measured."""
     if not cfg.primary or "heldout_hard" not in results["splits"]:
         return {"applicable": False}
-    apo, g, ref, k = cfg.primary[0], cfg.baseline, cfg.reference_label, cfg.endpoint_k - 1
+    apo, g, ref, k = cfg.primary[0], cfg.baseline, cfg.reference_label, endpoint_k(cfg) - 1
     sp = results["splits"]
     if apo not in sp["heldout_hard"]["methods"]:
         return {"applicable": False}
@@ -300,7 +300,7 @@ def criterion_v2(results: dict, cfg: StudyConfig, out: Path) -> dict:
         verdict = f"{apo} improves on {g}" if primary else f"{apo} does not improve on {g}"
     else:
         verdict = "inconclusive"
-    return {"applicable": True, "method": apo, "k": cfg.endpoint_k,
+    return {"applicable": True, "method": apo, "k": endpoint_k(cfg),
             "validity": validity, "validity_est": v["est"][k], "validity_se": v["se"][k],
             "mechanism": mechanism, "mechanism_stats": diag,
             "manipulation": manipulation, "safe_mass_diff": m_stats, "neg_grad_off_frac": off_frac,
