@@ -12,6 +12,7 @@ One step, top to bottom (the picture in docs/architecture.md):
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -46,28 +47,30 @@ def train(cfg: RunConfig) -> TrainResult:
     rank = dist.get_rank()
     models = _build_models(cfg, model_cfg)
     ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.out_dir) / "checkpoints")
-    run_lock = claim_run_dirs(cfg.out_dir, ckpt_dir) if rank == 0 else None  # one live trainer per out_dir
-    try:
+    # Whatever has started is stopped, newest first, however train() ends (a failed resume or first sync included):
+    # the run lock, the controller's Ray fleet and reward workers, the prefetch thread, the metrics files.
+    with contextlib.ExitStack() as started:
+        if rank == 0:
+            started.callback(claim_run_dirs(cfg.out_dir, ckpt_dir).release)  # one live trainer per out_dir
         start_step, meta, extra = _load_weights(cfg, ckpt_dir, models)
-    except BaseException:
-        if run_lock is not None:
-            run_lock.release()
-        raise
-    controller = _start_controller(cfg, model_cfg, extra) if rank == 0 else None
-    fleet = FleetWeights(controller, _weight_sender(cfg, model_cfg, models))
-    source = RolloutSource(controller, fleet.sync, t.total_steps, off_policy=cfg.rollout.one_step_off_policy)
-    settings = PassSettings(cfg.algorithm, vocab_size=model_cfg.vocab_size, temperature=cfg.rollout.temperature,
-                            tis_cap=cfg.rollout.tis_cap if cfg.rollout.one_step_off_policy else None)
-    fleet.sync(start_step)  # the fleet serves exactly the weights training continues from
-    metrics_log = _metrics_logger(cfg, start_step) if rank == 0 else None
-    if metrics_log is not None and meta is not None:
-        metrics_log.replay(meta.get("metrics"))  # a kill after the checkpoint's rename lost this step's record
-    if rank == 0 and start_step == 0:
-        controller.evaluate(0, "initial")
-    result = TrainResult()
-    history = result.history
-    step = start_step
-    try:
+        controller = _start_controller(cfg, model_cfg, extra) if rank == 0 else None
+        if controller is not None:
+            started.callback(controller.shutdown)
+        fleet = FleetWeights(controller, _weight_sender(cfg, model_cfg, models))
+        source = RolloutSource(controller, fleet.sync, t.total_steps, off_policy=cfg.rollout.one_step_off_policy)
+        started.callback(source.close)
+        settings = PassSettings(cfg.algorithm, vocab_size=model_cfg.vocab_size, temperature=cfg.rollout.temperature,
+                                tis_cap=cfg.rollout.tis_cap if cfg.rollout.one_step_off_policy else None)
+        fleet.sync(start_step)  # the fleet serves exactly the weights training continues from
+        metrics_log = _metrics_logger(cfg, start_step) if rank == 0 else None
+        if metrics_log is not None:
+            started.callback(metrics_log.close)
+            if meta is not None:
+                metrics_log.replay(meta.get("metrics"))  # a kill after the checkpoint's rename lost this record
+        if rank == 0 and start_step == 0:
+            controller.evaluate(0, "initial")
+        result = TrainResult()
+        step = start_step
         while step < t.total_steps:
             t_step = time.perf_counter()
             batch, metrics = source.next(step)
@@ -82,21 +85,13 @@ def train(cfg: RunConfig) -> TrainResult:
                 _save(cfg, ckpt_dir, step, models, model_cfg, controller, record)
             if rank == 0:
                 metrics_log.write(record)
-                history.append({"step": step, **metrics})
+                result.history.append({"step": step, **metrics})
             if stopping:
                 result.stopped_at = step
                 log.info("train: stop signal received; checkpointed step %d in %s", step, ckpt_dir)
                 break
         if rank == 0 and step == t.total_steps:
             controller.evaluate(step, cfg.algorithm.loss_mode)
-    finally:
-        source.close()
-        if metrics_log is not None:
-            metrics_log.close()
-        if controller is not None:
-            controller.shutdown()
-        if run_lock is not None:
-            run_lock.release()
     return result
 
 
@@ -143,7 +138,11 @@ def _start_controller(cfg: RunConfig, model_cfg, extra: dict | None):
 
     controller = Controller(cfg, model_cfg)
     if extra is not None:
-        controller.load_state_dict(extra["controller"])
+        try:
+            controller.load_state_dict(extra["controller"])
+        except BaseException:  # e.g. a sampler state that does not fit the data files: stop the fleet it started
+            controller.shutdown()
+            raise
     return controller
 
 
