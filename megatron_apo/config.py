@@ -298,18 +298,27 @@ class AlgorithmConfig(_Section):
 
 @dataclass
 class ModelSection(_Section):
+    """The policy (and reference) model: architecture, dtype, kernels (docs/models.md)."""
+
     _section: typing.ClassVar[str] = "model"
 
-    config: str = "tiny"  # model_configs/<name>.yaml or a path
-    params_dtype: DType = DType.float32  # float32 | bfloat16 | float16 (or fp32, bf16, fp16, half, float)
-    # transformer_engine (fused TE layers, GPU) | local (megatron-core's own); None: TE with CUDA, local without
+    config: str = "tiny"
+    """The architecture: a name from model_configs/ (model_configs/<name>.yaml) or a path to such a YAML file."""
+
+    params_dtype: DType = DType.float32
+    """dtype of the weights: float32 | bfloat16 | float16 (fp32, bf16, fp16, half and float are accepted too)."""
+
     transformer_impl: Optional[TransformerImpl] = None
-    # megatron-core's fused kernels with CUDA (bias-activation, bias-dropout, RoPE, gradient accumulation where its
-    # kernel exists; docs/gpu.md "Fused kernels"); false turns them all off. Always off without CUDA.
+    """transformer_engine (fused TE layers, GPU) | local (megatron-core's own layers); None: TE with CUDA, local
+    without."""
+
     fusions: bool = True
-    # MoE models: weight of the router's load-balancing loss (docs/models.md); 0 turns it off. Logged as
-    # train/moe_aux_loss when > 0. The reference model never carries it.
+    """megatron-core's fused kernels with CUDA (bias-activation, bias-dropout, RoPE, gradient accumulation where its
+    kernel exists; docs/gpu.md "Fused kernels"); false turns them all off. Always off without CUDA."""
+
     moe_aux_loss_coeff: float = 0.0
+    """MoE models: weight of the router's load-balancing loss (docs/models.md); 0 turns it off. Logged as
+    train/moe_aux_loss when > 0; the reference model never carries it."""
 
     def _check(self) -> None:
         self._at_least("moe_aux_loss_coeff", 0, " (0 turns it off)")
@@ -321,11 +330,22 @@ class ParallelConfig:
     `megatron_apo.parallel.init_distributed`."""
 
     tensor_model_parallel_size: int = 1
+    """TP: each layer's weights are split over this many ranks; the world size must be a multiple of TP x PP."""
+
     pipeline_model_parallel_size: int = 1
+    """PP: the layers are split into this many consecutive stages, one per rank of a pipeline."""
+
     virtual_pipeline_model_parallel_size: Optional[int] = None
-    expert_model_parallel_size: int = 1  # MoE models: experts split over this many ranks (docs/models.md)
-    nccl_timeout_minutes: int = 30  # the default group (NCCL on GPU) and Megatron's groups
-    control_timeout_minutes: int = 360  # the gloo control plane: ranks wait there while rank 0 rolls out
+    """Interleaved pipeline: model chunks per pipeline stage (needs PP > 1); None: one chunk per stage."""
+
+    expert_model_parallel_size: int = 1
+    """MoE models: the experts are split over this many ranks (docs/models.md)."""
+
+    nccl_timeout_minutes: int = 30
+    """Timeout in minutes of the default process group (NCCL on GPU) and Megatron's groups."""
+
+    control_timeout_minutes: int = 360
+    """Timeout in minutes of the gloo control plane, where the ranks wait while rank 0 rolls out."""
 
     def validate(self, world_size: int) -> None:
         """The one TP x PP (x EP) divisibility check and the timeout ranges; ConfigError names the keys and the fix."""
@@ -353,23 +373,44 @@ class ParallelConfig:
 
 @dataclass
 class DataSection(_Section):
+    """Prompts, their tokenizer and the reward (docs/data.md)."""
+
     _section: typing.ClassVar[str] = "data"
 
-    train_files: list[str] = field(default_factory=list)  # verl-schema parquet files
+    train_files: list[str] = field(default_factory=list)
+    """Training prompts: parquet files in verl's schema."""
+
     val_files: list[str] = field(default_factory=list)
-    tokenizer: Optional[str] = None  # HF tokenizer folder, or a sentencepiece .model file
+    """Evaluation prompts (verl-schema parquet), used by the pass@k eval when trainer.eval_n > 0."""
+
+    tokenizer: Optional[str] = None
+    """An HF tokenizer folder, or a sentencepiece .model file."""
+
     max_prompt_length: int = 512
+    """Prompts longer than this many tokens are dropped (and counted in the data report)."""
+
     max_response_length: int = 1024
-    train_batch_size: int = 8  # prompts per RL step (x rollout.n samples)
+    """Tokens a rollout generates at most per sample."""
+
+    train_batch_size: int = 8
+    """Prompts per RL step; each is sampled rollout.n times."""
+
     shuffle: bool = True
-    on_invalid: OnInvalid = OnInvalid.skip  # skip | error
-    reward_fn: Optional[str] = None  # "path/to/file.py:fn" with verl's compute_score signature
-    # processes scoring rewards in parallel (each sample keeps its time limit); None: half the controller node's
-    # cores, at least 1; 0: in the controller's own process (no isolation: a reward that exits ends the run)
+    """Visit the prompts in a seeded random order each epoch; false: in file order."""
+
+    on_invalid: OnInvalid = OnInvalid.skip
+    """A malformed data row: skip (dropped and counted) | error (stop, naming the file and row)."""
+
+    reward_fn: Optional[str] = None
+    """A custom reward, "path/to/file.py:fn" with verl's compute_score signature; None: the built-in math reward."""
+
     reward_workers: Optional[int] = None
-    # a step stops (one line naming data.reward_fn) when more than this share of its samples fail to score
-    # (the reward raised, returned a non-number or NaN/inf, or killed its process); failed samples never train
+    """Processes scoring rewards in parallel (each sample keeps its time limit). None: half the controller node's
+    cores, at least 1; 0: in the controller's own process (no isolation: a reward that exits ends the run)."""
+
     reward_max_error_frac: float = 0.5
+    """A step stops (one line naming data.reward_fn) when more than this share of its samples fail to score (the
+    reward raised, returned a non-number or NaN/inf, or killed its process); failed samples never train."""
 
     def _check(self) -> None:
         self._at_least("train_batch_size", 1)
@@ -390,30 +431,60 @@ class DataSection(_Section):
 
 @dataclass
 class RolloutSection(_Section):
+    """The rollout fleet: engines, sampling and weight sync (docs/rollout.md)."""
+
     _section: typing.ClassVar[str] = "rollout"
 
-    engine: str = "cpu"  # cpu (transformers) | vllm: the registry rollout.engine.ENGINES (checked by preflight)
+    engine: str = "cpu"
+    """cpu (transformers) | vllm: a name of the engine registry rollout.engine.ENGINES (checked by preflight)."""
+
     num_engines: int = 1
-    engine_tp: int = 1  # tensor parallel inside each vLLM engine
-    n: int = 8  # samples per prompt (the GRPO group)
+    """Engine replicas in the fleet (Ray actors); each serves a share of the step's prompts."""
+
+    engine_tp: int = 1
+    """Tensor parallel size inside each vLLM engine (GPUs per engine)."""
+
+    n: int = 8
+    """Samples per prompt (the GRPO group)."""
+
     temperature: float = 1.0
+    """Sampling temperature of rollouts (and of the pass@k eval)."""
+
     top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p; 1.0 keeps all."""
+
     top_k: int = -1
-    ray_address: Optional[str] = None  # None: start a local Ray
-    sync_bucket_mb: Optional[int] = None  # weight-sync bucket size; None: 512 with CUDA (NCCL), 64 on CPU
-    sync_host: Optional[str] = None  # address engines reach trainer rank 0 at; None: Ray's node IP of rank 0
-    sync_dtype: Optional[DType] = None  # dtype weights are sent in; None: the engine's (vllm bfloat16, cpu float32)
-    # seconds any side of a weight sync waits for the others (joining, a header, a bucket) before a named error
+    """Sample among the top_k most likely tokens only; -1 keeps all."""
+
+    ray_address: Optional[str] = None
+    """Address of a running Ray cluster to join; None: start a local Ray."""
+
+    sync_bucket_mb: Optional[int] = None
+    """Weight-sync bucket size in MiB; None: 512 with CUDA (NCCL), 64 on CPU."""
+
+    sync_host: Optional[str] = None
+    """The address engines reach trainer rank 0 at for the weight sync; None: Ray's node IP of rank 0."""
+
+    sync_dtype: Optional[DType] = None
+    """dtype weights are sent in; None: the engine's (vllm bfloat16, cpu float32)."""
+
     sync_timeout_s: float = 300.0
-    # Generate step n+1's rollouts while step n trains (weights one version old), corrected by truncated
-    # importance sampling: each token's loss is weighted by min(pi_old / pi_rollout, tis_cap) -- the
-    # algorithm.rollout_correction=tis_token case, chosen when rollout_correction is none (an alias for it).
+    """Seconds any side of a weight sync waits for the others (joining, a header, a bucket) before a named error."""
+
     one_step_off_policy: bool = False
+    """Generate step n+1's rollouts while step n trains (weights one version old), corrected by truncated importance
+    sampling: each token's loss is weighted by min(pi_old / pi_rollout, tis_cap) -- the
+    algorithm.rollout_correction=tis_token case, chosen when rollout_correction is none (an alias for it)."""
+
     tis_cap: float = 2.0
+    """With one_step_off_policy: the cap of the per-token importance weight pi_old / pi_rollout; >= 1."""
+
     gpu_memory_utilization: float = 0.6
-    # MoE (R3): the engine returns the experts it routed every token to and the trainer's routers replay them in
-    # the old-policy and training passes (gate weights and aux loss still from the router); docs/models.md
+    """vLLM engines: the share of each GPU's memory the engine may take (weights and KV cache), in (0, 1]."""
+
     routing_replay: bool = False
+    """MoE (R3): the engine returns the experts it routed every token to and the trainer's routers replay them in
+    the old-policy and training passes (gate weights and aux loss still from the router); docs/models.md."""
 
     def _check(self) -> None:
         self._at_least("n", 1)
@@ -430,13 +501,28 @@ class OptimConfig:
     The run config's `trainer:` section is one (TrainerSection extends it)."""
 
     lr: float = 1e-6
+    """Peak learning rate (after trainer.lr_warmup_steps)."""
+
     min_lr: float = 0.0
+    """The learning rate a linear or cosine trainer.lr_decay_style decays to at the last step."""
+
     weight_decay: float = 0.0
+    """Adam's decoupled weight decay (AdamW); 0 turns it off."""
+
     adam_beta1: float = 0.9
+    """Adam's decay rate of the first-moment (gradient) average."""
+
     adam_beta2: float = 0.999
+    """Adam's decay rate of the second-moment (squared gradient) average."""
+
     adam_eps: float = 1e-8
+    """Adam's epsilon, added to the denominator for numerical stability."""
+
     clip_grad: float = 1.0
-    use_distributed_optimizer: bool = True  # shard the optimizer state over data-parallel ranks
+    """Gradients are clipped to this global L2 norm before each optimizer step; 0 turns clipping off."""
+
+    use_distributed_optimizer: bool = True
+    """Shard the optimizer state over the data-parallel ranks (Megatron's DistributedOptimizer, when DP > 1)."""
 
 
 @dataclass
@@ -446,27 +532,53 @@ class TrainerSection(OptimConfig, _Section):
     _section: typing.ClassVar[str] = "trainer"
 
     total_steps: int = 10
+    """RL steps to train (each: roll out, score, train, sync the weights)."""
+
     ppo_epochs: int = 1
-    ppo_mini_batch_size: int = 0  # samples per optimizer step; 0 = the whole step batch
+    """Passes over each step's samples; each pass takes one optimizer step per mini-batch."""
+
+    ppo_mini_batch_size: int = 0
+    """Samples per optimizer step; 0: the whole step batch (one optimizer step per epoch)."""
+
     micro_batch_size: int = 4
-    # >0: micro-batches hold at most this many tokens (samples x their own longest sequence, or the sum of the
-    # lengths when packed), balanced over the DP ranks, instead of micro_batch_size samples padded to the step's
-    # longest sequence; 0 = by count (docs/training.md, "Micro-batches by tokens and packing")
+    """Samples per forward/backward micro-batch (gradients accumulate over a mini-batch's micro-batches)."""
+
     micro_batch_tokens: int = 0
-    # several samples share one row of micro_batch_tokens (no padding; positions restart per sample and attention
-    # stays within it: THD with Transformer Engine, a block-diagonal causal mask with the local spec)
+    """> 0: micro-batches hold at most this many tokens (samples x their own longest sequence, or the sum of the
+    lengths when packed), balanced over the DP ranks, instead of micro_batch_size samples padded to the step's
+    longest sequence; 0: by count (docs/training.md, "Micro-batches by tokens and packing")."""
+
     pack_sequences: bool = False
+    """Several samples share one row of micro_batch_tokens (no padding; positions restart per sample and attention
+    stays within it: THD with Transformer Engine, a block-diagonal causal mask with the local spec)."""
+
     lr_warmup_steps: int = 0
-    lr_decay_style: LrDecayStyle = LrDecayStyle.constant  # constant | linear | cosine
-    ref_cpu_offload: bool = False  # keep the reference model's weights on the host between uses (GPU)
-    # none | full: keep only each layer's input and recompute the layer in backward (Megatron's full uniform
-    # recompute, one layer at a time): activation memory for compute; `megatron-apo plan --recompute full`
+    """Steps over which the learning rate rises linearly to lr; 0: no warmup."""
+
+    lr_decay_style: LrDecayStyle = LrDecayStyle.constant
+    """After warmup: constant | linear | cosine decay from lr to min_lr at total_steps."""
+
+    ref_cpu_offload: bool = False
+    """Keep the reference model's weights in host memory except during its forward (GPU memory for transfers)."""
+
     recompute: Recompute = Recompute.none
-    eval_n: int = 0  # >0: pass@k eval with this many samples per prompt on data.val_files, at start and end
+    """none | full: keep only each layer's input and recompute the layer in backward (Megatron's full uniform
+    recompute, one layer at a time): activation memory for compute; see `megatron-apo plan --recompute full`."""
+
+    eval_n: int = 0
+    """> 0: a pass@k eval with this many samples per prompt on data.val_files, at the start and the end; 0: none."""
+
     eval_max_prompts: int = 64
+    """The eval uses the first this-many prompts of data.val_files."""
+
     tensorboard: bool = True
+    """Also write the metrics to TensorBoard (<out_dir>/tensorboard, when tensorboard is installed)."""
+
     wandb_project: Optional[str] = None
+    """Also log the metrics to this Weights & Biases project (needs wandb installed); None: no W&B."""
+
     progress: bool = True
+    """Show a progress bar (rich) on rank 0."""
 
     def _check(self) -> None:
         for key in ("total_steps", "ppo_epochs", "micro_batch_size"):
@@ -482,37 +594,77 @@ class TrainerSection(OptimConfig, _Section):
 
 
 @dataclass
-class CheckpointSection:
-    dir: Optional[str] = None  # default: <out_dir>/checkpoints
-    # steps between checkpoints (docs/reliability.md); 0 = only at the end and on SIGTERM/SIGUSR1
+class CheckpointSection(_Section):
+    """Saving, loading and resuming (docs/training.md, docs/reliability.md)."""
+
+    _section: typing.ClassVar[str] = "checkpoint"
+
+    dir: Optional[str] = None
+    """The folder checkpoints are saved in and resumed from; None: <out_dir>/checkpoints."""
+
     save_interval: int = 20
+    """Steps between checkpoints (docs/reliability.md); 0: only after the last step and on SIGTERM/SIGUSR1."""
+
     keep_last: int = 2
-    load: Optional[str] = None  # initial weights (policy and reference) from a Megatron checkpoint
-    resume: bool = True  # continue from the latest checkpoint in `dir` when there is one
-    # load a checkpoint that has no checksums.json (its files cannot be verified before they are read; a Megatron
-    # checkpoint runs code when loaded): only for one from a trusted source (docs/reliability.md, "Security")
+    """The newest this-many checkpoints are kept, older ones removed after each save; 0 keeps them all."""
+
+    load: Optional[str] = None
+    """Initial weights (policy and reference) from a Megatron checkpoint; None: the model's initialisation."""
+
+    resume: bool = True
+    """Continue from the latest checkpoint in `dir` when there is one."""
+
     allow_unverified: bool = False
-    # resume although the algorithm/optimizer settings, rollout.n or data.train_batch_size changed (they are named)
+    """Load a checkpoint that has no checksums.json (its files cannot be verified before they are read; a Megatron
+    checkpoint runs code when loaded): only for one from a trusted source (docs/reliability.md, "Security")."""
+
     allow_config_change: bool = False
-    # resume at another TP/PP size from a checkpoint whose optimizer state cannot be resharded: fresh Adam state
+    """Resume although the algorithm/optimizer settings, rollout.n or data.train_batch_size changed (each change is
+    named)."""
+
     reset_optimizer: bool = False
+    """Resume at another TP/PP size from a checkpoint whose optimizer state cannot be resharded, with fresh Adam
+    state."""
+
+    def _check(self) -> None:
+        self._at_least("save_interval", 0, " (0 saves only at the end and on a stop signal)")
+        self._at_least("keep_last", 0, " (0 keeps every checkpoint)")
 
 
 @dataclass
 class RunConfig:
+    """A run's whole config: one YAML file, one section per dataclass (`load_config`)."""
+
     model: ModelSection = field(default_factory=ModelSection)
+    """The model: `model:` (ModelSection)."""
+
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """How the trainer's ranks are split: `parallel:` (ParallelConfig, checked against the world size)."""
+
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    """The loss and advantages: `algorithm:` (AlgorithmConfig)."""
+
     data: DataSection = field(default_factory=DataSection)
+    """Prompts, tokenizer and reward: `data:` (DataSection)."""
+
     rollout: RolloutSection = field(default_factory=RolloutSection)
+    """The rollout fleet: `rollout:` (RolloutSection)."""
+
     trainer: TrainerSection = field(default_factory=TrainerSection)
+    """The RL loop and optimizer: `trainer:` (TrainerSection)."""
+
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    """Saving, loading and resuming: `checkpoint:` (CheckpointSection)."""
+
     seed: int = 1234
+    """Seed of the model's initialisation, the prompt order and the rollouts' sampling."""
+
     out_dir: str = "runs/default"
+    """The run's folder: metrics.jsonl, evals, TensorBoard logs and (by default) the checkpoints."""
 
     def validate(self) -> None:
         """Every section's choices and ranges (no files, no world size: see trainer/validation.py)."""
-        for section in (self.model, self.algorithm, self.data, self.rollout, self.trainer):
+        for section in (self.model, self.algorithm, self.data, self.rollout, self.trainer, self.checkpoint):
             section.validate()
 
 
