@@ -249,7 +249,9 @@ def test_fleet_replaces_an_engine_whose_load_failed_and_the_next_sync_restores_i
                                     dict(hf_config=TINY_HF_CONFIG, named_tensors=random_hf_state(0), version=0,
                                          fail_marker=str(tmp_path / "failed"))), num_engines=2)
     try:
-        assert fleet.sync_endpoint("gloo", timeout_s=120).host == "127.0.0.1"  # a one-node (local) Ray: loopback
+        from megatron_apo.rollout.sync_group import rendezvous_host
+
+        assert rendezvous_host() == "127.0.0.1"  # a one-node (local) Ray: the sync store listens on loopback
         new = random_hf_state(7)
         t0 = time.monotonic()
         refs, total, _ = sync_from_driver(fleet, 1, new)  # timeout 120 s: a hang would show
