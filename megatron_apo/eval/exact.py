@@ -123,20 +123,10 @@ def evaluate_checkpoint_exact(checkpoint: str, val_files: Sequence[str], tokeniz
 
 
 def _cpu_engine(hf_dir):
-    """The CPU engine on an HF folder's weights. The shards are read here (safetensors: data, never code) and
-    handed over as tensors, because HFCheckpoint refuses this project's own exports: their checksum manifest lists
-    only the shards, and config.json then counts as an unlisted file."""
-    import json
-
-    from safetensors.torch import load_file
-
+    """The CPU rollout engine on an HF folder (its checksummed shards are verified when it reads them)."""
     from megatron_apo.rollout.cpu_engine import CPUEngine
 
-    hf_config = json.loads((hf_dir / "config.json").read_text())
-    tensors = {}
-    for shard in sorted(hf_dir.glob("*.safetensors")):
-        tensors.update(load_file(str(shard)))
-    return CPUEngine(hf_config, tensors.items(), version=0, max_batch_size=256)
+    return CPUEngine(model_path=str(hf_dir), max_batch_size=256)
 
 
 __all__ = ["EXACT_FORMAT", "evaluate_checkpoint_exact", "evaluate_exact", "exact_pass_at_k", "listed_answers",
