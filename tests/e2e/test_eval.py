@@ -51,6 +51,12 @@ class ScriptedEngine(RolloutEngine):
     def weights_version(self):
         return -1
 
+    def join_sync_group(self, endpoint, rank):  # evaluation never syncs weights
+        raise NotImplementedError
+
+    def receive_weights(self, version):
+        raise NotImplementedError
+
 
 def test_runner_counts_and_pass_at_k_per_source(tmp_path):
     build_char_tokenizer(tmp_path, extra_chars="\\boxed{}xy")
