@@ -126,6 +126,17 @@ def _tag(key: bytes, *parts) -> str:
     return hmac.new(key, "|".join(map(str, parts)).encode(), hashlib.sha256).hexdigest()
 
 
+def _signed_value(raw: bytes, field: str, tag_of) -> str | None:
+    """`raw` is JSON {field: value, "tag": HMAC}: the value when its tag is `tag_of(value)`, else None (malformed
+    messages included: a foreign writer cannot tell a parse failure from a bad tag)."""
+    try:
+        msg = json.loads(raw)
+        value, tag = str(msg[field]), str(msg["tag"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    return value if hmac.compare_digest(tag, tag_of(value)) else None
+
+
 def _listen_socket(host: str, port: int) -> socket.socket:
     """A socket listening on `host` only (TCPStore alone would listen on every interface)."""
     family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
@@ -169,12 +180,8 @@ def _rendezvous(endpoint: SyncEndpoint, rank: int):
             raise WeightSyncTimeout(f"weight sync: no sync group at {where} within {endpoint.timeout_s:g}s "
                                     f"(rollout.sync_timeout_s): {str(e).splitlines()[0]}") from e
         raw = _store_get(store, "weight_sync/hello", f"the sync group at {where} did not open", endpoint.timeout_s)
-        try:
-            hello = json.loads(raw)
-            nonce, tag = str(hello["nonce"]), str(hello["tag"])
-        except (ValueError, KeyError, TypeError):
-            nonce, tag = "", ""
-        if not hmac.compare_digest(tag, _tag(secret, "hello", nonce)):
+        nonce = _signed_value(raw, "nonce", lambda v: _tag(secret, "hello", v))
+        if nonce is None:
             raise WeightSyncAuthError(f"weight sync: the store at {where} is not this run's sync group (it does not "
                                       "hold the run's secret); refusing to join it")
         store.set(f"weight_sync/{nonce}/member/{rank}", _tag(secret, "member", nonce, rank))
@@ -301,12 +308,8 @@ class NcclSyncGroup(_Headers):
             self._store.set(uid_key, json.dumps({"id": uid.hex(), "tag": _tag(key, "nccl", uid.hex())}))
         else:
             raw = _store_get(self._store, uid_key, "the sender did not publish its NCCL id", self.timeout_s)
-            try:
-                msg = json.loads(raw)
-                uid_hex, tag = str(msg["id"]), str(msg["tag"])
-            except (ValueError, KeyError, TypeError):
-                uid_hex, tag = "", ""
-            if not hmac.compare_digest(tag, _tag(key, "nccl", uid_hex)):
+            uid_hex = _signed_value(raw, "id", lambda v: _tag(key, "nccl", v))
+            if uid_hex is None:
                 raise WeightSyncAuthError("weight sync: the NCCL id in the store failed authentication; "
                                           "refusing to connect")
             uid = bytes.fromhex(uid_hex)
