@@ -9,12 +9,19 @@ re-raised as itself, so the CLI prints it as one line.
 `host_only=True` hides every GPU from the children (CUDA_VISIBLE_DEVICES=""), so they run the CPU path
 (gloo, host tensors, no set_device) whatever the node has: conversion with TP x PP > GPUs needs that.
 Otherwise LOCAL_RANK is the rank modulo the visible GPUs, like several ranks sharing a small node.
+
+Ranks start as fresh interpreters ("spawn"): each imports torch and megatron-core again (about 8 s on two CPU
+cores). A process that starts many short groups (the test suite) can call `use_forkserver()` once: ranks are
+then forked from one server process that imported those modules already (about 0.05 s a group). A forked rank
+gets the caller's environment as it is at `run_distributed` time, like a spawned one. The training launcher
+(`forward_signals`) always spawns: its ranks must die with it, and a forked rank's parent is the server.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import signal
 import time
@@ -31,6 +38,19 @@ class DistributedError(RuntimeError):
     pass
 
 
+_start_method = "spawn"
+_FORKSERVER_PRELOAD = ["torch", "megatron.core", "megatron.core.models.gpt", "megatron_apo.parallel",
+                       "megatron_apo.models", "megatron_apo.algorithms.losses", "megatron_apo.trainer.rl_step"]
+
+
+def use_forkserver(preload: list[str] | None = None) -> None:
+    """Start later groups' ranks from a forkserver that imported `preload` (default: torch, megatron-core and this
+    package's model and loss modules) once. For callers that start many short groups; see the module docstring."""
+    global _start_method
+    mp.set_forkserver_preload(list(preload if preload is not None else _FORKSERVER_PRELOAD))
+    _start_method = "forkserver"
+
+
 class _RankUserError:
     """A rank's `UserError` (config.UserError) on its way to the parent, with the rank's traceback for DEBUG logs."""
 
@@ -42,7 +62,11 @@ class _RankUserError:
 
 
 def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict, q, threads: int,
-           host_only: bool = False, parent_death_signal: int = 0, parent_pid: int = 0) -> None:
+           host_only: bool = False, parent_death_signal: int = 0, parent_pid: int = 0,
+           environ: dict[str, str] | None = None) -> None:
+    if environ is not None:  # a forked rank: the caller's environment now, not the server's at its start
+        os.environ.clear()
+        os.environ.update(environ)
     if host_only:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initialises CUDA in this process
     if parent_death_signal:
@@ -53,7 +77,9 @@ def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwa
 
         torch.set_num_threads(threads)
         result = fn(*args, **kwargs)
-        q.put((rank, True, result))
+        # By value: the queue's own pickler would hand tensors over as shared-memory handles that the parent
+        # opens through this process, which may have exited by then (EOFError in the parent).
+        q.put((rank, True, pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)))
     except UserError as e:  # the user's mistake (a config, a file): the parent re-raises it as it is
         q.put((rank, False, _RankUserError(e, traceback.format_exc())))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
@@ -109,13 +135,16 @@ def run_distributed(
 
 def _run_once(fn, world_size, args, kwargs, timeout, threads_per_process, host_only=False,
               forward_signals=()) -> list[Any]:
-    ctx = mp.get_context("spawn")
+    method = "spawn" if forward_signals else _start_method
+    ctx = mp.get_context(method)
+    environ = dict(os.environ) if method != "spawn" else None
     q = ctx.Queue()
     port = find_free_port()
     threads = threads_per_process or max(1, (os.cpu_count() or 1) // world_size)
     procs = [
         ctx.Process(target=_child, args=(r, world_size, port, fn, args, kwargs, q, threads, host_only,
-                                         forward_signals[0] if forward_signals else 0, os.getpid()), daemon=False)
+                                         forward_signals[0] if forward_signals else 0, os.getpid(), environ),
+                    daemon=False)
         for r in range(world_size)
     ]
     previous = {}
@@ -165,7 +194,10 @@ def _run_once(fn, world_size, args, kwargs, timeout, threads_per_process, host_o
                         for r in dead:
                             failures[r] = f"process exited with code {procs[r].exitcode} without a result"
                 continue
-            (results if ok else failures)[rank] = payload
+            if ok:
+                results[rank] = pickle.loads(payload)  # noqa: S301 - bytes our own rank process wrote
+            else:
+                failures[rank] = payload
             if failures:
                 break  # the others are probably stuck in a collective with the failed rank
     finally:

@@ -199,7 +199,11 @@ def test_killed_engine_core_mid_generate_every_sample_once_and_identical(vfleet)
     keys = [(s.prompt_index, s.sample_index) for g in out for s in g]
     assert keys == [(p, i) for p in range(len(PROMPTS)) for i in range(params.n)]  # each exactly once, in order
     assert [[s.token_ids for s in g] for g in out] == [[s.token_ids for s in g] for g in undisturbed]
-    assert [[s.logprobs for s in g] for g in out] == [[s.logprobs for s in g] for g in undisturbed]
+    # The same tokens; their log-probs agree to float rounding only: the replacement computes them in batches of
+    # another shape (measured up to 2e-3 apart on the 2-core VM), so a bit-equality check would be a flaky one.
+    got = torch.tensor([lp for g in out for s in g for lp in s.logprobs])
+    want = torch.tensor([lp for g in undisturbed for s in g for lp in s.logprobs])
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-2, rtol=0)
     assert fleet.needs_sync()  # the replacement holds dummy weights until the trainer syncs
     refs, total, _ = sync_from_driver(fleet, 30, weights)  # the trainer's current weights, to every engine
     fleet.finish_weight_sync(refs, expected_checksum=total)
