@@ -236,6 +236,10 @@ class _Headers:
     def _mac(self, payload: bytes) -> bytes:
         return hmac.new(self._key, self._seq.to_bytes(8, "little") + payload, hashlib.sha256).digest()
 
+    def tag(self, *parts) -> bytes:
+        """HMAC-SHA256 of `parts` under the group's key (a fixed-size tag: `weight_sync.protocol`'s bucket tags)."""
+        return hmac.new(self._key, "|".join(map(str, parts)).encode(), hashlib.sha256).digest()
+
 
 def _link_error(e: Exception, timeout_s: float) -> WeightSyncError:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

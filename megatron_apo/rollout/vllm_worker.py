@@ -20,7 +20,13 @@ import time
 import torch
 
 from megatron_apo.rollout.sync_group import SyncEndpoint, measure_broadcast_bandwidth, open_sync_group
-from megatron_apo.rollout.weight_sync import BufferRing, receive_weights
+from megatron_apo.rollout.weight_sync import ReceivePool, receive_weights
+
+
+def receive_buffers() -> ReceivePool:
+    """A worker's receive buffers: vLLM's layerwise reload keeps a layer's tensors (views of them) until the
+    layer is complete, so a buffer returns to use only once the reload let go of it (no copy per tensor)."""
+    return ReceivePool()
 
 
 @contextlib.contextmanager
@@ -74,13 +80,11 @@ class SyncWorkerExtension:
 
         model = self.model_runner.model
         if not hasattr(self, "_weight_sync_ring"):
-            self._weight_sync_ring = BufferRing()  # two receive buffers, reused across syncs
+            self._weight_sync_ring = receive_buffers()  # reused across syncs
         updated: set[str] = set()
 
-        def load(tensors):
-            # the reload buffers a layer's tensors until the layer is complete, possibly past the reuse of
-            # this receive buffer: hand it copies
-            updated.update(model.load_weights(weights=[(n, t.clone()) for n, t in tensors]) or ())
+        def load(tensors):  # views of the receive buffer, no copy: the pool keeps a buffer the reload holds
+            updated.update(model.load_weights(weights=tensors) or ())
 
         finalize_error = None
         with set_current_vllm_config(self.vllm_config), _timed_repack() as repack:
@@ -95,6 +99,7 @@ class SyncWorkerExtension:
                 except Exception as e:  # noqa: BLE001 - reported as a failed load, like one inside receive_weights
                     finalize_error = e
                 finalize_s = time.perf_counter() - t0
+                self._weight_sync_ring.trim()  # the reload let go of every tensor: keep two buffers
         if finalize_error is not None and result.ok:
             text = str(finalize_error).strip().splitlines()
             result.ok, result.load_failed = False, True

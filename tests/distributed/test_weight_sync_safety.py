@@ -2,8 +2,10 @@
 docs/reliability.md "Weight-sync channel", docs/gpu.md).
 
 * The store listens on the rendezvous address only; a member refuses a store whose rank 0 lacks the group's
-  secret, rank 0 refuses a member that lacks it, and an engine refuses a forged, altered or replayed header
-  (`WeightSyncAuthError`); nothing received is unpickled.
+  secret, rank 0 refuses a member that lacks it, and an engine refuses a forged, altered or replayed plan or
+  bucket tag (`WeightSyncAuthError`), loading nothing unverified; nothing received is unpickled.
+* One plan per sync; the receive of bucket i+1 is posted before bucket i's load returns; the vLLM worker's
+  receive buffers (no copy per tensor) are never overwritten while a load keeps views of them.
 * A stalled member is a named `WeightSyncTimeout` within the group's timeout, on either side.
 * An engine whose load of a verified bucket fails drains the rest of the sync and reports it; the fleet replaces
   it, the trainer's next sync brings the replacement up (CPU engines, real Ray).
@@ -31,7 +33,14 @@ from megatron_apo.rollout.sync_group import (
     WeightSyncTimeout,
     open_sync_group,
 )
-from megatron_apo.rollout.weight_sync import WeightStore, pack_bucket, receive_weights, send_bucket, send_end
+from megatron_apo.rollout.weight_sync import (
+    ReceivePool,
+    WeightStore,
+    pack_bucket,
+    receive_weights,
+    send_buckets,
+    unpack_bucket,
+)
 
 PROBE = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8]]
 
@@ -119,18 +128,28 @@ def test_rank0_refuses_a_member_that_lacks_the_secret():
     assert isinstance(err, WeightSyncAuthError) and "sync rank 1 does not hold the run's secret" in str(err)
 
 
-# ---- headers and buckets --------------------------------------------------------------------------------------------
+# ---- the plan and the bucket tags ----------------------------------------------------------------------------------
 
-def _send_sync(group, version, named, forge=None):
-    """Rank 0's side of one sync of one bucket; `forge(group, header)` replaces the bucket header's broadcast."""
+def _send_sync(group, version, named, forge_plan=None, forge_tag=None):
+    """Rank 0's side of one sync of one bucket. `forge_plan(group, plan)` replaces the plan's broadcast;
+    `forge_tag(group, plan, bucket) -> (tag bytes, payload)` replaces the bucket's tag and payload."""
     bucket = pack_bucket(named)
-    if forge is None:
-        send_bucket(group, bucket, version, 0)
+    if forge_plan is None and forge_tag is None:
+        return send_buckets(group, version, [bucket])
+    plan = {"type": "plan", "version": version, "sync_id": "ab" * 16,
+            "buckets": [{"entries": bucket.entries, "nbytes": bucket.nbytes}]}
+    if forge_plan is not None:
+        forge_plan(group, plan)
     else:
-        forge(group, {"type": "bucket", "version": version, "index": 0, "entries": bucket.entries,
-                      "nbytes": bucket.nbytes, "checksum": bucket.checksum})
-        group.broadcast(bucket.flat, src=0)
-    return send_end(group, version, [bucket.checksum], len(named))
+        group.broadcast_json(plan, src=0)
+    wire, payload = (forge_tag(group, plan, bucket) if forge_tag is not None else
+                     (_tag_bytes(group, plan, 0, bucket.checksum), bucket.flat))
+    group.broadcast(torch.frombuffer(bytearray(wire), dtype=torch.uint8), src=0)
+    group.broadcast(payload, src=0)
+
+
+def _tag_bytes(group, plan, index, checksum):
+    return checksum.encode() + group.tag("bucket", plan["sync_id"], plan["version"], index, checksum)
 
 
 def _receive(group, version):
@@ -146,54 +165,161 @@ def _wire(group, payload: bytes, mac_of: bytes | None = None):
     group.broadcast(torch.frombuffer(bytearray(wire), dtype=torch.uint8), src=0)
 
 
-def _forged_checksum(group, header):
-    """An attacker on the wire swaps in the checksum of its own bytes; the header's MAC is the sender's."""
-    real = json.dumps(header, separators=(",", ":")).encode()
-    _wire(group, json.dumps(dict(header, checksum="0" * 32), separators=(",", ":")).encode(), mac_of=real)
+def _altered_plan(group, plan):
+    """An attacker on the wire changes a shape in the plan; the header's MAC is the sender's."""
+    real = json.dumps(plan, separators=(",", ":")).encode()
+    entries = [list(e) for e in plan["buckets"][0]["entries"]]
+    entries[0][2] = [33, 64]
+    forged = dict(plan, buckets=[{"entries": entries, "nbytes": plan["buckets"][0]["nbytes"]}])
+    _wire(group, json.dumps(forged, separators=(",", ":")).encode(), mac_of=real)
 
 
-def _foreign_key(group, header):
-    """A sender without the group's secret: a well-formed header MAC'd with another key."""
+def _foreign_key(group, plan):
+    """A sender without the group's secret: a well-formed plan MAC'd with another key."""
     key, group._key = group._key, b"not the run's secret".ljust(32)
     try:
-        group.broadcast_json(header, src=0)
+        group.broadcast_json(plan, src=0)
     finally:
         group._key = key
 
 
-@pytest.mark.parametrize("forge", [_forged_checksum, _foreign_key], ids=["altered-header", "foreign-key"])
-def test_engine_refuses_a_forged_header(forge):
+def _swapped_bytes(group, plan, bucket):
+    """An attacker replaces the bucket's bytes and puts their checksum in the tag; the tag's MAC is the sender's."""
+    fake = pack_bucket([(n, torch.zeros_like(t)) for n, t in unpack_bucket(bucket.flat, bucket.entries)])
+    real = _tag_bytes(group, plan, 0, bucket.checksum)
+    return fake.checksum.encode() + real[32:], fake.flat
+
+
+def _foreign_tag(group, plan, bucket):
+    """Other bytes with their checksum, tagged with another key."""
+    fake = pack_bucket([(n, torch.zeros_like(t)) for n, t in unpack_bucket(bucket.flat, bucket.entries)])
+    key, group._key = group._key, b"not the run's secret".ljust(32)
+    try:
+        return _tag_bytes(group, plan, 0, fake.checksum), fake.flat
+    finally:
+        group._key = key
+
+
+@pytest.mark.parametrize("forge", [dict(forge_plan=_altered_plan), dict(forge_plan=_foreign_key),
+                                   dict(forge_tag=_swapped_bytes), dict(forge_tag=_foreign_tag)],
+                         ids=["altered-plan", "foreign-key-plan", "swapped-bytes-tag", "foreign-key-tag"])
+def test_engine_refuses_a_forged_plan_or_bucket_tag(forge):
     sender, member = _pair(_endpoint(timeout_s=2.0))
-    receiver = _Thread(_receive, member, 1)
+    loaded = []
+    receiver = _Thread(receive_weights, member, loaded.append, 1, WeightStore())
     receiver.start()
     try:
-        _send_sync(sender, 1, _tensors(), forge=forge)
+        _send_sync(sender, 1, _tensors(), **forge)
     except Exception:  # noqa: BLE001 - the receiver has stopped listening: the sender may see a broken link
         pass
     _, err = receiver.outcome()
     assert isinstance(err, WeightSyncAuthError) and "failed authentication" in str(err)
+    assert loaded == []  # nothing unverified reached the engine
 
 
-def test_authentic_sync_loads_and_a_replayed_header_is_refused():
+def test_authentic_sync_loads_and_a_replayed_plan_or_tag_is_refused():
     sender, member = _pair(_endpoint(timeout_s=5.0))
     named = _tensors(1)
     receiver = _Thread(_receive, member, 1)
     receiver.start()
     _send_sync(sender, 1, named)
     (result, staged), err = receiver.outcome()
-    assert err is None and result.ok and result.loaded == ["w0", "w1", "w2"]
+    assert err is None and result.ok and result.loaded == ["w0", "w1", "w2"] and result.num_buckets == 1
     for (n, got), (_, want) in zip(staged, named):
         assert torch.equal(got, want)
-    # the same (authentic) header bytes sent again: the MAC covers the group's header sequence number
-    header = {"type": "end", "version": 1, "num_buckets": 1, "num_tensors": 3, "checksum": result.checksum}
-    old_seq = sender._seq
+    # the same (authentic) plan bytes sent again: the MAC covers the group's header sequence number
+    bucket = pack_bucket(named)
+    plan = {"type": "plan", "version": 1, "sync_id": "cd" * 16,
+            "buckets": [{"entries": bucket.entries, "nbytes": bucket.nbytes}]}
     receiver = _Thread(_receive, member, 1)
     receiver.start()
-    sender._seq = old_seq - 1  # the MAC it had the first time
-    payload = json.dumps(header, separators=(",", ":")).encode()
-    _wire(sender, payload)
+    sender._seq -= 1  # the MAC it had the first time
+    _wire(sender, json.dumps(plan, separators=(",", ":")).encode())
     _, err = receiver.outcome()
     assert isinstance(err, WeightSyncAuthError)
+    # an authentic tag of an earlier sync (its sync id) in a new, authentic plan
+    sender2, member2 = _pair(_endpoint(timeout_s=5.0))
+    receiver = _Thread(_receive, member2, 2)
+    receiver.start()
+    old = dict(plan, version=2)
+    sender2.broadcast_json(dict(old, sync_id="ef" * 16), src=0)
+    sender2.broadcast(torch.frombuffer(bytearray(_tag_bytes(sender2, old, 0, bucket.checksum)), dtype=torch.uint8))
+    sender2.broadcast(bucket.flat)
+    _, err = receiver.outcome()
+    assert isinstance(err, WeightSyncAuthError) and "tag failed authentication" in str(err)
+
+
+def test_one_plan_per_sync_and_the_next_receive_is_posted_before_the_load():
+    """The receiver knows every bucket from the plan: it posts bucket i+1's receive before load(i) returns."""
+    sender, member = _pair(_endpoint(timeout_s=30.0))
+    buckets = [pack_bucket(_tensors(seed)) for seed in range(4)]
+    got = []
+    receiver = _Thread(receive_weights, member, lambda ts: got.extend((n, t.clone()) for n, t in ts), 3,
+                       ReceivePool())
+    receiver.start()
+    headers = []
+    broadcast_json = sender.broadcast_json
+    sender.broadcast_json = lambda obj, src=0: headers.append(obj) or broadcast_json(obj, src)
+    total = send_buckets(sender, 3, buckets)
+    result, err = receiver.outcome()
+    assert err is None and result.ok and result.checksum == total and result.num_buckets == 4
+    assert [h["type"] for h in headers] == ["plan"]  # one JSON header for the whole sync
+    want = [t for b in buckets for t in unpack_bucket(b.flat, b.entries)]
+    assert [n for n, _ in got] == [n for n, _ in want] and all(torch.equal(a, b) for (_, a), (_, b) in zip(got, want))
+    assert len(result.posted_at) == len(result.loaded_at) == 4
+    for i in range(3):  # posted before the previous bucket's load returned: the overlap
+        assert result.posted_at[i + 1] < result.loaded_at[i], (result.posted_at, result.loaded_at)
+
+
+class _FakeLayerwiseReload:
+    """Loads like vLLM's layerwise reload: keeps every tensor of a layer (the prefix before '.') until the layer
+    is complete, and those of layers it cannot complete until the end; then checks that what it kept still holds
+    the bytes it was handed (same memory, same values)."""
+
+    def __init__(self, layers: dict[str, int]):
+        self.layers, self.kept, self.checked, self.overwritten = layers, {}, 0, []
+
+    def load(self, tensors):
+        for name, t in tensors:
+            layer = name.split(".")[0]
+            self.kept.setdefault(layer, []).append((name, t, t.data_ptr(), t.clone()))
+            if len(self.kept[layer]) == self.layers[layer]:
+                self._complete(layer)
+
+    def _complete(self, layer):
+        for name, t, ptr, at_hand_off in self.kept.pop(layer):
+            self.checked += 1
+            if t.data_ptr() != ptr or not torch.equal(t, at_hand_off):
+                self.overwritten.append(name)
+
+    def finalize(self):
+        for layer in list(self.kept):
+            self._complete(layer)
+
+
+def test_tensors_the_reload_keeps_are_not_overwritten_before_their_layer_completes():
+    """The vLLM worker's receive buffers (no copy per tensor) against a load that keeps views like the reload:
+    layer `a` spans three buckets, layer `z` is completed only at the end (as a layer with padding is)."""
+    from megatron_apo.rollout.vllm_worker import receive_buffers
+
+    g = torch.Generator().manual_seed(5)
+    t = lambda: torch.randn(128, 64, generator=g)  # noqa: E731 - every bucket the same size: buffers get reused
+    named = [[("a.0", t()), ("z.0", t())], [("a.1", t()), ("b.0", t())], [("a.2", t()), ("c.0", t())],
+             [("d.0", t()), ("e.0", t())], [("f.0", t()), ("g.0", t())]]
+    reload = _FakeLayerwiseReload({"a": 3, "z": 2, "b": 1, "c": 1, "d": 1, "e": 1, "f": 1, "g": 1})
+    pool = receive_buffers()
+    for version in (1, 2):  # the second sync reuses what the first left in the pool
+        sender, member = _pair(_endpoint(timeout_s=30.0))
+        receiver = _Thread(receive_weights, member, reload.load, version, pool)
+        receiver.start()
+        send_buckets(sender, version, [pack_bucket(b) for b in named])
+        result, err = receiver.outcome()
+        assert err is None and result.ok
+        reload.finalize()
+        assert reload.overwritten == [] and reload.checked == 10 * version
+        result = None
+        pool.trim()
+        assert len(pool) <= 2  # the buffers the reload held went back; the pool keeps two
 
 
 # ---- deadlines --------------------------------------------------------------------------------------------------
@@ -210,7 +336,7 @@ def test_a_stalled_member_is_a_named_timeout_on_both_sides():
     big = pack_bucket([("w", torch.zeros(64 << 20, dtype=torch.uint8))])
     t0 = time.monotonic()
     with pytest.raises(WeightSyncTimeout, match="rollout.sync_timeout_s"):
-        send_bucket(sender2, big, 1, 0)
+        send_buckets(sender2, 1, [big])
     assert time.monotonic() - t0 < 10
     del member2
 
@@ -226,12 +352,7 @@ def test_a_failed_load_drains_the_sync_and_reports_it():
     receiver = _Thread(receive_weights, member, load, 1)
     receiver.start()
     t0 = time.monotonic()
-    checksums = []
-    for i, named in enumerate([_tensors(2), _tensors(3), _tensors(4)]):  # three buckets
-        bucket = pack_bucket(named)
-        send_bucket(sender, bucket, 1, i)
-        checksums.append(bucket.checksum)
-    send_end(sender, 1, checksums, 9)
+    send_buckets(sender, 1, [pack_bucket(named) for named in (_tensors(2), _tensors(3), _tensors(4))])  # 3 buckets
     result, err = receiver.outcome(timeout=30)
     assert time.monotonic() - t0 < 30  # the sender was never left waiting for the timeout (60 s)
     assert err is None and not result.ok and result.load_failed and result.num_buckets == 3

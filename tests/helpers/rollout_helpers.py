@@ -78,23 +78,20 @@ def driver_sync_group(fleet, fresh=False, timeout_s: float = 120):
 
 def send_hf_tensors(group, version, named, corrupt_bucket=None, bucket_bytes=64 << 10) -> tuple[str, int]:
     """Sends HF-named tensors as sync `version` in buckets; returns (the sync's checksum, number of buckets)."""
-    from megatron_apo.rollout.weight_sync import pack_bucket, send_bucket, send_end
+    from megatron_apo.rollout.weight_sync import pack_bucket, send_buckets
 
-    checksums, pending, size, n = [], [], 0, 0
+    buckets, pending, size = [], [], 0
     for name, t in named + [("", None)]:
         if t is not None:
             pending.append((name, t))
             size += t.numel() * t.element_size()
         if pending and (size >= bucket_bytes or t is None):
             bucket = pack_bucket(pending)
-            if corrupt_bucket == len(checksums):
+            if corrupt_bucket == len(buckets):
                 bucket.flat[bucket.nbytes // 2] ^= 0x10
-            send_bucket(group, bucket, version, len(checksums))
-            checksums.append(bucket.checksum)
-            n += len(pending)
+            buckets.append(bucket)
             pending, size = [], 0
-    total = send_end(group, version, checksums, n)
-    return total, len(checksums)
+    return send_buckets(group, version, buckets), len(buckets)
 
 
 class DriverController:

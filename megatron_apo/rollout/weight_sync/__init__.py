@@ -5,8 +5,8 @@ One sync group (sync rank 0 = the trainer's global rank 0, ranks 1.. = engine pr
 | module        | its one job                                                                        |
 |---------------|------------------------------------------------------------------------------------|
 | `buckets`     | the sent dtype, bucket layout, packing / unpacking, the checksum                   |
-| `buffers`     | reusable send/receive buffers (`BufferRing`, `WeightStore`), shared memory         |
-| `protocol`    | headers (JSON + HMAC) and payloads on the wire, `receive_weights`, `EngineSyncState` |
+| `buffers`     | reusable send/receive buffers (`BufferRing`, `ReceivePool`, `WeightStore`), shm    |
+| `protocol`    | one plan (JSON + HMAC) per sync, bucket tags and payloads, `receive_weights`, `EngineSyncState` |
 | `plan`        | which trainer rank holds which block of which HF tensor, bucket by bucket          |
 | `sender`      | `TrainerWeightSender`: every trainer rank in lockstep, rank 0 broadcasts            |
 
@@ -27,23 +27,25 @@ from megatron_apo.rollout.weight_sync.buckets import (
     sync_dtype,
     unpack_bucket,
 )
-from megatron_apo.rollout.weight_sync.buffers import BufferRing, WeightStore
+from megatron_apo.rollout.weight_sync.buffers import BufferRing, ReceivePool, WeightStore
 from megatron_apo.rollout.weight_sync.protocol import (
     EngineSyncState,
+    PlanSender,
     SyncResult,
     WeightLoadError,
     WeightSyncAuthError,
     WeightSyncError,
     WeightSyncTimeout,
     receive_weights,
-    send_bucket,
-    send_end,
+    send_buckets,
+    send_plan,
 )
 from megatron_apo.rollout.weight_sync.sender import SyncStats, TrainerWeightSender
 
 __all__ = [
-    "ALIGN", "DEFAULT_BUCKET_BYTES", "ENGINE_DTYPES", "Bucket", "BufferRing", "EngineSyncState", "SyncEndpoint",
-    "SyncResult", "SyncStats", "TrainerWeightSender", "WeightLoadError", "WeightStore", "WeightSyncAuthError",
-    "WeightSyncError", "WeightSyncTimeout", "bucket_checksum", "bucket_layout", "combine_checksums", "open_sync_group",
-    "pack_bucket", "receive_weights", "send_bucket", "send_end", "sync_bucket_bytes", "sync_dtype", "unpack_bucket",
+    "ALIGN", "DEFAULT_BUCKET_BYTES", "ENGINE_DTYPES", "Bucket", "BufferRing", "EngineSyncState", "PlanSender",
+    "ReceivePool", "SyncEndpoint", "SyncResult", "SyncStats", "TrainerWeightSender", "WeightLoadError", "WeightStore",
+    "WeightSyncAuthError", "WeightSyncError", "WeightSyncTimeout", "bucket_checksum", "bucket_layout",
+    "combine_checksums", "open_sync_group", "pack_bucket", "receive_weights", "send_buckets", "send_plan",
+    "sync_bucket_bytes", "sync_dtype", "unpack_bucket",
 ]

@@ -1,6 +1,7 @@
 """Buffers that buckets are packed into and received into, and how long they must live.
 
 * `BufferRing`: two reusable flat buffers, one on the wire while the other is packed or checked.
+* `ReceivePool`: receive buffers reused once nothing holds them (the engine may keep views: vLLM's reload).
 * `WeightStore`: receive buffers that stay an engine's weights (loading is pointing parameters at them).
 * `open_shared_slots`: the sender's two bucket buffers as shared memory that same-host trainer ranks map.
 * `InFlight`: an async broadcast handle that keeps its bucket's memory alive until it is waited on.
@@ -69,6 +70,50 @@ class BufferRing:
     def wait_all(self) -> None:
         for slot in range(len(self._bufs)):
             self.wait(slot)
+
+
+def _storage_users(t: torch.Tensor) -> int:
+    """How many tensors (views included) hold `t`'s memory (torch's storage use count)."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+class ReceivePool:
+    """Receive buffers that may be handed out as views and kept by their user: a buffer is reused only once
+    nothing but the pool holds its memory any more, otherwise a new one is allocated.
+
+    vLLM's layerwise reload keeps the tensors a layer was loaded from until the layer is complete (or, for a
+    layer it could not complete, until the end of the sync), which may be buckets later: with a fixed ring
+    it would read bytes the next receive overwrote, so a reused ring forced a copy of every tensor. Here a
+    kept view simply keeps its buffer out of the rotation; the pool grows only by what the engine really
+    holds (as the copies did), and `trim()` after the sync frees all but `keep` idle buffers.
+    """
+
+    def __init__(self, keep: int = 2):
+        self._bufs: list[tuple[torch.Tensor, int]] = []  # (buffer, its use count when idle)
+        self._keep = keep
+
+    def begin_sync(self) -> None:
+        pass
+
+    def take(self, nbytes: int, device) -> tuple[int, torch.Tensor]:
+        device = torch.device(device)
+        idle = [i for i, (b, users) in enumerate(self._bufs)
+                if _storage_users(b) == users and b.numel() >= nbytes and b.device.type == device.type]
+        if idle:  # the smallest that fits: big buffers stay free for big buckets
+            i = min(idle, key=lambda j: self._bufs[j][0].numel())
+            return i, self._bufs[i][0][:nbytes]
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self._bufs.append((buf, _storage_users(buf)))
+        return len(self._bufs) - 1, buf[:nbytes]
+
+    def trim(self) -> None:
+        """Frees the idle buffers beyond the `keep` largest (after a sync whose loads held some for a while)."""
+        idle = sorted((e for e in self._bufs if _storage_users(e[0]) == e[1]), key=lambda e: -e[0].numel())
+        drop = {id(e[0]) for e in idle[self._keep:]}
+        self._bufs = [e for e in self._bufs if id(e[0]) not in drop]
+
+    def __len__(self) -> int:
+        return len(self._bufs)
 
 
 class WeightStore:

@@ -1,19 +1,29 @@
 """The send-receive protocol over one sync group (sync rank 0 sends, every engine process receives).
 
-    for each bucket:  header {"type": "bucket", version, index, entries, nbytes, checksum}  (JSON + HMAC)
-                      payload: one flat uint8 buffer of `nbytes`                              (tensor broadcast)
-    finally:          header {"type": "end", version, num_buckets, num_tensors, checksum}
+    once per sync:   plan {"type": "plan", version, sync_id, buckets: [{entries, nbytes}, ...]}  (JSON + HMAC)
+    per bucket:      tag: 32 hex chars of the bucket's checksum + HMAC(sync_id, version, index, checksum)
+                     (a fixed 64-byte broadcast), then the payload: one flat uint8 buffer of `nbytes`
 
-Headers are JSON authenticated with the group's key (`sync_group.broadcast_json`): a forged header, and so
-a forged bucket checksum, is refused with `WeightSyncAuthError`. `receive_weights` verifies each bucket's
-checksum before loading it; a bad bucket is not loaded, and a bucket whose load raises stops loading; either
-way the rest of the sync is still drained (the sender must not hang) and reported, and the engine refuses to
-serve until a later sync verifies (`EngineSyncState`). The per-sync checksum (over the bucket checksums) is
-reported back so the fleet can check that every engine got the same bytes.
+The plan (every bucket's names, dtypes, shapes, offsets and size) is one authenticated header
+(`sync_group.broadcast_json`, bound to the group's sequence number: a forged, altered or replayed plan is
+refused with `WeightSyncAuthError`). Only what is not known before a bucket is packed travels per bucket:
+its checksum, in a fixed-size tag MAC'd with the group's key over the sync's random id, the version and the
+bucket's index, so a tag cannot be forged, moved to another bucket or replayed from another sync. Since the
+sizes are known up front, a receiver posts the receive of bucket i+1 (tag and payload, asynchronously; on
+CUDA on a stream of its own) before it verifies and loads bucket i.
+
+`receive_weights` verifies each bucket's checksum against its tag before loading it: nothing unverified is
+ever handed to the engine. A bad bucket is not loaded, and a bucket whose load raises stops loading; either
+way the rest of the sync is still drained (the sender must not hang) and reported, and the engine refuses
+to serve until a later sync verifies (`EngineSyncState`). The per-sync checksum (over the bucket checksums)
+is reported back so the fleet can check that every engine got the same bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hmac
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -21,11 +31,21 @@ from typing import Callable
 import torch
 
 from megatron_apo.rollout.sync_group import WeightSyncAuthError, WeightSyncError, WeightSyncTimeout
-from megatron_apo.rollout.weight_sync.buckets import Bucket, bucket_checksum, combine_checksums, unpack_bucket
-from megatron_apo.rollout.weight_sync.buffers import BufferRing, WeightStore
+from megatron_apo.rollout.weight_sync.buckets import (
+    ALIGN,
+    Bucket,
+    Entry,
+    bucket_checksum,
+    combine_checksums,
+    unpack_bucket,
+)
+from megatron_apo.rollout.weight_sync.buffers import BufferRing, ReceivePool, WeightStore
 
-__all__ = ["EngineSyncState", "SyncResult", "WeightLoadError", "WeightSyncAuthError", "WeightSyncError",
-           "WeightSyncTimeout", "receive_weights", "send_bucket", "send_end"]
+__all__ = ["EngineSyncState", "PlanSender", "SyncResult", "WeightLoadError", "WeightSyncAuthError",
+           "WeightSyncError", "WeightSyncTimeout", "receive_weights", "send_buckets", "send_plan"]
+
+_CHECKSUM_CHARS = 32  # bucket_checksum's hex digest
+TAG_BYTES = _CHECKSUM_CHARS + 32  # + HMAC-SHA256
 
 
 class WeightLoadError(WeightSyncError):
@@ -33,35 +53,84 @@ class WeightLoadError(WeightSyncError):
     that engine as dead (replaces it; the replacement gets the weights by the next sync)."""
 
 
-def send_bucket(group, bucket: Bucket, version: int, index: int, async_op: bool = False):
-    """Header, then payload; with `async_op` the payload's handle is returned (keep `bucket.flat` until it is done)."""
-    group.broadcast_json({"type": "bucket", "version": version, "index": index, "entries": bucket.entries,
-                          "nbytes": bucket.nbytes, "checksum": bucket.checksum}, src=0)
-    return group.broadcast(bucket.flat, src=0, async_op=async_op)
+def _bucket_mac(group, sync_id: str, version: int, index: int, checksum: str) -> bytes:
+    return group.tag("bucket", sync_id, version, index, checksum)
 
 
-def send_end(group, version: int, checksums: list[str], num_tensors: int) -> str:
-    """The closing header; returns the per-sync checksum it carries."""
-    total = combine_checksums(checksums)
-    group.broadcast_json({"type": "end", "version": version, "num_buckets": len(checksums),
-                          "num_tensors": num_tensors, "checksum": total}, src=0)
-    return total
+class PlanSender:
+    """The sender's side of one sync whose plan went out (`send_plan`): `send` each bucket in plan order."""
+
+    def __init__(self, group, version: int, sync_id: str, layouts: list[tuple[list[Entry], int]]):
+        self.group, self.version, self.sync_id, self.layouts = group, version, sync_id, layouts
+        self.checksums: list[str] = []
+
+    def send(self, index: int, bucket: Bucket, async_op: bool = False):
+        """Bucket `index`'s tag, then its payload; with `async_op` a handle is returned: keep `bucket.flat`
+        until its `wait()`. `bucket.checksum` is what the receivers verify the bytes against."""
+        if index != len(self.checksums) or bucket.nbytes != self.layouts[index][1]:
+            raise WeightSyncError(f"weight sync: bucket {index} ({bucket.nbytes} bytes) does not follow the plan")
+        checksum = bucket.checksum
+        wire = checksum.encode() + _bucket_mac(self.group, self.sync_id, self.version, index, checksum)
+        tag = torch.frombuffer(bytearray(wire), dtype=torch.uint8).to(self.group.device)
+        self.checksums.append(checksum)
+        tag_handle = self.group.broadcast(tag, src=0, async_op=async_op)
+        handle = self.group.broadcast(bucket.flat, src=0, async_op=async_op)
+        return _Both(tag_handle, handle, tag) if async_op else None
+
+    @property
+    def checksum(self) -> str:
+        """The per-sync checksum (over the bucket checksums sent so far: all of them once the sync is sent)."""
+        return combine_checksums(self.checksums)
+
+
+class _Both:
+    """Waits on a bucket's tag and payload broadcasts; keeps the tag tensor alive until then."""
+
+    def __init__(self, first, second, keep):
+        self._handles, self._keep = [first, second], keep
+
+    def wait(self) -> None:
+        for h in self._handles:
+            h.wait()
+        self._handles, self._keep = [], None
+
+
+def send_plan(group, version: int, layouts: list[tuple[list[Entry], int]]) -> PlanSender:
+    """Broadcasts the sync's plan (every bucket's entries and size, in send order) as one authenticated header."""
+    sync_id = secrets.token_hex(16)  # binds every bucket tag of this sync to it (a tag cannot be replayed)
+    group.broadcast_json({"type": "plan", "version": version, "sync_id": sync_id,
+                          "buckets": [{"entries": entries, "nbytes": nbytes} for entries, nbytes in layouts]}, src=0)
+    return PlanSender(group, version, sync_id, layouts)
+
+
+def send_buckets(group, version: int, buckets: list[Bucket]) -> str:
+    """A whole sync of already packed buckets (tests, tools); returns the per-sync checksum."""
+    tx = send_plan(group, version, [(b.entries, b.nbytes) for b in buckets])
+    for i, bucket in enumerate(buckets):
+        tx.send(i, bucket)
+    return tx.checksum
 
 
 @dataclass
 class SyncResult:
     version: int
     ok: bool
-    checksum: str  # the sender's per-sync checksum
+    checksum: str  # the sender's per-sync checksum (over the authenticated bucket checksums)
     num_buckets: int
     num_tensors: int
     loaded: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     load_failed: bool = False  # a bucket verified but the engine could not load it
-    # where the receiver's time went: blocked on the wire, checksumming, in `load_fn` (engines may add their own)
+    # where the receiver's time went: blocked on the wire, checksumming, in `load_fn` (engines may add their own),
+    # and the whole receive
     wait_s: float = 0.0
     check_s: float = 0.0
     load_s: float = 0.0
+    receive_s: float = 0.0
+    # per bucket, seconds since the plan arrived: when its receive was posted, when its load returned (the
+    # overlap: bucket i+1 is posted before load(i) returns)
+    posted_at: list[float] = field(default_factory=list)
+    loaded_at: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -69,75 +138,111 @@ class SyncResult:
         return d
 
 
+def _check_plan(plan) -> list[dict]:
+    """The plan's buckets, after the checks that keep a malformed (but authentic) plan from crashing a receiver."""
+    if not isinstance(plan, dict) or plan.get("type") != "plan":
+        raise WeightSyncError(f"weight sync: expected the sync plan, got {str(plan)[:80]!r}")
+    buckets = plan.get("buckets")
+    if (not isinstance(buckets, list) or not isinstance(plan.get("sync_id"), str)
+            or not isinstance(plan.get("version"), int)
+            or any(not isinstance(b, dict) or not isinstance(b.get("nbytes"), int) or b["nbytes"] <= 0
+                   or b["nbytes"] % ALIGN or not isinstance(b.get("entries"), list) for b in buckets)):
+        raise WeightSyncError("weight sync: a malformed sync plan (buckets need entries and an ALIGN-ed nbytes)")
+    return buckets
+
+
 def receive_weights(group, load_fn: Callable[[list[tuple[str, torch.Tensor]]], object],
-                    expected_version: int | None = None, ring: BufferRing | WeightStore | None = None) -> SyncResult:
+                    expected_version: int | None = None,
+                    ring: BufferRing | ReceivePool | WeightStore | None = None) -> SyncResult:
     """Receives one whole sync; loads each bucket whose checksum verifies, drains the rest on errors.
 
-    Pipelined: bucket k+1 is already on the wire while bucket k is checked and loaded. `ring` gives the
-    receive buffers: a `BufferRing` (two, reused; `load_fn` must copy) or a `WeightStore` (`load_fn` may
-    keep the tensors it gets, they are views of buffers this sync owns until the sync after next).
+    Pipelined: the receive of bucket i+1 is posted before bucket i is checked and loaded. `ring` gives the
+    receive buffers: a `ReceivePool` (reused once nothing references them: `load_fn` may keep the tensors
+    it gets, as vLLM's layerwise reload does until a layer is complete), a `WeightStore` (`load_fn` may keep
+    them: they are buffers this sync owns until the sync after next), or a `BufferRing` (two, reused at once:
+    `load_fn` must copy).
 
     A `load_fn` that raises is reported (in `errors`), and the rest of the sync is still received, checked
-    and drained, without loading: the sender never waits on a receiver that gave up.
+    and drained, without loading: the sender never waits on a receiver that gave up. A bucket whose tag fails
+    authentication is not loaded either; the sync is drained and then refused with `WeightSyncAuthError`.
     """
     if group is None:
         raise WeightSyncError("receive_weights: this engine has not joined a sync group (join_sync_group first)")
-    ring = ring or BufferRing()
+    t_start = time.perf_counter()
+    plan = group.broadcast_json(None, src=0)
+    buckets = _check_plan(plan)
+    version, sync_id = plan["version"], plan["sync_id"]
+    ring = ring or ReceivePool()
     ring.begin_sync()
-    checksums, loaded, errors = [], [], []
-    counts = {"tensors": 0, "load_failed": False}
-    times = {"wait_s": 0.0, "check_s": 0.0, "load_s": 0.0}
+    device = torch.device(group.device)
+    stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
+    result = SyncResult(version, False, "", len(buckets), sum(len(b["entries"]) for b in buckets))
+    checksums, auth_failed = [], False
+    t0 = time.perf_counter()
+    if expected_version is not None and version != expected_version:
+        result.errors.append(f"sync version {version} != expected {expected_version}")
 
-    def process(header, buf, handle):
-        t0 = time.perf_counter()
-        handle.wait()
+    def post(index: int):
+        """Posts bucket `index`'s tag and payload receives (on CUDA: on the side stream, after the work already
+        queued on the current one, e.g. loads still reading the buffer this receive reuses)."""
+        _, buf = ring.take(buckets[index]["nbytes"], device)
+        tag = torch.empty(TAG_BYTES, dtype=torch.uint8, device=device)
+        ctx = contextlib.nullcontext()
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(device))
+            ctx = torch.cuda.stream(stream)
+        with ctx:
+            handles = (group.broadcast(tag, src=0, async_op=True), group.broadcast(buf, src=0, async_op=True))
+        result.posted_at.append(time.perf_counter() - t0)
+        return tag, buf, handles
+
+    def process(index: int, tag, buf, handles) -> None:
+        nonlocal auth_failed
         t1 = time.perf_counter()
+        for h in handles:
+            h.wait()
+        t2 = time.perf_counter()
+        result.wait_s += t2 - t1
+        wire = tag.cpu().numpy().tobytes()
+        claimed = wire[:_CHECKSUM_CHARS].decode("ascii", errors="replace")
+        if not hmac.compare_digest(wire[_CHECKSUM_CHARS:], _bucket_mac(group, sync_id, version, index, claimed)):
+            auth_failed = True
+            result.errors.append(f"bucket {index}: its checksum tag failed authentication")
+            return
+        checksums.append(claimed)
+        if result.errors:
+            return  # a rejected sync loads nothing more: drained only
         got = bucket_checksum(buf)
-        times["wait_s"] += t1 - t0
-        times["check_s"] += time.perf_counter() - t1
-        checksums.append(got)
-        counts["tensors"] += len(header["entries"])
-        if expected_version is not None and header["version"] != expected_version:
-            errors.append(f"bucket {header['index']}: version {header['version']} != expected {expected_version}")
-        elif got != header["checksum"]:
-            errors.append(f"bucket {header['index']}: checksum mismatch (received {got}, sender {header['checksum']})")
-        elif not counts["load_failed"]:
-            tensors = unpack_bucket(buf, header["entries"])
-            t0 = time.perf_counter()
-            try:
-                load_fn(tensors)
-                times["load_s"] += time.perf_counter() - t0
-            except Exception as e:  # noqa: BLE001 - reported; the sync is drained so the sender is not left waiting
-                counts["load_failed"] = True
-                errors.append(f"bucket {header['index']}: loading failed: {type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}")
-                return
-            loaded.extend(n for n, _ in tensors)
+        result.check_s += time.perf_counter() - t2
+        if got != claimed:
+            result.errors.append(f"bucket {index}: checksum mismatch (received {got}, sender {claimed})")
+            return
+        tensors = unpack_bucket(buf, buckets[index]["entries"])
+        t3 = time.perf_counter()
+        try:
+            load_fn(tensors)
+        except Exception as e:  # noqa: BLE001 - reported; the sync is drained so the sender is not left waiting
+            result.load_failed = True
+            text = str(e).strip().splitlines()
+            result.errors.append(f"bucket {index}: loading failed: {type(e).__name__}: {text[0] if text else ''}")
+            return
+        finally:
+            result.load_s += time.perf_counter() - t3
+        result.loaded.extend(n for n, _ in tensors)
 
-    prev = None
-    while True:
-        header = group.broadcast_json(None, src=0)
-        if not isinstance(header, dict) or header.get("type") not in ("bucket", "end"):
-            raise WeightSyncError(f"weight sync: unexpected header {str(header)[:80]!r}")
-        if header["type"] == "end":
-            break
-        if header["index"] != len(checksums) + (prev is not None):
-            raise WeightSyncError(f"weight sync: bucket {header['index']} arrived out of order")
-        _, buf = ring.take(header["nbytes"], group.device)
-        handle = group.broadcast(buf, src=0, async_op=True)
-        if prev is not None:
-            process(*prev)
-        prev = (header, buf, handle)
-    if prev is not None:
-        process(*prev)
-    num_tensors = counts["tensors"]
-    if len(checksums) != header["num_buckets"] or num_tensors != header["num_tensors"]:
-        errors.append(f"received {len(checksums)} buckets / {num_tensors} tensors, sender sent "
-                      f"{header['num_buckets']} / {header['num_tensors']}")
-    if not errors and combine_checksums(checksums) != header["checksum"]:
-        errors.append("per-sync checksum mismatch")
-    return SyncResult(header["version"], not errors, header["checksum"], len(checksums), num_tensors, loaded, errors,
-                      counts["load_failed"], **times)
+    pending = post(0) if buckets else None
+    for index in range(len(buckets)):
+        current, pending = pending, post(index + 1) if index + 1 < len(buckets) else None
+        process(index, *current)
+        current = None  # drop this sync's references to the buffer: a ReceivePool may reuse it
+        result.loaded_at.append(time.perf_counter() - t0)
+    if auth_failed:
+        raise WeightSyncAuthError("weight sync: a bucket's checksum tag failed authentication (forged, replayed or "
+                                  "sent without the run's secret); the sync is refused")
+    result.checksum = combine_checksums(checksums)
+    result.ok = not result.errors
+    result.receive_s = time.perf_counter() - t_start
+    return result
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 Per bucket of the plan (`plan.py`), the ranks holding pieces send them point-to-point to global rank 0
 (or write them into its shared-memory buffer), which receives them straight into their place in the
-bucket buffer, adds its own, checksums and broadcasts (`protocol.send_bucket`). So there is ONE sender
+bucket buffer, adds its own, checksums and broadcasts it (`protocol.send_plan` once per sync, then
+`PlanSender.send` per bucket). So there is ONE sender
 and ONE sync group for the whole trainer, the shape vLLM's NCCL weight transfer expects (src=0), and no
 full Megatron tensor is ever assembled.
 """
@@ -17,7 +18,7 @@ import torch
 from megatron_apo.rollout.weight_sync.buckets import ALIGN, DEFAULT_BUCKET_BYTES, Bucket, bucket_checksum, unpack_bucket
 from megatron_apo.rollout.weight_sync.buffers import BufferRing, InFlight, open_shared_slots, trainer_device
 from megatron_apo.rollout.weight_sync.plan import BucketPlan, build_plan, local_params, split_group
-from megatron_apo.rollout.weight_sync.protocol import WeightSyncError, send_bucket, send_end
+from megatron_apo.rollout.weight_sync.protocol import WeightSyncError, send_plan
 
 
 @dataclass
@@ -169,7 +170,8 @@ class TrainerWeightSender:
         local = local_params(self.chunks)
         t0 = time.perf_counter()
         gather_s = 0.0
-        checksums, total_bytes, num_tensors, zero_copy = [], 0, 0, []
+        total_bytes, num_tensors, zero_copy = 0, 0, []
+        tx = send_plan(group, version, [(plan.entries, plan.nbytes) for plan in self._plan])  # once per sync
         for index, plan in enumerate(self._plan):
             cache = {}
             bucket, slot = self._zero_copy_bucket(plan, local, cache, group.device), None
@@ -202,20 +204,18 @@ class TrainerWeightSender:
                 bucket = Bucket(plan.entries, flat, bucket_checksum(flat))
                 if flat.device != torch.device(group.device):  # a GPU trainer feeding CPU (gloo) engines
                     bucket = Bucket(plan.entries, flat.to(group.device), bucket.checksum)
-            handle = InFlight(send_bucket(group, bucket, version, index, async_op=True), bucket)
+            handle = InFlight(tx.send(index, bucket, async_op=True), bucket)
             if slot is None:
                 zero_copy.append(handle)
             else:
                 self._ring.set_pending(slot, handle)
-            checksums.append(bucket.checksum)
             total_bytes += bucket.nbytes
             num_tensors += len(plan.entries)
         self._ring.wait_all()
         for handle in zero_copy:
             handle.wait()
-        checksum = send_end(group, version, checksums, num_tensors)
         seconds = time.perf_counter() - t0
-        return SyncStats(version, total_bytes, len(checksums), num_tensors, checksum, seconds, gather_s,
+        return SyncStats(version, total_bytes, len(tx.checksums), num_tensors, tx.checksum, seconds, gather_s,
                          seconds - gather_s, len(self._shm_sources))
 
     def _zero_copy_bucket(self, plan: BucketPlan, local, cache: dict, device) -> Bucket | None:
