@@ -4,7 +4,8 @@ Measures one full sync (TP shards to the sender's bucket buffers, HF layout, che
 engine-side verification and loading) against the bandwidth limit of the same group: bytes moved / the
 bandwidth of a plain broadcast measured in the same run. `sync_s` is the trainer's time (the engines
 verify the last bucket after it); `engine_split_s` is where the engines' time went (blocked on the wire,
-checksums, loading, the engine's own repack). Prints a table and, as its last line, one JSON object.
+checksums, loading, the engine's own repack, and the engine's whole receive). Prints a table and, as its last
+line, one JSON object.
 
     python bench/weight_sync.py                      # Qwen2.5-0.5B shape (24 layers), TP=2, 2 engines
     python bench/weight_sync.py --layers 4           # a lighter run for a small machine
@@ -99,7 +100,7 @@ def main(argv=None) -> dict:
     # where the engines' time went in that sync (mean over engines): blocked on the wire, checksums, loading into
     # the engine, the engine's own repack (vLLM: reprocessing layers into kernel formats)
     split = {k: round(sum(e.get(k, 0.0) for e in engine_side[last["version"]]) / args.engines, 3)
-             for k in ("wait_s", "check_s", "load_s", "repack_s")}
+             for k in ("wait_s", "check_s", "load_s", "repack_s", "receive_s")}
     bandwidth = out[0]["bandwidth"]
     limit_s = last["bytes"] / bandwidth
     result = {
@@ -125,8 +126,10 @@ def main(argv=None) -> dict:
     print(f"  bandwidth     {result['broadcast_GBps']:8.3f} GB/s plain broadcast of {args.baseline_mb:.0f} MiB")
     print(f"  limit         {result['bandwidth_limit_s']:8.3f} s   bytes / bandwidth")
     print(f"  ratio         {result['ratio_to_bandwidth_limit']:8.3f} x")
-    print(f"  engine side   wait on the wire {split['wait_s']:.3f} s, checksums {split['check_s']:.3f} s, "
-          f"load {split['load_s']:.3f} s, engine repack {split['repack_s']:.3f} s (mean over engines)")
+    print(f"  engine side   transfer (blocked on the wire) {split['wait_s']:.3f} s, "
+          f"checksums {split['check_s']:.3f} s, "
+          f"load {split['load_s']:.3f} s, engine repack {split['repack_s']:.3f} s; whole receive "
+          f"{split['receive_s']:.3f} s (mean over engines)")
     print(json.dumps(result))
     return result
 
