@@ -38,31 +38,37 @@ def _ranks_from_a_forkserver():
     yield
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
-    """A thread a test left running (a pool worker blocked on a dead engine, say) would keep the interpreter from
-    exiting after the summary, and CI would wait for it until its own timeout. Name such threads and exit anyway."""
+    """After the summary nothing may keep this process from exiting: a thread a test left running (a pool worker
+    blocked on a dead engine, say), a child process that multiprocessing's exit handler would join, an exit handler
+    of a library that waits on a cluster that is gone. CI would wait for it until its own timeout. Name what is
+    left, then exit with the session's status without running exit handlers."""
+    import multiprocessing
     import sys
     import threading
+    import time
     import traceback
 
+    deadline = time.monotonic() + 10
+    for child in multiprocessing.active_children():
+        child.terminate()
+        child.join(timeout=max(0.1, deadline - time.monotonic()))
+        if child.is_alive():
+            child.kill()
+        sys.stderr.write(f"conftest: stopped child process {child.name} (pid {child.pid}) left by the tests\n")
     lingering = [t for t in threading.enumerate()
                  if t is not threading.main_thread() and t.is_alive() and not t.daemon]
-    import time
-
-    deadline = time.monotonic() + 10
     for t in lingering:
         t.join(timeout=max(0.0, deadline - time.monotonic()))
-    lingering = [t for t in lingering if t.is_alive()]
-    if not lingering:
-        return
     frames = sys._current_frames()
     for t in lingering:
-        stack = "".join(traceback.format_stack(frames[t.ident])) if t.ident in frames else ""
-        sys.stderr.write(f"conftest: thread {t.name!r} still running after the session:\n{stack}\n")
-    sys.stderr.flush()
+        if t.is_alive():
+            stack = "".join(traceback.format_stack(frames[t.ident])) if t.ident in frames else ""
+            sys.stderr.write(f"conftest: thread {t.name!r} still running after the session:\n{stack}\n")
     sys.stdout.flush()
-    status = getattr(config, "_megatron_apo_exitstatus", 0)
-    os._exit(int(status))
+    sys.stderr.flush()
+    os._exit(int(getattr(config, "_megatron_apo_exitstatus", 0)))
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -78,8 +84,8 @@ def ray_cluster():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from megatron_apo.rollout.fleet import init_ray
+    from megatron_apo.rollout.fleet import init_ray, shutdown_ray
 
     init_ray(num_cpus=2, log_to_driver=False)
     yield ray
-    ray.shutdown()
+    shutdown_ray()  # and the agents and workers that outlive ray.shutdown()
