@@ -217,9 +217,9 @@ def receive_weights(group, load_fn: Callable[[list[tuple[str, torch.Tensor]]], o
         if got != claimed:
             result.errors.append(f"bucket {index}: checksum mismatch (received {got}, sender {claimed})")
             return
-        tensors = unpack_bucket(buf, buckets[index]["entries"])
-        t3 = time.perf_counter()
+        t3, tensors = time.perf_counter(), []
         try:
+            tensors = unpack_bucket(buf, buckets[index]["entries"])
             load_fn(tensors)
         except Exception as e:  # noqa: BLE001 - reported; the sync is drained so the sender is not left waiting
             result.load_failed = True
