@@ -50,6 +50,9 @@ def pytest_unconfigure(config):
     import time
     import traceback
 
+    slurm = sys.modules.get("tests.helpers.slurm_util")
+    if slurm is not None:  # the exit handler that would stop the local Slurm cluster does not run after os._exit
+        slurm.stop_if_started()
     deadline = time.monotonic() + 10
     for child in multiprocessing.active_children():
         child.terminate()

@@ -40,7 +40,15 @@ def ensure_local_slurm() -> None:
         pytest.fail(f"scripts/slurm_local.sh up failed:\n{r.stdout}\n{r.stderr}")
     _STARTED_BY_US.append(not was_up)
     if not was_up:
-        atexit.register(subprocess.run, ["bash", script, "down"], capture_output=True, timeout=120)
+        atexit.register(stop_if_started)
+
+
+def stop_if_started() -> None:
+    """Stops the cluster `ensure_local_slurm` started (once; tests/conftest.py calls it at the session's end, as
+    pytest then exits without running exit handlers)."""
+    if _STARTED_BY_US and _STARTED_BY_US[0]:
+        _STARTED_BY_US[0] = False
+        subprocess.run(["bash", str(REPO / "scripts" / "slurm_local.sh"), "down"], capture_output=True, timeout=120)
 
 
 def job_env(**extra: str) -> dict[str, str]:
