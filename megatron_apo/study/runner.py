@@ -14,6 +14,12 @@ Evaluation: `eval_mode: sampled` samples eval_n responses per prompt from the fl
 A stopped or killed study continues where it stopped: finished runs are kept, an unfinished run starts over. A stop
 signal (SIGTERM) reaches the run's ranks, which stop after their step; if the study process dies, the kernel sends
 them SIGTERM (no rank outlives the study).
+
+Start-up is shared: the study process starts ONE local Ray cluster before its first run and every run's trainer
+attaches to it (`rollout.ray_address`), instead of each run starting and stopping a cluster of its own. A run's fleet
+still closes and kills its engines at the run's end, so every run starts on an empty cluster. The study shuts the
+cluster down when it ends, stops (SIGTERM) or fails; if the study is killed, Ray's GCS and raylet die with it (Ray
+starts them with a parent-death signal) and their engine workers and agents exit when they find the raylet gone.
 """
 
 from __future__ import annotations
@@ -167,7 +173,10 @@ def ensure_reference(cfg: StudyConfig, paths: dict, base: Path) -> str:
 # one RL run
 
 
-def run_overrides(cfg: StudyConfig, paths: dict, ref_ckpt: str, run_dir: Path, method: str, seed: int) -> list[str]:
+def run_overrides(cfg: StudyConfig, paths: dict, ref_ckpt: str, run_dir: Path, method: str, seed: int,
+                  ray_address: Optional[str] = None) -> list[str]:
+    """The run's config overrides: the study's, then `rl`, then the method's (a later one wins). `ray_address`: the
+    study's Ray cluster (a `rollout.ray_address` in `rl` or in a method's overrides wins over it)."""
     base = [
         f"model.config={paths['model']}", f"parallel.tensor_model_parallel_size={cfg.tp}", f"seed={seed}",
         f"out_dir={run_dir}", f"checkpoint.load={ref_ckpt}", "checkpoint.save_interval=0", "checkpoint.keep_last=1",
@@ -176,7 +185,7 @@ def run_overrides(cfg: StudyConfig, paths: dict, ref_ckpt: str, run_dir: Path, m
         # exact evaluation reads the final checkpoint after the run: the trainer samples no evaluation
         f"trainer.eval_n={0 if cfg.eval_mode == 'exact' else cfg.eval_n}", "trainer.eval_max_prompts=100000",
         "trainer.tensorboard=false", "trainer.progress=false",
-    ]
+    ] + ([f"rollout.ray_address={ray_address}"] if ray_address else [])
     return base + list(cfg.rl) + list(cfg.methods[method])
 
 
@@ -193,6 +202,49 @@ def run_dir_of(out: Path, method: str, seed: int, instance: Optional[int] = None
 
 class StudyStopped(UserError):
     """A stop signal ended the study between two steps of a run; rerunning the same command continues."""
+
+
+class StudyRay:
+    """The study's one local Ray cluster, shared by its runs: started on first use, in this process, bound to the
+    loopback interface (`init_ray`); `close()` shuts it down with every process it started (`shutdown_ray`). Not
+    started when `rl` names a cluster of the user's (`rollout.ray_address`)."""
+
+    def __init__(self, cfg: StudyConfig):
+        self.cfg = cfg
+        self.user_address = any(o.split("=", 1)[0].strip() == "rollout.ray_address" for o in cfg.rl)
+        self.address: Optional[str] = None
+
+    def get(self, run_cfgs) -> Optional[str]:
+        """The cluster's address (None: the user's cluster, in the runs' overrides); started for the runs' configs
+        (`run_cfgs()`) if it is not up yet."""
+        if self.user_address or self.address is not None:
+            return self.address
+        import os
+
+        import ray
+
+        from megatron_apo.rollout.fleet import init_ray
+        from megatron_apo.rollout.placement import engine_gpus, node_gpu_count
+        from megatron_apo.trainer.lifecycle import signals_blocked
+
+        # one CPU per engine at most (a CPU engine asks for half of one): every run's engines fit, however many
+        num_cpus = max(os.cpu_count() or 1, *(c.rollout.num_engines for c in run_cfgs()))
+        # as a run's own cluster would: on a GPU node the study's `tp` ranks hold the first GPUs, the engines the rest
+        gpus = engine_gpus(self.cfg.tp, os.environ.get("CUDA_VISIBLE_DEVICES"), node_gpu_count()) \
+            if node_gpu_count() else None
+        log(f"starting the study's Ray cluster ({num_cpus} CPUs{f', GPUs {gpus}' if gpus else ''}) for every run")
+        # Ray's processes inherit SIGUSR1 blocked (Slurm's time-limit signal; see trainer/controller.py)
+        with signals_blocked((signal.SIGUSR1,)):
+            init_ray(None, num_cpus=num_cpus, gpus=gpus)
+        self.address = ray.get_runtime_context().gcs_address
+        return self.address
+
+    def close(self) -> None:
+        if self.address is not None:
+            from megatron_apo.rollout.fleet import shutdown_ray
+
+            shutdown_ray()
+            self.address = None
 
 
 def exact_eval(rcfg, checkpoint: str, scratch: Path, label: str, cfg: StudyConfig, path: Path) -> str:
@@ -215,8 +267,9 @@ def exact_eval(rcfg, checkpoint: str, scratch: Path, label: str, cfg: StudyConfi
 
 
 def run_one(cfg: StudyConfig, paths: dict, ref_ckpt: str, out: Path, method: str, seed: int,
-            instance: Optional[int] = None) -> dict:
-    """Trains one (method, instance, seed) unless it has finished before; returns its done.json."""
+            instance: Optional[int] = None, ray_address: Optional[str] = None) -> dict:
+    """Trains one (method, instance, seed) unless it has finished before; returns its done.json. `ray_address`: a
+    running Ray cluster for the run's fleet (the study's); without it the run starts a local one of its own."""
     from megatron_apo.config import load_config
 
     run_dir = run_dir_of(out, method, seed, instance)
@@ -224,7 +277,7 @@ def run_one(cfg: StudyConfig, paths: dict, ref_ckpt: str, out: Path, method: str
     if done.is_file():
         return json.loads(done.read_text())
     shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts over
-    rcfg = load_config(None, run_overrides(cfg, paths, ref_ckpt, run_dir, method, seed))
+    rcfg = load_config(None, run_overrides(cfg, paths, ref_ckpt, run_dir, method, seed, ray_address))
     t0 = time.time()
     # a signal to the study reaches the ranks (they stop after their step); if the study dies, they get SIGTERM
     history, stopped_at = run_distributed(_train_entry, cfg.tp, rcfg, timeout=cfg.run_timeout_s,
@@ -285,6 +338,14 @@ def precondition(cfg: StudyConfig, out: Path) -> None:
         (out / "diagnostics.json").write_text(json.dumps({cfg.baseline: summary}, indent=1) + "\n")
 
 
+def _run_config(cfg: StudyConfig, paths: dict, ref_ckpt: str, out: Path, method: str, seed: int,
+                instance: Optional[int]):
+    from megatron_apo.config import load_config
+
+    return load_config(None, run_overrides(cfg, paths, ref_ckpt, run_dir_of(out, method, seed, instance), method,
+                                           seed))
+
+
 def _stop_ids(tokenizer_path: str) -> list[int]:
     from megatron_apo.data.tokenizer import load_tokenizer
 
@@ -306,21 +367,27 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None) -> dict:
     t0 = time.time()
     jobs = [(i, s, m) for i, s in replicates(cfg) for m in cfg.methods]  # replicate-major: every method gets one
     done_before = 0
-    for instance in dict.fromkeys(i for i, _, _ in jobs):
-        paths = prepare_task(cfg, out, instance)
-        ref_ckpt = ensure_reference(cfg, paths, instance_dir(out, instance))
-        for instance_, seed, method in jobs:
-            if instance_ != instance:
-                continue
-            done_before += 1
-            if (run_dir_of(out, method, seed, instance) / "done.json").is_file():
-                continue
-            where = replicate_name(instance, seed).replace("_", " ")
-            log(f"run {done_before}/{len(jobs)}: {method} {where}")
-            rec = run_one(cfg, paths, ref_ckpt, out, method, seed, instance)
-            p1, pk = _pass_summary(rec["final_eval"], cfg.eval_n)
-            log(f"  {method} {where} done in {rec['seconds']:.0f}s (training {rec['train_seconds']:.0f}s): "
-                f"pass@1 {p1:.3f}, pass@{cfg.eval_n} {pk:.3f}")
+    cluster = StudyRay(cfg)
+    try:  # the cluster goes down however the study ends: finished, stopped (StudyStopped, SIGTERM) or failed
+        for instance in dict.fromkeys(i for i, _, _ in jobs):
+            paths = prepare_task(cfg, out, instance)
+            ref_ckpt = ensure_reference(cfg, paths, instance_dir(out, instance))
+            for instance_, seed, method in jobs:
+                if instance_ != instance:
+                    continue
+                done_before += 1
+                if (run_dir_of(out, method, seed, instance) / "done.json").is_file():
+                    continue
+                address = cluster.get(lambda: [_run_config(cfg, paths, ref_ckpt, out, m, seed, instance)
+                                                for m in cfg.methods])
+                where = replicate_name(instance, seed).replace("_", " ")
+                log(f"run {done_before}/{len(jobs)}: {method} {where}")
+                rec = run_one(cfg, paths, ref_ckpt, out, method, seed, instance, ray_address=address)
+                p1, pk = _pass_summary(rec["final_eval"], cfg.eval_n)
+                log(f"  {method} {where} done in {rec['seconds']:.0f}s (training {rec['train_seconds']:.0f}s): "
+                    f"pass@1 {p1:.3f}, pass@{cfg.eval_n} {pk:.3f}")
+    finally:
+        cluster.close()
     if cfg.eval_mode == "exact":
         precondition(cfg, out)
     results = analyse(cfg, out)

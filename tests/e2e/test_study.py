@@ -118,7 +118,8 @@ def test_study_v2_exact_evaluation_controls_and_statistics(tmp_path):
 
 @pytest.mark.timeout(1200)
 def test_killed_study_leaves_no_process_behind(tmp_path):
-    """SIGKILL to the study while a run trains: its ranks (and their Ray processes) exit on their own."""
+    """SIGKILL to the study while a run trains: its ranks and the study's Ray processes (GCS, raylet, agents, the
+    run's engine workers) exit on their own."""
     import os
     import signal
     import time
@@ -133,12 +134,14 @@ def test_killed_study_leaves_no_process_behind(tmp_path):
     with log.open("w") as f:
         study = subprocess.Popen(args, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
     deadline = time.time() + 900
-    # the run's rank is up and has started Ray
-    while time.time() < deadline and study.poll() is None and "Started a local Ray instance" not in log.read_text():
+    # the study has started its Ray cluster, and the run's rank is up and has attached to it
+    while time.time() < deadline and study.poll() is None and "Connected to Ray cluster" not in log.read_text():
         time.sleep(1)
     assert "Started a local Ray instance" in log.read_text(), log.read_text()[-3000:]
+    assert "Connected to Ray cluster" in log.read_text(), log.read_text()[-3000:]
     procs = psutil.Process(study.pid).children(recursive=True)
-    assert procs  # the rank and Ray's processes
+    names = " ".join(_cmdline(p) for p in procs)
+    assert "raylet" in names and "gcs_server" in names and "multiprocessing" in names  # Ray's and the rank
     os.kill(study.pid, signal.SIGKILL)
     study.wait()
     gone, alive = psutil.wait_procs(procs, timeout=240)
@@ -147,3 +150,45 @@ def test_killed_study_leaves_no_process_behind(tmp_path):
         p.kill()
     assert not leftover, [(p.pid, p.name()) for p in leftover]
     assert not (out / "runs" / "grpo" / "inst_0_seed_1" / "done.json").exists()
+
+
+def _cmdline(p) -> str:
+    import psutil
+
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:  # exited meanwhile
+        return ""
+
+
+def test_run_attaches_to_the_study_cluster_and_leaves_nothing_on_it(tmp_path, ray_cluster):
+    """A study run's trainer attaches to the study's Ray cluster (here the session's) instead of starting one, and
+    its engines are gone when it ends: the next run starts on an empty cluster (no actor, every CPU free)."""
+    import time
+
+    from megatron_apo.study.config import load_study_config
+    from megatron_apo.study.runner import ensure_reference, prepare_task, run_one
+
+    ray = ray_cluster
+    from ray._private import state
+
+    def alive():
+        return {a for a, v in state.actors().items() if v["State"] != "DEAD"}
+
+    def engines():
+        return {a for a, v in state.actors().items() if v["ActorClassName"] == "CPUEngine"}
+
+    cfg = load_study_config(REPO / "configs" / "study_v2.yaml", V2_ARGS + ["task.instances=[0]"])
+    out = tmp_path / "study"
+    paths = prepare_task(cfg, out, 0)
+    ref = ensure_reference(cfg, paths, out / "inst_0")
+    cpus, before, engines_before = ray.available_resources().get("CPU"), alive(), engines()
+    address = ray.get_runtime_context().gcs_address
+    rec = run_one(cfg, paths, ref, out, "grpo", 1, 0, ray_address=address)
+    assert len(rec["history"]) == 2
+    assert len(engines() - engines_before) == 1  # the run's one engine lived on this cluster ...
+    deadline = time.time() + 30
+    while time.time() < deadline and (alive() != before or ray.available_resources().get("CPU") != cpus):
+        time.sleep(0.5)
+    assert alive() == before  # ... and is gone: no actor outlives its run
+    assert ray.available_resources().get("CPU") == cpus
