@@ -24,6 +24,7 @@ import os
 import pickle
 import queue
 import signal
+import sys
 import time
 import traceback
 from typing import Any, Callable
@@ -61,12 +62,34 @@ class _RankUserError:
         return self.tb
 
 
+def _same(obj):
+    return obj
+
+
+class _InheritedFd:
+    """This process's file descriptor `fd`, duplicated into a forked rank when the rank starts (pickled per rank
+    while multiprocessing starts it; `.detach()` in the rank returns its copy)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self):
+        from multiprocessing.reduction import DupFd
+
+        return _same, (DupFd(self.fd),)
+
+
 def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict, q, threads: int,
            host_only: bool = False, parent_death_signal: int = 0, parent_pid: int = 0,
-           environ: dict[str, str] | None = None) -> None:
+           environ: dict[str, str] | None = None, stdio: tuple | None = None) -> None:
     if environ is not None:  # a forked rank: the caller's environment now, not the server's at its start
         os.environ.clear()
         os.environ.update(environ)
+    if stdio is not None:  # ... and the caller's stdout/stderr now (a spawned rank inherits them)
+        for target, dup in zip((1, 2), stdio):
+            fd = dup.detach()
+            os.dup2(fd, target)
+            os.close(fd)
     if host_only:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initialises CUDA in this process
     if parent_death_signal:
@@ -138,12 +161,17 @@ def _run_once(fn, world_size, args, kwargs, timeout, threads_per_process, host_o
     method = "spawn" if forward_signals else _start_method
     ctx = mp.get_context(method)
     environ = dict(os.environ) if method != "spawn" else None
+    stdio = None
+    if method != "spawn":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        stdio = (_InheritedFd(1), _InheritedFd(2))
     q = ctx.Queue()
     port = find_free_port()
     threads = threads_per_process or max(1, (os.cpu_count() or 1) // world_size)
     procs = [
         ctx.Process(target=_child, args=(r, world_size, port, fn, args, kwargs, q, threads, host_only,
-                                         forward_signals[0] if forward_signals else 0, os.getpid(), environ),
+                                         forward_signals[0] if forward_signals else 0, os.getpid(), environ, stdio),
                     daemon=False)
         for r in range(world_size)
     ]
