@@ -3,7 +3,8 @@
 It is a one-seed study (this package) on the collapse task (`megatron_apo/data/collapse_task.py`):
 1. the task's parquet files and a character tokenizer;
 2. SFT of a tiny Qwen2-shaped Megatron model on the task's demonstrations -> the reference;
-3. RL from that reference with GRPO and with APO (Megatron trainer, Ray CPU rollout fleet, weight sync);
+3. RL from that reference with GRPO and with APO (Megatron trainer, Ray CPU rollout fleet, weight sync); both runs
+   attach to the one local Ray cluster the study starts;
 4. pass@k (k = 1..eval_n) of reference / GRPO / APO on trained and held-out categories, with bootstrap CIs over
    prompts: a table, one sentence on what the figure shows, results.json, pass_at_k.png and dynamics.png.
 """

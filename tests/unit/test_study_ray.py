@@ -1,0 +1,33 @@
+"""The study's shared Ray cluster: every run's overrides name it, a cluster of the user's wins, and a study whose
+`rl` names one starts none (tests/e2e/test_study.py runs the real cluster)."""
+
+from pathlib import Path
+
+from megatron_apo.study.config import StudyConfig
+from megatron_apo.study.runner import StudyRay, run_overrides
+
+PATHS = {"model": "m.yaml", "train": "t.parquet", "val": "v.parquet", "tokenizer": "sp.model"}
+
+
+def _cfg(rl: list[str], method: list[str]) -> StudyConfig:
+    return StudyConfig(rl=rl, methods={"grpo": method})
+
+
+def test_runs_attach_to_the_study_cluster_unless_the_user_names_one():
+    cfg = _cfg(["trainer.total_steps=2"], ["algorithm.loss_mode=vanilla"])
+    o = run_overrides(cfg, PATHS, "ref", Path("run"), "grpo", 1, "127.0.0.1:6379")
+    assert [x for x in o if x.startswith("rollout.ray_address=")] == ["rollout.ray_address=127.0.0.1:6379"]
+    assert not any(x.startswith("rollout.ray_address") for x in run_overrides(cfg, PATHS, "ref", Path("r"), "grpo", 1))
+    # a method's own cluster comes after the study's: the later override wins
+    cfg = _cfg([], ["rollout.ray_address=10.0.0.1:6379"])
+    o = run_overrides(cfg, PATHS, "ref", Path("run"), "grpo", 1, "127.0.0.1:6379")
+    assert o.index("rollout.ray_address=10.0.0.1:6379") > o.index("rollout.ray_address=127.0.0.1:6379")
+
+
+def test_no_study_cluster_when_rl_names_one():
+    import ray
+
+    cluster = StudyRay(_cfg(["rollout.ray_address=10.0.0.1:6379"], []))
+    assert cluster.get(lambda: []) is None and not ray.is_initialized()  # nothing was started
+    cluster.close()
+    assert StudyRay(_cfg(["trainer.total_steps=2"], [])).user_address is False
