@@ -66,6 +66,11 @@ def _same(obj):
     return obj
 
 
+def _by_value(call: bytes):
+    fn, args, kwargs = pickle.loads(call)  # noqa: S301 - bytes the calling process pickled for this rank
+    return fn(*args, **kwargs)
+
+
 class _InheritedFd:
     """This process's file descriptor `fd`, duplicated into a forked rank when the rank starts (pickled per rank
     while multiprocessing starts it; `.detach()` in the rank returns its copy)."""
@@ -169,6 +174,14 @@ def _run_once(fn, world_size, args, kwargs, timeout, threads_per_process, host_o
     q = ctx.Queue()
     port = find_free_port()
     threads = threads_per_process or max(1, (os.cpu_count() or 1) // world_size)
+    name = getattr(fn, "__name__", fn)
+    if method != "spawn":
+        # The forkserver passes a rank at most 256 file descriptors, and torch hands tensors to a rank as one
+        # shared-memory descriptor each: send the call by value instead (a spawned rank inherits descriptors).
+        try:
+            fn, args, kwargs = _by_value, (pickle.dumps((fn, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL),), {}
+        except (pickle.PicklingError, TypeError, AttributeError):
+            pass  # something only multiprocessing can hand over (a queue, an event): as it is
     procs = [
         ctx.Process(target=_child, args=(r, world_size, port, fn, args, kwargs, q, threads, host_only,
                                          forward_signals[0] if forward_signals else 0, os.getpid(), environ, stdio),
@@ -208,7 +221,7 @@ def _run_once(fn, world_size, args, kwargs, timeout, threads_per_process, host_o
             if remaining <= 0:
                 missing = sorted(set(range(world_size)) - set(results) - set(failures))
                 raise DistributedError(
-                    f"{getattr(fn, '__name__', fn)}: ranks {missing} did not finish within {timeout:.0f}s"
+                    f"{name}: ranks {missing} did not finish within {timeout:.0f}s"
                     + _format_failures(failures)
                 )
             try:
@@ -242,7 +255,7 @@ def _run_once(fn, world_size, args, kwargs, timeout, threads_per_process, host_o
         if isinstance(first, _RankUserError):  # one line at the CLI, like the same mistake caught before the ranks
             get_logger(__name__).debug("rank %d raised:\n%s", min(failures), first.tb)
             raise first.error
-        raise DistributedError(f"{getattr(fn, '__name__', fn)} failed" + _format_failures(failures))
+        raise DistributedError(f"{name} failed" + _format_failures(failures))
     return [results[r] for r in range(world_size)]
 
 
