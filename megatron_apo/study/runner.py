@@ -16,7 +16,8 @@ signal (SIGTERM) reaches the run's ranks, which stop after their step; if the st
 them SIGTERM (no rank outlives the study).
 
 Start-up is shared: the study process starts ONE local Ray cluster before its first run and every run's trainer
-attaches to it (`rollout.ray_address`), instead of each run starting and stopping a cluster of its own. A run's fleet
+attaches to it (`rollout.ray_address`), instead of each run starting and stopping a cluster of its own (GPU engines
+keep a cluster per run: see StudyRay). A run's fleet
 still closes and kills its engines at the run's end, so every run starts on an empty cluster. The study shuts the
 cluster down when it ends, stops (SIGTERM) or fails; if the study is killed, Ray's GCS and raylet die with it (Ray
 starts them with a parent-death signal) and their engine workers and agents exit when they find the raylet gone.
@@ -207,35 +208,38 @@ class StudyStopped(UserError):
 class StudyRay:
     """The study's one local Ray cluster, shared by its runs: started on first use, in this process, bound to the
     loopback interface (`init_ray`); `close()` shuts it down with every process it started (`shutdown_ray`). Not
-    started when `rl` names a cluster of the user's (`rollout.ray_address`)."""
+    started when `rl` names a cluster of the user's (`rollout.ray_address`), nor for GPU engines (vLLM on a GPU node):
+    a run's own cluster takes only the GPUs its ranks leave free, and its pre-start checks say when none are left."""
 
     def __init__(self, cfg: StudyConfig):
         self.cfg = cfg
         self.user_address = any(o.split("=", 1)[0].strip() == "rollout.ray_address" for o in cfg.rl)
+        self.per_run = False  # each run starts its own cluster (GPU engines)
         self.address: Optional[str] = None
 
     def get(self, run_cfgs) -> Optional[str]:
-        """The cluster's address (None: the user's cluster, in the runs' overrides); started for the runs' configs
-        (`run_cfgs()`) if it is not up yet."""
-        if self.user_address or self.address is not None:
+        """The cluster's address, started for the runs' configs (`run_cfgs()`) if it is not up yet; None: each run
+        uses the cluster its overrides name, or starts its own."""
+        if self.user_address or self.per_run or self.address is not None:
             return self.address
         import os
 
         import ray
 
         from megatron_apo.rollout.fleet import init_ray
-        from megatron_apo.rollout.placement import engine_gpus, node_gpu_count
+        from megatron_apo.rollout.placement import node_gpu_count
         from megatron_apo.trainer.lifecycle import signals_blocked
 
+        cfgs = run_cfgs()
+        if node_gpu_count() and any(c.rollout.engine == "vllm" for c in cfgs):
+            self.per_run = True
+            return None
         # one CPU per engine at most (a CPU engine asks for half of one): every run's engines fit, however many
-        num_cpus = max(os.cpu_count() or 1, *(c.rollout.num_engines for c in run_cfgs()))
-        # as a run's own cluster would: on a GPU node the study's `tp` ranks hold the first GPUs, the engines the rest
-        gpus = engine_gpus(self.cfg.tp, os.environ.get("CUDA_VISIBLE_DEVICES"), node_gpu_count()) \
-            if node_gpu_count() else None
-        log(f"starting the study's Ray cluster ({num_cpus} CPUs{f', GPUs {gpus}' if gpus else ''}) for every run")
+        num_cpus = max(os.cpu_count() or 1, *(c.rollout.num_engines for c in cfgs))
+        log(f"starting the study's Ray cluster ({num_cpus} CPUs) for every run")
         # Ray's processes inherit SIGUSR1 blocked (Slurm's time-limit signal; see trainer/controller.py)
         with signals_blocked((signal.SIGUSR1,)):
-            init_ray(None, num_cpus=num_cpus, gpus=gpus)
+            init_ray(None, num_cpus=num_cpus)
         self.address = ray.get_runtime_context().gcs_address
         return self.address
 

@@ -31,3 +31,17 @@ def test_no_study_cluster_when_rl_names_one():
     assert cluster.get(lambda: []) is None and not ray.is_initialized()  # nothing was started
     cluster.close()
     assert StudyRay(_cfg(["trainer.total_steps=2"], [])).user_address is False
+
+
+def test_gpu_engines_keep_a_cluster_per_run(monkeypatch):
+    """vLLM on a GPU node: each run's own cluster gets the GPUs its ranks leave free (and its pre-start checks)."""
+    import types
+
+    import ray
+
+    import megatron_apo.rollout.placement as placement
+
+    monkeypatch.setattr(placement, "node_gpu_count", lambda: 2)  # the node's GPU count, as the driver reports it
+    run = types.SimpleNamespace(rollout=types.SimpleNamespace(engine="vllm", num_engines=1))
+    cluster = StudyRay(_cfg([], []))
+    assert cluster.get(lambda: [run]) is None and cluster.per_run and not ray.is_initialized()
