@@ -139,6 +139,9 @@ def _in_subprocess(fn, *args, timeout: float = 1200.0):
         raise RuntimeError(f"gpu_step: {fn.__name__} did not finish within {timeout:.0f}s") from None
     finally:
         proc.join(60)
+        if proc.is_alive():  # its result is in, but its exit hangs (e.g. on vLLM's engine core): a process left
+            proc.kill()      # running here would be joined forever by multiprocessing's exit handler
+            proc.join(10)
     if not ok:
         raise RuntimeError(f"gpu_step: {fn.__name__} failed:\n{payload}")
     return payload

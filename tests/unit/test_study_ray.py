@@ -27,8 +27,9 @@ def test_runs_attach_to_the_study_cluster_unless_the_user_names_one():
 def test_no_study_cluster_when_rl_names_one():
     import ray
 
+    before = ray.is_initialized()  # the suite's own session cluster may be up
     cluster = StudyRay(_cfg(["rollout.ray_address=10.0.0.1:6379"], []))
-    assert cluster.get(lambda: []) is None and not ray.is_initialized()  # nothing was started
+    assert cluster.get(lambda: []) is None and ray.is_initialized() == before  # nothing was started
     cluster.close()
     assert StudyRay(_cfg(["trainer.total_steps=2"], [])).user_address is False
 
@@ -43,5 +44,6 @@ def test_gpu_engines_keep_a_cluster_per_run(monkeypatch):
 
     monkeypatch.setattr(placement, "node_gpu_count", lambda: 2)  # the node's GPU count, as the driver reports it
     run = types.SimpleNamespace(rollout=types.SimpleNamespace(engine="vllm", num_engines=1))
+    before = ray.is_initialized()  # the suite's own session cluster may be up
     cluster = StudyRay(_cfg([], []))
-    assert cluster.get(lambda: [run]) is None and cluster.per_run and not ray.is_initialized()
+    assert cluster.get(lambda: [run]) is None and cluster.per_run and ray.is_initialized() == before
