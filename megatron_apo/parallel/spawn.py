@@ -165,17 +165,16 @@ def _run_once(fn, world_size, args, kwargs, timeout, threads_per_process, host_o
               forward_signals=()) -> list[Any]:
     method = "spawn" if forward_signals else _start_method
     ctx = mp.get_context(method)
-    environ = dict(os.environ) if method != "spawn" else None
-    stdio = None
-    if method != "spawn":
-        sys.stdout.flush()
-        sys.stderr.flush()
-        stdio = (_InheritedFd(1), _InheritedFd(2))
     q = ctx.Queue()
     port = find_free_port()
     threads = threads_per_process or max(1, (os.cpu_count() or 1) // world_size)
     name = getattr(fn, "__name__", fn)
-    if method != "spawn":
+    environ = stdio = None
+    if method != "spawn":  # a forked rank gets the caller's environment and streams now, as a spawned one does
+        environ = dict(os.environ)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        stdio = (_InheritedFd(1), _InheritedFd(2))
         # The forkserver passes a rank at most 256 file descriptors, and torch hands tensors to a rank as one
         # shared-memory descriptor each: send the call by value instead (a spawned rank inherits descriptors).
         try:

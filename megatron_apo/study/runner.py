@@ -309,7 +309,6 @@ def run_one(cfg: StudyConfig, paths: dict, ref_ckpt: str, out: Path, method: str
 def precondition(cfg: StudyConfig, out: Path) -> None:
     """The mechanism precondition (study/diagnostics.py) on every finished baseline run, cached per run; the
     summary over replicates goes to out/diagnostics.json for the analysis."""
-    from megatron_apo.config import load_config
     from megatron_apo.rollout.engine import SamplingParams
     from megatron_apo.study.diagnostics import run_precondition
 
@@ -322,7 +321,7 @@ def precondition(cfg: StudyConfig, out: Path) -> None:
         if not cached.is_file():
             paths = prepare_task(cfg, out, instance) if cfg.task.kind != "files" else prepare_task(cfg, out)
             ref_ckpt = ensure_reference(cfg, paths, instance_dir(out, instance))
-            rcfg = load_config(None, run_overrides(cfg, paths, ref_ckpt, run_dir, cfg.baseline, seed))
+            rcfg = _run_config(cfg, paths, ref_ckpt, out, cfg.baseline, seed, instance)
             r = rcfg.rollout
             params = SamplingParams(n=8, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                     max_new_tokens=rcfg.data.max_response_length,
