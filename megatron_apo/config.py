@@ -238,6 +238,10 @@ class AlgorithmConfig(_Section):
     anchor_metrics: bool = False
     """Log the reference Top-K (anchor) metrics for every loss mode (the reference pass computes one Top-K more)."""
 
+    position_metrics: int = 0
+    """Log the gradient-off (clip) fractions of the first N response positions (`pos/grad_off_frac_<i>`,
+    `pos/neg_grad_off_frac_<i>`); 0 = off."""
+
     logprob_chunk_size: int = 4096
     """Tokens per chunk in the vocab-parallel ops (bounds peak memory)."""
 
@@ -277,6 +281,9 @@ class AlgorithmConfig(_Section):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 self._bad(key, "must be a positive integer")
+        if isinstance(self.position_metrics, bool) or not isinstance(self.position_metrics, int) \
+                or self.position_metrics < 0:
+            self._bad("position_metrics", "must be an integer >= 0 (0 = off)")
         for key in ("apo_exclude_sampled", "use_kl_loss", "use_kl_loss_on_wrong", "anchor_metrics", "norm_adv_by_std",
                     "adv_calibration_memory"):
             if not isinstance(getattr(self, key), bool):

@@ -308,6 +308,44 @@ def criterion_v2(results: dict, cfg: StudyConfig, out: Path) -> dict:
             "trained_pass1_diff": None if tr is None else tr["est"][0], "verdict": verdict}
 
 
+LATE_DIAGNOSTICS = [("anchor/safe_mass_wrong", "mass on S (wrong)"), ("apo/neg_grad_off_frac", "A<0 grad off"),
+                    ("pg_clipfrac", "clip frac"), ("top1_prob", "top-1 prob"), ("entropy", "entropy"),
+                    ("ref_kl", "KL to ref"), ("reward/mean", "reward")]
+
+
+def late_diagnostics(cfg: StudyConfig, out: Path, last: int = 20) -> dict[str, dict[str, float]]:
+    """Per method: each diagnostic's mean over the last `last` steps, averaged over the finished replicates; with
+    `algorithm.position_metrics`, the per-position shares of A < 0 tokens with gradient off (`pos/...`) too."""
+    keys = [k for k, _ in LATE_DIAGNOSTICS]
+    for method in cfg.methods:  # the per-position keys the runs logged
+        for instance, seed in replicates(cfg):
+            done = out / "runs" / method / replicate_name(instance, seed) / "done.json"
+            if done.is_file():
+                last_step = json.loads(done.read_text())["history"][-1]
+                keys += sorted((k for k in last_step if k.startswith("pos/neg_grad_off_frac_") and k not in keys),
+                               key=lambda k: int(k.rsplit("_", 1)[1]))
+                break
+    res: dict[str, dict[str, float]] = {}
+    for key in keys:
+        for method, per_rep in late_means(cfg, out, key, last).items():
+            vals = [v for v in per_rep.values() if not math.isnan(v)]
+            res.setdefault(method, {})[key] = float(np.mean(vals)) if vals else math.nan
+    return res
+
+
+def diagnostics_table(diag: dict[str, dict[str, float]]) -> str:
+    if not diag:
+        return ""
+    names = dict(LATE_DIAGNOSTICS)
+    keys = list(dict.fromkeys(k for d in diag.values() for k in d))
+    head = [names.get(k, "A<0 off @" + k.rsplit("_", 1)[1]) for k in keys]
+    lines = ["| method | " + " | ".join(head) + " |", "|---" * (len(keys) + 1) + "|"]
+    for method, d in diag.items():
+        lines.append(f"| {method} | " + " | ".join("—" if math.isnan(d.get(k, math.nan)) else f"{d[k]:.3f}"
+                                                   for k in keys) + " |")
+    return "\n".join(lines)
+
+
 def dynamics(cfg: StudyConfig, out: Path) -> dict:
     """Per method and metric: the mean over finished replicates of the per-step training metrics."""
     res: dict = {}
@@ -434,9 +472,9 @@ def v2_section(results: dict) -> list[str]:
 
 def write_report(cfg: StudyConfig, results: dict, out: Path, report: Path | None = None) -> None:
     """Writes results.json, report.md and the plots to `report` (default: the study folder `out`)."""
-    dyn = dynamics(cfg, out)
+    dyn, late = dynamics(cfg, out), late_diagnostics(cfg, out)
     out = Path(report or out)  # from here on: where the report goes
-    (out / "results.json").write_text(json.dumps({**results, "dynamics": dyn}) + "\n")
+    (out / "results.json").write_text(json.dumps({**results, "dynamics": dyn, "late_diagnostics": late}) + "\n")
     if not results.get("splits"):
         (out / "report.md").write_text("# Study report\n\nNo finished run yet.\n")
         return
@@ -461,6 +499,11 @@ def write_report(cfg: StudyConfig, results: dict, out: Path, report: Path | None
                   "by > 2 SE): " + ", ".join(f"{m}: {'yes' if b else 'no'}"
                                              for m, b in c["beats_baseline"].items()), ""]
     lines += v2_section(results)
+    if late:
+        lines += ["## Diagnostics (mean of the last 20 RL steps, over replicates)", "",
+                  "Mass on S: the reference Top-K's policy mass on wrong responses; A<0 grad off: the share of "
+                  "negative tokens whose gradient is zero (APO forms and the artifact control); A<0 off @i: the same "
+                  "at response position i (0 where a method logs none).", "", diagnostics_table(late), ""]
     for split in order:
         lines += [f"## {split} ({results['splits'][split]['num_prompts']} prompts)", "",
                   results_table(results, split), ""]

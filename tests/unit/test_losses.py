@@ -378,6 +378,45 @@ def test_paper_clip_removes_negative_gradients_when_pull_is_large():
         assert got["metrics"]["apo/neg_grad_off_frac"] == 1.0 and got["grad"].abs().max() == 0
 
 
+POSITION_CASES = ["vanilla", "apo_default", "apo_paper_ref", "apo_split", "apo_paper_strong_pull_no_exclude",
+                  "apo_ratio_indicator_onpolicy", "apo_old_aw1.0_tau0.5", "apo_split_aw1.0_tau0.5", "casp",
+                  "casp_onpolicy_low_quantile"]
+
+
+@pytest.mark.parametrize("name", POSITION_CASES + ["apo_neg_clipped"])
+def test_position_metrics_count_the_tokens_whose_gradient_is_zero(name):
+    """pos/*grad_off_frac_<i> against the definition: an A != 0 token's gradient is off exactly when the loss's
+    gradient w.r.t. its logits is zero (KL and entropy terms off, which act on every token)."""
+    import megatron_apo.study.controls  # noqa: F401 - registers apo_neg_clipped
+
+    case = CASES["apo_default" if name == "apo_neg_clipped" else name]
+    config = {**case["config"], "use_kl_loss": False, "use_kl_loss_on_wrong": False, "entropy_coeff": 0.0,
+              "position_metrics": T + 1}  # one position past the end: no tokens there, metric 0
+    if name == "apo_neg_clipped":
+        config = {"loss_mode": "apo_neg_clipped"}
+        config["position_metrics"] = T + 1
+    got = run_loss_case({**case, "config": config}, 0, 1)
+    off = got["grad"].abs().amax(-1) == 0  # [B, T]
+    mask, adv = case["mask"] > 0, case["advantages"]
+    seen_off = seen_on = False
+    for i in range(T + 1):
+        for key, sel in ((f"pos/grad_off_frac_{i}", adv != 0), (f"pos/neg_grad_off_frac_{i}", adv < 0)):
+            at = (mask & sel)[:, i] if i < T else torch.zeros(B, dtype=torch.bool)
+            want = off[:, i][at].float().mean().item() if at.any() else 0.0
+            assert got["metrics"][key] == pytest.approx(want, abs=1e-6), (key, want, got["metrics"][key])
+        if i < T:
+            seen_off |= bool((off[:, i] & mask[:, i] & (adv[:, i] != 0)).any())
+            seen_on |= bool((~off[:, i] & mask[:, i] & (adv[:, i] != 0)).any())
+    assert seen_on and (seen_off or name.startswith("casp")), "the case must have tokens with the gradient on and off"
+
+
+def test_position_metrics_are_off_by_default_and_validated():
+    got = run_loss_case(CASES["apo_default"], 0, 1)["metrics"]
+    assert not any(k.startswith("pos/") for k in got)
+    with pytest.raises(ValueError, match="algorithm.position_metrics"):
+        AlgorithmConfig(position_metrics=-1).validate()
+
+
 def test_masked_positions_with_garbage_inputs_give_finite_loss_and_zero_grad():
     case = make_inputs(23, {})
     m = case["mask"].bool()

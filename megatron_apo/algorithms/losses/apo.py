@@ -106,6 +106,7 @@ def _apo_paper(ctx: LossContext, a: _Anchors):
     loss = ctx.agg(token)
     # a*max(r~, clip(r~)) is constant for r~ < lo, and min(., a*c) for r~ > c: no gradient at all (push and pull)
     grad_off = (r_tilde < lo) | (r_tilde > cfg.clip_ratio_c)
+    ctx.grad_off = torch.where(neg, grad_off, _vanilla_grad_off(ctx))
     return loss, {
         "pg_loss": loss.detach(),
         "apo/rectified_loss": ctx.agg(torch.where(neg, rect, ctx.zeros)).detach(),
@@ -145,6 +146,8 @@ def _apo_split(ctx: LossContext, a: _Anchors):
     # the dual-clipped PG has no gradient for r < 1 - low or r > clip_ratio_c; the clipped pull none for rho > 1 + high
     pg_off = (r < 1.0 - cfg.clip_ratio_low) | (r > cfg.clip_ratio_c)
     pull_off = rho > 1.0 + cfg.clip_ratio_high if cfg.apo_pull_form == "ratio_clip" else torch.zeros_like(neg)
+    # a token's whole gradient is off when its push is clipped and it has no pull or the pull's clip holds too
+    ctx.grad_off = torch.where(neg, pg_off & (pull_off | ~pulled), _vanilla_grad_off(ctx))
     return loss, {
         "pg_loss": pg_agg.detach(),
         "apo/push_loss": agg(torch.where(neg, cfg.apo_push_coeff * ctx.pg, zeros)).detach(),
@@ -160,3 +163,11 @@ def _masked_median(values: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
     """The (lower) median of `values` over `select`, detached fp32; 0 when nothing is selected."""
     v = values.detach().float()[select.bool()]
     return v.median() if v.numel() else torch.zeros((), dtype=torch.float32, device=values.device)
+
+
+def _vanilla_grad_off(ctx: LossContext) -> torch.Tensor:
+    """The dual-clipped surrogate's gradient-off tokens (the A >= 0 tokens APO leaves vanilla)."""
+    cfg, r, adv = ctx.cfg, ctx.ratio().detach(), ctx.adv
+    upper = (adv > 0) & (r > 1.0 + cfg.clip_ratio_high)
+    lower = (adv < 0) & ((r < 1.0 - cfg.clip_ratio_low) | (r > cfg.clip_ratio_c))
+    return upper | lower

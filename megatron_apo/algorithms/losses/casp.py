@@ -32,6 +32,8 @@ def casp_loss(ctx: LossContext):
     token_loss = torch.maximum(-adv_mix * r_mix, -adv_mix * torch.clamp(r_mix, 1.0 - cfg.clip_ratio_low,
                                                                         1.0 + cfg.clip_ratio_high))
     loss = agg(token_loss)
+    lo_r, hi_r = 1.0 - cfg.clip_ratio_low, 1.0 + cfg.clip_ratio_high
+    ctx.grad_off = ((adv_mix > 0) & (r_mix.detach() > hi_r)) | ((adv_mix < 0) & (r_mix.detach() < lo_r))
     return loss, {
         "pg_loss": loss.detach(),
         "casp/forking_frac": masked_mean(w, mask),

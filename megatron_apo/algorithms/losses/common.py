@@ -37,6 +37,9 @@ class LossContext:
     old_anchor_logprobs: Optional[torch.Tensor] = None  # [B, T, K] log pi_old at them
     old_topk_logprobs: Optional[torch.Tensor] = None  # [B, T, N] log pi_old at pi_old's own Top-N
     all_wrong: Optional[torch.Tensor] = None  # [B, T] bool: the token's group has no correct response (masked)
+    # [B, T] bool, set by a loss whose clipping differs from the vanilla surrogate's: the A != 0 tokens whose whole
+    # gradient is zero (surrogate and pull). None: the vanilla dual clip's. Feeds the per-position metrics (position_metrics).
+    grad_off: Optional[torch.Tensor] = None
 
     @property
     def lead(self) -> tuple:
@@ -145,3 +148,17 @@ def masked_mean(values: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
     sel = select.bool()
     v = torch.where(sel, values.detach().float(), torch.zeros((), dtype=torch.float32, device=values.device))
     return v.sum() / sel.sum().clamp(min=1)
+
+
+def position_metrics(grad_off: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, n: int) -> dict:
+    """Per response position i < n: the share of tokens with A != 0 whose gradient is off (`pos/grad_off_frac_<i>`)
+    and of A < 0 tokens (`pos/neg_grad_off_frac_<i>`); 0 where a position has no such token. Where along the answer
+    the clip acts (a branch position, the stop token) is what these tell apart."""
+    out = {}
+    for i in range(n):
+        at = torch.zeros_like(mask)
+        if i < mask.shape[-1]:
+            at[..., i] = mask[..., i]
+        out[f"pos/grad_off_frac_{i}"] = masked_mean(grad_off, at & (adv != 0))
+        out[f"pos/neg_grad_off_frac_{i}"] = masked_mean(grad_off, at & (adv < 0))
+    return out

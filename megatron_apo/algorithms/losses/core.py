@@ -13,7 +13,14 @@ from typing import Any, Optional
 import torch
 
 from megatron_apo.algorithms.losses.anchors import anchor_metrics
-from megatron_apo.algorithms.losses.common import LossContext, aggregate_loss, dual_clip_pg, kl_penalty, masked_mean
+from megatron_apo.algorithms.losses.common import (
+    LossContext,
+    aggregate_loss,
+    dual_clip_pg,
+    kl_penalty,
+    masked_mean,
+    position_metrics,
+)
 from megatron_apo.algorithms.registry import get_policy_loss, resolve_algorithm_config
 from megatron_apo.config import ConfigError
 from megatron_apo.ops.vocab_parallel import vocab_parallel_logprob_stats
@@ -101,6 +108,9 @@ def compute_policy_loss(
     metrics = anchor_metrics(ctx) if anchors is not None else {}
     loss, mode_metrics = mode.fn(ctx)
     metrics.update(mode_metrics)
+    if cfg.position_metrics:
+        off = ctx.grad_off if ctx.grad_off is not None else (clipped | clipped_lower)
+        metrics.update(position_metrics(off & mask, adv, mask, cfg.position_metrics))
 
     # KL to the reference (on every token, or only on wrong responses' tokens)
     if cfg.use_kl_loss or cfg.use_kl_loss_on_wrong:
