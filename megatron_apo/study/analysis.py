@@ -338,7 +338,7 @@ def diagnostics_table(diag: dict[str, dict[str, float]]) -> str:
         return ""
     names = dict(LATE_DIAGNOSTICS)
     keys = list(dict.fromkeys(k for d in diag.values() for k in d))
-    head = [names.get(k, "A<0 off @" + k.rsplit("_", 1)[1]) for k in keys]
+    head = [names[k] if k in names else "A<0 off @" + k.rsplit("_", 1)[1] for k in keys]
     lines = ["| method | " + " | ".join(head) + " |", "|---" * (len(keys) + 1) + "|"]
     for method, d in diag.items():
         lines.append(f"| {method} | " + " | ".join("—" if math.isnan(d.get(k, math.nan)) else f"{d[k]:.3f}"
