@@ -400,10 +400,12 @@ def plot_pass_curves(results: dict, path: Path, splits: list[str]) -> None:
     ks = np.arange(1, results["n"] + 1)
     for ax, split in zip(axes.flat, splits):
         sp = results["splits"][split]
-        for label, e in sp["methods"].items():
-            line, = ax.plot(ks, e["pass_at_k"], linewidth=1.6, label=label,
-                            linestyle="--" if label == results["reference"] else "-")
-            ax.fill_between(ks, e["ci_low"], e["ci_high"], color=line.get_color(), alpha=0.15, linewidth=0)
+        methods = [m for m in sp["methods"] if m != results["reference"]]
+        for label, e in sp["methods"].items():  # the methods' colours as in dynamics.png; the reference black
+            ref = label == results["reference"]
+            color = "k" if ref else f"C{methods.index(label) % 10}"
+            ax.plot(ks, e["pass_at_k"], linewidth=1.6, label=label, linestyle="--" if ref else "-", color=color)
+            ax.fill_between(ks, e["ci_low"], e["ci_high"], color=color, alpha=0.15, linewidth=0)
         ax.set_xscale("log", base=2)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("k (log scale)")
@@ -426,11 +428,12 @@ def plot_dynamics(dyn: dict, path: Path) -> None:
     fig, axes = plt.subplots(2, 4, figsize=(17, 7), squeeze=False)
     for ax in axes.flat[len(DYNAMICS):]:
         ax.axis("off")
+    colors = {m: f"C{i % 10}" for i, m in enumerate(dyn)}  # one colour per method in every panel
     for ax, (key, title) in zip(axes.flat, DYNAMICS):
         for method, series in dyn.items():
             v = series[key]
-            if not all(math.isnan(x) for x in v):
-                ax.plot(range(1, len(v) + 1), v, linewidth=1.3, label=method)
+            if not all(math.isnan(x) for x in v):  # a metric the method does not log: no line, same colours
+                ax.plot(range(1, len(v) + 1), v, linewidth=1.3, label=method, color=colors[method])
         ax.set_title(title)
         ax.set_xlabel("RL step")
         ax.grid(True, alpha=0.3)
