@@ -241,12 +241,17 @@ def _run_train(args) -> int:
 
     if env.launched:
         return exit_code(train(cfg), env.rank)
-    from megatron_apo.parallel import run_distributed
+    from megatron_apo.parallel import RanksStopped, run_distributed
 
     # SIGTERM/SIGUSR1 to this launcher reach every rank (they checkpoint and stop); if the launcher itself is
     # killed, the ranks get SIGTERM from the kernel: they never go on training as orphans.
-    result = run_distributed(train, world, cfg, timeout=24 * 3600,
-                             forward_signals=(signal.SIGTERM, signal.SIGUSR1))[0]
+    try:
+        result = run_distributed(train, world, cfg, timeout=24 * 3600,
+                                 forward_signals=(signal.SIGTERM, signal.SIGUSR1))[0]
+    except RanksStopped as e:  # the signal came while the ranks were starting, before their handler was installed
+        print(f"train: stopped by {signal.Signals(e.signum).name} while starting (nothing trained since the last "
+              f"checkpoint); exit code {EXIT_PREEMPTED}: run the same command again to resume", flush=True)
+        return EXIT_PREEMPTED
     history, stopped_at = result.history, result.stopped_at
     if history:
         last = history[-1]

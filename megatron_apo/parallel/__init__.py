@@ -8,11 +8,12 @@ from megatron_apo.parallel.distributed import (
     init_distributed,
     set_seed,
 )
-from megatron_apo.parallel.spawn import DistributedError, run_distributed
+from megatron_apo.parallel.spawn import DistributedError, RanksStopped, run_distributed
 
 __all__ = [
     "ParallelConfig",
     "DistributedError",
+    "RanksStopped",
     "default_backend",
     "destroy_distributed",
     "find_free_port",

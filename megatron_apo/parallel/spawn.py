@@ -39,6 +39,15 @@ class DistributedError(RuntimeError):
     pass
 
 
+class RanksStopped(DistributedError):
+    """A stop signal forwarded to the ranks (`forward_signals`) ended them before they returned, e.g. one that came
+    while they were still starting, before their own handler was installed. `signum`: the first signal forwarded."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
 _start_method = "spawn"
 _FORKSERVER_PRELOAD = ["torch", "megatron.core", "megatron.core.models.gpt", "megatron_apo.parallel",
                        "megatron_apo.models", "megatron_apo.algorithms.losses", "megatron_apo.trainer.rl_step"]
@@ -188,8 +197,10 @@ def _run_once(fn, world_size, args, kwargs, timeout, threads_per_process, host_o
         for r in range(world_size)
     ]
     previous = {}
+    forwarded: list[int] = []
 
     def _forward(signum, frame):
+        forwarded.append(signum)
         for p in procs:
             if p.pid is not None and p.exitcode is None:
                 try:
@@ -249,6 +260,9 @@ def _run_once(fn, world_size, args, kwargs, timeout, threads_per_process, host_o
             if p.is_alive():
                 p.kill()
                 p.join()
+    if failures and forwarded:
+        raise RanksStopped(f"{name}: stopped by {signal.Signals(forwarded[0]).name}" + _format_failures(failures),
+                           forwarded[0])
     if failures:
         first = failures[min(failures)]
         if isinstance(first, _RankUserError):  # one line at the CLI, like the same mistake caught before the ranks

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_apo.config import ConfigError, UserError
-from megatron_apo.parallel import run_distributed
+from megatron_apo.parallel import RanksStopped, run_distributed
 from megatron_apo.study.config import StudyConfig, as_dict, replicate_name, replicates
 
 
@@ -284,8 +284,12 @@ def run_one(cfg: StudyConfig, paths: dict, ref_ckpt: str, out: Path, method: str
     rcfg = load_config(None, run_overrides(cfg, paths, ref_ckpt, run_dir, method, seed, ray_address))
     t0 = time.time()
     # a signal to the study reaches the ranks (they stop after their step); if the study dies, they get SIGTERM
-    history, stopped_at = run_distributed(_train_entry, cfg.tp, rcfg, timeout=cfg.run_timeout_s,
-                                          forward_signals=(signal.SIGTERM,))[0]
+    try:
+        history, stopped_at = run_distributed(_train_entry, cfg.tp, rcfg, timeout=cfg.run_timeout_s,
+                                              forward_signals=(signal.SIGTERM,))[0]
+    except RanksStopped:  # the signal came while the ranks were starting: nothing trained, the run starts over
+        raise StudyStopped(f"study: stopped by a signal while run {method}/{run_dir.name} was starting; rerun the "
+                           "same command to continue (finished runs are kept)") from None
     if stopped_at is not None:
         raise StudyStopped(f"study: stopped by a signal during run {method}/{run_dir.name} (step {stopped_at}); "
                            "rerun the same command to continue (finished runs are kept)")

@@ -237,6 +237,22 @@ def test_eval_error_leaves_no_empty_out_folder(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_stop_signal_while_the_ranks_start_is_ranks_stopped_not_a_failure(tmp_path):
+    """SIGTERM forwarded before a rank installed a handler of its own kills it: that is a stop (RanksStopped, which
+    `train` turns into exit 75 and `study` into StudyStopped), not a DistributedError traceback."""
+    script = ("import os, signal, threading, time\nfrom megatron_apo.parallel import RanksStopped, run_distributed\n"
+              "if __name__ == '__main__':\n"
+              "    threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM)).start()\n"
+              "    try:\n"
+              "        run_distributed(time.sleep, 2, 600, timeout=120, forward_signals=(signal.SIGTERM,))\n"
+              "    except RanksStopped as e:\n"
+              "        print('stopped', e.signum, str(e).splitlines()[0])\n")
+    (tmp_path / "launcher.py").write_text(script)
+    r = subprocess.run([sys.executable, str(tmp_path / "launcher.py")], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"stopped {int(signal.SIGTERM)} sleep: stopped by SIGTERM" in r.stdout, r.stdout + r.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_ranks_do_not_outlive_a_killed_launcher(tmp_path):
     """The launcher's ranks get SIGTERM from the kernel when it dies, even by SIGKILL (no orphans training on)."""
