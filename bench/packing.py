@@ -45,8 +45,8 @@ def _bench(args) -> dict:
     from megatron_apo.models import build_gpt_model, load_model_config
     from megatron_apo.parallel import init_distributed
     from megatron_apo.trainer.batch import plan_micro_batches
-    from megatron_apo.trainer.passes import OldPolicyPass, PassSettings, ReferencePass, TrainPass
-    from megatron_apo.trainer.schedule import forward_backward
+    from megatron_apo.trainer.passes import PassSettings
+    from megatron_apo.trainer.rl_step import loss_and_gradients
 
     init_distributed(seed=0)
     cfg = load_model_config("tiny")
@@ -62,17 +62,8 @@ def _bench(args) -> dict:
     }
 
     def step(plan) -> float:
-        a = (plan.seq_length, plan.micro_batch_size)
-        kw = dict(variable_seq_lengths=plan.variable)
         t0 = time.perf_counter()
-        with torch.no_grad():
-            ref = ReferencePass(settings, len(plan.micro))
-            forward_backward([reference], plan.micro, ref, *a, forward_only=True, **kw)
-            old = OldPolicyPass(settings, ref.outputs)
-            forward_backward([policy], plan.micro, old, *a, forward_only=True, **kw)
-        for p in policy.parameters():
-            p.grad = None
-        forward_backward([policy], plan.micro, TrainPass(settings, ref.outputs, old.outputs), *a, **kw)
+        loss_and_gradients([policy], reference, plan, settings)
         return time.perf_counter() - t0
 
     best = {name: float("inf") for name in LAYOUTS}

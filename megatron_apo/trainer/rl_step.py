@@ -95,6 +95,23 @@ def rl_step(step: int, batch: RLBatch, models: RLModels, settings: PassSettings,
     return metrics
 
 
+def loss_and_gradients(policy: list, reference, plan: MicroBatchPlan, settings: PassSettings) -> list[dict]:
+    """The three passes of one update on `plan`'s micro-batches, without the optimizer: reference and old-policy
+    forward, then the train pass's forward and backward (the gradients are left in `policy`'s parameters, zeroed
+    first). Returns the train pass's per-micro-batch metrics. For benchmarks and parity tests of the data flow;
+    `rl_step` runs the same passes with timing, reference offload, routing replay, mini-batches and the optimizer."""
+    a, kw = (plan.seq_length, plan.micro_batch_size), dict(variable_seq_lengths=plan.variable)
+    with torch.no_grad():
+        ref = ReferencePass(settings, len(plan.micro))
+        forward_backward([reference], plan.micro, ref, *a, forward_only=True, **kw)
+        old = OldPolicyPass(settings, ref.outputs)
+        forward_backward(policy, plan.micro, old, *a, forward_only=True, **kw)
+    for chunk in policy:
+        for p in chunk.parameters():
+            p.grad = None
+    return forward_backward(policy, plan.micro, TrainPass(settings, ref.outputs, old.outputs), *a, **kw)
+
+
 def _plan(batch: RLBatch, t) -> MicroBatchPlan:
     """This DP rank's micro-batches: by count (padded to the step's longest sequence), or by `micro_batch_tokens`,
     padded per micro-batch or packed (`pack_sequences`); trainer/batch.py."""

@@ -41,8 +41,8 @@ def losses_and_grads(tp: int, pp: int) -> dict:
 
     from megatron_apo.config import AlgorithmConfig
     from megatron_apo.trainer.batch import plan_micro_batches
-    from megatron_apo.trainer.passes import OldPolicyPass, PassSettings, ReferencePass, TrainPass
-    from megatron_apo.trainer.schedule import forward_backward
+    from megatron_apo.trainer.passes import PassSettings
+    from megatron_apo.trainer.rl_step import loss_and_gradients
 
     init_distributed(ParallelConfig(tp, pp))
     cfg = load_model_config("tiny")
@@ -59,16 +59,7 @@ def losses_and_grads(tp: int, pp: int) -> dict:
         settings = PassSettings(algo, vocab_size=cfg.vocab_size, temperature=0.9)
         for name, kw in LAYOUTS.items():
             plan = plan_micro_batches(batch, 0, 1, micro_batch_size=batch.size, mini_batch_size=0, **kw)
-            args = (plan.seq_length, plan.micro_batch_size)
-            var = dict(variable_seq_lengths=plan.variable)
-            with torch.no_grad():
-                ref = ReferencePass(settings, len(plan.micro))
-                forward_backward([reference], plan.micro, ref, *args, forward_only=True, **var)
-                old = OldPolicyPass(settings, ref.outputs)
-                forward_backward([policy], plan.micro, old, *args, forward_only=True, **var)
-            for p in policy.parameters():
-                p.grad = None
-            res = forward_backward([policy], plan.micro, TrainPass(settings, ref.outputs, old.outputs), *args, **var)
+            res = loss_and_gradients([policy], reference, plan, settings)
             loss = sum(float(m["loss"]) for m in res) / len(plan.micro) if res else None
             grads = {k: g.numpy() for k, g in full_grads(policy, cfg.vocab_size).items()}  # by value, not shared fds
             out[(mode, name)] = {"loss": loss, "grads": grads,

@@ -38,7 +38,8 @@ class LossContext:
     old_topk_logprobs: Optional[torch.Tensor] = None  # [B, T, N] log pi_old at pi_old's own Top-N
     all_wrong: Optional[torch.Tensor] = None  # [B, T] bool: the token's group has no correct response (masked)
     # [B, T] bool, set by a loss whose clipping differs from the vanilla surrogate's: the A != 0 tokens whose whole
-    # gradient is zero (surrogate and pull). None: the vanilla dual clip's. Feeds the per-position metrics (position_metrics).
+    # gradient is zero (surrogate and pull). None: the vanilla dual clip's. Feeds the per-position metrics
+    # (algorithm.position_metrics).
     grad_off: Optional[torch.Tensor] = None
 
     @property

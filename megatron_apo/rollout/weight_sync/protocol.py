@@ -54,6 +54,7 @@ class WeightLoadError(WeightSyncError):
 
 
 def _bucket_mac(group, sync_id: str, version: int, index: int, checksum: str) -> bytes:
+    """A bucket's tag: the fields sender and receiver sign, in one place so that both sign the same thing."""
     return group.tag("bucket", sync_id, version, index, checksum)
 
 
