@@ -18,19 +18,24 @@ def test_quick_demo_writes_table_json_and_plot(tmp_path):
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"reference", "grpo", "apo"}
-    for method, table in results.items():
-        assert set(table) == {"trained", "heldout_easy", "heldout_hard"}, method
+    assert set(results) == {"reference", "grpo", "apo", "apo - grpo"}
+    for label, table in results.items():
+        # the guard (trained pass@1) and the study's two hard endpoints at the quick demo's k = 4
+        assert {s: set(c) for s, c in table.items()} == {"trained": {"pass@1"}, "trained_hard": {"pass@4"},
+                                                         "heldout_hard": {"pass@4"}}, label
         for split, cells in table.items():
-            assert set(cells) == {"pass@1", "pass@4"}, (method, split)
-            (p1, lo1, hi1), (p4, lo4, hi4) = cells["pass@1"], cells["pass@4"]
-            assert 0.0 <= lo1 <= p1 <= hi1 <= 1.0 and 0.0 <= lo4 <= p4 <= hi4 <= 1.0
-            assert p1 <= p4 + 1e-12  # pass@k never falls as k grows
+            for est, lo, hi in cells.values():
+                assert lo <= est + 1e-12 and est <= hi + 1e-12, (label, split)
+                assert (-1.0 <= lo and hi <= 1.0) if label == "apo - grpo" else (0.0 <= lo and hi <= 1.0)
+    diff = results["apo - grpo"]["heldout_hard"]["pass@4"][0]
+    want = results["apo"]["heldout_hard"]["pass@4"][0] - results["grpo"]["heldout_hard"]["pass@4"][0]
+    assert abs(diff - want) < 1e-9
     for png in ("pass_at_k.png", "dynamics.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
-    assert "pass@1" in r.stdout and "reference" in r.stdout and "The figure shows" in r.stdout and "done in" in r.stdout
-    assert (out / "sft" / "latest").read_text().strip() == str(30)
+    assert "pass@1" in r.stdout and "reference" in r.stdout and "APO - GRPO there is" in r.stdout
+    assert "done in" in r.stdout
+    assert (out / "inst_0" / "sft" / "latest").read_text().strip() == str(30)  # the quick SFT's 30 steps
     # what a user sees: no warnings from the libraries underneath (known-harmless ones are silenced at the source)
     noisy = [ln for ln in (r.stdout + r.stderr).splitlines() if "Warning" in ln or "WARNING" in ln]
-    assert not noisy, noisy  # the quick SFT's 30 steps, checkpointed
+    assert not noisy, noisy
