@@ -42,14 +42,15 @@ def optimizer_state(opt) -> dict:
     every = [None] * ps.get_data_parallel_world_size()
     dist.all_gather_object(every, local, group=ps.get_data_parallel_group(with_context_parallel=True))
     full: dict = {}
-    for pieces in every:
+    for src, pieces in enumerate(every):  # src: the DP rank whose process the ids belong to
         for name, numel, start, end, tensors, step, step_id in pieces:
             entry = full.setdefault(name, {"steps": set(), "step_ids": set(), "covered": 0,
                                            **{k: torch.full((numel,), float("nan")) for k in tensors}})
             for k, v in tensors.items():
                 entry[k][start:end] = v
             entry["steps"].add(step)
-            entry["step_ids"].add((dist.get_rank(), step_id))
+            # an id() is only unique within one process: ranks forked from one server often share addresses
+            entry["step_ids"].add((src, step_id))
             entry["covered"] += end - start
     for entry in full.values():  # numpy: torch tensors would cross the process boundary as shared memory
         for k in ("param", "exp_avg", "exp_avg_sq"):
