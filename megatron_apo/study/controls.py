@@ -20,8 +20,7 @@ NEG_CLIPPED = "apo_neg_clipped"
 @register_policy_loss(NEG_CLIPPED)
 def apo_neg_clipped_loss(ctx: LossContext):
     token = torch.where(ctx.neg, ctx.pg.detach(), ctx.pg)
-    r = ctx.ratio().detach()
-    ctx.grad_off = ctx.neg | ((ctx.adv > 0) & (r > 1.0 + ctx.cfg.clip_ratio_high))
+    ctx.grad_off = ctx.neg | ctx.grad_off  # A > 0 tokens keep the vanilla clip's
     loss = ctx.agg(token)
     # by construction every A < 0 token's surrogate gradient is off (the metric APO's forms log as a share)
     off = torch.tensor(1.0 if bool((ctx.neg & ctx.mask).any()) else 0.0)

@@ -106,7 +106,7 @@ def _apo_paper(ctx: LossContext, a: _Anchors):
     loss = ctx.agg(token)
     # a*max(r~, clip(r~)) is constant for r~ < lo, and min(., a*c) for r~ > c: no gradient at all (push and pull)
     grad_off = (r_tilde < lo) | (r_tilde > cfg.clip_ratio_c)
-    ctx.grad_off = torch.where(neg, grad_off, _vanilla_grad_off(ctx))
+    ctx.grad_off = torch.where(neg, grad_off, ctx.grad_off)  # A > 0 tokens keep the vanilla clip's
     return loss, {
         "pg_loss": loss.detach(),
         "apo/rectified_loss": ctx.agg(torch.where(neg, rect, ctx.zeros)).detach(),
@@ -147,7 +147,7 @@ def _apo_split(ctx: LossContext, a: _Anchors):
     pg_off = (r < 1.0 - cfg.clip_ratio_low) | (r > cfg.clip_ratio_c)
     pull_off = rho > 1.0 + cfg.clip_ratio_high if cfg.apo_pull_form == "ratio_clip" else torch.zeros_like(neg)
     # a token's whole gradient is off when its push is clipped and it has no pull or the pull's clip holds too
-    ctx.grad_off = torch.where(neg, pg_off & (pull_off | ~pulled), _vanilla_grad_off(ctx))
+    ctx.grad_off = torch.where(neg, pg_off & (pull_off | ~pulled), ctx.grad_off)
     return loss, {
         "pg_loss": pg_agg.detach(),
         "apo/push_loss": agg(torch.where(neg, cfg.apo_push_coeff * ctx.pg, zeros)).detach(),
@@ -164,10 +164,3 @@ def _masked_median(values: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
     v = values.detach().float()[select.bool()]
     return v.median() if v.numel() else torch.zeros((), dtype=torch.float32, device=values.device)
 
-
-def _vanilla_grad_off(ctx: LossContext) -> torch.Tensor:
-    """The dual-clipped surrogate's gradient-off tokens (the A >= 0 tokens APO leaves vanilla)."""
-    cfg, r, adv = ctx.cfg, ctx.ratio().detach(), ctx.adv
-    upper = (adv > 0) & (r > 1.0 + cfg.clip_ratio_high)
-    lower = (adv < 0) & ((r < 1.0 - cfg.clip_ratio_low) | (r > cfg.clip_ratio_c))
-    return upper | lower

@@ -37,9 +37,8 @@ class LossContext:
     old_anchor_logprobs: Optional[torch.Tensor] = None  # [B, T, K] log pi_old at them
     old_topk_logprobs: Optional[torch.Tensor] = None  # [B, T, N] log pi_old at pi_old's own Top-N
     all_wrong: Optional[torch.Tensor] = None  # [B, T] bool: the token's group has no correct response (masked)
-    # [B, T] bool, set by a loss whose clipping differs from the vanilla surrogate's: the A != 0 tokens whose whole
-    # gradient is zero (surrogate and pull). None: the vanilla dual clip's. Feeds the per-position metrics
-    # (algorithm.position_metrics).
+    # [B, T] bool: the A != 0 tokens whose whole gradient is zero; the vanilla dual clip's, replaced by a loss whose
+    # clipping differs (surrogate and pull). Feeds the per-position metrics (algorithm.position_metrics).
     grad_off: Optional[torch.Tensor] = None
 
     @property

@@ -103,14 +103,14 @@ def compute_policy_loss(
         ref_topk_logprobs=ref_topk_logprobs, old_anchor_logprobs=old_anchor_logprobs,
         old_topk_logprobs=old_topk_logprobs,
         all_wrong=None if all_wrong is None else all_wrong.bool() & mask,
+        grad_off=clipped | clipped_lower,
     )
 
     metrics = anchor_metrics(ctx) if anchors is not None else {}
     loss, mode_metrics = mode.fn(ctx)
     metrics.update(mode_metrics)
-    if cfg.position_metrics:
-        off = ctx.grad_off if ctx.grad_off is not None else (clipped | clipped_lower)
-        metrics.update(position_metrics(off & mask, adv, mask, cfg.position_metrics))
+    if cfg.position_metrics:  # the mode's gradient-off tokens (the vanilla dual clip's unless it set its own)
+        metrics.update(position_metrics(ctx.grad_off & mask, adv, mask, cfg.position_metrics))
 
     # KL to the reference (on every token, or only on wrong responses' tokens)
     if cfg.use_kl_loss or cfg.use_kl_loss_on_wrong:
