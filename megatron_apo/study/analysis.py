@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_apo.eval.pass_at_k import pass_at_k
-from megatron_apo.study.config import StudyConfig, endpoint_k, replicate_name, replicates
+from megatron_apo.study.config import StudyConfig, endpoint_k, replicate_name, replicates, report_dir
 
 DYNAMICS = [("reward/mean", "reward"), ("entropy", "entropy (sampled positions)"), ("top1_prob", "top-1 probability"),
             ("anchor/safe_mass_wrong", "ref Top-K mass on wrong responses"), ("ref_kl", "KL to reference (k3)"),
@@ -191,7 +191,7 @@ def analyse(cfg: StudyConfig, out: Path) -> dict:
         results["splits"][gname] = split
     results["criterion"] = criterion(results, cfg)
     results["comparisons"] = comparisons(results, cfg)
-    diag = out / "diagnostics.json"
+    diag = report_dir(cfg, out) / "diagnostics.json"  # the precondition of this config's own replicates
     if diag.is_file():
         results["diagnostics"] = json.loads(diag.read_text())
     results["criterion_v2"] = criterion_v2(results, cfg, out)
@@ -249,15 +249,25 @@ def criterion(results: dict, cfg: StudyConfig) -> dict:
             "met": bool(up_est > 2 * up_se and -down_est > 2 * down_se)}
 
 
-def late_means(cfg: StudyConfig, out: Path, key: str, last: int = 20) -> dict[str, dict[str, float]]:
-    """Per method and replicate: the mean of a training metric over the last `last` steps (nan if not logged)."""
-    res: dict[str, dict[str, float]] = {}
+def run_histories(cfg: StudyConfig, out: Path) -> dict[str, dict[str, list[dict]]]:
+    """Per method (in config order) and replicate: the finished run's per-step training metrics (done.json), each
+    file read once for every use below."""
+    res: dict[str, dict[str, list[dict]]] = {}
     for method in cfg.methods:
         for instance, seed in replicates(cfg):
             done = out / "runs" / method / replicate_name(instance, seed) / "done.json"
             if done.is_file():
-                vals = [h.get(key, math.nan) for h in json.loads(done.read_text())["history"][-last:]]
-                res.setdefault(method, {})[replicate_name(instance, seed)] = float(np.mean(vals)) if vals else math.nan
+                res.setdefault(method, {})[replicate_name(instance, seed)] = json.loads(done.read_text())["history"]
+    return res
+
+
+def late_means(histories: dict, key: str, last: int = 20) -> dict[str, dict[str, float]]:
+    """Per method and replicate: the mean of a training metric over the last `last` steps (nan if not logged)."""
+    res: dict[str, dict[str, float]] = {}
+    for method, per_rep in histories.items():
+        for rep, history in per_rep.items():
+            vals = [h.get(key, math.nan) for h in history[-last:]]
+            res.setdefault(method, {})[rep] = float(np.mean(vals)) if vals else math.nan
     return res
 
 
@@ -279,8 +289,9 @@ def criterion_v2(results: dict, cfg: StudyConfig, out: Path) -> dict:
     mechanism = None if diag is None else bool(diag["valid_in_ref_topk_frac"] >= 0.8
                                                 and diag["median_mass_outside_ref_topk"] >= 0.1)
     # 3. manipulation check: safe-manifold mass on wrong responses above GRPO's by > 2 SE, < 20% gradient off
-    mass = late_means(cfg, out, "anchor/safe_mass_wrong")
-    off = late_means(cfg, out, "apo/neg_grad_off_frac")
+    histories = run_histories(cfg, out)
+    mass = late_means(histories, "anchor/safe_mass_wrong")
+    off = late_means(histories, "apo/neg_grad_off_frac")
     manipulation, m_stats, off_frac = None, None, None
     if apo in mass and g in mass and all(r in mass[apo] and r in mass[g] for r in reps):
         d = np.array([mass[apo][r] - mass[g][r] for r in reps])
@@ -313,21 +324,17 @@ LATE_DIAGNOSTICS = [("anchor/safe_mass_wrong", "mass on S (wrong)"), ("apo/neg_g
                     ("ref_kl", "KL to ref"), ("reward/mean", "reward")]
 
 
-def late_diagnostics(cfg: StudyConfig, out: Path, last: int = 20) -> dict[str, dict[str, float]]:
+def late_diagnostics(histories: dict, last: int = 20) -> dict[str, dict[str, float]]:
     """Per method: each diagnostic's mean over the last `last` steps, averaged over the finished replicates; with
     `algorithm.position_metrics`, the per-position shares of A < 0 tokens with gradient off (`pos/...`) too."""
     keys = [k for k, _ in LATE_DIAGNOSTICS]
-    for method in cfg.methods:  # the per-position keys the runs logged
-        for instance, seed in replicates(cfg):
-            done = out / "runs" / method / replicate_name(instance, seed) / "done.json"
-            if done.is_file():
-                last_step = json.loads(done.read_text())["history"][-1]
-                keys += sorted((k for k in last_step if k.startswith("pos/neg_grad_off_frac_") and k not in keys),
-                               key=lambda k: int(k.rsplit("_", 1)[1]))
-                break
+    for per_rep in histories.values():  # the per-position keys the runs logged (a method's first run)
+        last_step = next(iter(per_rep.values()))[-1]
+        keys += sorted((k for k in last_step if k.startswith("pos/neg_grad_off_frac_") and k not in keys),
+                       key=lambda k: int(k.rsplit("_", 1)[1]))
     res: dict[str, dict[str, float]] = {}
     for key in keys:
-        for method, per_rep in late_means(cfg, out, key, last).items():
+        for method, per_rep in late_means(histories, key, last).items():
             vals = [v for v in per_rep.values() if not math.isnan(v)]
             res.setdefault(method, {})[key] = float(np.mean(vals)) if vals else math.nan
     return res
@@ -346,17 +353,11 @@ def diagnostics_table(diag: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def dynamics(cfg: StudyConfig, out: Path) -> dict:
+def dynamics(histories: dict) -> dict:
     """Per method and metric: the mean over finished replicates of the per-step training metrics."""
     res: dict = {}
-    for method in cfg.methods:
-        hist = []
-        for instance, seed in replicates(cfg):
-            done = out / "runs" / method / replicate_name(instance, seed) / "done.json"
-            if done.is_file():
-                hist.append(json.loads(done.read_text())["history"])
-        if not hist:
-            continue
+    for method, per_rep in histories.items():
+        hist = list(per_rep.values())
         steps = min(len(h) for h in hist)
         res[method] = {key: [float(np.mean([h[i].get(key, math.nan) for h in hist])) for i in range(steps)]
                        for key, _ in DYNAMICS}
@@ -475,7 +476,8 @@ def v2_section(results: dict) -> list[str]:
 
 def write_report(cfg: StudyConfig, results: dict, out: Path, report: Path | None = None) -> None:
     """Writes results.json, report.md and the plots to `report` (default: the study folder `out`)."""
-    dyn, late = dynamics(cfg, out), late_diagnostics(cfg, out)
+    histories = run_histories(cfg, out)
+    dyn, late = dynamics(histories), late_diagnostics(histories)
     out = Path(report or out)  # from here on: where the report goes
     (out / "results.json").write_text(json.dumps({**results, "dynamics": dyn, "late_diagnostics": late}) + "\n")
     if not results.get("splits"):

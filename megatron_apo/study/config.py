@@ -134,6 +134,12 @@ def replicates(cfg: StudyConfig) -> list[tuple[Optional[int], int]]:
     return [(i, s) for i in (cfg.task.instances or [None]) for s in cfg.seeds]
 
 
+def report_dir(cfg: StudyConfig, out: Path) -> Path:
+    """Where this config's outputs go: results.json, report.md, the plots and diagnostics.json (`report_dir`,
+    default the study folder `out`); configs sharing one `out` keep their own."""
+    return Path(cfg.report_dir) if cfg.report_dir else out
+
+
 def replicate_name(instance: Optional[int], seed: int) -> str:
     return f"seed_{seed}" if instance is None else f"inst_{instance}_seed_{seed}"
 

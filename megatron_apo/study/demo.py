@@ -88,19 +88,16 @@ def run_demo(cfg: DemoConfig, out: str | Path) -> dict:
 def demo_table(results: dict, cfg: DemoConfig) -> dict:
     """{label: {split: {"pass@k": [est, lo, hi]}}} for the reference, each method and APO's paired difference to
     GRPO (95% paired-bootstrap intervals over prompts and seeds)."""
-    table: dict = {}
-    for label in results["labels"]:
-        table[label] = {}
-        for split, k in cfg.columns:
-            e = results["splits"][split]["methods"][label]
-            table[label].setdefault(split, {})[f"pass@{k}"] = [e["pass_at_k"][k - 1], e["ci_low"][k - 1],
-                                                               e["ci_high"][k - 1]]
+
+    def cell(e: dict, est: str, k: int) -> list[float]:
+        return [e[est][k - 1], e["ci_low"][k - 1], e["ci_high"][k - 1]]
+
+    splits = results["splits"]
+    table = {label: {s: {f"pass@{k}": cell(splits[s]["methods"][label], "pass_at_k", k)} for s, k in cfg.columns}
+             for label in results["labels"]}
     if "apo" in results["labels"]:
-        table[DIFF_LABEL] = {}
-        for split, k in cfg.columns:
-            d = results["splits"][split]["methods"]["apo"]["diff_vs_grpo"]
-            table[DIFF_LABEL].setdefault(split, {})[f"pass@{k}"] = [d["est"][k - 1], d["ci_low"][k - 1],
-                                                                    d["ci_high"][k - 1]]
+        table[DIFF_LABEL] = {s: {f"pass@{k}": cell(splits[s]["methods"]["apo"]["diff_vs_grpo"], "est", k)}
+                             for s, k in cfg.columns}
     return table
 
 

@@ -34,7 +34,7 @@ from typing import Optional
 
 from megatron_apo.config import ConfigError, UserError
 from megatron_apo.parallel import RanksStopped, run_distributed
-from megatron_apo.study.config import StudyConfig, as_dict, replicate_name, replicates
+from megatron_apo.study.config import StudyConfig, as_dict, replicate_name, replicates, report_dir
 
 
 def log(msg: str) -> None:
@@ -312,7 +312,7 @@ def run_one(cfg: StudyConfig, paths: dict, ref_ckpt: str, out: Path, method: str
 
 def precondition(cfg: StudyConfig, out: Path) -> None:
     """The mechanism precondition (study/diagnostics.py) on every finished baseline run, cached per run; the
-    summary over replicates goes to out/diagnostics.json for the analysis."""
+    summary over replicates goes to diagnostics.json in the config's report folder, for its analysis."""
     from megatron_apo.rollout.engine import SamplingParams
     from megatron_apo.study.diagnostics import run_precondition
 
@@ -342,7 +342,9 @@ def precondition(cfg: StudyConfig, out: Path) -> None:
                    "valid_in_ref_topk_frac": statistics.fmean(r["valid_in_ref_topk_frac"] for r in per_rep),
                    "median_mass_outside_ref_topk": statistics.median(r["median_mass_outside_ref_topk"]
                                                                      for r in per_rep)}
-        (out / "diagnostics.json").write_text(json.dumps({cfg.baseline: summary}, indent=1) + "\n")
+        report = report_dir(cfg, out)
+        report.mkdir(parents=True, exist_ok=True)
+        (report / "diagnostics.json").write_text(json.dumps({cfg.baseline: summary}, indent=1) + "\n")
 
 
 def _run_config(cfg: StudyConfig, paths: dict, ref_ckpt: str, out: Path, method: str, seed: int,
@@ -398,7 +400,7 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None) -> dict:
     if cfg.eval_mode == "exact":
         precondition(cfg, out)
     results = analyse(cfg, out)
-    report = Path(cfg.report_dir) if cfg.report_dir else out
+    report = report_dir(cfg, out)
     report.mkdir(parents=True, exist_ok=True)
     write_report(cfg, results, out, report)
     log(f"done in {(time.time() - t0) / 60:.1f} min; wrote {report}/results.json, report.md, pass_at_k.png, "
